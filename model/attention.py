@@ -1,0 +1,85 @@
+"""Scaled dot-product attention and multi-head attention, written out.
+
+Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, with the heads split, attended and
+concatenated as in "Attention Is All You Need" (section 3.2). It is our own code rather than
+``torch.nn.functional.scaled_dot_product_attention`` because the product serves the
+attention probabilities themselves, per layer and per head; the tests hold this code
+against the torch reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.positional import apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, nh, T_past, hs) each
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (..., Tq, dk), k (..., Tk, dk), v (..., Tk, dv); mask broadcastable to (..., Tq, Tk), True = may attend.
+
+    Returns (out (..., Tq, dv), probs (..., Tq, Tk)). A query row with no key to attend to
+    (a padding slot) gets uniform weights instead of NaN; callers ignore those rows.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (..., Tq, Tk)
+    if mask is not None:
+        # the dtype's lowest value, not -inf: exp() of it is exactly 0, and a fully masked row stays finite
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    return probs @ v, probs
+
+
+def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
+    """(Tq, Tk) bool: query i (the last Tq of Tk positions) sees keys 0 .. Tk - Tq + i."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with an optional key/value cache and rotary positions.
+
+    W_Q, W_K and W_V are stored stacked in one ``(3 d, d)`` projection, as
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` does, so the three run as one matrix
+    multiply; ``w_o`` is W^O.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        assert d_model % n_head == 0, f"d_model ({d_model}) must be divisible by n_head ({n_head})"
+        self.n_head = n_head
+        self.head_dim = d_model // n_head
+        self.w_qkv = nn.Linear(d_model, 3 * d_model)
+        self.w_o = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        """x (B, T, d); mask broadcastable to (B, nh, T, T_past + T), True = may attend;
+        rotary: cos/sin for the T new positions. Returns (out (B, T, d), present cache, probs (B, nh, T, T_past + T)).
+        """
+        B, T, C = x.shape
+        # 1) project to h x d_k
+        q, k, v = self.w_qkv(x).split(C, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat((past[1], v), dim=2)
+        # 2) attend
+        y, probs = attention(q, k, v, mask)  # (B, nh, T, hs), (B, nh, T, T_past + T)
+        # 3) concat the heads and project with W^O
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, d)
+        return self.dropout(self.w_o(y)), (k, v), probs

@@ -1,0 +1,64 @@
+"""The ``attnserve`` command and its subcommands.
+
+Each subcommand imports its heavy dependencies only when it runs, so that the serving image
+(``attnserve serve``) never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_TRAIN_MINUTES = 5.0  # `make run`'s budget: the default model trains in five minutes on two cores
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.config import preset
+    from model.data import load_corpus, load_shakespeare
+    from model.train import train
+
+    cfg = preset(args.config)
+    docs = load_corpus(args.corpus) if args.corpus else load_shakespeare()
+    minutes = None if args.steps else args.minutes
+    metrics = train(cfg, args.out, docs, minutes=minutes, steps=args.steps, resume=args.resume, device=args.device)
+    sys.stdout.write(
+        f"validation: {metrics['val_bits_per_byte']:.4f} bits per byte after {metrics['steps']} steps "
+        f"({metrics['train_seconds']:.0f}s, {metrics['tokens_per_second']:,} tokens/s)\n"
+        f"sample: {metrics['sample']!r}\n"
+        f"wrote {args.out}/checkpoint.pt, config.json, tokenizer.json, metrics.json, loss.png\n"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnserve", description="Train, export and serve a compact transformer.")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a text corpus")
+    t.add_argument("--out", type=Path, required=True, help="folder for the checkpoint and its companions")
+    t.add_argument("--corpus", type=Path, nargs="+", help="UTF-8 text files or folders (default: Shakespeare)")
+    t.add_argument("--config", default="small", help="model preset: small (default) or tiny")
+    t.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_TRAIN_MINUTES,
+        help=f"training time budget (default {DEFAULT_TRAIN_MINUTES:g})",
+    )
+    t.add_argument("--steps", type=int, help="train exactly this many steps instead of a time budget")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    t.set_defaults(func=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
