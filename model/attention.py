@@ -20,19 +20,32 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, nh, T_past, hs)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    past: KVCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (..., Tq, dk), k (..., Tk, dk), v (..., Tk, dv); mask broadcastable to (..., Tq, Tk), True = may attend.
+    """q (..., Tq, dk), k (..., Tk, dk), v (..., Tk, dv); mask broadcastable to (..., Tq, P + Tk), True = may attend.
 
-    Returns (out (..., Tq, dv), probs (..., Tq, Tk)). A query row with no key to attend to
-    (a padding slot) gets uniform weights instead of NaN; callers ignore those rows.
+    ``past`` holds the P cached keys and values (..., P, d) that come before k and v. They are
+    attended where they lie instead of being concatenated with k and v, so a decoding step
+    never copies the cache. Returns (out (..., Tq, dv), probs (..., Tq, P + Tk)). A query row
+    with no key to attend to (a padding slot) gets uniform weights instead of NaN; callers
+    ignore those rows.
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (..., Tq, Tk)
+    scale = 1.0 / math.sqrt(q.size(-1))
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Tq, Tk)
+    if past is not None:
+        scores = torch.cat(((q @ past[0].transpose(-2, -1)) * scale, scores), dim=-1)  # (..., Tq, P + Tk)
     if mask is not None:
         # the dtype's lowest value, not -inf: exp() of it is exactly 0, and a fully masked row stays finite
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    return probs @ v, probs
+    if past is None:
+        return probs @ v, probs
+    n_past = past[0].size(-2)
+    return probs[..., :n_past] @ past[1] + probs[..., n_past:] @ v, probs
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
@@ -65,7 +78,10 @@ class MultiHeadAttention(nn.Module):
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """x (B, T, d); mask broadcastable to (B, nh, T, T_past + T), True = may attend;
-        rotary: cos/sin for the T new positions. Returns (out (B, T, d), present cache, probs (B, nh, T, T_past + T)).
+        rotary: cos/sin for the T new positions; past: cached keys and values (B, nh, T_past, hs).
+
+        Returns (out (B, T, d), the T new keys and values (B, nh, T, hs) each, probs (B, nh, T, T_past + T)).
+        The caller owns the cache and appends the new entries where it keeps them.
         """
         B, T, C = x.shape
         # 1) project to h x d_k
@@ -75,11 +91,8 @@ class MultiHeadAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=2)  # (B, nh, T_past + T, hs)
-            v = torch.cat((past[1], v), dim=2)
-        # 2) attend
-        y, probs = attention(q, k, v, mask)  # (B, nh, T, hs), (B, nh, T, T_past + T)
+        # 2) attend, over the cache and the new keys
+        y, probs = attention(q, k, v, mask, past)  # (B, nh, T, hs), (B, nh, T, T_past + T)
         # 3) concat the heads and project with W^O
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, d)
         return self.dropout(self.w_o(y)), (k, v), probs

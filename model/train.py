@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from model.config import Config, TrainConfig
 from model.data import Document, encode_documents, split_documents
-from model.tokenizer import Tokenizer
+from model.tokenizer import EOT, Tokenizer
 from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
 SAMPLE_PROMPT = "To be, or not to be"
+VALIDATION_FILE = "validation.txt"  # the held-out documents, joined by the end-of-text token
 # Under a time budget, the step count is first estimated after these steps (the very first
 # ones pay for allocation), then revised at every validation pass.
 CALIBRATION_STEPS = (5, 25)
@@ -140,6 +141,8 @@ def prepare(
         f"tokenizer has {tok.vocab_size} tokens, model {cfg.model.vocab_size}"
     )
 
+    # the held-out text travels with the checkpoint, so later stages can measure on it too
+    (out_dir / VALIDATION_FILE).write_text(EOT.join(d.text for d in val_docs), encoding="utf-8")
     lengths = torch.from_numpy(tok.token_byte_lengths())
     splits = []
     for part in (train_docs, val_docs):

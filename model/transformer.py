@@ -27,7 +27,7 @@ from model.positional import (
 class ModelOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, vocab)
     hidden: torch.Tensor  # (B, T, d): after the final norm
-    present: list[KVCache]  # per layer: keys, values (B, nh, T_past + T, hs)
+    new_kv: list[KVCache]  # per layer: keys and values of the T new tokens (B, nh, T, hs); see extend_cache
     attentions: list[torch.Tensor]  # per layer: (B, nh, T, T_past + T)
 
 
@@ -59,10 +59,10 @@ class Block(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         past: KVCache | None,
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
-        a, present, probs = self.attn(self.ln_1(x), mask, rotary, past)
+        a, new_kv, probs = self.attn(self.ln_1(x), mask, rotary, past)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
-        return x, present, probs
+        return x, new_kv, probs
 
 
 class Transformer(nn.Module):
@@ -126,14 +126,14 @@ class Transformer(nn.Module):
         x = self.drop(x)
         rotary = self.rotary(positions) if self.rotary is not None else None
 
-        present: list[KVCache] = []
+        new_kv: list[KVCache] = []
         attentions: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             x, kv, probs = block(x, mask, rotary, None if past is None else past[i])
-            present.append(kv)
+            new_kv.append(kv)
             attentions.append(probs)
         hidden = self.ln_f(x)  # (B, T, d)
-        return ModelOutput(self.lm_head(hidden), hidden, present, attentions)
+        return ModelOutput(self.lm_head(hidden), hidden, new_kv, attentions)
 
     @torch.no_grad()
     def generate(
@@ -146,6 +146,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Sample continuations of (B, T) unpadded prompts with the cache. temperature 0 is greedy."""
         out = self(input_ids)
+        past = out.new_kv
         ids = input_ids
         for _ in range(max_new_tokens):
             if ids.size(1) >= self.cfg.max_seq_len:
@@ -160,8 +161,16 @@ class Transformer(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)  # (B, 1)
             ids = torch.cat((ids, nxt), dim=1)
-            out = self(nxt, past=out.present)
+            out = self(nxt, past=past)
+            past = extend_cache(past, out.new_kv)
         return ids
+
+
+def extend_cache(past: list[KVCache] | None, new: list[KVCache]) -> list[KVCache]:
+    """Append each layer's new keys and values to the cache along time (a simple cache for PyTorch use)."""
+    if past is None:
+        return new
+    return [(torch.cat((pk, nk), 2), torch.cat((pv, nv), 2)) for (pk, pv), (nk, nv) in zip(past, new, strict=True)]
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: Literal["mean", "last"]) -> torch.Tensor:

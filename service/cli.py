@@ -32,6 +32,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportError, export_model, summary
+
+    try:
+        report = export_model(args.checkpoint, args.out, int8=args.int8, fp16=args.fp16, name=args.name)
+    except ExportError as e:
+        sys.stderr.write(f"export failed: {e}\n")
+        return 1
+    sys.stdout.write(summary(report) + f"\nwrote {args.out}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnserve", description="Train, export and serve a compact transformer.")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -51,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="export a checkpoint to an ONNX model directory, verified")
+    e.add_argument("--checkpoint", type=Path, required=True, help="training output folder (checkpoint.pt, ...)")
+    e.add_argument("--out", type=Path, required=True, help="model directory to write")
+    e.add_argument("--int8", action="store_true", help="add dynamically quantized int8 graphs (CPU)")
+    e.add_argument("--fp16", action="store_true", help="add fp16 graphs (CUDA); parity checked where a GPU is usable")
+    e.add_argument("--name", default="default", help="model name recorded in the directory (default: default)")
+    e.set_defaults(func=_export)
     return p
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,3 +31,41 @@ def synthetic_corpus(n_docs: int = 10, lines_per_doc: int = 120, seed: int = 0) 
 @pytest.fixture(scope="session")
 def corpus() -> list[Document]:
     return synthetic_corpus()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from service.runtime import cuda_usable
+
+    if not cuda_usable():
+        skip = pytest.mark.skip(reason="no usable CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(corpus: list[Document], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained briefly: enough structure for exports to be checked against."""
+    from model.config import preset
+    from model.train import train
+
+    out = tmp_path_factory.mktemp("tiny_checkpoint")
+    train(preset("tiny"), out, corpus, steps=150, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported with every variant."""
+    from export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("exported") / "tiny"
+    export_model(tiny_checkpoint, out, int8=True, fp16=True, name="tiny")
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_report(model_dir: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((model_dir / "export_report.json").read_text())

@@ -87,13 +87,24 @@ def test_multihead_matches_nn_multiheadattention(causal: bool, padded: bool) -> 
     torch.testing.assert_close(probs.transpose(1, 2)[valid], ref_probs.transpose(1, 2)[valid], atol=TOL, rtol=TOL)
 
 
-def test_cache_returns_all_keys_and_values() -> None:
+def test_attending_to_a_cache_equals_attending_to_everything() -> None:
     torch.manual_seed(0)
     mha = MultiHeadAttention(16, 2).eval()
     x = torch.randn(2, 5, 16)
-    full_out, (k, v), _ = mha(x, causal_mask(5, 5))
+    full_out, (k, v), full_probs = mha(x, causal_mask(5, 5))
     out_a, past, _ = mha(x[:, :3], causal_mask(3, 3))
-    out_b, (k2, v2), _ = mha(x[:, 3:], causal_mask(2, 5), past=past)
+    out_b, (k_new, v_new), probs_b = mha(x[:, 3:], causal_mask(2, 5), past=past)
     torch.testing.assert_close(torch.cat((out_a, out_b), 1), full_out, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(k2, k)
-    torch.testing.assert_close(v2, v)
+    torch.testing.assert_close(probs_b, full_probs[:, :, 3:], atol=TOL, rtol=TOL)
+    # only the new entries come back; the caller appends them to its cache
+    torch.testing.assert_close(torch.cat((past[0], k_new), 2), k)
+    torch.testing.assert_close(torch.cat((past[1], v_new), 2), v)
+
+
+def test_attention_with_an_empty_cache() -> None:
+    q, k, v = _qkv()
+    empty = (k[:, :, :0], v[:, :, :0])
+    out, probs = attention(q, k, v, causal_mask(7, 7), past=empty)
+    ref, ref_probs = attention(q, k, v, causal_mask(7, 7))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(probs, ref_probs)

@@ -37,7 +37,7 @@ def test_validation_loss_falls_well_below_uniform_guessing(trained: tuple[Path, 
 
 def test_writes_everything_export_reads(trained: tuple[Path, dict[str, Any]]) -> None:
     out, metrics = trained
-    for name in ("checkpoint.pt", "config.json", "tokenizer.json", "metrics.json", "loss.png"):
+    for name in ("checkpoint.pt", "config.json", "tokenizer.json", "metrics.json", "loss.png", "validation.txt"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Config.load(out / "config.json") == preset("tiny")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.transformer import Transformer, pool
+from model.transformer import Transformer, extend_cache, pool
 
 TOL = 1e-5
 KINDS = ["rope", "sinusoidal", "learned"]
@@ -25,9 +25,10 @@ def test_cached_decoding_equals_full_forward(positional: str) -> None:
     ids = torch.randint(97, (2, 20), generator=torch.Generator().manual_seed(1))
     full = model(ids).logits
     out = model(ids[:, :5])  # prefill a prompt, then one token at a time
-    steps = [out.logits]
+    past, steps = out.new_kv, [out.logits]
     for t in range(5, 20):
-        out = model(ids[:, t : t + 1], past=out.present)
+        out = model(ids[:, t : t + 1], past=past)
+        past = extend_cache(past, out.new_kv)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=TOL, rtol=TOL)
 
@@ -69,7 +70,7 @@ def test_cached_decoding_of_a_left_padded_batch() -> None:
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     nxt = torch.tensor([[9], [9]])
     out = model(ids, mask)
-    step = model(nxt, torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1), past=out.present)
+    step = model(nxt, torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1), past=out.new_kv)
     alone = model(torch.tensor([[5, 6, 7, 9]]))
     torch.testing.assert_close(step.logits[0, -1], alone.logits[0, -1], atol=TOL, rtol=TOL)
 

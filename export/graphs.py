@@ -1,0 +1,144 @@
+"""The three ONNX graphs cut from one trained transformer, and their names.
+
+* encode:    input_ids, attention_mask -> last_hidden_state, pooled_mean, pooled_last
+* decoder:   input_ids, attention_mask, past_key_{i}, past_value_{i} -> logits, new_key_{i}, new_value_{i}
+* attention: input_ids, attention_mask -> attentions (B, layers, heads, T, T)
+
+Attention probabilities live only in the attention graph, so ONNX Runtime can drop them
+from the other two. The decoder takes the past keys and values of every layer as
+(B, heads, P, head_dim) with P >= 0 (0 for a prefill) and returns only the T new entries:
+the server owns a preallocated cache, passes it in as it lies and writes the new entries
+into it, so no step copies the whole cache (see README, "Key/value cache").
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.transformer import Transformer, pool
+
+OPSET = 17
+INPUTS = ("input_ids", "attention_mask")
+
+
+def _onnx_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: str, **kwargs: Any) -> None:
+    """torch.onnx.export with the TorchScript exporter, which keeps dynamic axes (including an empty
+    cache, P = 0) without specialising them. Its tracer warnings concern values that are fixed by the
+    model's shape (head size, d_model), so they are silenced here rather than left to alarm readers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notices of its own future
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*aten::index operator.*")
+        torch.onnx.export(module, args, path, dynamo=False, opset_version=OPSET, **kwargs)
+
+
+def past_names(n_layer: int) -> list[str]:
+    return [f"past_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+
+
+def new_kv_names(n_layer: int) -> list[str]:
+    return [f"new_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+
+
+class EncodeGraph(nn.Module):
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = self.model(input_ids, attention_mask).hidden  # (B, T, d)
+        return hidden, pool(hidden, attention_mask, "mean"), pool(hidden, attention_mask, "last")
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past_flat: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        out = self.model(input_ids, attention_mask, past=past)
+        return (out.logits, *(t for kv in out.new_kv for t in kv))
+
+
+class AttentionGraph(nn.Module):
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.model(input_ids, attention_mask).attentions, dim=1)  # (B, L, nh, T, T)
+
+
+def _example(cfg: ModelConfig, B: int = 2, T: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :2] = 0  # padding in the example keeps the mask from being folded away as all ones
+    return ids, mask
+
+
+def export_encode(model: Transformer, path: str) -> None:
+    ids, mask = _example(model.cfg)
+    _onnx_export(
+        EncodeGraph(model),
+        (ids, mask),
+        path,
+        input_names=list(INPUTS),
+        output_names=["last_hidden_state", "pooled_mean", "pooled_last"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "last_hidden_state": {0: "batch", 1: "seq"},
+            "pooled_mean": {0: "batch"},
+            "pooled_last": {0: "batch"},
+        },
+    )
+
+
+def export_attention(model: Transformer, path: str) -> None:
+    ids, mask = _example(model.cfg)
+    _onnx_export(
+        AttentionGraph(model),
+        (ids, mask),
+        path,
+        input_names=list(INPUTS),
+        output_names=["attentions"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "attentions": {0: "batch", 3: "seq", 4: "seq"},
+        },
+    )
+
+
+def export_decoder(model: Transformer, path: str) -> None:
+    cfg = model.cfg
+    ids, _ = _example(cfg, T=2)
+    n_past = 3
+    mask = torch.ones(2, n_past + 2, dtype=torch.long)
+    mask[1, :2] = 0
+    g = torch.Generator().manual_seed(1)
+    past = [torch.randn(2, cfg.n_head, n_past, cfg.head_dim, generator=g) for _ in range(2 * cfg.n_layer)]
+    pasts, news = past_names(cfg.n_layer), new_kv_names(cfg.n_layer)
+    dynamic = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "logits": {0: "batch", 1: "seq"},
+    }
+    dynamic |= {n: {0: "batch", 2: "past"} for n in pasts}
+    dynamic |= {n: {0: "batch", 2: "seq"} for n in news}
+    _onnx_export(
+        DecoderGraph(model),
+        (ids, mask, *past),
+        path,
+        input_names=[*INPUTS, *pasts],
+        output_names=["logits", *news],
+        dynamic_axes=dynamic,
+    )

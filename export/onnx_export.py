@@ -1,0 +1,224 @@
+"""``attnserve export --checkpoint DIR --out MODEL_DIR [--int8] [--fp16]``.
+
+Turns a training checkpoint into a self-contained model directory: the ONNX graphs,
+``tokenizer.json``, ``config.json`` (shape, limits, graph files) and ``export_report.json``
+(parity and variant figures). Parity of ONNX Runtime against PyTorch is checked before the
+directory is published; when it fails, export fails and leaves no model directory behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from export.graphs import OPSET, export_attention, export_decoder, export_encode, new_kv_names, past_names
+from export.parity import TOLERANCE, check_parity, decoder_bits_per_byte, time_decoder
+from model.train import VALIDATION_FILE, load_checkpoint
+from model.transformer import Transformer
+from service.runtime import CUDA, FORMAT_VERSION, Runtime, RuntimeOptions, cuda_usable
+
+log = logging.getLogger(__name__)
+
+INT8_MAX_LOSS_INCREASE = 0.02  # int8 may cost at most 2% in validation bits per byte
+FP16_TOLERANCE = 1e-2
+
+
+class ExportError(Exception):
+    """The exported graphs do not match the PyTorch model (or a variant fails its bound)."""
+
+
+def _stamp_metadata(path: Path, graph: str, config: dict[str, Any]) -> None:
+    """Store the model's configuration in the graph itself, so a lone .onnx file still says what it is."""
+    model = onnx.load(str(path))
+    props = {
+        "attnserve.graph": graph,
+        "attnserve.config": json.dumps(config, sort_keys=True),
+        "attnserve.name": config["name"],
+        "attnserve.version": config["version"],
+    }
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    model.producer_name = "attnserve"
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _validation_windows(checkpoint_dir: Path, tokenizer: Any, seq_len: int, max_tokens: int) -> list[np.ndarray]:
+    from model.tokenizer import EOT
+
+    path = checkpoint_dir / VALIDATION_FILE
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; the int8 variant is measured on the held-out text training wrote")
+    eot = tokenizer.token_to_id(EOT)
+    ids: list[int] = []
+    for doc in path.read_text(encoding="utf-8").split(EOT):
+        ids += [*tokenizer.encode(doc, add_special_tokens=False).ids, eot]
+    ids = ids[: max_tokens + 1]
+    n = (len(ids) - 1) // seq_len
+    return [np.asarray(ids[i * seq_len : i * seq_len + seq_len + 1], np.int64) for i in range(n)]
+
+
+def export_model(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    *,
+    int8: bool = False,
+    fp16: bool = False,
+    name: str = "default",
+    int8_eval_tokens: int = 32768,
+) -> dict[str, Any]:
+    """Export, verify and publish a model directory; returns the export report."""
+    t0 = time.perf_counter()
+    model, cfg, state = load_checkpoint(checkpoint_dir / "checkpoint.pt")
+    digest = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().cpu().numpy().tobytes())
+    version = f"{state['step']}-{digest.hexdigest()[:12]}"
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shutil.copy(checkpoint_dir / "tokenizer.json", work / "tokenizer.json")
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from model.tokenizer import EOT
+
+        hf_tok = HFTokenizer.from_file(str(work / "tokenizer.json"))
+        graphs = {"encode": "encode.onnx", "decoder": "decoder.onnx", "attention": "attention.onnx"}
+        config: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "name": name,
+            "version": version,
+            "model": cfg.to_dict()["model"],
+            "limits": {"max_seq_len": cfg.model.max_seq_len},
+            "eot_token_id": hf_tok.token_to_id(EOT),
+            "tokenizer": "tokenizer.json",
+            "graphs": graphs,
+            "decoder": {
+                "past_inputs": past_names(cfg.model.n_layer),
+                "new_outputs": new_kv_names(cfg.model.n_layer),
+                "cache_layout": "per layer (batch, heads, positions, head_dim); P = 0 for a prefill",
+            },
+            "training": {"steps": state["step"], "train_seq_len": cfg.train.seq_len},
+            "opset": OPSET,
+        }
+        with torch.no_grad():
+            export_encode(model, str(work / graphs["encode"]))
+            export_decoder(model, str(work / graphs["decoder"]))
+            export_attention(model, str(work / graphs["attention"]))
+        for graph, file in graphs.items():
+            _stamp_metadata(work / file, graph, config)
+        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+        runtime = Runtime(work, RuntimeOptions(device="cpu", warmup=False))
+        parity = check_parity(model, runtime)
+        report: dict[str, Any] = {"name": name, "version": version, "opset": OPSET, "parity": parity}
+        failures = [k for k, v in parity.items() if isinstance(v, dict) and not v.get("ok", True)]
+
+        windows = None
+        if int8:
+            windows = _validation_windows(checkpoint_dir, hf_tok, cfg.train.seq_len, int8_eval_tokens)
+            report["int8"] = _int8_variant(work, config, windows, runtime)
+            if not report["int8"]["ok"]:
+                failures.append("int8")
+        if fp16:
+            report["fp16"] = _fp16_variant(work, config, model)
+            if report["fp16"].get("ok") is False:
+                failures.append("fp16")
+        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        report["export_seconds"] = round(time.perf_counter() - t0, 2)
+        (work / "export_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if failures:
+            raise ExportError(f"export checks failed: {failures}; report: {json.dumps(report, indent=2)}")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("exported %s %s to %s in %.1fs", name, version, out_dir, time.perf_counter() - t0)
+    return report
+
+
+def _int8_variant(work: Path, config: dict[str, Any], windows: list[np.ndarray], fp32: Runtime) -> dict[str, Any]:
+    """Dynamic int8 quantization (weights int8, activations quantized on the fly): the CPU variant."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for graph in ("encode", "decoder"):
+        src, dst = work / f"{graph}.onnx", work / f"{graph}_int8.onnx"
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        _stamp_metadata(dst, f"{graph}_int8", config)
+        config["graphs"][f"{graph}_int8"] = dst.name
+    (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    int8 = Runtime(work, RuntimeOptions(device="cpu", variant="int8", warmup=False))
+    base = decoder_bits_per_byte(fp32, windows)
+    quant = decoder_bits_per_byte(int8, windows)
+    increase = quant / base - 1.0
+    speed = {v: time_decoder(rt) for v, rt in (("fp32", fp32), ("int8", int8))}
+    return {
+        "ok": bool(increase <= INT8_MAX_LOSS_INCREASE),
+        "val_bits_per_byte_fp32": base,
+        "val_bits_per_byte_int8": quant,
+        "relative_increase": increase,
+        "bound": INT8_MAX_LOSS_INCREASE,
+        "eval_tokens": int(sum(len(w) - 1 for w in windows)),
+        "speed_ms": speed,
+        "size_bytes": {g: (work / f"{g}_int8.onnx").stat().st_size for g in ("encode", "decoder")},
+    }
+
+
+def _fp16_variant(work: Path, config: dict[str, Any], model: Transformer) -> dict[str, Any]:
+    """fp16 weights and arithmetic for CUDA; inputs and outputs stay fp32 so clients see no difference."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    for graph in ("encode", "decoder", "attention"):
+        src, dst = work / f"{graph}.onnx", work / f"{graph}_fp16.onnx"
+        converted = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+        converted.topological_sort()  # the converter appends its input casts after their users
+        onnx.save(converted.model, str(dst))
+        _stamp_metadata(dst, f"{graph}_fp16", config)
+        config["graphs"][f"{graph}_fp16"] = dst.name
+    (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if not cuda_usable():
+        return {"checked": False, "reason": "no usable CUDA device on this machine; fp16 parity not checked"}
+    rt = Runtime(work, RuntimeOptions(device="cuda", require_cuda=True, variant="fp16", warmup=False))
+    assert rt.provider == CUDA
+    result = check_parity(model, rt, tolerance=FP16_TOLERANCE)
+    ok = all(v.get("ok", True) for v in result.values() if isinstance(v, dict))
+    return {"checked": True, "ok": ok, "provider": rt.provider, "tolerance": FP16_TOLERANCE, "parity": result}
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = [f"model {report['name']} {report['version']} (opset {report['opset']})"]
+    for k, v in report["parity"].items():
+        if isinstance(v, dict) and "max_abs_diff" in v:
+            lines.append(f"  parity {k:<18} max |diff| {v['max_abs_diff']:.2e}  (bound {TOLERANCE:g})")
+    if "decode_tokens_equal" in report["parity"]:
+        lines.append(
+            f"  cached decoding: tokens equal over {report['parity']['decode_steps']} steps: "
+            f"{report['parity']['decode_tokens_equal']}"
+        )
+    if "int8" in report:
+        q = report["int8"]
+        lines.append(
+            f"  int8: {q['val_bits_per_byte_int8']:.4f} vs fp32 {q['val_bits_per_byte_fp32']:.4f} bits/byte "
+            f"({q['relative_increase'] * 100:+.2f}%), decode step {q['speed_ms']['int8']['decode_step']:.3f} ms "
+            f"vs {q['speed_ms']['fp32']['decode_step']:.3f} ms"
+        )
+    if "fp16" in report:
+        f = report["fp16"]
+        lines.append(f"  fp16: {'ok' if f.get('ok') else 'FAILED'}" if f["checked"] else f"  fp16: {f['reason']}")
+    return "\n".join(lines)

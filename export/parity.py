@@ -1,0 +1,153 @@
+"""ONNX Runtime against PyTorch: the checks an export must pass, and the measurements it reports."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer, extend_cache, pool
+from service.runtime import Runtime
+
+TOLERANCE = 1e-4  # max abs difference, fp32
+DECODE_STEPS = 32
+
+
+def _batch(cfg_max: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Right-padded ids (B, T) and mask of mixed lengths, the longest near the context limit."""
+    lengths = [min(cfg_max, n) for n in (cfg_max - 3, 5, cfg_max // 2, 1)]
+    rng = np.random.default_rng(seed)
+    T = max(lengths)
+    ids = np.zeros((len(lengths), T), np.int64)
+    mask = np.zeros((len(lengths), T), np.int64)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = rng.integers(0, vocab, n)
+        mask[b, :n] = 1
+    return ids, mask, lengths
+
+
+def _diff(a: np.ndarray, b: np.ndarray, tol: float) -> dict[str, Any]:
+    d = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return {"max_abs_diff": d, "ok": bool(np.isfinite(d) and d <= tol)}
+
+
+@torch.no_grad()
+def check_parity(model: Transformer, rt: Runtime, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """Every graph against the PyTorch model on a padded batch of mixed lengths, and cached greedy decoding."""
+    cfg = model.cfg
+    ids, mask, lengths = _batch(cfg.max_seq_len, cfg.vocab_size)
+    ref = model(torch.from_numpy(ids), torch.from_numpy(mask))
+    valid = mask.astype(bool)
+    out: dict[str, Any] = {"tolerance": tolerance, "batch_lengths": lengths}
+
+    enc = rt.encode(ids, mask)
+    t_mask = torch.from_numpy(mask)
+    out["encode_hidden"] = _diff(enc.last_hidden_state[valid], ref.hidden.numpy()[valid], tolerance)
+    out["encode_pooled_mean"] = _diff(enc.pooled_mean, pool(ref.hidden, t_mask, "mean").numpy(), tolerance)
+    out["encode_pooled_last"] = _diff(enc.pooled_last, pool(ref.hidden, t_mask, "last").numpy(), tolerance)
+
+    probs = rt.attention(ids, mask)  # (B, L, nh, T, T)
+    ref_probs = torch.stack(ref.attentions, 1).numpy()
+    rows = valid[:, None, None, :, None] & valid[:, None, None, None, :]  # real queries x real keys
+    rows = np.broadcast_to(rows, probs.shape)
+    out["attention_probs"] = _diff(probs[rows], ref_probs[rows], tolerance)
+
+    info = rt.info
+    empty = [(np.zeros((len(lengths), info.n_head, 0, info.head_dim), np.float32),) * 2] * info.n_layer
+    logits, _ = rt.decode(ids, mask, empty)
+    out["decoder_logits"] = _diff(logits[valid], ref.logits.numpy()[valid], tolerance)
+    out["cached_decoding"] = _cached_decoding(model, rt, tolerance)
+    out["decode_steps"] = DECODE_STEPS
+    out["decode_tokens_equal"] = out["cached_decoding"]["tokens_equal"]
+    return out
+
+
+def _cached_decoding(model: Transformer, rt: Runtime, tolerance: float) -> dict[str, Any]:
+    """Greedy decoding of two prompts of different lengths, batched through the runtime's cache,
+    against each prompt decoded alone by PyTorch with its own cache."""
+    rng = np.random.default_rng(1)
+    steps = min(DECODE_STEPS, model.cfg.max_seq_len - 8)
+    prompts = [rng.integers(0, model.cfg.vocab_size, n) for n in (7, 3)]
+    ref_tokens, ref_logits = [], []
+    for p in prompts:
+        o = model(torch.from_numpy(p)[None])
+        past, toks, lgs = o.new_kv, [], []
+        last = o.logits[0, -1]
+        for _ in range(steps):
+            nxt = int(last.argmax())
+            toks.append(nxt)
+            lgs.append(last.numpy())
+            o = model(torch.tensor([[nxt]]), past=past)
+            past = extend_cache(past, o.new_kv)
+            last = o.logits[0, -1]
+        ref_tokens.append(toks)
+        ref_logits.append(np.stack(lgs))
+
+    cache = rt.new_cache(len(prompts))
+    T = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), T), np.int64)
+    new_mask = np.zeros((len(prompts), T), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)], new_mask[b, : len(p)] = p, 1
+    logits = rt.decode_step(cache, ids, new_mask)
+    last_logits = np.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)])
+    tokens: list[list[int]] = [[] for _ in prompts]
+    got_logits: list[list[np.ndarray]] = [[] for _ in prompts]
+    for _ in range(steps):
+        nxt = last_logits.argmax(-1)
+        for b in range(len(prompts)):
+            tokens[b].append(int(nxt[b]))
+            got_logits[b].append(last_logits[b])
+        last_logits = rt.decode_step(cache, nxt[:, None], np.ones((len(prompts), 1), np.int64))[:, 0]
+    diff = max(float(np.max(np.abs(np.stack(g) - r))) for g, r in zip(got_logits, ref_logits, strict=True))
+    equal = tokens == ref_tokens
+    return {"max_abs_diff": diff, "tokens_equal": equal, "ok": equal and diff <= tolerance, "steps": steps}
+
+
+def decoder_bits_per_byte(rt: Runtime, windows: list[np.ndarray], batch: int = 32) -> float:
+    """Validation loss of the decoder graph in bits per byte over (T + 1)-token windows."""
+    lengths = Tokenizer(rt.tokenizer).token_byte_lengths()
+    info = rt.info
+    nats, nbytes = 0.0, 0
+    for s in range(0, len(windows), batch):
+        w = np.stack(windows[s : s + batch])
+        x, y = w[:, :-1], w[:, 1:]
+        empty = [(np.zeros((len(w), info.n_head, 0, info.head_dim), np.float32),) * 2] * info.n_layer
+        logits, _ = rt.decode(x, np.ones_like(x), empty)
+        logits = logits.astype(np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        tok_nats = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
+        b = lengths[y]
+        nats += float(tok_nats[b > 0].sum())
+        nbytes += int(b.sum())
+    return float(nats / nbytes / np.log(2.0))
+
+
+def _median_ms(fn: Any, repeat: int = 30) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def time_decoder(rt: Runtime, cached: int = 128) -> dict[str, float]:
+    """Median ms of a 128-token prefill and of one decode step at batch 1 with 128 cached tokens."""
+    n = min(cached, rt.info.max_seq_len - 1)
+    ids = np.ones((1, n), np.int64)
+    empty = [(np.zeros((1, rt.info.n_head, 0, rt.info.head_dim), np.float32),) * 2] * rt.info.n_layer
+    prefill = _median_ms(lambda: rt.decode(ids, np.ones_like(ids), empty))
+    cache = rt.new_cache(1)
+    one = np.ones((1, 1), np.int64)
+
+    def step() -> None:
+        cache.lengths[:] = n  # keep the cache at n tokens: each timed step is the same step
+        rt.decode_step(cache, one, one)
+
+    return {f"prefill_{n}": prefill, "decode_step": _median_ms(step)}

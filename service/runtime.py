@@ -1,0 +1,327 @@
+"""Execution layer: ONNX Runtime sessions over an exported model directory.
+
+Plain numpy in, numpy out; no gRPC here and no torch anywhere in the import graph. Loads the
+directory that ``attnserve export`` wrote, picks the execution provider (CUDA first when asked
+for and usable, CPU otherwise), checks which provider really took each session, and warms
+every graph up so the first request does not pay for it.
+
+The key/value cache (``KVCache``) is preallocated per sequence slot, laid out per layer as
+(slots, heads, max_len, head_dim), and handed to the decoder graph as it lies: the graph
+attends to it in place and returns only the new tokens' keys and values, which are written
+into their slots. No step copies the whole cache on CPU; on CUDA the cache never leaves the
+device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+GRAPHS = ("encode", "decoder", "attention")
+FORMAT_VERSION = 1
+
+
+class ModelDirError(Exception):
+    """The model directory is missing a file, or a file in it is unreadable; the message names the file."""
+
+
+class CudaUnavailableError(RuntimeError):
+    """CUDA was required but no session could be placed on a CUDA device."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when usable, else CPU, quietly
+    require_cuda: bool = False  # refuse to start on CPU when CUDA was asked for
+    device_id: int = 0
+    cuda_mem_limit_bytes: int = 0  # the CUDA memory arena's cap; 0 = no cap
+    intra_op_threads: int = 0  # 0 = ONNX Runtime's default: one per physical core
+    inter_op_threads: int = 1  # graphs here are chains; parallel branches gain nothing
+    variant: Literal["fp32", "int8", "fp16"] = "fp32"  # int8 for CPU, fp16 for CUDA, when exported
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.variant not in ("fp32", "int8", "fp16"):
+            raise ValueError(f"variant must be fp32, int8 or fp16, got {self.variant!r}")
+        if self.require_cuda and self.device == "cpu":
+            raise ValueError("require_cuda contradicts device=cpu")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.cuda_mem_limit_bytes < 0:
+            raise ValueError("thread counts and the memory limit must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the model directory's config.json says, checked."""
+
+    name: str
+    version: str
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    head_dim: int
+    max_seq_len: int
+    positional: str
+    eot_token_id: int
+    graphs: dict[str, str]
+    raw: dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class EncodeOutput:
+    last_hidden_state: np.ndarray  # (B, T, d)
+    pooled_mean: np.ndarray  # (B, d)
+    pooled_last: np.ndarray  # (B, d)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_model_info(model_dir: Path) -> ModelInfo:
+    path = model_dir / "config.json"
+    raw = _read_json(path)
+    try:
+        if raw.get("format") != FORMAT_VERSION:
+            raise ModelDirError(f"{path}: format {raw.get('format')!r}, this server reads {FORMAT_VERSION}")
+        m = raw["model"]
+        return ModelInfo(
+            name=str(raw["name"]),
+            version=str(raw["version"]),
+            vocab_size=int(m["vocab_size"]),
+            n_layer=int(m["n_layer"]),
+            n_head=int(m["n_head"]),
+            d_model=int(m["d_model"]),
+            head_dim=int(m["d_model"]) // int(m["n_head"]),
+            max_seq_len=int(m["max_seq_len"]),
+            positional=str(m["positional"]),
+            eot_token_id=int(raw["eot_token_id"]),
+            graphs={str(k): str(v) for k, v in raw["graphs"].items()},
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelDirError(f"{path}: missing or malformed field ({e!r})") from e
+
+
+@functools.cache
+def cuda_usable(device_id: int = 0) -> bool:
+    """Whether ONNX Runtime can place a session on this CUDA device (not merely whether the build has CUDA)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):  # it prints what it cannot find; that is for the debug log
+            ort.preload_dlls()  # the CUDA and cuDNN libraries from pip packages, where present
+    except Exception:
+        log.debug("preload_dlls failed", exc_info=True)
+    log.debug("preload_dlls: %s", said.getvalue().strip())
+    ort.set_default_logger_severity(4)  # a failed probe is an answer here, not an error to print
+    try:
+        ort.OrtValue.ortvalue_from_shape_and_type([1], np.float32, "cuda", device_id)
+        return True
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+class KVCache:
+    """Preallocated keys and values for ``slots`` sequences, per layer (slots, heads, max_len, head_dim).
+
+    ``lengths[s]`` counts the tokens cached for slot s. Every decoder call sees every slot;
+    a free slot is simply fully masked.
+    """
+
+    def __init__(self, info: ModelInfo, slots: int, max_len: int | None = None) -> None:
+        self.slots = slots
+        self.max_len = max_len or info.max_seq_len
+        shape = (slots, info.n_head, self.max_len, info.head_dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(info.n_layer)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(info.n_layer)]
+        self.lengths = np.zeros(slots, np.int64)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        out = {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            out[f"past_key_{i}"], out[f"past_value_{i}"] = k, v
+        return out
+
+    def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
+        """(S, max_len + T): the cached positions of each slot, then the new tokens' own mask."""
+        cached = (np.arange(self.max_len)[None, :] < self.lengths[:, None]).astype(np.int64)
+        return np.concatenate((cached, new_mask.astype(np.int64)), axis=1)
+
+    def write(self, new_kv: list[np.ndarray], new_mask: np.ndarray) -> None:
+        """Append each slot's new entries (its first n real tokens of T) after its cached ones."""
+        counts = self.check_room(new_mask)
+        if new_mask.shape[1] == 1:  # a decode step: one fancy-indexed write per tensor
+            rows = np.nonzero(counts)[0]
+            for buf, new in zip(self._buffers(), new_kv, strict=True):
+                buf[rows, :, self.lengths[rows]] = new[rows, :, 0]
+        else:
+            for s in np.nonzero(counts)[0]:
+                n, start = counts[s], self.lengths[s]
+                for buf, new in zip(self._buffers(), new_kv, strict=True):
+                    buf[s, :, start : start + n] = new[s, :, :n]
+        self.lengths += counts
+
+    def check_room(self, new_mask: np.ndarray) -> np.ndarray:
+        """New real tokens per slot; raises ValueError where a slot would overflow the context."""
+        counts = new_mask.sum(axis=1).astype(np.int64)
+        if np.any(self.lengths + counts > self.max_len):
+            raise ValueError(f"context full: cached {self.lengths.tolist()} + new {counts.tolist()} > {self.max_len}")
+        return counts
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def _buffers(self) -> list[np.ndarray]:
+        return [t for kv in zip(self.keys, self.values, strict=True) for t in kv]
+
+
+class Runtime:
+    """The exported graphs of one model directory, on one execution provider."""
+
+    def __init__(self, model_dir: Path | str, options: RuntimeOptions | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.options = options or RuntimeOptions()
+        self.info = read_model_info(self.model_dir)
+        tok_path = self.model_dir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise ModelDirError(f"{tok_path}: missing")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:
+            raise ModelDirError(f"{tok_path}: not a tokenizer file ({e})") from e
+
+        opts = self.options
+        want_cuda = opts.device != "cpu" and cuda_usable(opts.device_id)
+        if (opts.device == "cuda" or opts.require_cuda) and not want_cuda:
+            if opts.require_cuda:
+                raise CudaUnavailableError(f"CUDA required, but CUDA device {opts.device_id} is not usable here")
+            log.warning("CUDA was requested but device %d is not usable here; running on CPU", opts.device_id)
+        self.sessions = {graph: self._session(graph, want_cuda) for graph in GRAPHS}
+        placed = {g: s.get_providers()[0] for g, s in self.sessions.items()}
+        self.provider = CUDA if all(p == CUDA for p in placed.values()) else CPU
+        if want_cuda and self.provider != CUDA:
+            if opts.require_cuda:
+                raise CudaUnavailableError(f"CUDA required, but the sessions were placed on {placed}")
+            log.warning("CUDA sessions could not be created; running on CPU (%s)", placed)
+        log.info("model %s %s loaded from %s on %s", self.info.name, self.info.version, self.model_dir, self.provider)
+        self.warmup_seconds = self.warmup() if self.options.warmup else 0.0
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def _graph_file(self, graph: str) -> Path:
+        variant = self.options.variant
+        key = graph if variant == "fp32" else f"{graph}_{variant}"
+        name = self.info.graphs.get(key) or self.info.graphs.get(graph)
+        if name is None:
+            raise ModelDirError(f"{self.model_dir / 'config.json'}: no {graph!r} graph listed")
+        if key not in self.info.graphs and variant != "fp32":
+            log.info("no %s variant of the %s graph; using fp32", variant, graph)
+        return self.model_dir / name
+
+    def _session(self, graph: str, want_cuda: bool) -> ort.InferenceSession:
+        path = self._graph_file(graph)
+        if not path.is_file():
+            raise ModelDirError(f"{path}: missing")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.options.intra_op_threads
+        so.inter_op_num_threads = self.options.inter_op_threads
+        so.log_severity_level = 3  # the provider fallback is reported once, by us, not per session
+        providers: list[Any] = [CPU]
+        if want_cuda:
+            cuda_opts: dict[str, Any] = {
+                "device_id": self.options.device_id,
+                "arena_extend_strategy": "kSameAsRequested",
+            }
+            if self.options.cuda_mem_limit_bytes:
+                cuda_opts["gpu_mem_limit"] = self.options.cuda_mem_limit_bytes
+            providers = [(CUDA, cuda_opts), CPU]
+        try:
+            return ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # ONNX Runtime raises its own types for corrupt and truncated files
+            raise ModelDirError(f"{path}: ONNX Runtime cannot load it ({e})") from e
+
+    def warmup(self) -> float:
+        """Run every graph at a few shapes, so that allocation and kernel choice happen now."""
+        t0 = time.perf_counter()
+        for batch, seq in ((1, 8), (4, 32), (8, min(64, self.info.max_seq_len - 1))):
+            ids = np.zeros((batch, seq), np.int64)
+            mask = np.ones((batch, seq), np.int64)
+            self.encode(ids, mask)
+            self.attention(ids, mask)
+            cache = KVCache(self.info, batch)
+            self.decode_step(cache, ids, mask)
+            self.decode_step(cache, ids[:, :1], mask[:, :1])
+        dt = time.perf_counter() - t0
+        log.info("warm-up took %.2fs", dt)
+        return dt
+
+    # --- graphs ----------------------------------------------------------------------------
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodeOutput:
+        hidden, mean, last = self.sessions["encode"].run(
+            None, {"input_ids": _i64(input_ids), "attention_mask": _i64(attention_mask)}
+        )
+        return EncodeOutput(hidden, mean, last)
+
+    def attention(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Attention probabilities (B, layers, heads, T, T)."""
+        (probs,) = self.sessions["attention"].run(
+            None, {"input_ids": _i64(input_ids), "attention_mask": _i64(attention_mask)}
+        )
+        return probs
+
+    def decode(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call with an explicit cache: logits (B, T, V) and the new keys/values, flat per layer."""
+        feeds = {"input_ids": _i64(input_ids), "attention_mask": _i64(attention_mask)}
+        for i, (k, v) in enumerate(past):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = k, v
+        logits, *new_kv = self.sessions["decoder"].run(None, feeds)
+        return logits, new_kv
+
+    def decode_step(self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
+        """Run T new tokens of every slot (right-padded, ``new_mask`` marks the real ones) against the cache,
+        append their keys and values to it, and return the logits (S, T, V)."""
+        cache.check_room(new_mask)  # before running: positions past the context have no encoding
+        feeds = {"input_ids": _i64(input_ids), "attention_mask": cache.attention_mask(new_mask)} | cache.feeds()
+        logits, *new_kv = self.sessions["decoder"].run(None, feeds)
+        cache.write(new_kv, new_mask)
+        return logits
+
+    def new_cache(self, slots: int) -> KVCache:
+        return KVCache(self.info, slots)
+
+
+def _i64(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype == np.int64 else a.astype(np.int64)

@@ -1,0 +1,117 @@
+"""Export end to end on a tiny model: graphs, metadata, parity, variants, and failing loudly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+import torch
+
+from export import onnx_export
+from export.onnx_export import ExportError, export_model
+from export.parity import TOLERANCE, check_parity
+from model.train import load_checkpoint
+from service.runtime import CUDA, Runtime, RuntimeOptions
+
+GRAPH_FILES = ("encode.onnx", "decoder.onnx", "attention.onnx")
+
+
+def test_model_directory_is_self_contained(model_dir: Path) -> None:
+    names = {p.name for p in model_dir.iterdir()}
+    assert {*GRAPH_FILES, "tokenizer.json", "config.json", "export_report.json"} <= names
+    assert {"encode_int8.onnx", "decoder_int8.onnx", "decoder_fp16.onnx"} <= names
+    assert not any(n.endswith(".pt") for n in names)  # no PyTorch file: the server never needs torch
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["limits"]["max_seq_len"] == config["model"]["max_seq_len"] == 64
+    assert config["graphs"]["decoder"] == "decoder.onnx"
+
+
+@pytest.mark.parametrize("file", [*GRAPH_FILES, "decoder_int8.onnx", "attention_fp16.onnx"])
+def test_graphs_pass_the_full_checker_and_carry_the_config(model_dir: Path, file: str) -> None:
+    onnx.checker.check_model(str(model_dir / file), full_check=True)
+    model = onnx.load(str(model_dir / file))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["attnserve.config"])["model"]["n_layer"] == 2
+    assert props["attnserve.graph"] == file.removesuffix(".onnx")
+    assert model.opset_import[0].version >= 17
+
+
+def test_graphs_have_dynamic_batch_and_sequence_axes(model_dir: Path) -> None:
+    dec = onnx.load(str(model_dir / "decoder.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in dec.graph.input}
+    assert dims["input_ids"] == ["batch", "seq"]
+    assert dims["past_key_0"] == ["batch", 2, "past", 16]
+    assert [o.name for o in dec.graph.output][:3] == ["logits", "new_key_0", "new_value_0"]
+    att = onnx.load(str(model_dir / "attention.onnx"))
+    assert [o.name for o in att.graph.output] == ["attentions"]
+    enc = onnx.load(str(model_dir / "encode.onnx"))
+    assert [o.name for o in enc.graph.output] == ["last_hidden_state", "pooled_mean", "pooled_last"]
+
+
+def test_report_shows_parity_within_bounds(export_report: dict[str, Any]) -> None:
+    parity = export_report["parity"]
+    for key in ("encode_hidden", "encode_pooled_mean", "encode_pooled_last", "attention_probs", "decoder_logits"):
+        assert parity[key]["ok"] and parity[key]["max_abs_diff"] <= TOLERANCE, (key, parity[key])
+    assert parity["cached_decoding"]["tokens_equal"] and parity["cached_decoding"]["steps"] == 32
+    assert parity["cached_decoding"]["max_abs_diff"] <= TOLERANCE
+
+
+def test_int8_variant_reports_its_loss_and_speed(export_report: dict[str, Any]) -> None:
+    q = export_report["int8"]
+    assert q["ok"] and q["relative_increase"] <= 0.02
+    assert 0 < q["val_bits_per_byte_fp32"] < 8 and q["eval_tokens"] > 0
+    assert q["speed_ms"]["int8"]["decode_step"] > 0
+
+
+def test_fp16_variant_says_whether_it_was_checked(export_report: dict[str, Any]) -> None:
+    f = export_report["fp16"]
+    if f["checked"]:
+        assert f["ok"]
+    else:
+        assert "not checked" in f["reason"]
+
+
+def test_parity_check_catches_a_different_model(tiny_checkpoint: Path, model_dir: Path) -> None:
+    model, _, _ = load_checkpoint(tiny_checkpoint / "checkpoint.pt")
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight.add_(0.05)
+    result = check_parity(model, Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False)))
+    assert not result["encode_hidden"]["ok"] and not result["decoder_logits"]["ok"]
+
+
+def test_failed_parity_fails_the_export_and_publishes_nothing(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = onnx_export.check_parity
+    monkeypatch.setattr(onnx_export, "check_parity", lambda m, rt, **kw: real(m, rt, tolerance=0.0))
+    out = tmp_path / "broken"
+    with pytest.raises(ExportError, match=r"encode_hidden|decoder_logits"):
+        export_model(tiny_checkpoint, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no half-written directory left behind either
+
+
+def test_model_directory_loads_without_torch(model_dir: Path) -> None:
+    code = f"""
+import sys, numpy as np
+from service.runtime import Runtime
+rt = Runtime({str(model_dir)!r})
+out = rt.encode(np.array([[1, 2, 3]]), np.array([[1, 1, 1]]))
+assert out.pooled_mean.shape == (1, 32), out.pooled_mean.shape
+print('torch' in sys.modules, rt.provider)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "False"
+
+
+@pytest.mark.gpu
+def test_fp16_parity_on_cuda(export_report: dict[str, Any], model_dir: Path) -> None:
+    assert export_report["fp16"]["checked"] and export_report["fp16"]["ok"], export_report["fp16"]
+    rt = Runtime(model_dir, RuntimeOptions(device="cuda", require_cuda=True, variant="fp16"))
+    assert rt.provider == CUDA
