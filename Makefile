@@ -1,12 +1,14 @@
-# attnserve: `make run` trains (if needed) and reports the default model; `make test` runs the suite.
+# attnserve: `make run` trains (if needed), exports and reports the default model; `make test` runs the suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MODEL_DIR ?= models/default
+MODEL ?= models/default
+CHECKPOINT := $(MODEL)/checkpoint
+MODEL_DIR := $(MODEL)/onnx
 TRAIN_MINUTES ?= 5
 
-.PHONY: install run train test lint clean
+.PHONY: install run train export bench test lint clean
 
 install: $(STAMP)
 
@@ -15,15 +17,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,dev]'
 	touch $(STAMP)
 
-$(MODEL_DIR)/checkpoint.pt: | $(STAMP)
-	$(BIN)/attnserve train --out $(MODEL_DIR) --minutes $(TRAIN_MINUTES)
+$(CHECKPOINT)/checkpoint.pt: | $(STAMP)
+	$(BIN)/attnserve train --out $(CHECKPOINT) --minutes $(TRAIN_MINUTES)
 
-train: $(MODEL_DIR)/checkpoint.pt
+$(MODEL_DIR)/config.json: $(CHECKPOINT)/checkpoint.pt
+	$(BIN)/attnserve export --checkpoint $(CHECKPOINT) --out $(MODEL_DIR) --int8 --fp16
 
-run: $(MODEL_DIR)/checkpoint.pt
-	@$(BIN)/python -c "import json; m = json.load(open('$(MODEL_DIR)/metrics.json')); \
-	print(f\"model: $(MODEL_DIR) ({m['parameters']:,} parameters, {m['steps']} steps, {m['train_seconds']:.0f}s)\"); \
+train: $(CHECKPOINT)/checkpoint.pt
+
+export: $(MODEL_DIR)/config.json
+
+run: $(MODEL_DIR)/config.json
+	@$(BIN)/python -c "import json; m = json.load(open('$(CHECKPOINT)/metrics.json')); \
+	print(f\"model: $(MODEL) ({m['parameters']:,} parameters, {m['steps']} steps, {m['train_seconds']:.0f}s)\"); \
 	print(f\"validation: {m['val_bits_per_byte']:.4f} bits per byte\"); print('sample:', m['sample'])"
+	@echo "model directory: $(MODEL_DIR) (see $(MODEL_DIR)/export_report.json)"
+
+bench: $(MODEL_DIR)/config.json
+	$(BIN)/attnserve bench runtime --model-dir $(MODEL_DIR)
 
 test: install
 	$(BIN)/python -m pytest

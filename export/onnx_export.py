@@ -111,7 +111,11 @@ def export_model(
                 "new_outputs": new_kv_names(cfg.model.n_layer),
                 "cache_layout": "per layer (batch, heads, positions, head_dim); P = 0 for a prefill",
             },
-            "training": {"steps": state["step"], "train_seq_len": cfg.train.seq_len},
+            "training": {
+                "steps": state["step"],
+                "train_seq_len": cfg.train.seq_len,
+                "checkpoint_dir": str(checkpoint_dir.resolve()),
+            },
             "opset": OPSET,
         }
         with torch.no_grad():

@@ -74,25 +74,25 @@ class MultiHeadAttention(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """x (B, T, d); mask broadcastable to (B, nh, T, T_past + T), True = may attend;
-        rotary: cos/sin for the T new positions; past: cached keys and values (B, nh, T_past, hs).
+        rotary: cos, sin and turn for the T new positions (see ``RotaryEmbedding``);
+        past: cached keys and values (B, nh, T_past, hs).
 
         Returns (out (B, T, d), the T new keys and values (B, nh, T, hs) each, probs (B, nh, T, T_past + T)).
         The caller owns the cache and appends the new entries where it keeps them.
         """
-        B, T, C = x.shape
-        # 1) project to h x d_k
-        q, k, v = self.w_qkv(x).split(C, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        # 1) project to h x d_k; one reshape and one permute for all three keeps the exported graph short
+        qkv = self.w_qkv(x).unflatten(-1, (3, self.n_head, self.head_dim)).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            q, k = apply_rotary(qkv[:2], *rotary).unbind(0)  # q and k turned together: (B, nh, T, hs) each
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
         # 2) attend, over the cache and the new keys
         y, probs = attention(q, k, v, mask, past)  # (B, nh, T, hs), (B, nh, T, T_past + T)
         # 3) concat the heads and project with W^O
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, d)
+        y = y.transpose(1, 2).flatten(2)  # (B, T, d)
         return self.dropout(self.w_o(y)), (k, v), probs

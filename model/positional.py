@@ -62,7 +62,7 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al., 2021): rotates q and k inside attention.
 
     Pairs (x[2i], x[2i+1]) of each head vector are rotated by angle pos * base^(-2i/hs), so
-    q_m . k_n depends only on m - n. Returns cos/sin to hand to ``apply_rotary``.
+    q_m . k_n depends only on m - n. ``forward`` returns what ``apply_rotary`` needs.
     """
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
@@ -70,19 +70,25 @@ class RotaryEmbedding(nn.Module):
         assert head_dim % 2 == 0, f"head_dim must be even, got {head_dim}"
         inv_freq = torch.exp(torch.arange(0, head_dim, 2, dtype=torch.float32) * (-math.log(base) / head_dim))
         angles = torch.arange(max_len, dtype=torch.float32).unsqueeze(1) * inv_freq  # (L, hs/2)
+        angles = angles.repeat_interleave(2, dim=1)  # (L, hs): both members of a pair turn by the same angle
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
+        # x @ turn maps each pair (a, b) to (-b, a): the quarter turn, as one small matrix product
+        # instead of strided slices (which cost a chain of small ops per layer in the exported graph)
+        turn = torch.zeros(head_dim, head_dim)
+        idx = torch.arange(0, head_dim, 2)
+        turn[idx + 1, idx] = -1.0
+        turn[idx, idx + 1] = 1.0
+        self.register_buffer("turn", turn, persistent=False)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
+        self.turn: torch.Tensor
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # (B, T) -> (B, 1, T, hs/2): the 1 broadcasts over heads
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (B, T) -> (B, 1, T, hs): the 1 broadcasts over heads
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), self.turn
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, nh, T, hs) by the angles in cos/sin (B, 1, T, hs/2)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, nh, T, hs/2) each
-    r1 = x1 * cos - x2 * sin
-    r2 = x1 * sin + x2 * cos
-    return torch.stack((r1, r2), dim=-1).flatten(-2)  # interleave back: (B, nh, T, hs)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) of x (..., T, hs) by its angle: x cos + (quarter-turned x) sin."""
+    return x * cos + (x @ turn) * sin

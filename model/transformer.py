@@ -56,7 +56,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
         past: KVCache | None,
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         a, new_kv, probs = self.attn(self.ln_1(x), mask, rotary, past)

@@ -44,6 +44,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_runtime(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.runtime import run, table
+
+    result = run(args.model_dir, args.checkpoint, args.seconds)
+    sys.stdout.write(table(result) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnserve", description="Train, export and serve a compact transformer.")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -71,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp16", action="store_true", help="add fp16 graphs (CUDA); parity checked where a GPU is usable")
     e.add_argument("--name", default="default", help="model name recorded in the directory (default: default)")
     e.set_defaults(func=_export)
+
+    b = sub.add_parser("bench", help="benchmarks that print their figures")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    br = bsub.add_parser("runtime", help="ONNX Runtime against PyTorch eager on the same weights")
+    br.add_argument("--model-dir", type=Path, required=True)
+    br.add_argument("--checkpoint", type=Path, help="training folder for the PyTorch side (default: the exported one)")
+    br.add_argument("--seconds", type=float, default=1.0, help="time spent per case (default 1)")
+    br.add_argument("--json", type=Path, help="also write the figures here")
+    br.set_defaults(func=_bench_runtime)
     return p
 
 

@@ -151,44 +151,30 @@ def cuda_usable(device_id: int = 0) -> bool:
 
 
 class KVCache:
-    """Preallocated keys and values for ``slots`` sequences, per layer (slots, heads, max_len, head_dim).
+    """Preallocated keys and values for ``slots`` sequences: one array (layers, 2, slots, heads, max_len, head_dim).
 
     ``lengths[s]`` counts the tokens cached for slot s. Every decoder call sees every slot;
-    a free slot is simply fully masked.
+    a free slot is simply fully masked. Each layer's keys and values are contiguous views of
+    the one array, handed to ONNX Runtime as they are; one indexed assignment per step
+    writes the new entries of every layer.
     """
 
     def __init__(self, info: ModelInfo, slots: int, max_len: int | None = None) -> None:
         self.slots = slots
         self.max_len = max_len or info.max_seq_len
-        shape = (slots, info.n_head, self.max_len, info.head_dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(info.n_layer)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(info.n_layer)]
+        self.data = np.zeros((info.n_layer, 2, slots, info.n_head, self.max_len, info.head_dim), np.float32)
         self.lengths = np.zeros(slots, np.int64)
+        self._feeds = {
+            f"past_{kind}_{i}": self.data[i, j] for i in range(info.n_layer) for j, kind in enumerate(("key", "value"))
+        }
 
     def feeds(self) -> dict[str, np.ndarray]:
-        out = {}
-        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            out[f"past_key_{i}"], out[f"past_value_{i}"] = k, v
-        return out
+        return self._feeds
 
     def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
         """(S, max_len + T): the cached positions of each slot, then the new tokens' own mask."""
         cached = (np.arange(self.max_len)[None, :] < self.lengths[:, None]).astype(np.int64)
         return np.concatenate((cached, new_mask.astype(np.int64)), axis=1)
-
-    def write(self, new_kv: list[np.ndarray], new_mask: np.ndarray) -> None:
-        """Append each slot's new entries (its first n real tokens of T) after its cached ones."""
-        counts = self.check_room(new_mask)
-        if new_mask.shape[1] == 1:  # a decode step: one fancy-indexed write per tensor
-            rows = np.nonzero(counts)[0]
-            for buf, new in zip(self._buffers(), new_kv, strict=True):
-                buf[rows, :, self.lengths[rows]] = new[rows, :, 0]
-        else:
-            for s in np.nonzero(counts)[0]:
-                n, start = counts[s], self.lengths[s]
-                for buf, new in zip(self._buffers(), new_kv, strict=True):
-                    buf[s, :, start : start + n] = new[s, :, :n]
-        self.lengths += counts
 
     def check_room(self, new_mask: np.ndarray) -> np.ndarray:
         """New real tokens per slot; raises ValueError where a slot would overflow the context."""
@@ -197,11 +183,24 @@ class KVCache:
             raise ValueError(f"context full: cached {self.lengths.tolist()} + new {counts.tolist()} > {self.max_len}")
         return counts
 
+    def write(self, new_kv: list[np.ndarray], counts: np.ndarray) -> None:
+        """Append each slot's new entries (its first ``counts[s]`` of T) after its cached ones.
+
+        new_kv: per layer keys then values, (S, heads, T, head_dim) each, as the decoder returns them.
+        """
+        n_layer, _, slots, nh, _, hs = self.data.shape
+        new = np.stack(new_kv).reshape(n_layer, 2, slots, nh, -1, hs)  # (L, 2, S, nh, T, hs)
+        rows = np.flatnonzero(counts)
+        if new.shape[4] == 1 and len(rows) > 4:  # a wide decode step: one indexed write for all
+            self.data[:, :, rows, :, self.lengths[rows]] = new[:, :, rows, :, 0]
+        else:  # a prefill, or a few slots: plain slices are cheaper than fancy indexing
+            for s in rows:
+                start, n = self.lengths[s], counts[s]
+                self.data[:, :, s, :, start : start + n] = new[:, :, s, :, :n]
+        self.lengths += counts
+
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
-
-    def _buffers(self) -> list[np.ndarray]:
-        return [t for kv in zip(self.keys, self.values, strict=True) for t in kv]
 
 
 class Runtime:
@@ -313,10 +312,10 @@ class Runtime:
     def decode_step(self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
         """Run T new tokens of every slot (right-padded, ``new_mask`` marks the real ones) against the cache,
         append their keys and values to it, and return the logits (S, T, V)."""
-        cache.check_room(new_mask)  # before running: positions past the context have no encoding
+        counts = cache.check_room(new_mask)  # before running: positions past the context have no encoding
         feeds = {"input_ids": _i64(input_ids), "attention_mask": cache.attention_mask(new_mask)} | cache.feeds()
         logits, *new_kv = self.sessions["decoder"].run(None, feeds)
-        cache.write(new_kv, new_mask)
+        cache.write(new_kv, counts)
         return logits
 
     def new_cache(self, slots: int) -> KVCache:

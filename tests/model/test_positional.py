@@ -26,9 +26,7 @@ def test_rope_dot_product_depends_only_on_offset() -> None:
     q, k = torch.randn(1, 1, 1, hs, generator=g), torch.randn(1, 1, 1, hs, generator=g)
 
     def score(m: int, n: int) -> float:
-        cq, sq = rope(torch.tensor([[m]]))
-        ck, sk = rope(torch.tensor([[n]]))
-        return float((apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum())
+        return float((apply_rotary(q, *rope(torch.tensor([[m]]))) * apply_rotary(k, *rope(torch.tensor([[n]])))).sum())
 
     for m, n in [(5, 2), (9, 9), (3, 20)]:
         base = score(m, n)
@@ -40,8 +38,19 @@ def test_rope_dot_product_depends_only_on_offset() -> None:
 def test_rope_preserves_norm() -> None:
     rope = RotaryEmbedding(8, 32)
     x = torch.randn(2, 3, 5, 8)
-    cos, sin = rope(torch.arange(5).expand(2, 5))
-    torch.testing.assert_close(apply_rotary(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(apply_rotary(x, *rope(torch.arange(5).expand(2, 5))).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_rope_rotates_interleaved_pairs_by_position_times_frequency() -> None:
+    hs, pos = 8, 3
+    rope = RotaryEmbedding(hs, 16, base=10000.0)
+    x = torch.randn(1, 1, 1, hs)
+    out = apply_rotary(x, *rope(torch.tensor([[pos]])))[0, 0, 0]
+    for i in range(hs // 2):
+        theta = pos * 10000.0 ** (-2 * i / hs)
+        a, b = x[0, 0, 0, 2 * i].item(), x[0, 0, 0, 2 * i + 1].item()
+        assert math.isclose(out[2 * i].item(), a * math.cos(theta) - b * math.sin(theta), abs_tol=1e-5)
+        assert math.isclose(out[2 * i + 1].item(), a * math.sin(theta) + b * math.cos(theta), abs_tol=1e-5)
 
 
 def test_positions_from_mask_left_and_right_padding() -> None:

@@ -1,0 +1,145 @@
+"""The runtime over a real exported model: provider choice, cache handling, errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.runtime import (
+    CPU,
+    CudaUnavailableError,
+    ModelDirError,
+    Runtime,
+    RuntimeOptions,
+    cuda_usable,
+)
+
+no_cuda = pytest.mark.skipif(cuda_usable(), reason="checks the fallback on a machine without a usable GPU")
+
+
+@pytest.fixture(scope="module")
+def rt(model_dir: Path) -> Runtime:
+    return Runtime(model_dir, RuntimeOptions(device="cpu"))
+
+
+@pytest.fixture
+def broken_dir(model_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "model"
+    shutil.copytree(model_dir, dst)
+    return dst
+
+
+def test_loads_on_cpu_and_warms_up(rt: Runtime) -> None:
+    assert rt.provider == CPU
+    assert rt.warmup_seconds > 0
+    assert rt.info.n_layer == 2 and rt.info.max_seq_len == 64
+
+
+@no_cuda
+def test_cuda_requested_without_a_gpu_falls_back_with_one_warning(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+        rt = Runtime(model_dir, RuntimeOptions(device="cuda", warmup=False))
+    assert rt.provider == CPU
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "CUDA" in warnings[0].getMessage()
+
+
+@no_cuda
+def test_cuda_required_without_a_gpu_fails_at_start(model_dir: Path) -> None:
+    with pytest.raises(CudaUnavailableError, match="CUDA required"):
+        Runtime(model_dir, RuntimeOptions(device="cuda", require_cuda=True))
+
+
+@pytest.mark.gpu
+def test_cuda_takes_the_sessions_when_usable(model_dir: Path) -> None:
+    rt = Runtime(model_dir, RuntimeOptions(device="cuda", require_cuda=True))
+    assert rt.provider == "CUDAExecutionProvider"
+    assert all(s.get_providers()[0] == "CUDAExecutionProvider" for s in rt.sessions.values())
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="device"):
+        RuntimeOptions(device="tpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="contradicts"):
+        RuntimeOptions(device="cpu", require_cuda=True)
+
+
+@pytest.mark.parametrize("name", ["decoder.onnx", "tokenizer.json", "config.json", "attention.onnx"])
+def test_missing_file_is_named(broken_dir: Path, name: str) -> None:
+    (broken_dir / name).unlink()
+    with pytest.raises(ModelDirError, match=name.replace(".", r"\.")):
+        Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False))
+
+
+@pytest.mark.parametrize("name", ["encode.onnx", "config.json", "tokenizer.json"])
+def test_corrupt_file_is_named(broken_dir: Path, name: str) -> None:
+    path = broken_dir / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])  # truncated mid-write
+    with pytest.raises(ModelDirError, match=name.replace(".", r"\.")):
+        Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False))
+
+
+def test_config_of_another_format_is_refused(broken_dir: Path) -> None:
+    cfg = json.loads((broken_dir / "config.json").read_text())
+    cfg["format"] = 99
+    (broken_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelDirError, match="format 99"):
+        Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False))
+
+
+def test_int8_variant_runs_the_int8_graphs(model_dir: Path, rt: Runtime) -> None:
+    q = Runtime(model_dir, RuntimeOptions(device="cpu", variant="int8", warmup=False))
+    assert Path(q.sessions["decoder"]._model_path).name == "decoder_int8.onnx"
+    ids = np.array([[5, 6, 7, 8]])
+    a = rt.encode(ids, np.ones_like(ids)).pooled_mean
+    b = q.encode(ids, np.ones_like(ids)).pooled_mean
+    assert np.allclose(a, b, atol=0.1) and not np.array_equal(a, b)
+
+
+def _rand_ids(rt: Runtime, *shape: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, rt.info.vocab_size, shape)
+
+
+def test_cached_steps_equal_one_full_pass(rt: Runtime) -> None:
+    ids = _rand_ids(rt, 1, 12)
+    empty = [(np.zeros((1, 2, 0, 16), np.float32),) * 2] * 2
+    full, _ = rt.decode(ids, np.ones_like(ids), empty)
+    cache = rt.new_cache(3)  # three slots, two of them left free
+    first = rt.decode_step(cache, np.pad(ids[:, :5], ((0, 2), (0, 0))), np.pad(np.ones((1, 5)), ((0, 2), (0, 0))))
+    assert cache.lengths.tolist() == [5, 0, 0]
+    steps = [first[0]]
+    for t in range(5, 12):
+        tok = np.zeros((3, 1), np.int64)
+        tok[0, 0] = ids[0, t]
+        steps.append(rt.decode_step(cache, tok, np.array([[1], [0], [0]]))[0])
+    np.testing.assert_allclose(np.concatenate(steps, 0), full[0], atol=1e-4)
+    assert cache.lengths.tolist() == [12, 0, 0]
+
+
+def test_slots_of_different_lengths_do_not_disturb_each_other(rt: Runtime) -> None:
+    a, b = _rand_ids(rt, 1, 9)[0], _rand_ids(rt, 1, 4)[0] + 1
+    empty = [(np.zeros((1, 2, 0, 16), np.float32),) * 2] * 2
+    alone_b, _ = rt.decode(b[None], np.ones((1, 4)), empty)
+    cache = rt.new_cache(2)
+    rt.decode_step(cache, a[None, :6].repeat(2, 0), np.array([[1] * 6, [0] * 6]))  # slot 0 first
+    ids = np.zeros((2, 4), np.int64)
+    ids[0, :3], ids[1] = a[6:], b
+    logits = rt.decode_step(cache, ids, np.array([[1, 1, 1, 0], [1, 1, 1, 1]]))  # slot 1 joins
+    np.testing.assert_allclose(logits[1], alone_b[0], atol=1e-4)
+    assert cache.lengths.tolist() == [9, 4]
+    cache.free(0)
+    assert cache.attention_mask(np.ones((2, 1)))[0, : cache.max_len].sum() == 0
+
+
+def test_a_full_context_is_refused_before_running(rt: Runtime) -> None:
+    cache = rt.new_cache(1)
+    cache.lengths[:] = rt.info.max_seq_len
+    with pytest.raises(ValueError, match="context full"):
+        rt.decode_step(cache, np.ones((1, 1), np.int64), np.ones((1, 1), np.int64))
