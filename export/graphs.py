@@ -3,6 +3,7 @@
 * encode:    input_ids, attention_mask -> last_hidden_state, pooled_mean, pooled_last
 * decoder:   input_ids, attention_mask, past_key_{i}, past_value_{i} -> logits, new_key_{i}, new_value_{i}
 * attention: input_ids, attention_mask -> attentions (B, layers, heads, T, T)
+* kv_write:  cache, new, start -> updated (the CUDA runtime's on-device cache append)
 
 Attention probabilities live only in the attention graph, so ONNX Runtime can drop them
 from the other two. The decoder takes the past keys and values of every layer as
@@ -141,4 +142,38 @@ def export_decoder(model: Transformer, path: str) -> None:
         input_names=[*INPUTS, *pasts],
         output_names=["logits", *news],
         dynamic_axes=dynamic,
+    )
+
+
+class KVWriteGraph(nn.Module):
+    """Writes each slot's new keys and values after its cached ones: the cache append, on the device.
+
+    cache (L, 2, S, nh, M, hs), new (L, 2, S, nh, T, hs), start (S,) -> updated cache. On CUDA the
+    runtime keeps the cache in device memory and runs this instead of a host-side write, so the
+    cache never crosses the bus. Positions past the end are clamped to the last one, which only
+    padding entries of a full slot can reach.
+    """
+
+    def forward(self, cache: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        pos = start.view(1, 1, -1, 1, 1, 1) + torch.arange(new.size(4)).view(1, 1, 1, 1, -1, 1)  # (1,1,S,1,T,1)
+        pos = pos.clamp(max=cache.size(4) - 1).expand_as(new)
+        return cache.scatter(4, pos, new)
+
+
+def export_kv_write(cfg: ModelConfig, path: str) -> None:
+    shape = (cfg.n_layer, 2, 2, cfg.n_head)
+    cache = torch.zeros(*shape, 8, cfg.head_dim)
+    new = torch.ones(*shape, 2, cfg.head_dim)
+    _onnx_export(
+        KVWriteGraph(),
+        (cache, new, torch.tensor([0, 3])),
+        path,
+        input_names=["cache", "new", "start"],
+        output_names=["updated"],
+        dynamic_axes={
+            "cache": {2: "slots", 4: "max_len"},
+            "new": {2: "slots", 4: "seq"},
+            "start": {0: "slots"},
+            "updated": {2: "slots", 4: "max_len"},
+        },
     )

@@ -21,7 +21,15 @@ import numpy as np
 import onnx
 import torch
 
-from export.graphs import OPSET, export_attention, export_decoder, export_encode, new_kv_names, past_names
+from export.graphs import (
+    OPSET,
+    export_attention,
+    export_decoder,
+    export_encode,
+    export_kv_write,
+    new_kv_names,
+    past_names,
+)
 from export.parity import TOLERANCE, check_parity, decoder_bits_per_byte, time_decoder
 from model.train import VALIDATION_FILE, load_checkpoint
 from model.transformer import Transformer
@@ -96,7 +104,12 @@ def export_model(
         from model.tokenizer import EOT
 
         hf_tok = HFTokenizer.from_file(str(work / "tokenizer.json"))
-        graphs = {"encode": "encode.onnx", "decoder": "decoder.onnx", "attention": "attention.onnx"}
+        graphs = {
+            "encode": "encode.onnx",
+            "decoder": "decoder.onnx",
+            "attention": "attention.onnx",
+            "kv_write": "kv_write.onnx",
+        }
         config: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "name": name,
@@ -122,6 +135,7 @@ def export_model(
             export_encode(model, str(work / graphs["encode"]))
             export_decoder(model, str(work / graphs["decoder"]))
             export_attention(model, str(work / graphs["attention"]))
+            export_kv_write(cfg.model, str(work / graphs["kv_write"]))
         for graph, file in graphs.items():
             _stamp_metadata(work / file, graph, config)
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -203,6 +203,46 @@ class KVCache:
         self.lengths[slot] = 0
 
 
+class DeviceKVCache(KVCache):
+    """The same cache in CUDA memory: two device buffers, read from one and appended into the other
+    by the ``kv_write`` graph, then swapped. Keys and values never leave the device."""
+
+    def __init__(self, info: ModelInfo, slots: int, device_id: int, max_len: int | None = None) -> None:
+        self.slots = slots
+        self.max_len = max_len or info.max_seq_len
+        self.device_id = device_id
+        self.shape = [info.n_layer, 2, slots, info.n_head, self.max_len, info.head_dim]
+        self.buffers = [self._zeros(self.shape), self._zeros(self.shape)]
+        self.lengths = np.zeros(slots, np.int64)
+
+    def _zeros(self, shape: list[int]) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cuda", self.device_id)
+
+    @property
+    def current(self) -> ort.OrtValue:
+        return self.buffers[0]
+
+    def swap(self) -> None:
+        self.buffers.reverse()
+
+    def layer_views(self, value: ort.OrtValue, shape: list[int]) -> list[tuple[str, int, list[int]]]:
+        """(key or value, device pointer, shape) of each layer's slice of a (L, 2, S, nh, X, hs) buffer."""
+        n_layer, _, slots, nh, x, hs = shape
+        step = slots * nh * x * hs * 4  # bytes of one (S, nh, X, hs) float32 block
+        base = value.data_ptr()
+        return [
+            (f"{kind}_{i}", base + (2 * i + j) * step, [slots, nh, x, hs])
+            for i in range(n_layer)
+            for j, kind in enumerate(("key", "value"))
+        ]
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        raise TypeError("a device cache is bound to the decoder, not fed from host memory")
+
+    def write(self, new_kv: list[np.ndarray], counts: np.ndarray) -> None:
+        raise TypeError("a device cache is appended to on the device, by Runtime.decode_step")
+
+
 class Runtime:
     """The exported graphs of one model directory, on one execution provider."""
 
@@ -227,6 +267,10 @@ class Runtime:
         self.sessions = {graph: self._session(graph, want_cuda) for graph in GRAPHS}
         placed = {g: s.get_providers()[0] for g, s in self.sessions.items()}
         self.provider = CUDA if all(p == CUDA for p in placed.values()) else CPU
+        if self.provider == CUDA:
+            self.sessions["kv_write"] = self._session("kv_write", want_cuda=True)
+        elif want_cuda:  # some graphs landed on CPU: keep all of them there, together with the cache
+            self.sessions = {graph: self._session(graph, want_cuda=False) for graph in GRAPHS}
         if want_cuda and self.provider != CUDA:
             if opts.require_cuda:
                 raise CudaUnavailableError(f"CUDA required, but the sessions were placed on {placed}")
@@ -238,7 +282,7 @@ class Runtime:
 
     def _graph_file(self, graph: str) -> Path:
         variant = self.options.variant
-        key = graph if variant == "fp32" else f"{graph}_{variant}"
+        key = graph if variant == "fp32" or graph == "kv_write" else f"{graph}_{variant}"
         name = self.info.graphs.get(key) or self.info.graphs.get(graph)
         if name is None:
             raise ModelDirError(f"{self.model_dir / 'config.json'}: no {graph!r} graph listed")
@@ -313,12 +357,44 @@ class Runtime:
         """Run T new tokens of every slot (right-padded, ``new_mask`` marks the real ones) against the cache,
         append their keys and values to it, and return the logits (S, T, V)."""
         counts = cache.check_room(new_mask)  # before running: positions past the context have no encoding
+        if isinstance(cache, DeviceKVCache):
+            logits = self._decode_step_on_device(cache, input_ids, new_mask)
+            cache.lengths += counts
+            return logits
         feeds = {"input_ids": _i64(input_ids), "attention_mask": cache.attention_mask(new_mask)} | cache.feeds()
         logits, *new_kv = self.sessions["decoder"].run(None, feeds)
         cache.write(new_kv, counts)
         return logits
 
+    def _decode_step_on_device(self, cache: DeviceKVCache, input_ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
+        """Decoder with the cache bound in place on the device; new keys/values land in a device buffer
+        that ``kv_write`` appends to the cache. Only ids and mask go up, and only logits come down."""
+        dev = self.options.device_id
+        io = self.sessions["decoder"].io_binding()
+        io.bind_cpu_input("input_ids", _i64(input_ids))
+        io.bind_cpu_input("attention_mask", cache.attention_mask(new_mask))
+        for name, ptr, shape in cache.layer_views(cache.current, cache.shape):
+            io.bind_input(f"past_{name}", "cuda", dev, np.float32, shape, ptr)
+        new_shape = [*cache.shape[:4], input_ids.shape[1], cache.shape[5]]
+        new = ort.OrtValue.ortvalue_from_shape_and_type(new_shape, np.float32, "cuda", dev)
+        for name, ptr, shape in cache.layer_views(new, new_shape):
+            io.bind_output(f"new_{name}", "cuda", dev, np.float32, shape, ptr)
+        io.bind_output("logits", "cpu")
+        self.sessions["decoder"].run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+
+        write = self.sessions["kv_write"].io_binding()
+        write.bind_ortvalue_input("cache", cache.current)
+        write.bind_ortvalue_input("new", new)
+        write.bind_cpu_input("start", cache.lengths.copy())
+        write.bind_ortvalue_output("updated", cache.buffers[1])
+        self.sessions["kv_write"].run_with_iobinding(write)
+        cache.swap()
+        return logits
+
     def new_cache(self, slots: int) -> KVCache:
+        if self.provider == CUDA:
+            return DeviceKVCache(self.info, slots, self.options.device_id)
         return KVCache(self.info, slots)
 
 

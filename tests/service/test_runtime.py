@@ -143,3 +143,41 @@ def test_a_full_context_is_refused_before_running(rt: Runtime) -> None:
     cache.lengths[:] = rt.info.max_seq_len
     with pytest.raises(ValueError, match="context full"):
         rt.decode_step(cache, np.ones((1, 1), np.int64), np.ones((1, 1), np.int64))
+
+
+def test_on_device_cache_append_graph_matches_the_host_write(model_dir: Path, rt: Runtime) -> None:
+    """The kv_write graph the CUDA path uses, run here on CPU against KVCache.write."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_dir / "kv_write.onnx"), providers=["CPUExecutionProvider"])
+    cache = rt.new_cache(3)
+    rng = np.random.default_rng(0)
+    cache.data[:] = rng.standard_normal(cache.data.shape)
+    cache.lengths[:] = [4, 0, 10]
+    new_kv = [rng.standard_normal((3, 2, 3, 16)).astype(np.float32) for _ in range(4)]
+    counts = np.array([3, 2, 0])
+    (updated,) = sess.run(
+        None, {"cache": cache.data.copy(), "new": np.stack(new_kv).reshape(2, 2, 3, 2, 3, 16), "start": cache.lengths}
+    )
+    cache.write(new_kv, counts)
+    # the graph also writes the padding entries past each slot's count: compare the real positions only
+    for s, n in enumerate(cache.lengths):
+        np.testing.assert_array_equal(updated[:, :, s, :, :n], cache.data[:, :, s, :, :n])
+
+
+@pytest.mark.gpu
+def test_device_cache_steps_equal_the_host_cache(model_dir: Path, rt: Runtime) -> None:
+    from service.runtime import DeviceKVCache
+
+    gpu = Runtime(model_dir, RuntimeOptions(device="cuda", require_cuda=True))
+    ids = _rand_ids(rt, 2, 10)
+    host, dev = rt.new_cache(2), gpu.new_cache(2)
+    assert isinstance(dev, DeviceKVCache) and dev.current.device_name().lower() == "cuda"
+    mask = np.array([[1] * 6 + [0] * 4, [1] * 10])
+    np.testing.assert_allclose(gpu.decode_step(dev, ids, mask), rt.decode_step(host, ids, mask), atol=1e-3)
+    for _ in range(5):
+        tok = ids[:, :1]
+        np.testing.assert_allclose(
+            gpu.decode_step(dev, tok, np.ones((2, 1))), rt.decode_step(host, tok, np.ones((2, 1))), atol=1e-3
+        )
+    assert dev.lengths.tolist() == host.lengths.tolist() == [11, 15]
