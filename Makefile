@@ -8,7 +8,7 @@ CHECKPOINT := $(MODEL)/checkpoint
 MODEL_DIR := $(MODEL)/onnx
 TRAIN_MINUTES ?= 5
 
-.PHONY: install run train export bench test lint clean
+.PHONY: install run train export bench protos test lint clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ run: $(MODEL_DIR)/config.json
 
 bench: $(MODEL_DIR)/config.json
 	$(BIN)/attnserve bench runtime --model-dir $(MODEL_DIR)
+
+# regenerate the committed protobuf code (tests/protos checks it is current)
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/attnserve/v1/attnserve.proto
 
 test: install
 	$(BIN)/python -m pytest

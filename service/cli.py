@@ -56,6 +56,28 @@ def _bench_runtime(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from service.config import ServerConfig
+    from service.runtime import CudaUnavailableError, ModelDirError
+    from service.server import serve
+
+    try:
+        config = ServerConfig.from_sources(args)
+        asyncio.run(serve(config))
+    except (ValueError, ModelDirError, CudaUnavailableError) as e:
+        sys.stderr.write(f"attnserve serve: {e}\n")
+        return 2
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from service.client import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnserve", description="Train, export and serve a compact transformer.")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -83,6 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp16", action="store_true", help="add fp16 graphs (CUDA); parity checked where a GPU is usable")
     e.add_argument("--name", default="default", help="model name recorded in the directory (default: default)")
     e.set_defaults(func=_export)
+
+    from service.config import ServerConfig
+
+    s = sub.add_parser("serve", help="serve a model directory over gRPC")
+    ServerConfig.add_arguments(s)
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("client", help="call a running server")
+    c.add_argument("--address", default="localhost:50051", help="server address (default localhost:50051)")
+    c.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up (default 30)")
+    csub = c.add_subparsers(dest="client_command", required=True)
+    ce = csub.add_parser("encode", help="embeddings of texts")
+    ce.add_argument("texts", nargs="+")
+    ce.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    ce.add_argument("--normalize", action="store_true", help="unit-length vectors")
+    ca = csub.add_parser("attention", help="attention map of a text")
+    ca.add_argument("text")
+    ca.add_argument("--layers", type=int, nargs="*", help="layers to fetch (default all)")
+    ca.add_argument("--heads", type=int, nargs="*", help="heads to fetch (default all)")
+    ca.add_argument("--png", type=Path, help="write a heatmap per layer and head into this folder")
+    csub.add_parser("info", help="model and server information")
+    c.set_defaults(func=_client)
 
     b = sub.add_parser("bench", help="benchmarks that print their figures")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -1,0 +1,207 @@
+"""Dynamic batching for the single-pass graphs (encode, attention).
+
+One ``Batcher`` per graph owns a bounded queue and the only task that forms batches, in the
+manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
+
+* ``submit()`` makes a future, enqueues, and awaits it; a full queue refuses at once.
+* The collector waits for a first request, then fills the batch up to ``max_batch_size``
+  requests and ``max_batch_tokens`` padded tokens, or until ``max_queue_delay`` has passed
+  since that first request. The oldest request always goes first; the rest are picked by
+  closeness of length to it, so a batch pads little.
+* Requests whose caller has gone (cancelled future) or whose deadline has passed are dropped
+  before the model sees them.
+* The batch runs in an executor so the event loop never blocks; its results are set only on
+  futures that are still waiting, and an exception reaches every future of its batch and no
+  other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, Overloaded
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 8192  # padded tokens: batch size x longest sequence
+    max_queue_delay_s: float = 0.002
+    max_queue_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue_size < 1:
+            raise ValueError(f"batch limits must be positive: {self}")
+        if self.max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
+
+
+@dataclass
+class Pending:
+    ids: np.ndarray  # (T,) int64 token ids
+    future: asyncio.Future[Any]
+    enqueued_at: float
+    deadline: float | None  # time.monotonic() value, or None for no deadline
+    started_at: float = 0.0
+
+
+@dataclass
+class Result(Generic[R]):
+    value: R
+    queue_seconds: float
+    compute_seconds: float
+
+
+RunBatch = Callable[[Sequence[np.ndarray]], Sequence[Any]]
+
+
+@dataclass
+class Batcher:
+    """Batches requests for one graph. ``run_batch`` takes token arrays and returns one result each."""
+
+    name: str
+    run_batch: RunBatch
+    limits: BatchLimits
+    executor: Executor
+    metrics: Metrics
+    max_len: int  # the longest sequence a batch may hold
+    _queue: list[Pending] = field(default_factory=list)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+    _closed: bool = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Refuse new requests, let the queued ones run, then end the collector."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, ids: np.ndarray, deadline: float | None = None) -> Result[Any]:
+        if self._closed:
+            from service.errors import ModelNotReady
+
+            raise ModelNotReady("server is shutting down")
+        if len(self._queue) >= self.limits.max_queue_size:
+            self.metrics.dropped.labels(self.name, "queue_full").inc()
+            raise Overloaded(f"{self.name} queue is full ({self.limits.max_queue_size} waiting); retry later")
+        assert 0 < len(ids) <= self.max_len, f"{len(ids)} tokens; the servicer must bound inputs to {self.max_len}"
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        item = Pending(ids, fut, time.monotonic(), deadline)
+        self._queue.append(item)
+        self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+        self._wake.set()
+        value, compute = await fut  # cancelled here when the caller goes away; the collector then skips it
+        return Result(value, item.started_at - item.enqueued_at, compute)
+
+    # --- the collector ---------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            first = self._queue[0]
+            # fill until full, or until the oldest request has waited max_queue_delay
+            while not self._closed and not self._full():
+                remaining = first.enqueued_at + self.limits.max_queue_delay_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+            if batch:
+                await self._run(batch)
+
+    def _full(self) -> bool:
+        return (
+            len(self._queue) >= self.limits.max_batch_size or self._padded(self._queue) >= self.limits.max_batch_tokens
+        )
+
+    def _padded(self, items: Sequence[Pending]) -> int:
+        return len(items) * max((len(p.ids) for p in items), default=0)
+
+    def _live(self, p: Pending, now: float) -> bool:
+        if p.future.done():  # the caller cancelled, or went away
+            self.metrics.dropped.labels(self.name, "cancelled").inc()
+            return False
+        if p.deadline is not None and now >= p.deadline:
+            p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+            self.metrics.dropped.labels(self.name, "deadline").inc()
+            return False
+        return True
+
+    def _take(self) -> list[Pending]:
+        """The oldest live request, then the live ones closest to it in length, within both budgets."""
+        now = time.monotonic()
+        live = [p for p in self._queue if self._live(p, now)]
+        if not live:
+            self._queue = []
+            return []
+        first, rest = live[0], live[1:]
+        rest_by_fit = sorted(rest, key=lambda p: (abs(len(p.ids) - len(first.ids)), p.enqueued_at))
+        batch = [first]
+        longest = len(first.ids)
+        for p in rest_by_fit:
+            if len(batch) >= self.limits.max_batch_size:
+                break
+            new_longest = max(longest, len(p.ids))
+            if new_longest * (len(batch) + 1) > self.limits.max_batch_tokens:
+                continue
+            batch.append(p)
+            longest = new_longest
+        chosen = {id(p) for p in batch}
+        self._queue = [p for p in live if id(p) not in chosen]
+        return batch
+
+    async def _run(self, batch: list[Pending]) -> None:
+        start = time.monotonic()
+        for p in batch:
+            p.started_at = start
+            self.metrics.queue_seconds.labels(self.name).observe(start - p.enqueued_at)
+        self.metrics.batch_size.labels(self.name).observe(len(batch))
+        self.metrics.batch_tokens.labels(self.name).observe(self._padded(batch))
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.run_batch, [p.ids for p in batch]
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: {len(results)} results for a batch of {len(batch)}")
+        except Exception as e:
+            log.exception("%s batch of %d failed", self.name, len(batch))
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+            return
+        compute = time.monotonic() - start
+        self.metrics.compute_seconds.labels(self.name).observe(compute)
+        self.metrics.tokens.labels(self.name).inc(sum(len(p.ids) for p in batch))
+        for p, r in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result((r, compute))

@@ -1,0 +1,93 @@
+"""``attnserve client encode|attention|info``: a command-line client of a running server.
+
+``attention --png DIR`` also draws one heatmap per layer and head (tokens on both axes),
+since people would rather look at these maps than read them; that needs matplotlib (the
+``train`` extra), which the server itself does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service.servicer import decode_probabilities
+
+
+def stub(address: str) -> pb_grpc.AttnServeStub:
+    return pb_grpc.AttnServeStub(grpc.insecure_channel(address))
+
+
+def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
+    """One PNG per (layer, head): query tokens down, key tokens across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = decode_probabilities(response).astype(np.float32)
+    labels = [t.replace("\n", "\\n") for t in response.tokens]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    size = max(4.0, 0.3 * len(labels) + 2)
+    for li, layer in enumerate(response.layers):
+        for hi, head in enumerate(response.heads):
+            fig, ax = plt.subplots(figsize=(size, size))
+            im = ax.imshow(probs[li, hi], cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
+            ax.set_yticks(range(len(labels)), labels, fontsize=8)
+            ax.set_xlabel("key")
+            ax.set_ylabel("query")
+            ax.set_title(f"layer {layer}, head {head}")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+            fig.tight_layout()
+            path = out_dir / f"layer{layer}_head{head}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def main(args: argparse.Namespace) -> int:
+    client = stub(args.address)
+    try:
+        if args.client_command == "encode":
+            pooling = pb.POOLING_LAST if args.pooling == "last" else pb.POOLING_MEAN
+            r = client.Encode(
+                pb.EncodeRequest(texts=args.texts, pooling=pooling, normalize=args.normalize), timeout=args.timeout
+            )
+            for text, e in zip(args.texts, r.embeddings, strict=True):
+                head = ", ".join(f"{v:.4f}" for v in e.values[:6])
+                sys.stdout.write(f"{text!r}: {e.token_count} tokens, [{head}, ...] ({r.dimensions} dims)\n")
+            t = r.timings
+            sys.stdout.write(f"queue {t.queue_seconds * 1e3:.2f} ms, compute {t.compute_seconds * 1e3:.2f} ms\n")
+        elif args.client_command == "attention":
+            req = pb.AttentionMapRequest(text=args.text, layers=args.layers or [], heads=args.heads or [])
+            r = client.AttentionMap(req, timeout=args.timeout)
+            probs = decode_probabilities(r)
+            sys.stdout.write(f"tokens: {list(r.tokens)}\nshape (layers, heads, query, key): {tuple(r.shape)}\n")
+            for li, layer in enumerate(r.layers):
+                mean = probs[li].mean(0)  # (T, T), averaged over heads
+                top = [int(np.argmax(row)) for row in mean]
+                pairs = ", ".join(f"{r.tokens[q]!r}->{r.tokens[k]!r}" for q, k in enumerate(top))
+                sys.stdout.write(f"layer {layer}, most attended key per query: {pairs}\n")
+            if args.png:
+                for p in heatmaps(r, args.png):
+                    sys.stdout.write(f"wrote {p}\n")
+        else:
+            r = client.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)
+            from google.protobuf.json_format import MessageToDict
+
+            info = MessageToDict(r)
+            info["configJson"] = json.loads(r.config_json)
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    except grpc.RpcError as e:
+        sys.stderr.write(f"{e.code().name}: {e.details()}\n")
+        return 1
+    return 0

@@ -1,0 +1,119 @@
+"""Server settings: every one from a flag, else an ``ATTNSERVE_<NAME>`` environment variable,
+else its default; validated once, when the config is built. Importing this module is cheap (the
+command line builds its parser from it)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.batcher import BatchLimits
+    from service.runtime import RuntimeOptions
+
+ENV_PREFIX = "ATTNSERVE_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_dir: Path = Path("models/default/onnx")
+    host: str = "[::]"
+    port: int = 50051  # 0 picks a free port (logged)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8000  # 0 picks a free port; -1 turns the endpoint off
+    device: str = "auto"  # auto | cpu | cuda
+    require_cuda: bool = False
+    device_id: int = 0
+    cuda_mem_limit_bytes: int = 0
+    intra_op_threads: int = 0
+    variant: str = "fp32"  # fp32 | int8 | fp16
+    max_batch_size: int = 32
+    max_batch_tokens: int = 8192
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 1024
+    max_texts_per_request: int = 64
+    max_message_bytes: int = 16 * 1024 * 1024
+    grace_seconds: float = 20.0  # in-flight requests get this long to finish on shutdown
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"ports must be in 0..65535, got {self.port} and {self.metrics_port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.grace_seconds < 0 or self.max_message_bytes < 1024 or self.max_texts_per_request < 1:
+            raise ValueError("grace_seconds >= 0, max_message_bytes >= 1024 and max_texts_per_request >= 1")
+        self.runtime_options()  # validates device and variant
+        self.batch_limits()
+
+    def runtime_options(self) -> RuntimeOptions:
+        from service.runtime import RuntimeOptions
+
+        return RuntimeOptions(
+            device=self.device,  # type: ignore[arg-type]
+            require_cuda=self.require_cuda,
+            device_id=self.device_id,
+            cuda_mem_limit_bytes=self.cuda_mem_limit_bytes,
+            intra_op_threads=self.intra_op_threads,
+            variant=self.variant,  # type: ignore[arg-type]
+        )
+
+    def batch_limits(self) -> BatchLimits:
+        from service.batcher import BatchLimits
+
+        return BatchLimits(
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_queue_delay_s=self.max_queue_delay_ms / 1000.0,
+            max_queue_size=self.max_queue_size,
+        )
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            env = ENV_PREFIX + f.name.upper()
+            if hints[f.name] is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(env {env})")
+            else:
+                parser.add_argument(flag, default=None, help=f"default {f.default} (env {env})")
+
+    @classmethod
+    def from_sources(
+        cls, args: argparse.Namespace | None = None, env: typing.Mapping[str, str] | None = None
+    ) -> ServerConfig:
+        """Flags first, then ATTNSERVE_* variables, then defaults."""
+        env = os.environ if env is None else env
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = getattr(args, f.name, None) if args is not None else None
+            if raw is None:
+                raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _convert(raw, hints[f.name], f.name)
+        return cls(**values)
+
+
+def _convert(raw: Any, typ: Any, name: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    if isinstance(typ, types.UnionType):  # X | None
+        typ = next(t for t in typ.__args__ if t is not type(None))
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return typ(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from e

@@ -1,0 +1,53 @@
+"""Domain errors, raised anywhere in the service and mapped to gRPC status codes in one place.
+
+As in KServe's server: the layers below the transport raise what went wrong in their own
+terms; ``status_for`` decides what the client is told. Anything else is INTERNAL with a
+generic message, its details logged.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(ServiceError):
+    """The request cannot be served as asked; the message names the field and why."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Overloaded(ServiceError):
+    """The queue is full: refused at once so the client can back off or go elsewhere."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ModelNotReady(ServiceError):
+    """The model is still loading or warming up, or the server is shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before the model ran the request."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unimplemented(ServiceError):
+    """The method exists in the API but this server does not serve it yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

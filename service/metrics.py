@@ -1,0 +1,82 @@
+"""Prometheus metrics of the service, on their own registry and HTTP port.
+
+Names follow Prometheus conventions (``attnserve_..._seconds``, ``_total``); labels take a
+small fixed set of values (RPC names, status codes, graph names), never a per-request one.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "attnserve_requests_total", "RPCs answered, by method and status code", ["rpc", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "attnserve_request_duration_seconds",
+            "Time from arrival to answer",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "attnserve_queue_duration_seconds",
+            "Time a request waited for its batch",
+            ["graph"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "attnserve_compute_duration_seconds",
+            "Time one batch took to run",
+            ["graph"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "attnserve_batch_size", "Requests per batch", ["graph"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "attnserve_batch_padded_tokens",
+            "Tokens per batch, padding included",
+            ["graph"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("attnserve_queue_depth", "Requests waiting for a batch", ["graph"], registry=r)
+        self.tokens = Counter("attnserve_tokens_total", "Real (unpadded) tokens processed", ["graph"], registry=r)
+        self.dropped = Counter(
+            "attnserve_dropped_requests_total",
+            "Requests dropped before the model ran, by reason",
+            ["graph", "reason"],
+            registry=r,
+        )
+        self.provider = Gauge(
+            "attnserve_execution_provider",
+            "1 for the ONNX Runtime provider running the model",
+            ["provider"],
+            registry=r,
+        )
+        self.model = Info("attnserve_model", "The model being served", registry=r)
+        self.build = Info("attnserve_build", "Versions of the serving stack", registry=r)
+        self.build.info({"python": platform.python_version(), "platform": sys.platform})
+        self.ready = Gauge("attnserve_ready", "1 once the model is loaded and warmed up", registry=r)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> object:
+        """Expose /metrics over HTTP; returns the server (``.shutdown()`` stops it)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server

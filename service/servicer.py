@@ -1,0 +1,260 @@
+"""Transport: protobuf to domain objects and back, validation, and status codes. Nothing else.
+
+Every RPC goes through ``_call``, which counts it, times it, and turns what the layers below
+raise into a gRPC status: domain errors by their code, anything else as INTERNAL with a
+generic message (the details go to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import onnxruntime
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service.engine import Engine
+from service.errors import InvalidInput, ModelNotReady, Unimplemented, status_for
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_texts_per_request: int = 64
+    max_text_bytes: int = 1 << 20  # refuse before tokenizing anything absurd
+
+
+class AttnServeServicer(pb_grpc.AttnServeServicer):
+    def __init__(self, metrics: Metrics, limits: RequestLimits) -> None:
+        self.metrics = metrics
+        self.limits = limits
+        self.engine: Engine | None = None  # set once the model is loaded and warmed up
+        self.accepting = True
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _engine(self) -> Engine:
+        if not self.accepting:
+            raise ModelNotReady("server is shutting down")
+        if self.engine is None:
+            raise ModelNotReady("model is loading")
+        return self.engine
+
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]) -> T:
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            return await handler()
+        except Exception as e:
+            code, message = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", rpc)
+            await context.abort(code, message)
+            raise  # abort raises; this line is for type checkers
+        finally:
+            self.metrics.requests.labels(rpc, code.name).inc()
+            self.metrics.request_seconds.labels(rpc).observe(time.monotonic() - start)
+
+    # --- shared validation ---------------------------------------------------------------------
+
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _fit(self, ids: list[int], truncation: int, field: str) -> tuple[list[int], bool]:
+        limit = self._engine().runtime.info.max_seq_len
+        if len(ids) <= limit:
+            return ids, False
+        if truncation == pb.TRUNCATION_END:
+            return ids[:limit], True
+        raise InvalidInput(
+            f"{field}: {len(ids)} tokens exceed the model's context of {limit}; "
+            "shorten it or set truncation to TRUNCATION_END"
+        )
+
+    def _check_text(self, text: str, field: str) -> None:
+        if not text:
+            raise InvalidInput(f"{field}: must not be empty")
+        if len(text.encode("utf-8")) > self.limits.max_text_bytes:
+            raise InvalidInput(f"{field}: longer than {self.limits.max_text_bytes} bytes")
+
+    @staticmethod
+    def _timings(queue: float, compute: float, start: float) -> pb.Timings:
+        return pb.Timings(queue_seconds=queue, compute_seconds=compute, total_seconds=time.monotonic() - start)
+
+    # --- RPCs --------------------------------------------------------------------------------
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        async def handle() -> pb.EncodeResponse:
+            start = time.monotonic()
+            engine = self._engine()
+            n = len(request.texts)
+            if n == 0:
+                raise InvalidInput("texts: at least one text is required")
+            if n > self.limits.max_texts_per_request:
+                raise InvalidInput(f"texts: {n} texts exceed the limit of {self.limits.max_texts_per_request}")
+            if request.pooling not in (pb.POOLING_UNSPECIFIED, pb.POOLING_MEAN, pb.POOLING_LAST):
+                raise InvalidInput(f"pooling: unknown value {request.pooling}")
+            if request.truncation not in pb.Truncation.values():
+                raise InvalidInput(f"truncation: unknown value {request.truncation}")
+            for i, text in enumerate(request.texts):
+                self._check_text(text, f"texts[{i}]")
+            fitted = [
+                self._fit(ids, request.truncation, f"texts[{i}]")
+                for i, ids in enumerate(engine.tokenize(request.texts))
+            ]
+            pooling = "last" if request.pooling == pb.POOLING_LAST else "mean"
+            out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, self._deadline(context))
+            return pb.EncodeResponse(
+                embeddings=[
+                    pb.Embedding(values=v.tolist(), token_count=n_tok, truncated=cut)
+                    for v, n_tok, (_, cut) in zip(out.vectors, out.token_counts, fitted, strict=True)
+                ],
+                dimensions=out.vectors.shape[1],
+                timings=self._timings(out.queue_seconds, out.compute_seconds, start),
+            )
+
+        return await self._call("Encode", context, handle)
+
+    async def AttentionMap(
+        self, request: pb.AttentionMapRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AttentionMapResponse:
+        async def handle() -> pb.AttentionMapResponse:
+            start = time.monotonic()
+            engine = self._engine()
+            info = engine.runtime.info
+            which = request.WhichOneof("input")
+            if which is None:
+                raise InvalidInput("input: give text or token_ids")
+            if which == "text":
+                self._check_text(request.text, "text")
+                ids = engine.tokenize([request.text])[0]
+            else:
+                ids = list(request.token_ids.ids)
+                if not ids:
+                    raise InvalidInput("token_ids.ids: must not be empty")
+                bad = [i for i in ids if i >= info.vocab_size]
+                if bad:
+                    raise InvalidInput(f"token_ids.ids: {bad[:5]} not below vocab_size {info.vocab_size}")
+            ids, cut = self._fit(ids, request.truncation, which)
+            layers = self._select(request.layers, info.n_layer, "layers")
+            heads = self._select(request.heads, info.n_head, "heads")
+            if request.precision not in pb.Precision.values():
+                raise InvalidInput(f"precision: unknown value {request.precision}")
+            fp16 = request.precision == pb.PRECISION_FP16
+            out = await engine.attention(ids, layers, heads, self._deadline(context))
+            packed = out.probs.astype("<f2" if fp16 else "<f4").tobytes()
+            return pb.AttentionMapResponse(
+                tokens=engine.token_strings(ids),
+                token_ids=ids,
+                shape=list(out.probs.shape),
+                precision=pb.PRECISION_FP16 if fp16 else pb.PRECISION_FP32,
+                probabilities=packed,
+                layers=layers,
+                heads=heads,
+                truncated=cut,
+                timings=self._timings(out.queue_seconds, out.compute_seconds, start),
+            )
+
+        return await self._call("AttentionMap", context, handle)
+
+    @staticmethod
+    def _select(chosen: Any, count: int, field: str) -> list[int]:
+        values = list(chosen)
+        if not values:
+            return list(range(count))
+        bad = [v for v in values if v >= count]
+        if bad:
+            raise InvalidInput(f"{field}: {bad} out of range; the model has {count} (0 to {count - 1})")
+        if len(set(values)) != len(values):
+            raise InvalidInput(f"{field}: repeated values in {values}")
+        return values
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        async def handle() -> pb.TokenizeResponse:
+            engine = self._engine()
+            if len(request.texts) > self.limits.max_texts_per_request:
+                raise InvalidInput(f"texts: more than {self.limits.max_texts_per_request}")
+            for i, text in enumerate(request.texts):
+                if len(text.encode("utf-8")) > self.limits.max_text_bytes:
+                    raise InvalidInput(f"texts[{i}]: longer than {self.limits.max_text_bytes} bytes")
+            return pb.TokenizeResponse(
+                tokenizations=[
+                    pb.Tokenization(ids=ids, tokens=engine.token_strings(ids)) for ids in engine.tokenize(request.texts)
+                ]
+            )
+
+        return await self._call("Tokenize", context, handle)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        async def handle() -> pb.GetModelInfoResponse:
+            engine = self._engine()
+            info, limits = engine.runtime.info, engine.limits
+            return pb.GetModelInfoResponse(
+                name=info.name,
+                version=info.version,
+                config_json=json.dumps(info.raw, sort_keys=True),
+                execution_provider=engine.runtime.provider,
+                vocab_size=info.vocab_size,
+                num_layers=info.n_layer,
+                num_heads=info.n_head,
+                hidden_size=info.d_model,
+                limits=pb.Limits(
+                    max_seq_len=info.max_seq_len,
+                    max_texts_per_request=self.limits.max_texts_per_request,
+                    max_batch_size=limits.max_batch_size,
+                    max_batch_tokens=limits.max_batch_tokens,
+                    max_queue_size=limits.max_queue_size,
+                ),
+                build=pb.BuildInfo(
+                    attnserve_version=_version(),
+                    onnxruntime_version=onnxruntime.__version__,
+                    grpc_version=grpc.__version__,
+                    python_version=platform.python_version(),
+                ),
+            )
+
+        return await self._call("GetModelInfo", context, handle)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async def handle() -> pb.GenerateResponse:
+            raise Unimplemented("Generate is not implemented yet")
+
+        return await self._call("Generate", context, handle)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def handle() -> None:
+            raise Unimplemented("GenerateStream is not implemented yet")
+
+        await self._call("GenerateStream", context, handle)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("attnserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def decode_probabilities(response: pb.AttentionMapResponse) -> np.ndarray:
+    """The packed map of a response as an array of its shape (a helper for clients and tests)."""
+    dtype = "<f2" if response.precision == pb.PRECISION_FP16 else "<f4"
+    return np.frombuffer(response.probabilities, dtype=dtype).reshape(tuple(response.shape))
