@@ -7,13 +7,14 @@ generic message (the details go to the log, never to the client).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import platform
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -55,18 +56,24 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
     async def _call(self, rpc: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]) -> T:
         start = time.monotonic()
-        code = grpc.StatusCode.OK
         try:
-            return await handler()
+            result = await handler()
         except Exception as e:
             code, message = status_for(e)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", rpc)
+            self._observe(rpc, code, start)  # before answering, so a client that reads metrics next sees it
             await context.abort(code, message)
             raise  # abort raises; this line is for type checkers
-        finally:
-            self.metrics.requests.labels(rpc, code.name).inc()
-            self.metrics.request_seconds.labels(rpc).observe(time.monotonic() - start)
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            self._observe(rpc, grpc.StatusCode.CANCELLED, start)
+            raise
+        self._observe(rpc, grpc.StatusCode.OK, start)
+        return result
+
+    def _observe(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
+        self.metrics.requests.labels(rpc, code.name).inc()
+        self.metrics.request_seconds.labels(rpc).observe(time.monotonic() - start)
 
     # --- shared validation ---------------------------------------------------------------------
 
@@ -117,7 +124,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 self._fit(ids, request.truncation, f"texts[{i}]")
                 for i, ids in enumerate(engine.tokenize(request.texts))
             ]
-            pooling = "last" if request.pooling == pb.POOLING_LAST else "mean"
+            pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
             out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, self._deadline(context))
             return pb.EncodeResponse(
                 embeddings=[

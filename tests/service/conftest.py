@@ -1,0 +1,72 @@
+"""A real server on a loopback port, running its own event loop in a thread, for sync gRPC clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service.config import ServerConfig
+from service.server import Server
+
+
+class ServerThread:
+    def __init__(self, config: ServerConfig) -> None:
+        self.server = Server(config)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._ready.set()
+        self.loop.run_forever()
+
+    def start(self, wait: bool = True) -> ServerThread:
+        self.thread.start()
+        if wait:
+            self._ready.wait(60)
+            if self._error:
+                raise self._error
+        return self
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.loop.is_running():
+            self.call(self.server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stub(self) -> pb_grpc.AttnServeStub:
+        return pb_grpc.AttnServeStub(grpc.insecure_channel(self.address))
+
+
+def config(model_dir: Path, **kw: Any) -> ServerConfig:
+    return ServerConfig(
+        model_dir=model_dir, host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0, device="cpu", **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def served(model_dir: Path) -> Iterator[ServerThread]:
+    st = ServerThread(config(model_dir)).start()
+    yield st
+    st.stop()

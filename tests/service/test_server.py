@@ -1,0 +1,279 @@
+"""The server over real gRPC on loopback: results, batching, limits, errors, health, metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from service.runtime import Runtime, RuntimeOptions
+from service.servicer import decode_probabilities
+from tests.service.conftest import ServerThread, config
+
+TEXTS = ["Good sir", "The king speaks of the crown, and the queen weeps for her grave.", "a", "My lord laughs at"]
+
+
+@pytest.fixture(scope="module")
+def rt(model_dir: Path) -> Runtime:
+    return Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+
+
+def alone(rt: Runtime, text: str) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array([rt.tokenizer.encode(text, add_special_tokens=False).ids])
+    out = rt.encode(ids, np.ones_like(ids))
+    return out.pooled_mean[0], out.pooled_last[0]
+
+
+def metrics(st: ServerThread) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{st.server.metrics_port}/metrics").read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+    }
+
+
+def test_encode_equals_the_runtime_alone(served: ServerThread, rt: Runtime) -> None:
+    r = served.stub().Encode(pb.EncodeRequest(texts=TEXTS))
+    assert r.dimensions == 32 and len(r.embeddings) == len(TEXTS)
+    for text, e in zip(TEXTS, r.embeddings, strict=True):
+        np.testing.assert_allclose(e.values, alone(rt, text)[0], atol=1e-5)
+        assert e.token_count == len(rt.tokenizer.encode(text).ids) and not e.truncated
+    last = served.stub().Encode(pb.EncodeRequest(texts=TEXTS[:2], pooling=pb.POOLING_LAST, normalize=True))
+    for text, e in zip(TEXTS, last.embeddings, strict=False):
+        want = alone(rt, text)[1]
+        np.testing.assert_allclose(e.values, want / np.linalg.norm(want), atol=1e-5)
+    assert r.timings.compute_seconds > 0 and r.timings.total_seconds >= r.timings.queue_seconds
+
+
+def test_attention_map_equals_the_runtime_alone(served: ServerThread, rt: Runtime) -> None:
+    text = TEXTS[1]
+    r = served.stub().AttentionMap(pb.AttentionMapRequest(text=text))
+    ids = np.array([list(r.token_ids)])
+    want = rt.attention(ids, np.ones_like(ids))[0]
+    got = decode_probabilities(r)
+    assert tuple(r.shape) == want.shape == (2, 2, len(r.tokens), len(r.tokens))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert "".join(r.tokens) == text
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+    assert len(r.probabilities) == got.size * 4  # packed fp32: one field, not repeated floats
+
+    half = served.stub().AttentionMap(
+        pb.AttentionMapRequest(
+            token_ids=pb.TokenIds(ids=r.token_ids), layers=[1], heads=[1, 0], precision=pb.PRECISION_FP16
+        )
+    )
+    assert tuple(half.shape) == (1, 2, len(r.tokens), len(r.tokens)) and len(half.probabilities) == got[:1].size * 2
+    np.testing.assert_allclose(decode_probabilities(half)[0], want[1, [1, 0]], atol=1e-3)
+
+
+def test_concurrent_requests_of_mixed_lengths_each_get_their_own_answer(served: ServerThread, rt: Runtime) -> None:
+    stub = served.stub()
+    rng = np.random.default_rng(0)
+    words = "the king queen fool ghost love sir night crown sword moon rose grave sea heart fate".split()  # noqa: SIM905
+    texts = [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(48)]
+    before = metrics(served)
+    futures = [stub.Encode.future(pb.EncodeRequest(texts=[t])) for t in texts]
+    for t, f in zip(texts, futures, strict=True):
+        np.testing.assert_allclose(f.result().embeddings[0].values, alone(rt, t)[0], atol=1e-5)
+    after = metrics(served)
+    key = ("attnserve_batch_size_count", (("graph", "encode"),))
+    batches = after[key] - before.get(key, 0)
+    assert batches < len(texts)  # they were batched
+
+
+def test_bad_inputs_get_invalid_argument_naming_the_field(served: ServerThread) -> None:
+    stub = served.stub()
+    long_text = "the king speaks of the crown " * 40
+    cases = [
+        (stub.Encode, pb.EncodeRequest(), "texts"),
+        (stub.Encode, pb.EncodeRequest(texts=["ok", ""]), "texts[1]"),
+        (stub.Encode, pb.EncodeRequest(texts=["x"] * 65), "65 texts"),
+        (stub.Encode, pb.EncodeRequest(texts=[long_text]), "context"),
+        (stub.AttentionMap, pb.AttentionMapRequest(), "input"),
+        (stub.AttentionMap, pb.AttentionMapRequest(text="hi", layers=[2]), "layers"),
+        (stub.AttentionMap, pb.AttentionMapRequest(text="hi", heads=[0, 5]), "heads"),
+        (stub.AttentionMap, pb.AttentionMapRequest(text="hi", layers=[0, 0]), "repeated"),
+        (stub.AttentionMap, pb.AttentionMapRequest(token_ids=pb.TokenIds(ids=[1, 99999])), "vocab_size"),
+        (stub.AttentionMap, pb.AttentionMapRequest(text=""), "text"),
+        (stub.AttentionMap, pb.AttentionMapRequest(text="hi", precision=7), "precision"),
+    ]
+    for method, request, needle in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            method(request)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, e.value.details())
+        assert needle in e.value.details(), (needle, e.value.details())
+    # and the server still serves
+    assert stub.Encode(pb.EncodeRequest(texts=["still here"])).embeddings
+
+
+def test_truncation_when_asked(served: ServerThread) -> None:
+    long_text = "the king speaks of the crown " * 40
+    r = served.stub().Encode(pb.EncodeRequest(texts=[long_text], truncation=pb.TRUNCATION_END))
+    assert r.embeddings[0].truncated and r.embeddings[0].token_count == 64
+
+
+def test_generate_is_not_implemented_yet(served: ServerThread) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        served.stub().Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=1))
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_tokenize_and_model_info(served: ServerThread) -> None:
+    stub = served.stub()
+    t = stub.Tokenize(pb.TokenizeRequest(texts=["Good sir", "a"]))
+    assert "".join(t.tokenizations[0].tokens) == "Good sir"
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.name == "tiny" and info.execution_provider == "CPUExecutionProvider"
+    assert info.num_layers == 2 and info.limits.max_seq_len == 64 and info.build.onnxruntime_version
+
+
+def test_metrics_parse_and_move(served: ServerThread) -> None:
+    before = metrics(served)
+    served.stub().Encode(pb.EncodeRequest(texts=["count me", "and me"]))
+    with pytest.raises(grpc.RpcError):
+        served.stub().Encode(pb.EncodeRequest())
+    after = metrics(served)
+    ok = ("attnserve_requests_total", (("code", "OK"), ("rpc", "Encode")))
+    bad = ("attnserve_requests_total", (("code", "INVALID_ARGUMENT"), ("rpc", "Encode")))
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after[bad] == before.get(bad, 0) + 1
+    tokens = ("attnserve_tokens_total", (("graph", "encode"),))
+    assert after[tokens] > before.get(tokens, 0)
+    assert after[("attnserve_ready", ())] == 1
+    assert after[("attnserve_execution_provider", (("provider", "CPUExecutionProvider"),))] == 1
+    names = {n for n, _ in after}
+    for name in (
+        "attnserve_request_duration_seconds_bucket",
+        "attnserve_queue_duration_seconds_bucket",
+        "attnserve_compute_duration_seconds_bucket",
+        "attnserve_batch_padded_tokens_bucket",
+        "attnserve_queue_depth",
+        "attnserve_model_info",
+    ):
+        assert name in names, name
+
+
+def test_health_is_serving_and_reflection_lists_the_service(served: ServerThread) -> None:
+    channel = grpc.insecure_channel(served.address)
+    check = health_pb2_grpc.HealthStub(channel).Check
+    assert check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    assert check(health_pb2.HealthCheckRequest(service="attnserve.v1.AttnServe")).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "attnserve.v1.AttnServe" in {s.name for s in reply.list_services_response.service}
+
+
+# --- servers of their own: limits, failures and lifecycle ------------------------------------
+
+
+def test_queue_full_is_refused_at_once(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir, max_queue_size=2, max_queue_delay_ms=1500, max_batch_size=64)).start()
+    try:
+        stub = st.stub()
+        held = [stub.Encode.future(pb.EncodeRequest(texts=[f"waiting {i}"])) for i in range(2)]
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Encode(pb.EncodeRequest(texts=["one too many"]))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 0.5
+        assert all(f.result().embeddings for f in held)  # the queued ones are still served
+    finally:
+        st.stop()
+
+
+def test_expired_deadline_never_reaches_the_model(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir, max_queue_delay_ms=600, max_batch_size=64)).start()
+    try:
+        stub = st.stub()
+        before = metrics(st)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Encode(pb.EncodeRequest(texts=["too late"]), timeout=0.1)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.8)  # past the batch window: the collector has looked at it
+        after = metrics(st)
+        key = ("attnserve_batch_size_count", (("graph", "encode"),))
+        assert after.get(key, 0) == before.get(key, 0)  # no batch ran
+        dropped = sum(v for (n, _), v in after.items() if n == "attnserve_dropped_requests_total")
+        assert dropped >= 1
+    finally:
+        st.stop()
+
+
+def test_a_failing_batch_fails_only_its_requests(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir)).start()
+    try:
+        engine = st.server.engine
+        assert engine is not None
+        real = engine.runtime.encode
+        calls = {"n": 0}
+
+        def flaky(ids: np.ndarray, mask: np.ndarray):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("device lost its mind")
+            return real(ids, mask)
+
+        engine.runtime.encode = flaky  # type: ignore[method-assign]
+        with pytest.raises(grpc.RpcError) as e:
+            st.stub().Encode(pb.EncodeRequest(texts=["unlucky"]))
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert "device" not in e.value.details()  # the detail stays in the log
+        assert st.stub().Encode(pb.EncodeRequest(texts=["lucky"])).embeddings
+    finally:
+        st.stop()
+
+
+def test_health_waits_for_the_model_and_turns_on_shutdown(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.server
+
+    loaded = concurrent.futures.Future[None]()
+
+    class SlowRuntime(Runtime):
+        def __init__(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
+            loaded.result(30)  # held until the test has looked
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(service.server, "Runtime", SlowRuntime)
+    st = ServerThread(config(model_dir, max_queue_delay_ms=800, max_batch_size=64)).start(wait=False)
+    try:
+        time.sleep(0.5)
+        channel = grpc.insecure_channel(st.address if st.server.port else "127.0.0.1:1")
+        check = health_pb2_grpc.HealthStub(channel).Check
+        assert check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            st.stub().Encode(pb.EncodeRequest(texts=["early"]))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        loaded.set_result(None)
+        deadline = time.monotonic() + 30
+        while check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        in_flight = st.stub().Encode.future(pb.EncodeRequest(texts=["in flight"]))
+        time.sleep(0.2)
+        stopping = concurrent.futures.ThreadPoolExecutor(1).submit(st.stop, 5.0)
+        time.sleep(0.2)
+        # the health service itself says NOT_SERVING; the port refuses new calls, a health check included
+        status = st.call(st.server.health.Check(health_pb2.HealthCheckRequest(), None))
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            st.stub().Encode(pb.EncodeRequest(texts=["too late"]), timeout=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert in_flight.result(10).embeddings  # drained, not dropped
+        stopping.result(20)
+    finally:
+        if not loaded.done():
+            loaded.set_result(None)
+        st.stop()
