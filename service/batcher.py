@@ -6,8 +6,10 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
 * ``submit()`` makes a future, enqueues, and awaits it; a full queue refuses at once.
 * The collector waits for a first request, then fills the batch up to ``max_batch_size``
   requests and ``max_batch_tokens`` padded tokens, or until ``max_queue_delay`` has passed
-  since that first request. The oldest request always goes first; the rest are picked by
-  closeness of length to it, so a batch pads little.
+  since that first request. With the default delay of 0 it takes what is queued the moment
+  the model is free, as text-embeddings-inference does: an idle server adds no wait, and
+  under load the next batch gathers while the current one runs. The oldest request always
+  goes first; the rest are picked by closeness of length to it, so a batch pads little.
 * Requests whose caller has gone (cancelled future) or whose deadline has passed are dropped
   before the model sees them.
 * The batch runs in an executor so the event loop never blocks; its results are set only on
@@ -39,7 +41,7 @@ R = TypeVar("R")
 class BatchLimits:
     max_batch_size: int = 32
     max_batch_tokens: int = 8192  # padded tokens: batch size x longest sequence
-    max_queue_delay_s: float = 0.002
+    max_queue_delay_s: float = 0.0  # extra wait for a fuller batch; 0: batches gather while the model runs
     max_queue_size: int = 1024
 
     def __post_init__(self) -> None:

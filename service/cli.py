@@ -78,6 +78,18 @@ def _client(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _bench_encode(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.encode import run, table
+
+    result = run(args.model_dir, args.tokens, args.concurrency, args.seconds)
+    sys.stdout.write(table(result) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnserve", description="Train, export and serve a compact transformer.")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -136,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--seconds", type=float, default=1.0, help="time spent per case (default 1)")
     br.add_argument("--json", type=Path, help="also write the figures here")
     br.set_defaults(func=_bench_runtime)
+    be = bsub.add_parser("encode", help="gRPC load (closed and open loop) against the in-process limit")
+    be.add_argument("--model-dir", type=Path, required=True)
+    be.add_argument("--tokens", type=int, default=64, help="tokens per text (default 64)")
+    be.add_argument("--concurrency", type=int, default=32, help="closed-loop concurrency (default 32)")
+    be.add_argument("--seconds", type=float, default=10.0, help="duration of each load (default 10)")
+    be.add_argument("--json", type=Path, help="also write the figures here")
+    be.set_defaults(func=_bench_encode)
     return p
 
 

@@ -34,7 +34,7 @@ class ServerConfig:
     variant: str = "fp32"  # fp32 | int8 | fp16
     max_batch_size: int = 32
     max_batch_tokens: int = 8192
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0  # 0: take what is queued when the model is free (see service.batcher)
     max_queue_size: int = 1024
     max_texts_per_request: int = 64
     max_message_bytes: int = 16 * 1024 * 1024

@@ -78,7 +78,7 @@ def test_attention_map_equals_the_runtime_alone(served: ServerThread, rt: Runtim
 def test_concurrent_requests_of_mixed_lengths_each_get_their_own_answer(served: ServerThread, rt: Runtime) -> None:
     stub = served.stub()
     rng = np.random.default_rng(0)
-    words = "the king queen fool ghost love sir night crown sword moon rose grave sea heart fate".split()  # noqa: SIM905
+    words = "the king queen fool ghost love sir night crown sword moon rose grave sea heart fate".split()
     texts = [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(48)]
     before = metrics(served)
     futures = [stub.Encode.future(pb.EncodeRequest(texts=[t])) for t in texts]

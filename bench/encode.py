@@ -1,0 +1,254 @@
+"""``attnserve bench encode``: load over real gRPC against the limit the runtime sets in-process.
+
+1. The limit: the runtime's own encode throughput at the best batch size, in this process.
+2. A server process with batching on: a closed loop at fixed concurrency, an open loop of
+   Poisson arrivals at a fixed rate, and single requests on the idle server.
+3. The same server with batching off (max batch size 1), closed loop at the same concurrency.
+
+Reports throughput and latency p50/p90/p99 as a table and JSON. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service.runtime import Runtime, RuntimeOptions
+
+WORDS = (
+    "the king and queen speak of love and death while the fool laughs at the crown "
+    "my lord what news from the field the night is dark and full of ghosts"
+).split()
+
+
+def texts_of(rt: Runtime, tokens: int, count: int, seed: int = 0) -> list[str]:
+    """Texts of exactly ``tokens`` tokens each (as the model's tokenizer counts them)."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < count:
+        words: list[str] = []
+        while len(rt.tokenizer.encode(" ".join(words)).ids) < tokens:
+            words.append(rng.choice(WORDS))
+        text = " ".join(words)
+        if len(rt.tokenizer.encode(text).ids) == tokens:
+            out.append(text)
+    return out
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples) * 1e3
+    return {f"p{q}_ms": float(np.percentile(a, q)) for q in (50, 90, 99)}
+
+
+def in_process_limit(rt: Runtime, tokens: int, seconds: float) -> dict[str, Any]:
+    by_batch = {}
+    for b in (1, 8, 16, 32, 64):
+        ids = np.ones((b, tokens), np.int64)
+        mask = np.ones_like(ids)
+        rt.encode(ids, mask)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            rt.encode(ids, mask)
+            n += 1
+        by_batch[b] = n * b / (time.perf_counter() - start)
+    best = max(by_batch, key=lambda k: by_batch[k])
+    one = []
+    ids1 = np.ones((1, tokens), np.int64)
+    for _ in range(200):
+        t = time.perf_counter()
+        rt.encode(ids1, np.ones_like(ids1))
+        one.append(time.perf_counter() - t)
+    return {
+        "texts_per_second_by_batch": by_batch,
+        "best_batch": best,
+        "limit_texts_per_second": by_batch[best],
+        "batch1_p50_ms": statistics.median(one) * 1e3,
+    }
+
+
+@contextmanager
+def server_process(model_dir: Path, *flags: str) -> Iterator[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "--log-level",
+        "INFO",
+        "serve",
+        "--model-dir",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--device",
+        "cpu",
+        *flags,
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    port = 0
+    for line in proc.stderr:
+        if m := re.search(r"gRPC on \S+:(\d+)", line):
+            port = int(m.group(1))
+        if "serving " in line:
+            break
+    try:
+        if not port:
+            raise RuntimeError("the server did not start")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+async def closed_loop(address: str, texts: list[str], concurrency: int, seconds: float) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.AttnServeStub(channel)
+        await stub.Encode(pb.EncodeRequest(texts=[texts[0]]))
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def worker(i: int) -> None:
+            k = i
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                await stub.Encode(pb.EncodeRequest(texts=[texts[k % len(texts)]]))
+                latencies.append(time.perf_counter() - t)
+                k += concurrency
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "texts_per_second": len(latencies) / elapsed,
+        **percentiles(latencies),
+    }
+
+
+async def open_loop(address: str, texts: list[str], rate: float, seconds: float, seed: int = 0) -> dict[str, Any]:
+    """Poisson arrivals at ``rate`` per second, whatever the server's pace."""
+    rng = random.Random(seed)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.AttnServeStub(channel)
+        await stub.Encode(pb.EncodeRequest(texts=[texts[0]]))
+        latencies: list[float] = []
+        errors = 0
+
+        async def one(text: str) -> None:
+            nonlocal errors
+            t = time.perf_counter()
+            try:
+                await stub.Encode(pb.EncodeRequest(texts=[text]), timeout=30)
+                latencies.append(time.perf_counter() - t)
+            except grpc.aio.AioRpcError:
+                errors += 1
+
+        tasks = []
+        start = time.perf_counter()
+        next_at = start
+        k = 0
+        while next_at - start < seconds:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(texts[k % len(texts)])))
+            k += 1
+            next_at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return {
+        "rate": rate,
+        "requests": len(tasks),
+        "errors": errors,
+        "texts_per_second": len(latencies) / elapsed,
+        **percentiles(latencies),
+    }
+
+
+async def idle_latency(address: str, text: str, n: int = 200) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.AttnServeStub(channel)
+        for _ in range(10):
+            await stub.Encode(pb.EncodeRequest(texts=[text]))
+        lat = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await stub.Encode(pb.EncodeRequest(texts=[text]))
+            lat.append(time.perf_counter() - t)
+    return percentiles(lat)
+
+
+def run(model_dir: Path, tokens: int = 64, concurrency: int = 32, seconds: float = 10.0) -> dict[str, Any]:
+    rt = Runtime(model_dir, RuntimeOptions(device="cpu"))
+    texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
+    limit = in_process_limit(rt, tokens, seconds=min(3.0, seconds / 3))
+    del rt
+    result: dict[str, Any] = {
+        "model": str(model_dir),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "tokens_per_text": tokens,
+        "in_process": limit,
+    }
+    with server_process(model_dir) as address:
+        result["batching_on"] = {
+            "closed": asyncio.run(closed_loop(address, texts, concurrency, seconds)),
+            "idle": asyncio.run(idle_latency(address, texts[0])),
+        }
+        rate = 0.7 * result["batching_on"]["closed"]["texts_per_second"]
+        result["batching_on"]["open"] = asyncio.run(open_loop(address, texts, rate, seconds))
+    with server_process(model_dir, "--max-batch-size", "1") as address:
+        result["batching_off"] = {"closed": asyncio.run(closed_loop(address, texts, concurrency, seconds))}
+    on = result["batching_on"]["closed"]["texts_per_second"]
+    result["summary"] = {
+        "server_share_of_limit": on / limit["limit_texts_per_second"],
+        "batching_gain": on / result["batching_off"]["closed"]["texts_per_second"],
+        "idle_p50_minus_runtime_batch1_ms": result["batching_on"]["idle"]["p50_ms"] - limit["batch1_p50_ms"],
+    }
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    lim = r["in_process"]
+    lines = [
+        f"encode, {r['tokens_per_text']} tokens a text, {r['machine']}",
+        f"in-process limit: {lim['limit_texts_per_second']:.0f} texts/s at batch {lim['best_batch']} "
+        f"(batch 1: {lim['batch1_p50_ms']:.2f} ms)",
+        f"{'load':<34}{'texts/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}",
+    ]
+    rows = [
+        (f"closed, {r['batching_on']['closed']['concurrency']} concurrent, batching on", r["batching_on"]["closed"]),
+        (f"open, Poisson {r['batching_on']['open']['rate']:.0f}/s, batching on", r["batching_on"]["open"]),
+        ("idle server, one at a time", {"texts_per_second": float("nan"), **r["batching_on"]["idle"]}),
+        (f"closed, {r['batching_off']['closed']['concurrency']} concurrent, batching off", r["batching_off"]["closed"]),
+    ]
+    for name, row in rows:
+        lines.append(
+            f"{name:<34}{row['texts_per_second']:>10.0f}{row['p50_ms']:>10.2f}{row['p90_ms']:>10.2f}"
+            f"{row['p99_ms']:>10.2f}"
+        )
+    s = r["summary"]
+    lines.append(
+        f"server / limit: {s['server_share_of_limit'] * 100:.0f}%; batching gain: "
+        f"{s['batching_gain']:.2f}x; idle p50 - runtime batch-1: {s['idle_p50_minus_runtime_batch1_ms']:+.2f} ms"
+    )
+    return "\n".join(lines)
