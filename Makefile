@@ -1,4 +1,4 @@
-# attnserve: `make run` trains (if needed), exports and reports the default model; `make test` runs the suite.
+# attnserve: `make run` trains (if needed), exports and serves the default model; `make test` runs the suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -27,14 +27,21 @@ train: $(CHECKPOINT)/checkpoint.pt
 
 export: $(MODEL_DIR)/config.json
 
+PORT ?= 50051
+METRICS_PORT ?= 8000
+
 run: $(MODEL_DIR)/config.json
 	@$(BIN)/python -c "import json; m = json.load(open('$(CHECKPOINT)/metrics.json')); \
 	print(f\"model: $(MODEL) ({m['parameters']:,} parameters, {m['steps']} steps, {m['train_seconds']:.0f}s)\"); \
-	print(f\"validation: {m['val_bits_per_byte']:.4f} bits per byte\"); print('sample:', m['sample'])"
-	@echo "model directory: $(MODEL_DIR) (see $(MODEL_DIR)/export_report.json)"
+	print(f\"validation: {m['val_bits_per_byte']:.4f} bits per byte; model directory $(MODEL_DIR)\")"
+	@echo "serving on localhost:$(PORT), metrics on http://localhost:$(METRICS_PORT)/metrics; try:"
+	@echo "  $(BIN)/attnserve client --address localhost:$(PORT) encode 'To be, or not to be'"
+	@echo "  $(BIN)/attnserve client --address localhost:$(PORT) attention 'To be, or not to be' --png maps/"
+	$(BIN)/attnserve serve --model-dir $(MODEL_DIR) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 bench: $(MODEL_DIR)/config.json
 	$(BIN)/attnserve bench runtime --model-dir $(MODEL_DIR)
+	$(BIN)/attnserve bench encode --model-dir $(MODEL_DIR)
 
 # regenerate the committed protobuf code (tests/protos checks it is current)
 protos: install

@@ -32,6 +32,7 @@ class ServerConfig:
     cuda_mem_limit_bytes: int = 0
     intra_op_threads: int = 0
     variant: str = "fp32"  # fp32 | int8 | fp16
+    ort_spin: bool = False  # ONNX Runtime threads spinning between runs starve the event loop
     max_batch_size: int = 32
     max_batch_tokens: int = 8192
     max_queue_delay_ms: float = 0.0  # 0: take what is queued when the model is free (see service.batcher)
@@ -62,6 +63,7 @@ class ServerConfig:
             cuda_mem_limit_bytes=self.cuda_mem_limit_bytes,
             intra_op_threads=self.intra_op_threads,
             variant=self.variant,  # type: ignore[arg-type]
+            spin=self.ort_spin,
         )
 
     def batch_limits(self) -> BatchLimits:

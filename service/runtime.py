@@ -54,6 +54,9 @@ class RuntimeOptions:
     inter_op_threads: int = 1  # graphs here are chains; parallel branches gain nothing
     variant: Literal["fp32", "int8", "fp16"] = "fp32"  # int8 for CPU, fp16 for CUDA, when exported
     warmup: bool = True
+    # ONNX Runtime's worker threads spin between runs: the lowest latency for back-to-back runs
+    # in one process, but CPU taken from everything else (a server's event loop, above all)
+    spin: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -299,6 +302,9 @@ class Runtime:
         so.intra_op_num_threads = self.options.intra_op_threads
         so.inter_op_num_threads = self.options.inter_op_threads
         so.log_severity_level = 3  # the provider fallback is reported once, by us, not per session
+        if not self.options.spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers: list[Any] = [CPU]
         if want_cuda:
             cuda_opts: dict[str, Any] = {
