@@ -80,6 +80,33 @@ def main(args: argparse.Namespace) -> int:
             if args.png:
                 for p in heatmaps(r, args.png):
                     sys.stdout.write(f"wrote {p}\n")
+        elif args.client_command == "generate":
+            req = pb.GenerateRequest(
+                prompt=args.prompt,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                stop=args.stop or [],
+                logprobs=False,
+            )
+            if args.seed is not None:
+                req.seed = args.seed
+            if args.stream:
+                sys.stdout.write(args.prompt)
+                for msg in client.GenerateStream(req, timeout=args.timeout):
+                    sys.stdout.write(msg.text)
+                    sys.stdout.flush()
+                    if msg.finish_reason:
+                        reason = pb.FinishReason.Name(msg.finish_reason)
+                        sys.stdout.write(f"\n[{reason}, {msg.usage.generated_tokens} tokens]\n")
+            else:
+                g = client.Generate(req, timeout=args.timeout)
+                sys.stdout.write(args.prompt + g.text + "\n")
+                sys.stdout.write(
+                    f"[{pb.FinishReason.Name(g.finish_reason)}, {g.usage.generated_tokens} tokens, "
+                    f"first token after {g.time_to_first_token_seconds * 1e3:.1f} ms]\n"
+                )
         else:
             r = client.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)
             from google.protobuf.json_format import MessageToDict

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from service.batcher import BatchLimits
     from service.runtime import RuntimeOptions
+    from service.scheduler import GenerationLimits
 
 ENV_PREFIX = "ATTNSERVE_"
 
@@ -38,6 +39,10 @@ class ServerConfig:
     max_queue_delay_ms: float = 0.0  # 0: take what is queued when the model is free (see service.batcher)
     max_queue_size: int = 1024
     max_texts_per_request: int = 64
+    max_running_sequences: int = 16  # generation: sequences decoded together
+    max_cached_tokens: int = 4096  # generation: prompt + max_new_tokens reserved by running sequences, summed
+    max_waiting_sequences: int = 64  # generation: beyond this, RESOURCE_EXHAUSTED
+    max_new_tokens: int = 256
     max_message_bytes: int = 16 * 1024 * 1024
     grace_seconds: float = 20.0  # in-flight requests get this long to finish on shutdown
     tls_cert: Path | None = None
@@ -52,6 +57,7 @@ class ServerConfig:
             raise ValueError("grace_seconds >= 0, max_message_bytes >= 1024 and max_texts_per_request >= 1")
         self.runtime_options()  # validates device and variant
         self.batch_limits()
+        self.generation_limits()
 
     def runtime_options(self) -> RuntimeOptions:
         from service.runtime import RuntimeOptions
@@ -74,6 +80,16 @@ class ServerConfig:
             max_batch_tokens=self.max_batch_tokens,
             max_queue_delay_s=self.max_queue_delay_ms / 1000.0,
             max_queue_size=self.max_queue_size,
+        )
+
+    def generation_limits(self) -> GenerationLimits:
+        from service.scheduler import GenerationLimits
+
+        return GenerationLimits(
+            max_running=self.max_running_sequences,
+            max_cached_tokens=self.max_cached_tokens,
+            max_waiting=self.max_waiting_sequences,
+            max_new_tokens=self.max_new_tokens,
         )
 
     @classmethod

@@ -38,12 +38,6 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class Unimplemented(ServiceError):
-    """The method exists in the API but this server does not serve it yet."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 

@@ -76,6 +76,44 @@ class Metrics:
         self.build.info({"python": platform.python_version(), "platform": sys.platform})
         self.ready = Gauge("attnserve_ready", "1 once the model is loaded and warmed up", registry=r)
 
+        # generation
+        self.gen_ttft_seconds = Histogram(
+            "attnserve_generate_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gen_itl_seconds = Histogram(
+            "attnserve_generate_inter_token_latency_seconds",
+            "Time between a sequence's consecutive tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gen_e2e_seconds = Histogram(
+            "attnserve_generate_duration_seconds",
+            "Arrival to the end of generation",
+            buckets=(*LATENCY_BUCKETS, 30.0, 60.0),
+            registry=r,
+        )
+        self.gen_queue_seconds = Histogram(
+            "attnserve_generate_queue_duration_seconds",
+            "Arrival to admission into the running batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gen_running = Gauge("attnserve_generate_running_sequences", "Sequences in the running batch", registry=r)
+        self.gen_waiting = Gauge("attnserve_generate_waiting_sequences", "Requests waiting for a slot", registry=r)
+        self.gen_prompt_tokens = Counter(
+            "attnserve_generate_prompt_tokens_total", "Prompt tokens prefilled", registry=r
+        )
+        self.gen_generated_tokens = Counter("attnserve_generate_generated_tokens_total", "Tokens generated", registry=r)
+        self.gen_batch_size = Histogram(
+            "attnserve_generate_decode_batch_size", "Sequences in one decode step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.gen_finished = Counter(
+            "attnserve_generate_finished_total", "Finished generations by reason", ["reason"], registry=r
+        )
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> object:
         """Expose /metrics over HTTP; returns the server (``.shutdown()`` stops it)."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -171,28 +172,45 @@ class KVCache:
             f"past_{kind}_{i}": self.data[i, j] for i in range(info.n_layer) for j, kind in enumerate(("key", "value"))
         }
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        return self._feeds
+    def feeds(self, k: int | None = None) -> dict[str, np.ndarray]:
+        """Each layer's keys and values of the first k slots (all by default): still contiguous views."""
+        if k is None or k == self.slots:
+            return self._feeds
+        return {name: view[:k] for name, view in self._feeds.items()}
 
     def attention_mask(self, new_mask: np.ndarray) -> np.ndarray:
-        """(S, max_len + T): the cached positions of each slot, then the new tokens' own mask."""
-        cached = (np.arange(self.max_len)[None, :] < self.lengths[:, None]).astype(np.int64)
+        """(k, max_len + T) for the first k = len(new_mask) slots: cached positions, then the new tokens' mask."""
+        lengths = self.lengths[: len(new_mask)]
+        cached = (np.arange(self.max_len)[None, :] < lengths[:, None]).astype(np.int64)
         return np.concatenate((cached, new_mask.astype(np.int64)), axis=1)
 
     def check_room(self, new_mask: np.ndarray) -> np.ndarray:
-        """New real tokens per slot; raises ValueError where a slot would overflow the context."""
+        """New real tokens of each of the first len(new_mask) slots; ValueError where one would overflow."""
         counts = new_mask.sum(axis=1).astype(np.int64)
-        if np.any(self.lengths + counts > self.max_len):
-            raise ValueError(f"context full: cached {self.lengths.tolist()} + new {counts.tolist()} > {self.max_len}")
+        lengths = self.lengths[: len(new_mask)]
+        if np.any(lengths + counts > self.max_len):
+            raise ValueError(f"context full: cached {lengths.tolist()} + new {counts.tolist()} > {self.max_len}")
         return counts
+
+    def fill(self, slots: Sequence[int], new_kv: list[np.ndarray], counts: np.ndarray) -> None:
+        """Put freshly prefilled sequences into empty slots: row i of new_kv (its first counts[i]
+        entries) into slots[i]."""
+        n_layer, _, _, nh, _, hs = self.data.shape
+        new = np.stack(new_kv).reshape(n_layer, 2, len(slots), nh, -1, hs)
+        for i, s in enumerate(slots):
+            n = int(counts[i])
+            if n > self.max_len:
+                raise ValueError(f"context full: {n} tokens > {self.max_len}")
+            self.data[:, :, s, :, :n] = new[:, :, i, :, :n]
+            self.lengths[s] = n
 
     def write(self, new_kv: list[np.ndarray], counts: np.ndarray) -> None:
         """Append each slot's new entries (its first ``counts[s]`` of T) after its cached ones.
 
         new_kv: per layer keys then values, (S, heads, T, head_dim) each, as the decoder returns them.
         """
-        n_layer, _, slots, nh, _, hs = self.data.shape
-        new = np.stack(new_kv).reshape(n_layer, 2, slots, nh, -1, hs)  # (L, 2, S, nh, T, hs)
+        n_layer, _, _, nh, _, hs = self.data.shape
+        new = np.stack(new_kv).reshape(n_layer, 2, len(counts), nh, -1, hs)  # (L, 2, k, nh, T, hs)
         rows = np.flatnonzero(counts)
         if new.shape[4] == 1 and len(rows) > 4:  # a wide decode step: one indexed write for all
             self.data[:, :, rows, :, self.lengths[rows]] = new[:, :, rows, :, 0]
@@ -200,7 +218,7 @@ class KVCache:
             for s in rows:
                 start, n = self.lengths[s], counts[s]
                 self.data[:, :, s, :, start : start + n] = new[:, :, s, :, :n]
-        self.lengths += counts
+        self.lengths[: len(counts)] += counts
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -239,7 +257,7 @@ class DeviceKVCache(KVCache):
             for j, kind in enumerate(("key", "value"))
         ]
 
-    def feeds(self) -> dict[str, np.ndarray]:
+    def feeds(self, k: int | None = None) -> dict[str, np.ndarray]:
         raise TypeError("a device cache is bound to the decoder, not fed from host memory")
 
     def write(self, new_kv: list[np.ndarray], counts: np.ndarray) -> None:
@@ -364,13 +382,39 @@ class Runtime:
         append their keys and values to it, and return the logits (S, T, V)."""
         counts = cache.check_room(new_mask)  # before running: positions past the context have no encoding
         if isinstance(cache, DeviceKVCache):
+            if len(new_mask) != cache.slots:
+                raise ValueError(f"a device cache steps all {cache.slots} slots together, not {len(new_mask)}")
             logits = self._decode_step_on_device(cache, input_ids, new_mask)
             cache.lengths += counts
             return logits
-        feeds = {"input_ids": _i64(input_ids), "attention_mask": cache.attention_mask(new_mask)} | cache.feeds()
+        k = len(new_mask)  # the first k slots take part; the rest are left alone
+        feeds = {"input_ids": _i64(input_ids), "attention_mask": cache.attention_mask(new_mask)} | cache.feeds(k)
         logits, *new_kv = self.sessions["decoder"].run(None, feeds)
         cache.write(new_kv, counts)
         return logits
+
+    def prefill(self, cache: KVCache, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run prompts into empty slots of the cache; returns each prompt's last logits (len(prompts), V).
+
+        On the host cache only the new prompts are computed, in a batch of their own; on the
+        device cache they are computed in place, with the other slots masked.
+        """
+        T = max(len(p) for p in prompts)
+        if isinstance(cache, DeviceKVCache):
+            ids = np.zeros((cache.slots, T), np.int64)
+            mask = np.zeros((cache.slots, T), np.int64)
+            for s, p in zip(slots, prompts, strict=True):
+                ids[s, : len(p)], mask[s, : len(p)] = p, 1
+            logits = self.decode_step(cache, ids, mask)
+            return np.stack([logits[s, len(p) - 1] for s, p in zip(slots, prompts, strict=True)])
+        ids = np.zeros((len(prompts), T), np.int64)
+        mask = np.zeros((len(prompts), T), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)], mask[i, : len(p)] = p, 1
+        empty = np.zeros((len(prompts), self.info.n_head, 0, self.info.head_dim), np.float32)
+        logits, new_kv = self.decode(ids, mask, [(empty, empty)] * self.info.n_layer)
+        cache.fill(slots, new_kv, mask.sum(1))
+        return np.stack([logits[i, len(p) - 1] for i, p in enumerate(prompts)])
 
     def _decode_step_on_device(self, cache: DeviceKVCache, input_ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
         """Decoder with the cache bound in place on the device; new keys/values land in a device buffer

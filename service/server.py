@@ -27,6 +27,7 @@ from service.config import ServerConfig
 from service.engine import Engine
 from service.metrics import Metrics
 from service.runtime import Runtime
+from service.scheduler import Scheduler
 from service.servicer import AttnServeServicer, RequestLimits
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Server:
         self.servicer = AttnServeServicer(self.metrics, RequestLimits(config.max_texts_per_request))
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: Any = None
@@ -86,7 +88,9 @@ class Server:
         runtime = await asyncio.get_running_loop().run_in_executor(None, Runtime, cfg.model_dir, cfg.runtime_options())
         self.engine = Engine(runtime, cfg.batch_limits(), self.metrics)
         self.engine.start()
-        self.servicer.attach(self.engine)
+        self.scheduler = Scheduler(runtime, cfg.generation_limits(), self.metrics)
+        self.scheduler.start()
+        self.servicer.attach(self.engine, self.scheduler)
         self.metrics.provider.labels(runtime.provider).set(1)
         self.metrics.model.info({"name": runtime.info.name, "version": runtime.info.version})
         self.metrics.ready.set(1)
@@ -104,6 +108,8 @@ class Server:
         self.servicer.accepting = False
         if self.engine is not None:
             await self.engine.stop()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         log.info("stopped")

@@ -12,7 +12,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -23,8 +23,10 @@ import onnxruntime
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.engine import Engine
-from service.errors import InvalidInput, ModelNotReady, Unimplemented, status_for
+from service.errors import InvalidInput, ModelNotReady, status_for
 from service.metrics import Metrics
+from service.sampling import SamplingParams
+from service.scheduler import Finish, Scheduler, Token
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,11 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self.metrics = metrics
         self.limits = limits
         self.engine: Engine | None = None  # set once the model is loaded and warmed up
+        self.scheduler: Scheduler | None = None
         self.accepting = True
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
         self.engine = engine
 
     def _engine(self) -> Engine:
@@ -239,17 +243,120 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
         return await self._call("GetModelInfo", context, handle)
 
+    def _generation(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        scheduler = self._scheduler()
+        info = scheduler.runtime.info
+        self._check_text(request.prompt, "prompt")
+        ids = scheduler.runtime.tokenizer.encode(request.prompt, add_special_tokens=False).ids
+        if len(ids) >= info.max_seq_len:
+            raise InvalidInput(f"prompt: {len(ids)} tokens leave no room in the model's context of {info.max_seq_len}")
+        params = SamplingParams(
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p or 1.0,
+            repetition_penalty=request.repetition_penalty or 1.0,
+            stop=tuple(request.stop),
+            seed=request.seed if request.HasField("seed") else None,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
+        )
+        problems = params.problems(scheduler.limits.max_new_tokens)
+        if request.return_attention:
+            problems.append("return_attention: not served by this server")
+        if problems:
+            raise InvalidInput("; ".join(problems))
+        return ids, params
+
+    def _scheduler(self) -> Scheduler:
+        self._engine()
+        if self.scheduler is None:
+            raise ModelNotReady("model is loading")
+        return self.scheduler
+
+    @staticmethod
+    def _token(t: Token, tokenizer: Any) -> pb.GeneratedToken:
+        return pb.GeneratedToken(
+            token_id=t.id,
+            text=t.text,
+            logprob=t.logprob,
+            top_logprobs=[
+                pb.TokenLogprob(token_id=i, text=tokenizer.decode([i], skip_special_tokens=False), logprob=lp)
+                for i, lp in t.top
+            ],
+        )
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def handle() -> pb.GenerateResponse:
-            raise Unimplemented("Generate is not implemented yet")
+            start = time.monotonic()
+            ids, params = self._generation(request)
+            scheduler = self._scheduler()
+            tokens = []
+            async for event in scheduler.generate(ids, params, self._deadline(context)):
+                if isinstance(event, Token):
+                    if event.id >= 0:
+                        tokens.append(self._token(event, scheduler.runtime.tokenizer))
+                else:
+                    return pb.GenerateResponse(
+                        text=event.text,
+                        tokens=tokens,
+                        finish_reason=FINISH[event.finish],
+                        usage=pb.Usage(prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens),
+                        timings=pb.Timings(queue_seconds=event.queue_seconds, total_seconds=time.monotonic() - start),
+                        time_to_first_token_seconds=event.time_to_first_token,
+                    )
+            raise RuntimeError("generation ended without a result")
 
         return await self._call("Generate", context, handle)
 
-    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
-        async def handle() -> None:
-            raise Unimplemented("GenerateStream is not implemented yet")
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        # validate before the first message, so a bad request fails as a status, not mid-stream
+        start = time.monotonic()
+        try:
+            ids, params = self._generation(request)
+            scheduler = self._scheduler()
+        except Exception as e:
+            code, message = status_for(e)
+            self._observe("GenerateStream", code, start)
+            await context.abort(code, message)
+            raise
+        code = grpc.StatusCode.OK
+        try:
+            async for event in scheduler.generate(ids, params, self._deadline(context)):
+                if isinstance(event, Token):
+                    msg = pb.GenerateStreamResponse(text=event.text)
+                    if event.id >= 0:
+                        msg.tokens.append(self._token(event, scheduler.runtime.tokenizer))
+                    yield msg
+                else:
+                    yield pb.GenerateStreamResponse(
+                        finish_reason=FINISH[event.finish],
+                        usage=pb.Usage(prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens),
+                    )
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            code, message = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("GenerateStream failed")
+            self._observe("GenerateStream", code, start)
+            await context.abort(code, message)
+            raise
+        finally:
+            if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                self._observe("GenerateStream", code, start)
 
-        await self._call("GenerateStream", context, handle)
+
+FINISH = {
+    Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+    Finish.STOP: pb.FINISH_REASON_STOP,
+    Finish.END_OF_TEXT: pb.FINISH_REASON_END_OF_TEXT,
+    Finish.CONTEXT_FULL: pb.FINISH_REASON_CONTEXT_FULL,
+    Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
 
 
 def _version() -> str:

@@ -121,12 +121,6 @@ def test_truncation_when_asked(served: ServerThread) -> None:
     assert r.embeddings[0].truncated and r.embeddings[0].token_count == 64
 
 
-def test_generate_is_not_implemented_yet(served: ServerThread) -> None:
-    with pytest.raises(grpc.RpcError) as e:
-        served.stub().Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=1))
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_tokenize_and_model_info(served: ServerThread) -> None:
     stub = served.stub()
     t = stub.Tokenize(pb.TokenizeRequest(texts=["Good sir", "a"]))

@@ -1,0 +1,196 @@
+"""Generate and GenerateStream over real gRPC: against PyTorch, seeds, joins and leaves, stops, cancels."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from model.train import load_checkpoint
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from tests.service.conftest import ServerThread, config
+from tests.service.test_server import metrics
+
+PROMPTS = ["The king", "Good sir waits for", "A fool laughs at the moon,\nThe night", "My"]
+
+
+def gen(stub, prompt: str, **kw) -> pb.GenerateResponse:  # type: ignore[no-untyped-def]
+    kw.setdefault("max_new_tokens", 24)
+    return stub.Generate(pb.GenerateRequest(prompt=prompt, **kw), timeout=60)
+
+
+def ids_of(r: pb.GenerateResponse) -> list[int]:
+    return [t.token_id for t in r.tokens]
+
+
+@pytest.fixture
+def slow(model_dir: Path) -> Iterator[ServerThread]:
+    """A server whose decode steps take 20 ms, so that a stream is still running when the test acts."""
+    st = ServerThread(config(model_dir, max_running_sequences=1, max_waiting_sequences=1)).start()
+    assert st.server.scheduler is not None
+    rt = st.server.scheduler.runtime
+    real = rt.decode_step
+
+    def slow_step(*a, **kw):  # type: ignore[no-untyped-def]
+        time.sleep(0.02)
+        return real(*a, **kw)
+
+    rt.decode_step = slow_step  # type: ignore[method-assign]
+    yield st
+    st.stop()
+
+
+def test_greedy_equals_pytorch_greedy_token_for_token(served: ServerThread, tiny_checkpoint: Path) -> None:
+    model, _, _ = load_checkpoint(tiny_checkpoint / "checkpoint.pt")
+    tok = served.server.scheduler.runtime.tokenizer  # type: ignore[union-attr]
+    for prompt in PROMPTS:
+        r = gen(served.stub(), prompt, temperature=0, max_new_tokens=30)
+        prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
+        ref = model.generate(torch.tensor([prompt_ids]), max_new_tokens=30, temperature=0)[0, len(prompt_ids) :]
+        got = ids_of(r)
+        assert got == ref.tolist()[: len(got)], prompt
+        if r.finish_reason == pb.FINISH_REASON_END_OF_TEXT:
+            assert ref[len(got)] == served.server.scheduler.eot  # type: ignore[union-attr]
+        else:
+            assert r.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_CONTEXT_FULL)
+        assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.generated_tokens == len(got)
+
+
+def test_a_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(served: ServerThread) -> None:
+    stub = served.stub()
+    alone = gen(stub, "The king", temperature=1.0, top_k=20, seed=7)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        others = [pool.submit(gen, stub, p, temperature=1.2, seed=i) for i, p in enumerate(PROMPTS * 2)]
+        busy = pool.submit(gen, stub, "The king", temperature=1.0, top_k=20, seed=7)
+        assert all(o.result().tokens for o in others)
+    assert busy.result().text == alone.text and ids_of(busy.result()) == ids_of(alone)
+    different = gen(stub, "The king", temperature=1.0, top_k=20, seed=8)
+    assert ids_of(different) != ids_of(alone)
+
+
+def test_sequences_join_and_leave_without_changing_each_other(served: ServerThread) -> None:
+    stub = served.stub()
+    lengths = [5, 30, 12, 20]
+    alone = [gen(stub, p, temperature=0, max_new_tokens=n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = []
+        for p, n in zip(PROMPTS, lengths, strict=True):
+            futures.append(pool.submit(gen, stub, p, temperature=0, max_new_tokens=n))
+            time.sleep(0.003)  # staggered: each joins a batch already running
+        for a, f in zip(alone, futures, strict=True):
+            assert ids_of(f.result()) == ids_of(a)
+
+
+def test_stop_sequences_stop_at_the_right_place(served: ServerThread) -> None:
+    stub = served.stub()
+    full = gen(stub, "The king", temperature=0, max_new_tokens=30).text
+    stop = full[6:9]  # three characters from the middle of the continuation
+    cut = gen(stub, "The king", temperature=0, max_new_tokens=30, stop=[stop, "never appears"])
+    assert cut.finish_reason == pb.FINISH_REASON_STOP
+    assert cut.text == full[: full.find(stop)]
+    streamed = "".join(
+        m.text
+        for m in stub.GenerateStream(
+            pb.GenerateRequest(prompt="The king", temperature=0, max_new_tokens=30, stop=[stop])
+        )
+    )
+    assert streamed == cut.text
+
+
+def test_streamed_tokens_concatenate_to_the_unary_result(served: ServerThread) -> None:
+    stub = served.stub()
+    unary = gen(stub, "Good sir", temperature=0.9, seed=3, max_new_tokens=40, logprobs=True, top_logprobs=3)
+    messages = list(
+        stub.GenerateStream(
+            pb.GenerateRequest(
+                prompt="Good sir", temperature=0.9, seed=3, max_new_tokens=40, logprobs=True, top_logprobs=3
+            )
+        )
+    )
+    assert "".join(m.text for m in messages) == unary.text
+    assert [t.token_id for m in messages for t in m.tokens] == ids_of(unary)
+    last = messages[-1]
+    assert last.finish_reason == unary.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    assert last.usage.generated_tokens == unary.usage.generated_tokens
+    for t in unary.tokens:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        tops = [x.logprob for x in t.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and t.logprob <= tops[0] + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 10_000}, "max_new_tokens"),
+        ({"repetition_penalty": -2.0}, "repetition_penalty"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "the king speaks " * 40}, "context"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+def test_invalid_parameters_get_invalid_argument(served: ServerThread, kw: dict[str, object], needle: str) -> None:
+    request = {"prompt": "The king", "max_new_tokens": 8} | kw
+    for call in (served.stub().Generate, lambda r: list(served.stub().GenerateStream(r))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(pb.GenerateRequest(**request))  # type: ignore[arg-type]
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
+
+
+def test_cancelling_a_stream_frees_its_slot(slow: ServerThread) -> None:
+    stub = slow.stub()
+    before = metrics(slow)
+    stream = stub.GenerateStream(pb.GenerateRequest(prompt="The king", max_new_tokens=50, temperature=0))
+    next(stream)
+    assert metrics(slow)[("attnserve_generate_running_sequences", ())] == 1
+    stream.cancel()
+    deadline = time.monotonic() + 5
+    while metrics(slow)[("attnserve_generate_running_sequences", ())] != 0:
+        assert time.monotonic() < deadline, "the cancelled sequence kept its slot"
+        time.sleep(0.02)
+    after = metrics(slow)
+    key = ("attnserve_generate_finished_total", (("reason", "cancelled"),))
+    assert after[key] == before.get(key, 0) + 1
+    assert gen(stub, "Next", max_new_tokens=3).usage.generated_tokens == 3  # the slot serves again
+
+
+def test_a_full_waiting_queue_is_refused_at_once(slow: ServerThread) -> None:
+    stub = slow.stub()
+    running = stub.GenerateStream(pb.GenerateRequest(prompt="The king", max_new_tokens=40, temperature=0))
+    next(running)  # holds the only slot
+    waiting = stub.Generate.future(pb.GenerateRequest(prompt="Good sir", max_new_tokens=2))
+    time.sleep(0.1)
+    with pytest.raises(grpc.RpcError) as e:
+        gen(stub, "One too many", max_new_tokens=2)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    running.cancel()
+    assert waiting.result(30).usage.generated_tokens == 2
+
+
+def test_generation_metrics_move(served: ServerThread) -> None:
+    before = metrics(served)
+    gen(served.stub(), "The king", max_new_tokens=5, temperature=0)
+    after = metrics(served)
+    for name in (
+        "attnserve_generate_time_to_first_token_seconds_count",
+        "attnserve_generate_duration_seconds_count",
+        "attnserve_generate_queue_duration_seconds_count",
+    ):
+        assert after[(name, ())] == before.get((name, ()), 0) + 1, name
+    assert (
+        after[("attnserve_generate_generated_tokens_total", ())]
+        >= before.get(("attnserve_generate_generated_tokens_total", ()), 0) + 5
+    )
+    assert after[("attnserve_generate_inter_token_latency_seconds_count", ())] > 0
+    assert after[("attnserve_generate_decode_batch_size_count", ())] > 0
+    assert np.isfinite(after[("attnserve_generate_prompt_tokens_total", ())])
