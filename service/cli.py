@@ -90,6 +90,18 @@ def _bench_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.generate import run, table
+
+    result = run(args.model_dir, args.seconds)
+    sys.stdout.write(table(result) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnserve", description="Train, export and serve a compact transformer.")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -164,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seconds", type=float, default=10.0, help="duration of each load (default 10)")
     be.add_argument("--json", type=Path, help="also write the figures here")
     be.set_defaults(func=_bench_encode)
+    bg = bsub.add_parser("generate", help="streaming generation load against the in-process decode limit")
+    bg.add_argument("--model-dir", type=Path, required=True)
+    bg.add_argument("--seconds", type=float, default=15.0, help="duration of each load (default 15)")
+    bg.add_argument("--json", type=Path, help="also write the figures here")
+    bg.set_defaults(func=_bench_generate)
     return p
 
 

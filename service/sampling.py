@@ -63,13 +63,51 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np
     if 0 < params.top_k < len(z):
         kth = np.partition(z, -params.top_k)[-params.top_k]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    p = np.exp(z - z.max())  # unnormalised: the draw below scales the uniform instead
     if params.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
+        cum = np.cumsum(p[order]) / p.sum()
         keep = order[: int(np.searchsorted(cum, params.top_p) + 1)]  # the smallest set reaching top_p
-        mask = np.zeros_like(p)
-        mask[keep] = p[keep]
-        p = mask / mask.sum()
-    return int(rng.choice(len(p), p=p))
+        nucleus = np.zeros_like(p)
+        nucleus[keep] = p[keep]
+        p = nucleus
+    return draw(p, rng)
+
+
+def draw(p: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse CDF of unnormalised weights p with one uniform from rng (cheaper than rng.choice)."""
+    cum = np.cumsum(p)
+    return min(int(np.count_nonzero(cum <= rng.random() * cum[-1])), len(p) - 1)
+
+
+def choose_batch(
+    logits: np.ndarray, params: list[SamplingParams], seen: list[list[int]], rngs: list[np.random.Generator]
+) -> list[int]:
+    """``choose`` for each row of logits (n, V). Rows with the same temperature and top-k and no
+    penalty or nucleus go through numpy together; each still draws one uniform from its own
+    generator, so the tokens equal what ``choose`` would pick row by row."""
+    out: list[int | None] = [None] * len(params)
+    groups: dict[tuple[float, int], list[int]] = {}
+    for i, p in enumerate(params):
+        if p.repetition_penalty == 1.0 and p.top_p >= 1.0:
+            groups.setdefault((p.temperature, p.top_k), []).append(i)
+        else:
+            out[i] = choose(logits[i], p, np.asarray(seen[i]), rngs[i])
+    for (temperature, top_k), rows in groups.items():
+        z = logits[rows].astype(np.float64)
+        if temperature == 0:
+            for i, t in zip(rows, np.argmax(z, axis=1), strict=True):
+                out[i] = int(t)
+            continue
+        z /= temperature
+        V = z.shape[1]
+        if 0 < top_k < V:
+            kth = np.partition(z, -top_k, axis=1)[:, -top_k][:, None]
+            z = np.where(z < kth, -np.inf, z)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        cum = np.cumsum(p, axis=1)  # as in draw(), row by row
+        u = np.array([rngs[i].random() for i in rows]) * cum[:, -1]
+        picks = np.minimum(np.count_nonzero(cum <= u[:, None], axis=1), V - 1)
+        for i, t in zip(rows, picks, strict=True):
+            out[i] = int(t)
+    return [int(t) for t in out if t is not None]

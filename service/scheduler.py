@@ -13,6 +13,11 @@ One loop owns the running batch. Each iteration:
 So a request joins between two steps and never waits for the batch to drain, and a caller
 who goes away stops costing compute within one step. Slots are taken lowest first and each
 step runs only the slots up to the highest one in use.
+
+The loop runs in a thread of its own, not on the event loop: model steps, sampling and
+bookkeeping follow each other there without a hop between threads, while the event loop
+writes the previous step's tokens to the network. Each step's tokens cross to the event
+loop in one call.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -32,7 +37,7 @@ import numpy as np
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from service.metrics import Metrics
 from service.runtime import DeviceKVCache, Runtime
-from service.sampling import SamplingParams, choose, log_softmax
+from service.sampling import SamplingParams, choose_batch, log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +100,16 @@ class Sequence:
     slot: int = -1
     generated: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the generated text already handed out
+    settled_text: str = ""  # the text of generated[:settled_tokens], which ends on a whole character
+    settled_tokens: int = 0
     cancelled: bool = False
-    last_logits: np.ndarray | None = None
 
     @property
     def reserved(self) -> int:
         return len(self.prompt) + self.params.max_new_tokens
+
+
+Pick = tuple[Sequence, int, "np.ndarray | None"]  # a sequence, its next token, its log-probabilities
 
 
 class Scheduler:
@@ -109,73 +118,90 @@ class Scheduler:
         self.limits = limits
         self.metrics = metrics
         self.cache = runtime.new_cache(limits.max_running)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnserve-decode")
-        self.waiting: deque[Sequence] = deque()
-        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self.waiting: deque[Sequence] = deque()  # shared with callers: under _lock
+        self.running: dict[int, Sequence] = {}  # slot -> sequence; the loop thread's own
         self._ids = itertools.count()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[tuple[Sequence, Event | BaseException]] = []  # this step's events, sent together
         self._closed = False
         self.eot = runtime.info.eot_token_id
         self.max_len = runtime.info.max_seq_len
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="attnserve-scheduler", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
         """Refuse new requests, finish the ones admitted or waiting, then end the loop."""
         self._closed = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
-        self.executor.shutdown(wait=True)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
-    # --- callers -------------------------------------------------------------------------------
+    # --- callers (event loop thread) -------------------------------------------------------------
 
-    async def generate(self, prompt: list[int], params: SamplingParams, deadline: float | None) -> AsyncIterator[Event]:
-        """Tokens as they come, then one ``Done``. Leaving the iteration early cancels the sequence."""
+    async def generate(
+        self, prompt: list[int], params: SamplingParams, deadline: float | None
+    ) -> AsyncIterator[list[Event]]:
+        """Events as they come, in groups: whatever is ready when the caller asks (one token when it keeps
+        up, several when it lags), the last group ending with one ``Done``. Leaving early cancels the sequence."""
         if self._closed:
             raise ModelNotReady("server is shutting down")
-        if len(self.waiting) >= self.limits.max_waiting:
-            raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
         seed = params.seed if params.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
         seq = Sequence(next(self._ids), prompt, params, np.random.default_rng(seed), deadline)
-        self.waiting.append(seq)
-        self.metrics.gen_waiting.set(len(self.waiting))
+        with self._lock:
+            if len(self.waiting) >= self.limits.max_waiting:
+                raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
+            self.waiting.append(seq)
+            self.metrics.gen_waiting.set(len(self.waiting))
         self._wake.set()
         try:
             while True:
-                event = await seq.events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, Done):
+                group = [await seq.events.get()]
+                while not seq.events.empty():
+                    group.append(seq.events.get_nowait())
+                for event in group:
+                    if isinstance(event, BaseException):
+                        raise event
+                yield group  # type: ignore[misc]
+                if isinstance(group[-1], Done):
                     return
         finally:
             seq.cancelled = True  # no-op once done; otherwise the loop drops it before the next step
             self._wake.set()
 
-    # --- the loop ------------------------------------------------------------------------------
+    def _deliver(self, outbox: list[tuple[Sequence, Event | BaseException]]) -> None:
+        for seq, event in outbox:
+            seq.events.put_nowait(event)
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    # --- the loop (its own thread) -------------------------------------------------------------
+
+    def _run(self) -> None:
         while True:
-            self._drop_gone()
-            admitted = self._admit()
+            with self._lock:
+                self._drop_gone()
+                admitted = self._admit()
+                idle = not self.running and not self.waiting
+                if idle:
+                    self._wake.clear()
             if admitted:
-                await loop.run_in_executor(self.executor, self._prefill, admitted)
-                for seq in admitted:
-                    self._advance(seq)
+                self._accept_all(self._prefill(admitted))
             if self.running:
-                k = max(self.running) + 1
-                await loop.run_in_executor(self.executor, self._step, k)
-                for slot in sorted(self.running):
-                    self._advance(self.running[slot])
-            elif not self.waiting:
+                self._accept_all(self._step(max(self.running) + 1))
+            self._flush()
+            if idle:
                 if self._closed:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                self._wake.wait()
+
+    def _flush(self) -> None:
+        if self._outbox and self._loop is not None:
+            outbox, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(self._deliver, outbox)
 
     def _drop_gone(self) -> None:
         now = time.monotonic()
@@ -215,13 +241,11 @@ class Scheduler:
         self.metrics.gen_running.set(len(self.running))
         return admitted
 
-    # executor thread: model calls only; the event loop thread does everything else
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> list[Pick]:
         logits = self.runtime.prefill(self.cache, [s.slot for s in seqs], [s.prompt for s in seqs])
-        for seq, row in zip(seqs, logits, strict=True):
-            seq.last_logits = row
+        return self._sample(seqs, logits)
 
-    def _step(self, k: int) -> None:
+    def _step(self, k: int) -> list[Pick]:
         rows = self.cache.slots if isinstance(self.cache, DeviceKVCache) else k
         ids = np.zeros((rows, 1), np.int64)
         mask = np.zeros((rows, 1), np.int64)
@@ -230,17 +254,29 @@ class Scheduler:
             ids[seq.slot, 0] = seq.generated[-1]
             mask[seq.slot, 0] = 1
         logits = self.runtime.decode_step(self.cache, ids, mask)[:, 0]  # (rows, V)
-        for seq in stepping:
-            seq.last_logits = logits[seq.slot]
         self.metrics.gen_batch_size.observe(len(stepping))
+        return self._sample(stepping, logits[[seq.slot for seq in stepping]])
 
-    def _advance(self, seq: Sequence) -> None:
-        """Sample the sequence's next token from its last logits, hand it over, and retire it if done."""
-        if seq.last_logits is None or seq.slot < 0:
-            return
-        logits, seq.last_logits = seq.last_logits, None
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits: np.ndarray) -> list[Pick]:
+        """Next tokens for seqs from their logits (len(seqs), V): in one pass over the batch where the
+        sampling settings allow, one by one otherwise; each sequence draws from its own generator."""
+        tokens = choose_batch(
+            logits, [s.params for s in seqs], [s.prompt + s.generated for s in seqs], [s.rng for s in seqs]
+        )
+        return [
+            (seq, token, log_softmax(row) if seq.params.logprobs else None)
+            for seq, token, row in zip(seqs, tokens, logits, strict=True)
+        ]
+
+    def _accept_all(self, picks: list[Pick]) -> None:
+        for seq, token, lp in picks:
+            if seq.slot >= 0 and not seq.cancelled:
+                self._accept(seq, token, lp)
+
+    def _accept(self, seq: Sequence, token: int, lp: np.ndarray | None) -> None:
+        """Take the sequence's next token: hand it over, and retire the sequence if it is done."""
         p = seq.params
-        token = choose(logits, p, np.asarray(seq.prompt + seq.generated), seq.rng)
         now = time.monotonic()
         if not seq.generated:
             seq.first_token_at = now
@@ -255,7 +291,6 @@ class Scheduler:
         seq.generated.append(token)
         text = self._text(seq)
         stop_at = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-        lp = log_softmax(logits) if p.logprobs else None
         if stop_at >= 0:
             self._emit(seq, token, text[:stop_at], lp, final=True)
             self._retire(seq, Finish.STOP)
@@ -267,7 +302,17 @@ class Scheduler:
             self._retire(seq, Finish.CONTEXT_FULL)
 
     def _text(self, seq: Sequence) -> str:
-        return self.runtime.tokenizer.decode(seq.generated, skip_special_tokens=False)
+        """The generated text so far, decoding only the tokens since the last whole character.
+
+        Byte-level tokens may split a character; text decoded up to a token that ends one is
+        final, so only the tail after it is decoded again.
+        """
+        tail = self.runtime.tokenizer.decode(seq.generated[seq.settled_tokens :], skip_special_tokens=False)
+        if tail.endswith("\ufffd"):
+            return seq.settled_text + tail
+        seq.settled_text += tail
+        seq.settled_tokens = len(seq.generated)
+        return seq.settled_text
 
     def _emit(self, seq: Sequence, token: int, text: str, lp: np.ndarray | None, final: bool = False) -> None:
         """Hand out the text that is settled: not a half-decoded character, not a possible start of a stop sequence."""
@@ -288,7 +333,7 @@ class Scheduler:
             if seq.params.top_logprobs:
                 top = np.argpartition(-lp, seq.params.top_logprobs)[: seq.params.top_logprobs]
                 tok.top = [(int(i), float(lp[i])) for i in top[np.argsort(-lp[top])]]
-        seq.events.put_nowait(tok)
+        self._outbox.append((seq, tok))
 
     def _retire(self, seq: Sequence, finish: Finish, error: BaseException | None = None) -> None:
         self.running.pop(seq.slot, None)
@@ -302,21 +347,20 @@ class Scheduler:
         now = time.monotonic()
         self.metrics.gen_e2e_seconds.observe(now - seq.enqueued_at)
         if error is not None:
-            seq.events.put_nowait(error)
+            self._outbox.append((seq, error))
             return
         text = self._text(seq)
         if finish is Finish.STOP:
             text = text[: min(i for i in (text.find(s) for s in seq.params.stop) if i >= 0)]
         if seq.emitted < len(text):  # what was held back as a possible stop sequence start
-            seq.events.put_nowait(Token(-1, text[seq.emitted :]))
+            self._outbox.append((seq, Token(-1, text[seq.emitted :])))
             seq.emitted = len(text)
-        seq.events.put_nowait(
-            Done(
-                finish,
-                text,
-                len(seq.prompt),
-                len(seq.generated),
-                (seq.admitted_at or now) - seq.enqueued_at,
-                (seq.first_token_at - seq.enqueued_at) if seq.first_token_at else 0.0,
-            )
+        done = Done(
+            finish,
+            text,
+            len(seq.prompt),
+            len(seq.generated),
+            (seq.admitted_at or now) - seq.enqueued_at,
+            (seq.first_token_at - seq.enqueued_at) if seq.first_token_at else 0.0,
         )
+        self._outbox.append((seq, done))

@@ -292,11 +292,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             ids, params = self._generation(request)
             scheduler = self._scheduler()
             tokens = []
-            async for event in scheduler.generate(ids, params, self._deadline(context)):
-                if isinstance(event, Token):
-                    if event.id >= 0:
-                        tokens.append(self._token(event, scheduler.runtime.tokenizer))
-                else:
+            async for group in scheduler.generate(ids, params, self._deadline(context)):
+                for event in group:
+                    if isinstance(event, Token):
+                        if event.id >= 0:
+                            tokens.append(self._token(event, scheduler.runtime.tokenizer))
+                        continue
                     return pb.GenerateResponse(
                         text=event.text,
                         tokens=tokens,
@@ -324,17 +325,19 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             raise
         code = grpc.StatusCode.OK
         try:
-            async for event in scheduler.generate(ids, params, self._deadline(context)):
-                if isinstance(event, Token):
-                    msg = pb.GenerateStreamResponse(text=event.text)
-                    if event.id >= 0:
-                        msg.tokens.append(self._token(event, scheduler.runtime.tokenizer))
-                    yield msg
-                else:
-                    yield pb.GenerateStreamResponse(
-                        finish_reason=FINISH[event.finish],
-                        usage=pb.Usage(prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens),
-                    )
+            async for group in scheduler.generate(ids, params, self._deadline(context)):
+                # one message per group: a client that keeps up gets one token a message, one that lags gets several
+                msg = pb.GenerateStreamResponse()
+                for event in group:
+                    if isinstance(event, Token):
+                        msg.text += event.text
+                        if event.id >= 0:
+                            msg.tokens.append(self._token(event, scheduler.runtime.tokenizer))
+                    else:
+                        msg.finish_reason = FINISH[event.finish]
+                        msg.usage.prompt_tokens = event.prompt_tokens
+                        msg.usage.generated_tokens = event.generated_tokens
+                yield msg
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise

@@ -1,0 +1,69 @@
+"""Sampling alone: greedy, temperature, top-k, top-p, repetition penalty, batches equal rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from service.sampling import SamplingParams, choose, choose_batch
+
+LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))
+
+
+def draws(params: SamplingParams, n: int = 20000, logits: np.ndarray = LOGITS) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.bincount([choose(logits, params, np.array([], np.int64), rng) for _ in range(n)], minlength=len(logits))
+
+
+def test_greedy_takes_the_argmax() -> None:
+    assert choose(LOGITS, SamplingParams(temperature=0), np.array([]), np.random.default_rng(0)) == 0
+
+
+def test_temperature_one_follows_the_model() -> None:
+    freq = draws(SamplingParams(temperature=1.0)) / 20000
+    np.testing.assert_allclose(freq, np.exp(LOGITS), atol=0.01)
+
+
+def test_temperature_sharpens_and_flattens() -> None:
+    assert draws(SamplingParams(temperature=0.3))[0] > draws(SamplingParams(temperature=1.0))[0]
+    assert draws(SamplingParams(temperature=3.0))[4] > draws(SamplingParams(temperature=1.0))[4]
+
+
+def test_top_k_and_top_p_cut_the_tail() -> None:
+    assert set(np.nonzero(draws(SamplingParams(top_k=2)))[0]) == {0, 1}
+    assert set(np.nonzero(draws(SamplingParams(top_p=0.8)))[0]) == {0, 1, 2}  # 0.5 + 0.25 < 0.8 <= 0.9
+    freq = draws(SamplingParams(top_k=2)) / 20000
+    np.testing.assert_allclose(freq[:2], [2 / 3, 1 / 3], atol=0.01)
+
+
+def test_repetition_penalty_lowers_seen_tokens() -> None:
+    rng = np.random.default_rng(0)
+    p = SamplingParams(temperature=0, repetition_penalty=3.0)
+    assert choose(LOGITS, p, np.array([0]), rng) == 1
+    assert choose(np.array([2.0, 1.0]), p, np.array([0]), rng) == 1  # positive logits are divided
+
+
+def test_a_batch_picks_what_each_row_would() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((6, 50))
+    params = [
+        SamplingParams(temperature=0.8, top_k=10),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.3),
+        SamplingParams(temperature=0.8, top_k=10),
+        SamplingParams(temperature=1.0, top_p=0.5),
+        SamplingParams(temperature=1.0, repetition_penalty=1.3),
+    ]
+    seen = [[1, 2], [], [3], [], [4], [5, 5]]
+    batch = choose_batch(logits, params, seen, [np.random.default_rng(i) for i in range(6)])
+    rows = [choose(logits[i], params[i], np.asarray(seen[i], np.int64), np.random.default_rng(i)) for i in range(6)]
+    assert batch == rows
+
+
+def test_parameter_problems_name_the_field() -> None:
+    bad = SamplingParams(max_new_tokens=0, temperature=math.nan, top_p=0.0, repetition_penalty=-1, stop=("",))
+    text = " ".join(bad.problems(max_new_tokens=64))
+    for field in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "stop"):
+        assert field in text
+    assert SamplingParams().problems(64) == []
