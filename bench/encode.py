@@ -14,20 +14,15 @@ import asyncio
 import os
 import platform
 import random
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
+from bench.timing import server_process
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.runtime import Runtime, RuntimeOptions
@@ -81,44 +76,6 @@ def in_process_limit(rt: Runtime, tokens: int, seconds: float) -> dict[str, Any]
         "limit_texts_per_second": by_batch[best],
         "batch1_p50_ms": statistics.median(one) * 1e3,
     }
-
-
-@contextmanager
-def server_process(model_dir: Path, *flags: str) -> Iterator[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "--log-level",
-        "INFO",
-        "serve",
-        "--model-dir",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--device",
-        "cpu",
-        *flags,
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    port = 0
-    for line in proc.stderr:
-        if m := re.search(r"gRPC on \S+:(\d+)", line):
-            port = int(m.group(1))
-        if "serving " in line:
-            break
-    try:
-        if not port:
-            raise RuntimeError("the server did not start")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
 
 
 async def closed_loop(address: str, texts: list[str], concurrency: int, seconds: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ A benchmark, not a test: it prints figures and asserts nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import platform
 import random
@@ -23,7 +24,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.encode import WORDS, server_process
+from bench.encode import WORDS
+from bench.timing import median_seconds, server_process
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.runtime import Runtime, RuntimeOptions
@@ -43,16 +45,6 @@ def prompts_of(rt: Runtime, count: int, lo: int = 8, hi: int = 64, seed: int = 0
     return out
 
 
-def _median_s(fn: Any, n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
     steps = {}
     for b in (1, 16):
@@ -63,7 +55,7 @@ def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> 
             cache.lengths[:] = cached
             rt.decode_step(cache, one, one)
 
-        steps[b] = _median_s(step, 200)
+        steps[b] = median_seconds(step, runs=200)
 
     empty = [(np.zeros((1, rt.info.n_head, 0, rt.info.head_dim), np.float32),) * 2] * rt.info.n_layer
 
@@ -84,8 +76,8 @@ def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> 
     speedups = {}
     for n in (8, 32, 64):
         prompt = [int(t) for t in np.random.default_rng(n).integers(0, rt.info.vocab_size, n)]
-        t_cached = _median_s(lambda prompt=prompt: cached_decoding(prompt), 3)
-        t_full = _median_s(lambda prompt=prompt: recomputed(prompt), 3)
+        t_cached = median_seconds(functools.partial(cached_decoding, prompt), runs=3)
+        t_full = median_seconds(functools.partial(recomputed, prompt), runs=3)
         speedups[str(n)] = {"cached_seconds": t_cached, "recomputed_seconds": t_full, "speedup": t_full / t_cached}
     return {
         "decode_step_ms": {str(b): s * 1e3 for b, s in steps.items()},

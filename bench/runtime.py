@@ -11,30 +11,17 @@ import functools
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.timing import median_seconds
 from service.runtime import Runtime, RuntimeOptions
 
 SEQ = 128
 CACHED = 128
-
-
-def _median_ms(fn: Callable[[], object], min_seconds: float, min_runs: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def _ort_cases(rt: Runtime, seq: int, cached: int) -> dict[str, Callable[[], object]]:
@@ -91,11 +78,13 @@ def run(model_dir: Path, checkpoint: Path | None, seconds: float = 1.0) -> dict[
             continue
         rt = Runtime(model_dir, RuntimeOptions(device="cpu", variant=variant))  # type: ignore[arg-type]
         for name, fn in _ort_cases(rt, seq, cached).items():
-            rows.setdefault(name, {})[f"onnxruntime {variant}"] = _median_ms(fn, seconds)
+            rows.setdefault(name, {})[f"onnxruntime {variant}"] = (
+                median_seconds(fn, runs=10, min_seconds=seconds, warmup=3) * 1e3
+            )
     checkpoint = checkpoint or Path(config["training"].get("checkpoint_dir", ""))
     if checkpoint and (checkpoint / "checkpoint.pt").is_file():
         for name, fn in _torch_cases(checkpoint, seq, cached).items():
-            rows[name]["pytorch eager"] = _median_ms(fn, seconds)
+            rows[name]["pytorch eager"] = median_seconds(fn, runs=10, min_seconds=seconds, warmup=3) * 1e3
     return {
         "model": f"{config['name']} {config['version']}",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.timing import median_seconds
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer, extend_cache, pool
 from service.runtime import Runtime
@@ -127,22 +127,12 @@ def decoder_bits_per_byte(rt: Runtime, windows: list[np.ndarray], batch: int = 3
     return float(nats / nbytes / np.log(2.0))
 
 
-def _median_ms(fn: Any, repeat: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
-
-
 def time_decoder(rt: Runtime, cached: int = 128) -> dict[str, float]:
     """Median ms of a 128-token prefill and of one decode step at batch 1 with 128 cached tokens."""
     n = min(cached, rt.info.max_seq_len - 1)
     ids = np.ones((1, n), np.int64)
     empty = [(np.zeros((1, rt.info.n_head, 0, rt.info.head_dim), np.float32),) * 2] * rt.info.n_layer
-    prefill = _median_ms(lambda: rt.decode(ids, np.ones_like(ids), empty))
+    prefill = median_seconds(lambda: rt.decode(ids, np.ones_like(ids), empty), runs=30) * 1e3
     cache = rt.new_cache(1)
     one = np.ones((1, 1), np.int64)
 
@@ -150,4 +140,4 @@ def time_decoder(rt: Runtime, cached: int = 128) -> dict[str, float]:
         cache.lengths[:] = n  # keep the cache at n tokens: each timed step is the same step
         rt.decode_step(cache, one, one)
 
-    return {f"prefill_{n}": prefill, "decode_step": _median_ms(step)}
+    return {f"prefill_{n}": prefill, "decode_step": median_seconds(step, runs=30) * 1e3}

@@ -44,18 +44,6 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_runtime(args: argparse.Namespace) -> int:
-    import json
-
-    from bench.runtime import run, table
-
-    result = run(args.model_dir, args.checkpoint, args.seconds)
-    sys.stdout.write(table(result) + "\n")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
-
-
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -78,25 +66,14 @@ def _client(args: argparse.Namespace) -> int:
     return main(args)
 
 
-def _bench_encode(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
     import json
 
-    from bench.encode import run, table
-
-    result = run(args.model_dir, args.tokens, args.concurrency, args.seconds)
-    sys.stdout.write(table(result) + "\n")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
-
-
-def _bench_generate(args: argparse.Namespace) -> int:
-    import json
-
-    from bench.generate import run, table
-
-    result = run(args.model_dir, args.seconds)
-    sys.stdout.write(table(result) + "\n")
+    bench = importlib.import_module(f"bench.{args.bench}")
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "bench", "func", "json", "log_level")}
+    result = bench.run(**options)
+    sys.stdout.write(bench.table(result) + "\n")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
@@ -159,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--seed", type=int)
     cg.add_argument("--stop", nargs="*", help="stop sequences")
     csub.add_parser("info", help="model and server information")
+    ch = csub.add_parser("health", help="exit 0 when the server is SERVING (for container health checks)")
+    ch.add_argument("--service", default="", help="service name to ask about (default: the server as a whole)")
     c.set_defaults(func=_client)
 
     b = sub.add_parser("bench", help="benchmarks that print their figures")
@@ -168,19 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--checkpoint", type=Path, help="training folder for the PyTorch side (default: the exported one)")
     br.add_argument("--seconds", type=float, default=1.0, help="time spent per case (default 1)")
     br.add_argument("--json", type=Path, help="also write the figures here")
-    br.set_defaults(func=_bench_runtime)
+    br.set_defaults(func=_bench)
     be = bsub.add_parser("encode", help="gRPC load (closed and open loop) against the in-process limit")
     be.add_argument("--model-dir", type=Path, required=True)
     be.add_argument("--tokens", type=int, default=64, help="tokens per text (default 64)")
     be.add_argument("--concurrency", type=int, default=32, help="closed-loop concurrency (default 32)")
     be.add_argument("--seconds", type=float, default=10.0, help="duration of each load (default 10)")
     be.add_argument("--json", type=Path, help="also write the figures here")
-    be.set_defaults(func=_bench_encode)
+    be.set_defaults(func=_bench)
     bg = bsub.add_parser("generate", help="streaming generation load against the in-process decode limit")
     bg.add_argument("--model-dir", type=Path, required=True)
     bg.add_argument("--seconds", type=float, default=15.0, help="duration of each load (default 15)")
     bg.add_argument("--json", type=Path, help="also write the figures here")
-    bg.set_defaults(func=_bench_generate)
+    bg.set_defaults(func=_bench)
     return p
 
 

@@ -80,6 +80,16 @@ def main(args: argparse.Namespace) -> int:
             if args.png:
                 for p in heatmaps(r, args.png):
                     sys.stdout.write(f"wrote {p}\n")
+        elif args.client_command == "health":
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            channel = grpc.insecure_channel(args.address)
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+            sys.stdout.write(name + "\n")
+            return 0 if status.status == health_pb2.HealthCheckResponse.SERVING else 1
         elif args.client_command == "generate":
             req = pb.GenerateRequest(
                 prompt=args.prompt,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,46 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.timing import start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 
 
-def start_process(model_dir: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--model-dir",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--device",
-        "cpu",
-        *flags,
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    assert proc.stderr is not None
-    port = 0
-    deadline = time.monotonic() + 60
-    for line in proc.stderr:
-        if m := re.search(r"gRPC on \S+:(\d+)", line):
-            port = int(m.group(1))
-        if "serving " in line:
-            break
-        assert time.monotonic() < deadline, "server did not start"
-    assert port, "no port logged"
-    return proc, port
-
-
 @pytest.fixture
 def process(model_dir: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    proc, port = start_process(model_dir, "--max-queue-delay-ms", "400", env={"ATTNSERVE_MAX_BATCH_SIZE": "64"})
+    proc, port = start_server(
+        model_dir, "--max-queue-delay-ms", "400", env={**os.environ, "ATTNSERVE_MAX_BATCH_SIZE": "64"}
+    )
     yield proc, port
     if proc.poll() is None:
         proc.kill()
