@@ -8,7 +8,7 @@ CHECKPOINT := $(MODEL)/checkpoint
 MODEL_DIR := $(MODEL)/onnx
 TRAIN_MINUTES ?= 5
 
-.PHONY: install run train export bench protos test lint clean
+.PHONY: install run train export bench protos deploy-tools image test lint clean
 
 install: $(STAMP)
 
@@ -47,7 +47,20 @@ bench: $(MODEL_DIR)/config.json
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/attnserve/v1/attnserve.proto
 
-test: install
+# promtool and prometheus for tests/deploy, from Debian's packages where this machine may install them;
+# where it cannot, those tests say so and skip. (kubectl comes with the machine image.)
+deploy-tools:
+	@command -v promtool >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
+	  || echo "prometheus/promtool could not be installed here: their tests will be skipped"; }
+
+# container images, where a container engine runs (see README, "Deploying")
+image: $(MODEL_DIR)/config.json
+	@docker info >/dev/null 2>&1 || { echo "make image needs a running container engine (docker)"; exit 1; }
+	docker build -f deploy/docker/Dockerfile.cpu --build-arg MODEL_DIR=$(MODEL_DIR) -t attnserve:cpu .
+	docker build -f deploy/docker/Dockerfile.cuda --build-arg MODEL_DIR=$(MODEL_DIR) -t attnserve:cuda .
+
+test: install deploy-tools
 	$(BIN)/python -m pytest
 
 lint: install

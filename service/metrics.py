@@ -71,6 +71,9 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.device_requested = Gauge(
+            "attnserve_device_requested", "1 for the device the server was configured to use", ["device"], registry=r
+        )
         self.model = Info("attnserve_model", "The model being served", registry=r)
         self.build = Info("attnserve_build", "Versions of the serving stack", registry=r)
         self.build.info({"python": platform.python_version(), "platform": sys.platform})
@@ -113,6 +116,16 @@ class Metrics:
         self.gen_finished = Counter(
             "attnserve_generate_finished_total", "Finished generations by reason", ["reason"], registry=r
         )
+
+    def init_series(self, graphs: tuple[str, ...] = ("encode", "attention")) -> None:
+        """Create the known labelled series at zero, so that rate() and alerts see them before the first event."""
+        for graph in graphs:
+            self.queue_depth.labels(graph).set(0)
+            self.tokens.labels(graph)
+            for reason in ("queue_full", "cancelled", "deadline"):
+                self.dropped.labels(graph, reason)
+        for reason in ("length", "stop", "end_of_text", "context_full", "cancelled"):
+            self.gen_finished.labels(reason)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> object:
         """Expose /metrics over HTTP; returns the server (``.shutdown()`` stops it)."""

@@ -52,6 +52,8 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
+        self.metrics.device_requested.labels(cfg.device).set(1)
+        self.metrics.init_series()
         if cfg.metrics_port >= 0:
             self._metrics_server = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
             self.metrics_port = self._metrics_server.server_port

@@ -1,0 +1,268 @@
+"""deploy/ checked by the tools of each ecosystem: hadolint, kustomize, the Kubernetes schemas, promtool,
+and a real Prometheus scraping a real server."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from service.config import ServerConfig
+from tests.service.conftest import ServerThread, config
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.27"
+CRDS = {"monitoring.coreos.com/v1", "serving.kserve.io/v1beta1"}  # not in the Kubernetes schemas
+
+
+def tool(name: str) -> str:
+    """The tool's path, from the virtual environment or PATH; skip (saying why) where it is not installed."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed here (make test installs it where the package registries allow)")
+    return found
+
+
+def kustomize(path: str) -> list[dict[str, Any]]:
+    out = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
+
+
+# --- containers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
+    out = subprocess.run([tool("hadolint"), str(DEPLOY / "docker" / dockerfile)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_images_run_the_server_as_a_non_root_user_with_a_health_check(dockerfile: str) -> None:
+    text = (DEPLOY / "docker" / dockerfile).read_text()
+    assert text.count("\nFROM ") >= 1 and " AS build" in text  # multi-stage
+    assert "USER 10001" in text and "HEALTHCHECK" in text
+    assert 'ENTRYPOINT ["attnserve", "serve"]' in text
+    assert "torch" not in text.lower().replace("pytorch", "")
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["base", "overlays/cpu", "overlays/gpu"])
+def test_kustomizations_build_and_validate_against_the_schemas(path: str) -> None:
+    import kubernetes_validate
+
+    docs = kustomize(path)
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    } <= kinds
+    for doc in docs:
+        if doc["apiVersion"] in CRDS:
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kserve_example_is_well_formed() -> None:
+    doc = yaml.safe_load((DEPLOY / "k8s/kserve/inferenceservice.yaml").read_text())
+    assert doc["apiVersion"] == "serving.kserve.io/v1beta1" and doc["kind"] == "InferenceService"
+    container = doc["spec"]["predictor"]["containers"][0]
+    assert container["ports"][0]["containerPort"] == ServerConfig().port
+
+
+def test_ports_probes_and_grace_period_agree_with_the_server() -> None:
+    docs = kustomize("base")
+    defaults = ServerConfig()
+    env = by_kind(docs, "ConfigMap")["data"]
+    cfg = ServerConfig.from_sources(None, env)
+    assert (cfg.port, cfg.metrics_port) == (defaults.port, defaults.metrics_port)
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": cfg.port, "metrics": cfg.metrics_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == cfg.port, probe
+    assert pod["terminationGracePeriodSeconds"] > cfg.grace_seconds
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert services["attnserve-headless"]["spec"]["clusterIP"] == "None"
+    assert {p["port"] for p in services["attnserve"]["spec"]["ports"]} == {cfg.port, cfg.metrics_port}
+    hpa_metrics = {m["type"] for m in by_kind(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]}
+    assert hpa_metrics == {"Resource", "Pods"}
+
+
+def test_gpu_overlay_asks_for_a_gpu_and_requires_cuda() -> None:
+    docs = kustomize("overlays/gpu")
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["image"].endswith(":cuda")
+    assert pod["nodeSelector"] and pod["tolerations"]
+    env = ServerConfig.from_sources(None, by_kind(docs, "ConfigMap")["data"])
+    assert env.device == "cuda" and env.require_cuda
+
+
+# --- monitoring ---------------------------------------------------------------------------------
+
+
+def rule_exprs() -> list[str]:
+    rules = yaml.safe_load((DEPLOY / "monitoring/rules.yaml").read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((DEPLOY / "monitoring/grafana-dashboard.json").read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def metric_names(exprs: list[str]) -> set[str]:
+    return {m for e in exprs for m in re.findall(r"\battnserve_[a-z0-9_]+", e)}
+
+
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    promtool = tool("promtool")
+    check = subprocess.run(
+        [promtool, "check", "rules", str(DEPLOY / "monitoring/rules.yaml")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    unit = subprocess.run(
+        [promtool, "test", "rules", "tests/rules_test.yaml"], cwd=DEPLOY / "monitoring", capture_output=True, text=True
+    )
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    alerts = {
+        r["alert"]
+        for g in yaml.safe_load((DEPLOY / "monitoring/rules.yaml").read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
+    tested = set(re.findall(r"alertname: (\w+)", (DEPLOY / "monitoring/tests/rules_test.yaml").read_text()))
+    assert alerts == tested  # every alert has a test
+
+
+@pytest.fixture(scope="module")
+def live(model_dir: Path) -> Iterator[ServerThread]:
+    """A server that has answered every kind of request, so every labelled series exists."""
+    st = ServerThread(config(model_dir)).start()
+    stub = st.stub()
+    stub.Encode(pb.EncodeRequest(texts=["a", "b"]))
+    stub.AttentionMap(pb.AttentionMapRequest(text="the king"))
+    stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=3))
+    yield st
+    st.stop()
+
+
+def scrape(st: ServerThread) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{st.server.metrics_port}/metrics").read().decode()
+
+
+def test_every_metric_in_the_rules_and_dashboard_is_exported(live: ServerThread) -> None:
+    exported = set(re.findall(r"^(attnserve_[a-z0-9_]+)", scrape(live), re.M))
+    used = metric_names(rule_exprs() + dashboard_exprs())
+    assert used, "no metric names found"
+    assert used - exported == set()
+
+
+def test_promtool_accepts_the_live_metrics(live: ServerThread) -> None:
+    out = subprocess.run([tool("promtool"), "check", "metrics"], input=scrape(live), capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def query(port: int, expr: str) -> list[Any]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    body = json.loads(urllib.request.urlopen(url, timeout=5).read())
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def test_a_real_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
+    live: ServerThread, tmp_path: Path
+) -> None:
+    prometheus = tool("prometheus")
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(DEPLOY / "monitoring/rules.yaml")],
+                "scrape_configs": [
+                    {
+                        "job_name": "attnserve",
+                        "static_configs": [{"targets": [f"127.0.0.1:{live.server.metrics_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        stub = live.stub()
+        deadline = time.monotonic() + 60
+        while True:  # load while Prometheus takes a few scrapes
+            stub.Encode(pb.EncodeRequest(texts=["the king speaks"]))
+            stub.AttentionMap(pb.AttentionMapRequest(text="the crown"))
+            with pytest.raises(grpc.RpcError):  # and a client error, so the error panels have a series
+                stub.Encode(pb.EncodeRequest())
+            for _ in stub.GenerateStream(pb.GenerateRequest(prompt="Good sir", max_new_tokens=4)):
+                pass
+            try:
+                if (
+                    query(port, 'up{job="attnserve"}')
+                    and len(query(port, "attnserve_tokens_total[10s]")[0]["values"]) >= 4
+                ):
+                    break
+            except (OSError, IndexError, KeyError):
+                pass
+            assert time.monotonic() < deadline, "Prometheus did not scrape the server"
+            time.sleep(0.3)
+        empty = [e for e in dashboard_exprs() if not query(port, e.replace("$__rate_interval", "15s"))]
+        assert empty == []
+        assert query(port, "attnserve:requests:rate5m")  # the recording rules evaluate on real data
+    finally:
+        proc.terminate()
+        proc.wait(10)
