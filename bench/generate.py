@@ -61,7 +61,7 @@ def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> 
 
     def cached_decoding(prompt: list[int]) -> None:
         cache = rt.new_cache(1)
-        logits = rt.prefill(cache, [0], [prompt])
+        logits, _ = rt.prefill(cache, [0], [prompt])
         for _ in range(new_tokens):
             nxt = np.array([[int(np.argmax(logits[-1]))]])
             logits = rt.decode_step(cache, nxt, np.ones((1, 1), np.int64))[:, 0]

@@ -3,6 +3,7 @@
 * encode:    input_ids, attention_mask -> last_hidden_state, pooled_mean, pooled_last
 * decoder:   input_ids, attention_mask, past_key_{i}, past_value_{i} -> logits, new_key_{i}, new_value_{i}
 * attention: input_ids, attention_mask -> attentions (B, layers, heads, T, T)
+* decoder_attn: the decoder, with attentions (B, layers, heads, T, P + T) as a last output
 * kv_write:  cache, new, start -> updated (the CUDA runtime's on-device cache append)
 
 Attention probabilities live only in the attention graph, so ONNX Runtime can drop them
@@ -57,16 +58,23 @@ class EncodeGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    def __init__(self, model: Transformer) -> None:
+    """The decoder; ``with_attention`` adds its attention probabilities as a last output
+    (the ``decoder_attn`` graph, run only for generation requests that ask for them)."""
+
+    def __init__(self, model: Transformer, with_attention: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.with_attention = with_attention
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past_flat: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         out = self.model(input_ids, attention_mask, past=past)
-        return (out.logits, *(t for kv in out.new_kv for t in kv))
+        outputs = (out.logits, *(t for kv in out.new_kv for t in kv))
+        if self.with_attention:  # (B, L, nh, T, P + T): what each new token attended to
+            outputs = (*outputs, torch.stack(out.attentions, dim=1))
+        return outputs
 
 
 class AttentionGraph(nn.Module):
@@ -119,7 +127,7 @@ def export_attention(model: Transformer, path: str) -> None:
     )
 
 
-def export_decoder(model: Transformer, path: str) -> None:
+def export_decoder(model: Transformer, path: str, with_attention: bool = False) -> None:
     cfg = model.cfg
     ids, _ = _example(cfg, T=2)
     n_past = 3
@@ -135,12 +143,16 @@ def export_decoder(model: Transformer, path: str) -> None:
     }
     dynamic |= {n: {0: "batch", 2: "past"} for n in pasts}
     dynamic |= {n: {0: "batch", 2: "seq"} for n in news}
+    outputs = ["logits", *news]
+    if with_attention:
+        outputs.append("attentions")
+        dynamic["attentions"] = {0: "batch", 3: "seq", 4: "total"}
     _onnx_export(
-        DecoderGraph(model),
+        DecoderGraph(model, with_attention),
         (ids, mask, *past),
         path,
         input_names=[*INPUTS, *pasts],
-        output_names=["logits", *news],
+        output_names=outputs,
         dynamic_axes=dynamic,
     )
 

@@ -109,6 +109,7 @@ def export_model(
             "decoder": "decoder.onnx",
             "attention": "attention.onnx",
             "kv_write": "kv_write.onnx",
+            "decoder_attn": "decoder_attn.onnx",
         }
         config: dict[str, Any] = {
             "format": FORMAT_VERSION,
@@ -136,6 +137,7 @@ def export_model(
             export_decoder(model, str(work / graphs["decoder"]))
             export_attention(model, str(work / graphs["attention"]))
             export_kv_write(cfg.model, str(work / graphs["kv_write"]))
+            export_decoder(model, str(work / graphs["decoder_attn"]), with_attention=True)
         for graph, file in graphs.items():
             _stamp_metadata(work / file, graph, config)
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

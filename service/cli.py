@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--top-p", type=float, default=1.0)
     cg.add_argument("--seed", type=int)
     cg.add_argument("--stop", nargs="*", help="stop sequences")
+    cg.add_argument("--attention", action="store_true", help="show what each token attended to most (last layer)")
     csub.add_parser("info", help="model and server information")
     ch = csub.add_parser("health", help="exit 0 when the server is SERVING (for container health checks)")
     ch.add_argument("--service", default="", help="service name to ask about (default: the server as a whole)")

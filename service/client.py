@@ -99,6 +99,8 @@ def main(args: argparse.Namespace) -> int:
                 top_p=args.top_p,
                 stop=args.stop or [],
                 logprobs=False,
+                return_attention=args.attention,
+                attention_top_k=3,
             )
             if args.seed is not None:
                 req.seed = args.seed
@@ -110,6 +112,16 @@ def main(args: argparse.Namespace) -> int:
                     if msg.finish_reason:
                         reason = pb.FinishReason.Name(msg.finish_reason)
                         sys.stdout.write(f"\n[{reason}, {msg.usage.generated_tokens} tokens]\n")
+            elif args.attention:
+                g = client.Generate(req, timeout=args.timeout)
+                prompt_tokens = client.Tokenize(pb.TokenizeRequest(texts=[args.prompt])).tokenizations[0].tokens
+                seen = list(prompt_tokens)
+                sys.stdout.write("token <- what the last layer attended to most (averaged over heads)\n")
+                for t in g.tokens:
+                    last = t.attention[-1]
+                    why = ", ".join(f"{seen[p]!r} {w:.2f}" for p, w in zip(last.positions, last.weights, strict=True))
+                    sys.stdout.write(f"{t.text!r:>14} <- {why}\n")
+                    seen.append(t.text)
             else:
                 g = client.Generate(req, timeout=args.timeout)
                 sys.stdout.write(args.prompt + g.text + "\n")

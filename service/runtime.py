@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 GRAPHS = ("encode", "decoder", "attention")
+OPTIONAL_GRAPHS = ("decoder_attn",)  # generation with attention; a model directory without it serves the rest
 FORMAT_VERSION = 1
 
 
@@ -285,13 +286,14 @@ class Runtime:
             if opts.require_cuda:
                 raise CudaUnavailableError(f"CUDA required, but CUDA device {opts.device_id} is not usable here")
             log.warning("CUDA was requested but device %d is not usable here; running on CPU", opts.device_id)
-        self.sessions = {graph: self._session(graph, want_cuda) for graph in GRAPHS}
+        graphs = [*GRAPHS, *(g for g in OPTIONAL_GRAPHS if g in self.info.graphs)]
+        self.sessions = {graph: self._session(graph, want_cuda) for graph in graphs}
         placed = {g: s.get_providers()[0] for g, s in self.sessions.items()}
         self.provider = CUDA if all(p == CUDA for p in placed.values()) else CPU
         if self.provider == CUDA:
             self.sessions["kv_write"] = self._session("kv_write", want_cuda=True)
         elif want_cuda:  # some graphs landed on CPU: keep all of them there, together with the cache
-            self.sessions = {graph: self._session(graph, want_cuda=False) for graph in GRAPHS}
+            self.sessions = {graph: self._session(graph, want_cuda=False) for graph in graphs}
         if want_cuda and self.provider != CUDA:
             if opts.require_cuda:
                 raise CudaUnavailableError(f"CUDA required, but the sessions were placed on {placed}")
@@ -380,21 +382,41 @@ class Runtime:
     def decode_step(self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
         """Run T new tokens of every slot (right-padded, ``new_mask`` marks the real ones) against the cache,
         append their keys and values to it, and return the logits (S, T, V)."""
+        return self._step(cache, input_ids, new_mask, "decoder")[0]
+
+    def decode_step_with_attention(
+        self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``decode_step`` through the decoder_attn graph: also what each new token attended to,
+        (S, layers, heads, T, max_len + T): the cache's positions, then the new tokens."""
+        logits, attentions = self._step(cache, input_ids, new_mask, "decoder_attn")
+        assert attentions is not None
+        return logits, attentions
+
+    def _step(
+        self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray, graph: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if graph not in self.sessions:
+            raise ModelDirError(f"{self.model_dir / 'config.json'}: no {graph!r} graph (export it again)")
         counts = cache.check_room(new_mask)  # before running: positions past the context have no encoding
         if isinstance(cache, DeviceKVCache):
             if len(new_mask) != cache.slots:
                 raise ValueError(f"a device cache steps all {cache.slots} slots together, not {len(new_mask)}")
-            logits = self._decode_step_on_device(cache, input_ids, new_mask)
+            out = self._step_on_device(cache, input_ids, new_mask, graph)
             cache.lengths += counts
-            return logits
+            return out
         k = len(new_mask)  # the first k slots take part; the rest are left alone
         feeds = {"input_ids": _i64(input_ids), "attention_mask": cache.attention_mask(new_mask)} | cache.feeds(k)
-        logits, *new_kv = self.sessions["decoder"].run(None, feeds)
-        cache.write(new_kv, counts)
-        return logits
+        logits, *rest = self.sessions[graph].run(None, feeds)
+        n_kv = 2 * self.info.n_layer
+        cache.write(rest[:n_kv], counts)
+        return logits, (rest[n_kv] if len(rest) > n_kv else None)
 
-    def prefill(self, cache: KVCache, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """Run prompts into empty slots of the cache; returns each prompt's last logits (len(prompts), V).
+    def prefill(
+        self, cache: KVCache, slots: Sequence[int], prompts: Sequence[Sequence[int]], attention: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Run prompts into empty slots of the cache. Returns each prompt's last logits (len(prompts), V)
+        and, with ``attention``, what each prompt's last token attended to: (layers, heads, len(prompt)) each.
 
         On the host cache only the new prompts are computed, in a batch of their own; on the
         device cache they are computed in place, with the other slots masked.
@@ -405,22 +427,40 @@ class Runtime:
             mask = np.zeros((cache.slots, T), np.int64)
             for s, p in zip(slots, prompts, strict=True):
                 ids[s, : len(p)], mask[s, : len(p)] = p, 1
-            logits = self.decode_step(cache, ids, mask)
-            return np.stack([logits[s, len(p) - 1] for s, p in zip(slots, prompts, strict=True)])
-        ids = np.zeros((len(prompts), T), np.int64)
-        mask = np.zeros((len(prompts), T), np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)], mask[i, : len(p)] = p, 1
-        empty = np.zeros((len(prompts), self.info.n_head, 0, self.info.head_dim), np.float32)
-        logits, new_kv = self.decode(ids, mask, [(empty, empty)] * self.info.n_layer)
-        cache.fill(slots, new_kv, mask.sum(1))
-        return np.stack([logits[i, len(p) - 1] for i, p in enumerate(prompts)])
+            logits, att = self._step(cache, ids, mask, "decoder_attn" if attention else "decoder")
+            M = cache.max_len
+            rows = [
+                (logits[s, len(p) - 1], None if att is None else att[s, :, :, len(p) - 1, M : M + len(p)])
+                for s, p in zip(slots, prompts, strict=True)
+            ]
+        else:
+            ids = np.zeros((len(prompts), T), np.int64)
+            mask = np.zeros((len(prompts), T), np.int64)
+            for i, p in enumerate(prompts):
+                ids[i, : len(p)], mask[i, : len(p)] = p, 1
+            empty = np.zeros((len(prompts), self.info.n_head, 0, self.info.head_dim), np.float32)
+            feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+            for i in range(self.info.n_layer):
+                feeds[f"past_key_{i}"] = feeds[f"past_value_{i}"] = empty
+            logits, *rest = self.sessions["decoder_attn" if attention else "decoder"].run(None, feeds)
+            n_kv = 2 * self.info.n_layer
+            cache.fill(slots, rest[:n_kv], mask.sum(1))
+            att = rest[n_kv] if attention else None
+            rows = [
+                (logits[i, len(p) - 1], None if att is None else att[i, :, :, len(p) - 1, : len(p)])
+                for i, p in enumerate(prompts)
+            ]
+        last = np.stack([r[0] for r in rows])
+        return last, ([r[1] for r in rows] if attention else None)  # type: ignore[misc]
 
-    def _decode_step_on_device(self, cache: DeviceKVCache, input_ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
+    def _step_on_device(
+        self, cache: DeviceKVCache, input_ids: np.ndarray, new_mask: np.ndarray, graph: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Decoder with the cache bound in place on the device; new keys/values land in a device buffer
-        that ``kv_write`` appends to the cache. Only ids and mask go up, and only logits come down."""
+        that ``kv_write`` appends to the cache. Only ids and mask go up, and only logits (and attention,
+        when asked) come down."""
         dev = self.options.device_id
-        io = self.sessions["decoder"].io_binding()
+        io = self.sessions[graph].io_binding()
         io.bind_cpu_input("input_ids", _i64(input_ids))
         io.bind_cpu_input("attention_mask", cache.attention_mask(new_mask))
         for name, ptr, shape in cache.layer_views(cache.current, cache.shape):
@@ -430,8 +470,12 @@ class Runtime:
         for name, ptr, shape in cache.layer_views(new, new_shape):
             io.bind_output(f"new_{name}", "cuda", dev, np.float32, shape, ptr)
         io.bind_output("logits", "cpu")
-        self.sessions["decoder"].run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()
+        if graph == "decoder_attn":
+            io.bind_output("attentions", "cpu")
+        self.sessions[graph].run_with_iobinding(io)
+        outputs = io.get_outputs()
+        logits = outputs[0].numpy()
+        attentions = outputs[-1].numpy() if graph == "decoder_attn" else None
 
         write = self.sessions["kv_write"].io_binding()
         write.bind_ortvalue_input("cache", cache.current)
@@ -440,7 +484,7 @@ class Runtime:
         write.bind_ortvalue_output("updated", cache.buffers[1])
         self.sessions["kv_write"].run_with_iobinding(write)
         cache.swap()
-        return logits
+        return logits, attentions
 
     def new_cache(self, slots: int) -> KVCache:
         if self.provider == CUDA:

@@ -23,6 +23,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    return_attention: bool = False
+    attention_top_k: int = 5
 
     def problems(self, max_new_tokens: int) -> list[str]:
         """What is wrong with these parameters, field by field (empty when they are fine)."""
@@ -39,6 +41,8 @@ class SamplingParams:
             bad.append(f"top_logprobs: {self.top_logprobs} exceeds 20")
         if any(not s for s in self.stop):
             bad.append("stop: sequences must not be empty")
+        if not 1 <= self.attention_top_k <= 64:
+            bad.append(f"attention_top_k: {self.attention_top_k} is not in 1..64")
         if len(self.stop) > 8:
             bad.append(f"stop: {len(self.stop)} sequences exceed 8")
         return bad

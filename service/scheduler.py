@@ -70,6 +70,9 @@ class Token:
     text: str  # the text it completes (may be "" while a character or a possible stop sequence is incomplete)
     logprob: float = 0.0
     top: list[tuple[int, float]] = field(default_factory=list)
+    # with return_attention: per layer, the sequence positions the step that chose this token
+    # attended to most (averaged over heads), most attended first, and their weights
+    attention: list[tuple[int, list[int], list[float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,7 +112,8 @@ class Sequence:
         return len(self.prompt) + self.params.max_new_tokens
 
 
-Pick = tuple[Sequence, int, "np.ndarray | None"]  # a sequence, its next token, its log-probabilities
+# a sequence, its next token, its log-probabilities, and what the step attended to (layers, positions)
+Pick = tuple[Sequence, int, "np.ndarray | None", "np.ndarray | None"]
 
 
 class Scheduler:
@@ -242,8 +246,14 @@ class Scheduler:
         return admitted
 
     def _prefill(self, seqs: list[Sequence]) -> list[Pick]:
-        logits = self.runtime.prefill(self.cache, [s.slot for s in seqs], [s.prompt for s in seqs])
-        return self._sample(seqs, logits)
+        wanted = any(s.params.return_attention for s in seqs)
+        logits, att = self.runtime.prefill(self.cache, [s.slot for s in seqs], [s.prompt for s in seqs], wanted)
+        # per sequence: (layers, positions) averaged over heads, for those that asked
+        maps: list[np.ndarray | None] = [None] * len(seqs)
+        for i, (seq, a) in enumerate(zip(seqs, att or [], strict=False)):
+            if seq.params.return_attention:
+                maps[i] = a.mean(axis=1)
+        return self._sample(seqs, logits, maps)
 
     def _step(self, k: int) -> list[Pick]:
         rows = self.cache.slots if isinstance(self.cache, DeviceKVCache) else k
@@ -253,28 +263,39 @@ class Scheduler:
         for seq in stepping:
             ids[seq.slot, 0] = seq.generated[-1]
             mask[seq.slot, 0] = 1
-        logits = self.runtime.decode_step(self.cache, ids, mask)[:, 0]  # (rows, V)
+        maps: list[np.ndarray | None] = [None] * len(stepping)
+        if any(s.params.return_attention for s in stepping):
+            out, att = self.runtime.decode_step_with_attention(self.cache, ids, mask)
+            M = self.cache.max_len
+            for i, seq in enumerate(stepping):
+                if seq.params.return_attention:
+                    a = att[seq.slot, :, :, 0].mean(axis=1)  # (layers, M + 1), averaged over heads
+                    cached = int(self.cache.lengths[seq.slot]) - 1  # before this step's token was appended
+                    maps[i] = np.concatenate((a[:, :cached], a[:, M : M + 1]), axis=1)  # (layers, positions)
+        else:
+            out = self.runtime.decode_step(self.cache, ids, mask)
+        logits = out[:, 0]  # (rows, V)
         self.metrics.gen_batch_size.observe(len(stepping))
-        return self._sample(stepping, logits[[seq.slot for seq in stepping]])
+        return self._sample(stepping, logits[[seq.slot for seq in stepping]], maps)
 
     @staticmethod
-    def _sample(seqs: list[Sequence], logits: np.ndarray) -> list[Pick]:
+    def _sample(seqs: list[Sequence], logits: np.ndarray, maps: list[np.ndarray | None]) -> list[Pick]:
         """Next tokens for seqs from their logits (len(seqs), V): in one pass over the batch where the
         sampling settings allow, one by one otherwise; each sequence draws from its own generator."""
         tokens = choose_batch(
             logits, [s.params for s in seqs], [s.prompt + s.generated for s in seqs], [s.rng for s in seqs]
         )
         return [
-            (seq, token, log_softmax(row) if seq.params.logprobs else None)
-            for seq, token, row in zip(seqs, tokens, logits, strict=True)
+            (seq, token, log_softmax(row) if seq.params.logprobs else None, amap)
+            for seq, token, row, amap in zip(seqs, tokens, logits, maps, strict=True)
         ]
 
     def _accept_all(self, picks: list[Pick]) -> None:
-        for seq, token, lp in picks:
+        for seq, token, lp, amap in picks:
             if seq.slot >= 0 and not seq.cancelled:
-                self._accept(seq, token, lp)
+                self._accept(seq, token, lp, amap)
 
-    def _accept(self, seq: Sequence, token: int, lp: np.ndarray | None) -> None:
+    def _accept(self, seq: Sequence, token: int, lp: np.ndarray | None, amap: np.ndarray | None = None) -> None:
         """Take the sequence's next token: hand it over, and retire the sequence if it is done."""
         p = seq.params
         now = time.monotonic()
@@ -292,10 +313,10 @@ class Scheduler:
         text = self._text(seq)
         stop_at = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
         if stop_at >= 0:
-            self._emit(seq, token, text[:stop_at], lp, final=True)
+            self._emit(seq, token, text[:stop_at], lp, amap, final=True)
             self._retire(seq, Finish.STOP)
             return
-        self._emit(seq, token, text, lp)
+        self._emit(seq, token, text, lp, amap)
         if len(seq.generated) >= p.max_new_tokens:
             self._retire(seq, Finish.LENGTH)
         elif len(seq.prompt) + len(seq.generated) >= self.max_len:
@@ -314,7 +335,15 @@ class Scheduler:
         seq.settled_tokens = len(seq.generated)
         return seq.settled_text
 
-    def _emit(self, seq: Sequence, token: int, text: str, lp: np.ndarray | None, final: bool = False) -> None:
+    def _emit(
+        self,
+        seq: Sequence,
+        token: int,
+        text: str,
+        lp: np.ndarray | None,
+        amap: np.ndarray | None = None,
+        final: bool = False,
+    ) -> None:
         """Hand out the text that is settled: not a half-decoded character, not a possible start of a stop sequence."""
         settled = len(text)
         if not final:
@@ -333,6 +362,11 @@ class Scheduler:
             if seq.params.top_logprobs:
                 top = np.argpartition(-lp, seq.params.top_logprobs)[: seq.params.top_logprobs]
                 tok.top = [(int(i), float(lp[i])) for i in top[np.argsort(-lp[top])]]
+        if amap is not None:
+            k = min(seq.params.attention_top_k, amap.shape[1])
+            for layer, weights in enumerate(amap):
+                best = np.argsort(-weights, kind="stable")[:k]
+                tok.attention.append((layer, best.tolist(), weights[best].astype(float).tolist()))
         self._outbox.append((seq, tok))
 
     def _retire(self, seq: Sequence, finish: Finish, error: BaseException | None = None) -> None:

@@ -260,10 +260,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             seed=request.seed if request.HasField("seed") else None,
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
+            return_attention=request.return_attention,
+            attention_top_k=request.attention_top_k or 5,
         )
         problems = params.problems(scheduler.limits.max_new_tokens)
-        if request.return_attention:
-            problems.append("return_attention: not served by this server")
+        if request.return_attention and "decoder_attn" not in scheduler.runtime.sessions:
+            problems.append("return_attention: this model directory has no decoder_attn graph")
         if problems:
             raise InvalidInput("; ".join(problems))
         return ids, params
@@ -284,6 +286,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 pb.TokenLogprob(token_id=i, text=tokenizer.decode([i], skip_special_tokens=False), logprob=lp)
                 for i, lp in t.top
             ],
+            attention=[pb.LayerAttention(layer=layer, positions=pos, weights=w) for layer, pos, w in t.attention],
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:

@@ -31,7 +31,7 @@ def test_model_directory_is_self_contained(model_dir: Path) -> None:
     assert config["graphs"]["decoder"] == "decoder.onnx"
 
 
-@pytest.mark.parametrize("file", [*GRAPH_FILES, "decoder_int8.onnx", "attention_fp16.onnx"])
+@pytest.mark.parametrize("file", [*GRAPH_FILES, "decoder_attn.onnx", "decoder_int8.onnx", "attention_fp16.onnx"])
 def test_graphs_pass_the_full_checker_and_carry_the_config(model_dir: Path, file: str) -> None:
     onnx.checker.check_model(str(model_dir / file), full_check=True)
     model = onnx.load(str(model_dir / file))

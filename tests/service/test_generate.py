@@ -194,3 +194,27 @@ def test_generation_metrics_move(served: ServerThread) -> None:
     assert after[("attnserve_generate_inter_token_latency_seconds_count", ())] > 0
     assert after[("attnserve_generate_decode_batch_size_count", ())] > 0
     assert np.isfinite(after[("attnserve_generate_prompt_tokens_total", ())])
+
+
+def test_tokens_say_what_they_attended_to(served: ServerThread) -> None:
+    """Each token's top positions equal the attention map's row for the step that chose it."""
+    from service.servicer import decode_probabilities
+
+    stub = served.stub()
+    tok = served.server.scheduler.runtime.tokenizer  # type: ignore[union-attr]
+    prompt = "The king speaks of"
+    prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
+    r = gen(stub, prompt, temperature=0, max_new_tokens=6, return_attention=True, attention_top_k=3)
+    assert r.tokens
+    generated = [t.token_id for t in r.tokens]
+    for i, t in enumerate(r.tokens):
+        ids = prompt_ids + generated[:i]  # what the model had read when it chose token i
+        amap = decode_probabilities(stub.AttentionMap(pb.AttentionMapRequest(token_ids=pb.TokenIds(ids=ids))))
+        row = amap[:, :, -1, :].mean(axis=1)  # (layers, positions): the last token's query, heads averaged
+        assert [a.layer for a in t.attention] == list(range(amap.shape[0]))
+        for a in t.attention:
+            best = np.argsort(-row[a.layer], kind="stable")[:3]
+            assert list(a.positions) == best.tolist()
+            np.testing.assert_allclose(a.weights, row[a.layer][best], atol=1e-4)
+    plain = gen(stub, prompt, temperature=0, max_new_tokens=6)
+    assert ids_of(plain) == generated and not plain.tokens[0].attention  # asked for, or not at all
