@@ -47,12 +47,14 @@ bench: $(MODEL_DIR)/config.json
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/attnserve/v1/attnserve.proto
 
-# promtool and prometheus for tests/deploy, from Debian's packages where this machine may install them;
-# where it cannot, those tests say so and skip. (kubectl comes with the machine image.)
+# kubectl, promtool and prometheus for tests/deploy, from Debian's packages where this machine may install
+# them; where it cannot, those tests say so and skip.
 deploy-tools:
-	@command -v promtool >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
-	  || echo "prometheus/promtool could not be installed here: their tests will be skipped"; }
+	@for tool in kubectl:kubectl promtool:prometheus; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $${tool##*:}) >/dev/null 2>&1 \
+	    || echo "$${tool##*:} could not be installed here: the tests that need $${tool%%:*} will be skipped"; }; \
+	done
 
 # container images, where a container engine runs (see README, "Deploying")
 image: $(MODEL_DIR)/config.json
