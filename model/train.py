@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,6 @@ class Evaluation:
     bits_per_byte: float
     tokens: int
     bytes: int
-
-
-@dataclass
-class History:
-    steps: list[dict[str, float]] = field(default_factory=list)  # periodic train/val figures
 
 
 def lr_at(step: int, total_steps: int, tc: TrainConfig) -> float:
@@ -224,7 +219,8 @@ def train(
     model = Transformer(cfg.model).to(dev)
     optimizer = make_optimizer(model, tc, fused=dev.type == "cuda")
     gen = torch.Generator().manual_seed(tc.seed)
-    step, history, elapsed = 0, History(), 0.0
+    step, elapsed = 0, 0.0
+    history: list[dict[str, float]] = []  # periodic train and validation figures
     total_steps = steps
     if resume:
         state = torch.load(ckpt_path, map_location=dev, weights_only=False)
@@ -234,7 +230,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["sampler"])
         step, elapsed = state["step"], state["elapsed"]
-        history.steps = state["history"]
+        history = state["history"]
         total_steps = steps or state["total_steps"]
         log.info("resuming at step %d of %d", step, total_steps)
     tok, train_split, val_split, corpus = prepare(cfg, out_dir, docs, reuse_tokenizer=resume)
@@ -297,7 +293,7 @@ def train(
             ev = evaluate(model, val_split, tc.seq_len, tc.batch_size * 4, dev, tc.eval_tokens)
             rate = window_steps * tokens_per_step / (time.perf_counter() - window_start)
             train_bpb = loss_sum / max(1, bytes_sum) / LN2
-            history.steps.append(
+            history.append(
                 {
                     "step": step,
                     "elapsed_seconds": round(elapsed, 2),
@@ -332,7 +328,7 @@ def train(
                     "step": step,
                     "total_steps": total_steps,
                     "elapsed": elapsed,
-                    "history": history.steps,
+                    "history": history,
                     "config": cfg.to_dict(),
                 },
             )
@@ -366,15 +362,9 @@ def train(
         "torch": torch.__version__,
         "sample_prompt": SAMPLE_PROMPT,
         "sample": sample,
-        "history": history.steps,
+        "history": history,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    plot_history(history.steps, out_dir / "loss.png")
+    plot_history(history, out_dir / "loss.png")
     log.info("done: %d steps in %.1fs, validation %.4f bits per byte", step, elapsed, final.bits_per_byte)
     return metrics
-
-
-def uniform_bits_per_byte(tok: Tokenizer, split: Split) -> float:
-    """The loss of guessing uniformly over the vocabulary, in bits per byte: the level to beat."""
-    real = split.nbytes[1:] > 0
-    return float(real.sum()) * math.log(tok.vocab_size) / float(split.nbytes[1:].sum()) / LN2

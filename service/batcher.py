@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, Overloaded
+from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,16 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, ids: np.ndarray, deadline: float | None = None) -> Result[Any]:
+    def reserve(self, n: int) -> None:
+        """Refuse at once, before anything is queued, when n more requests would not fit."""
         if self._closed:
-            from service.errors import ModelNotReady
-
             raise ModelNotReady("server is shutting down")
-        if len(self._queue) >= self.limits.max_queue_size:
-            self.metrics.dropped.labels(self.name, "queue_full").inc()
+        if len(self._queue) + n > self.limits.max_queue_size:
+            self.metrics.dropped.labels(self.name, "queue_full").inc(n)
             raise Overloaded(f"{self.name} queue is full ({self.limits.max_queue_size} waiting); retry later")
+
+    async def submit(self, ids: np.ndarray, deadline: float | None = None) -> Result[Any]:
+        self.reserve(1)
         assert 0 < len(ids) <= self.max_len, f"{len(ids)} tokens; the servicer must bound inputs to {self.max_len}"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         item = Pending(ids, fut, time.monotonic(), deadline)

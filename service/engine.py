@@ -85,6 +85,7 @@ class Engine:
     async def encode(
         self, ids: Sequence[Sequence[int]], pooling: Literal["mean", "last"], normalize: bool, deadline: float | None
     ) -> Embedded:
+        self.encoder.reserve(len(ids))  # all of a request's texts are queued, or none
         results = await asyncio.gather(*(self.encoder.submit(np.asarray(x, np.int64), deadline) for x in ids))
         which = 0 if pooling == "mean" else 1
         vectors = np.stack([r.value[which] for r in results]).astype(np.float32)

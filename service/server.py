@@ -12,7 +12,6 @@ Settings: ``service.config.ServerConfig``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 from typing import Any
@@ -130,7 +129,3 @@ async def serve(config: ServerConfig) -> None:
         raise
     await stopping.wait()
     await server.stop()
-
-
-def describe(config: ServerConfig) -> str:
-    return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())

@@ -126,3 +126,14 @@ def test_a_full_queue_refuses_at_once_and_stop_drains() -> None:
         assert all(len(r.value) == 2 for r in await asyncio.gather(*waiting))
 
     asyncio.run(main())
+
+
+def test_a_request_of_several_texts_is_queued_whole_or_not_at_all() -> None:
+    async def main() -> None:
+        b = make(FakeModel(), max_queue_size=2)
+        with pytest.raises(Overloaded):
+            b.reserve(3)
+        assert b.depth == 0
+        b.reserve(2)  # fits
+
+    asyncio.run(main())
