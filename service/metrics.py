@@ -124,7 +124,7 @@ class Metrics:
             self.tokens.labels(graph)
             for reason in ("queue_full", "cancelled", "deadline"):
                 self.dropped.labels(graph, reason)
-        for reason in ("length", "stop", "end_of_text", "context_full", "cancelled"):
+        for reason in ("length", "stop", "end_of_text", "context_full", "cancelled", "error"):
             self.gen_finished.labels(reason)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> object:

@@ -28,9 +28,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class Finish(Enum):
     END_OF_TEXT = "end_of_text"
     CONTEXT_FULL = "context_full"
     CANCELLED = "cancelled"
+    ERROR = "error"  # the step failed: the caller gets an error, not a finish reason
 
 
 @dataclass(frozen=True)
@@ -193,14 +195,26 @@ class Scheduler:
                 if idle:
                     self._wake.clear()
             if admitted:
-                self._accept_all(self._prefill(admitted))
+                self._guarded(self._prefill, admitted, admitted)
             if self.running:
-                self._accept_all(self._step(max(self.running) + 1))
+                self._guarded(self._step, list(self.running.values()), max(self.running) + 1)
             self._flush()
             if idle:
                 if self._closed:
                     return
                 self._wake.wait()
+
+    def _guarded(self, work: Callable[[Any], list[Pick]], involved: list[Sequence], arg: Any) -> None:
+        """Run a prefill or a step; if it fails, its sequences fail (INTERNAL) and the loop goes on."""
+        try:
+            picks = work(arg)
+        except Exception:
+            log.exception("generation step failed for %d sequences", len(involved))
+            for seq in involved:
+                if seq.slot >= 0:
+                    self._retire(seq, Finish.ERROR, RuntimeError("generation step failed"))
+            return
+        self._accept_all(picks)
 
     def _flush(self) -> None:
         if self._outbox and self._loop is not None:

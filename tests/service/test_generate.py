@@ -218,3 +218,27 @@ def test_tokens_say_what_they_attended_to(served: ServerThread) -> None:
             np.testing.assert_allclose(a.weights, row[a.layer][best], atol=1e-4)
     plain = gen(stub, prompt, temperature=0, max_new_tokens=6)
     assert ids_of(plain) == generated and not plain.tokens[0].attention  # asked for, or not at all
+
+
+def test_a_failing_step_fails_its_sequences_and_generation_goes_on(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir)).start()
+    try:
+        assert st.server.scheduler is not None
+        rt = st.server.scheduler.runtime
+        real = rt.decode_step
+        calls = {"n": 0}
+
+        def flaky(*a, **kw):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("the device fell over")
+            return real(*a, **kw)
+
+        rt.decode_step = flaky  # type: ignore[method-assign]
+        with pytest.raises(grpc.RpcError) as e:
+            gen(st.stub(), "The king", max_new_tokens=5)
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "device" not in e.value.details()
+        assert gen(st.stub(), "The king", max_new_tokens=5).usage.generated_tokens == 5
+        assert metrics(st)[("attnserve_generate_running_sequences", ())] == 0
+    finally:
+        st.stop()
