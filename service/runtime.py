@@ -347,7 +347,7 @@ class Runtime:
             mask = np.ones((batch, seq), np.int64)
             self.encode(ids, mask)
             self.attention(ids, mask)
-            cache = KVCache(self.info, batch)
+            cache = self.new_cache(batch)  # the cache the provider uses: on the device under CUDA
             self.decode_step(cache, ids, mask)
             self.decode_step(cache, ids[:, :1], mask[:, :1])
         dt = time.perf_counter() - t0
