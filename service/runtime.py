@@ -342,7 +342,7 @@ class Runtime:
     def warmup(self) -> float:
         """Run every graph at a few shapes, so that allocation and kernel choice happen now."""
         t0 = time.perf_counter()
-        for batch, seq in ((1, 8), (4, 32), (8, min(64, self.info.max_seq_len - 1))):
+        for batch, seq in ((1, 8), (4, 32), (8, min(64, self.info.max_seq_len - 2))):
             ids = np.zeros((batch, seq), np.int64)
             mask = np.ones((batch, seq), np.int64)
             self.encode(ids, mask)
@@ -350,6 +350,8 @@ class Runtime:
             cache = self.new_cache(batch)  # the cache the provider uses: on the device under CUDA
             self.decode_step(cache, ids, mask)
             self.decode_step(cache, ids[:, :1], mask[:, :1])
+            if "decoder_attn" in self.sessions:
+                self.decode_step_with_attention(cache, ids[:, :1], mask[:, :1])
         dt = time.perf_counter() - t0
         log.info("warm-up took %.2fs", dt)
         return dt
