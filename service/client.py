@@ -78,7 +78,12 @@ def main(args: argparse.Namespace) -> int:
                 pairs = ", ".join(f"{r.tokens[q]!r}->{r.tokens[k]!r}" for q, k in enumerate(top))
                 sys.stdout.write(f"layer {layer}, most attended key per query: {pairs}\n")
             if args.png:
-                for p in heatmaps(r, args.png):
+                try:
+                    paths = heatmaps(r, args.png)
+                except ImportError:
+                    sys.stderr.write("heatmaps need matplotlib: pip install 'attnserve[train]'\n")
+                    return 1
+                for p in paths:
                     sys.stdout.write(f"wrote {p}\n")
         elif args.client_command == "health":
             from grpc_health.v1 import health_pb2, health_pb2_grpc
