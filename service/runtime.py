@@ -187,9 +187,9 @@ class KVCache:
 
     def check_room(self, new_mask: np.ndarray) -> np.ndarray:
         """New real tokens of each of the first len(new_mask) slots; ValueError where one would overflow."""
-        counts = new_mask.sum(axis=1).astype(np.int64)
+        counts = new_mask.sum(axis=1, dtype=np.int64)
         lengths = self.lengths[: len(new_mask)]
-        if np.any(lengths + counts > self.max_len):
+        if int((lengths + counts).max()) > self.max_len:  # one reduction: this runs every decode step
             raise ValueError(f"context full: cached {lengths.tolist()} + new {counts.tolist()} > {self.max_len}")
         return counts
 
@@ -210,15 +210,18 @@ class KVCache:
 
         new_kv: per layer keys then values, (S, heads, T, head_dim) each, as the decoder returns them.
         """
-        n_layer, _, _, nh, _, hs = self.data.shape
-        new = np.stack(new_kv).reshape(n_layer, 2, len(counts), nh, -1, hs)  # (L, 2, k, nh, T, hs)
         rows = np.flatnonzero(counts)
-        if new.shape[4] == 1 and len(rows) > 4:  # a wide decode step: one indexed write for all
-            self.data[:, :, rows, :, self.lengths[rows]] = new[:, :, rows, :, 0]
-        else:  # a prefill, or a few slots: plain slices are cheaper than fancy indexing
-            for s in rows:
-                start, n = self.lengths[s], counts[s]
-                self.data[:, :, s, :, start : start + n] = new[:, :, s, :, :n]
+        if new_kv[0].shape[2] == 1 and len(rows) > 4:  # a wide decode step: one indexed write for all
+            n_layer, _, _, nh, _, hs = self.data.shape
+            new = np.stack(new_kv).reshape(n_layer, 2, len(counts), nh, hs)  # (L, 2, k, nh, hs)
+            # two index arrays apart: numpy puts their axis first, (rows, L, 2, nh, hs)
+            self.data[:, :, rows, :, self.lengths[rows]] = new[:, :, rows].transpose(2, 0, 1, 3, 4)
+        else:  # a prefill, or a few slots: plain slices, tensor by tensor, cost least
+            for s in rows.tolist():
+                start = int(self.lengths[s])
+                stop = start + int(counts[s])
+                for t, arr in enumerate(new_kv):
+                    self.data[t >> 1, t & 1, s, :, start:stop] = arr[s, :, : stop - start]
         self.lengths[: len(counts)] += counts
 
     def free(self, slot: int) -> None:
