@@ -57,8 +57,6 @@ def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> 
 
         steps[b] = median_seconds(step, runs=200)
 
-    empty = [(np.zeros((1, rt.info.n_head, 0, rt.info.head_dim), np.float32),) * 2] * rt.info.n_layer
-
     def cached_decoding(prompt: list[int]) -> None:
         cache = rt.new_cache(1)
         logits, _ = rt.prefill(cache, [0], [prompt])
@@ -70,7 +68,7 @@ def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> 
         ids = list(prompt)
         for _ in range(new_tokens):
             x = np.array([ids])
-            logits, _ = rt.decode(x, np.ones_like(x), empty)
+            logits, _ = rt.decode(x, np.ones_like(x))
             ids.append(int(np.argmax(logits[0, -1])))
 
     speedups = {}

@@ -10,7 +10,8 @@ import torch
 from bench.timing import median_seconds
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer, extend_cache, pool
-from service.runtime import Runtime
+from service.runtime import Runtime, pad_right
+from service.sampling import log_softmax
 
 TOLERANCE = 1e-4  # max abs difference, fp32
 DECODE_STEPS = 32
@@ -20,12 +21,7 @@ def _batch(cfg_max: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     """Right-padded ids (B, T) and mask of mixed lengths, the longest near the context limit."""
     lengths = [min(cfg_max, n) for n in (cfg_max - 3, 5, cfg_max // 2, 1)]
     rng = np.random.default_rng(seed)
-    T = max(lengths)
-    ids = np.zeros((len(lengths), T), np.int64)
-    mask = np.zeros((len(lengths), T), np.int64)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = rng.integers(0, vocab, n)
-        mask[b, :n] = 1
+    ids, mask = pad_right([rng.integers(0, vocab, n) for n in lengths])
     return ids, mask, lengths
 
 
@@ -55,9 +51,7 @@ def check_parity(model: Transformer, rt: Runtime, tolerance: float = TOLERANCE) 
     rows = np.broadcast_to(rows, probs.shape)
     out["attention_probs"] = _diff(probs[rows], ref_probs[rows], tolerance)
 
-    info = rt.info
-    empty = [(np.zeros((len(lengths), info.n_head, 0, info.head_dim), np.float32),) * 2] * info.n_layer
-    logits, _ = rt.decode(ids, mask, empty)
+    logits, _ = rt.decode(ids, mask)
     out["decoder_logits"] = _diff(logits[valid], ref.logits.numpy()[valid], tolerance)
     out["cached_decoding"] = _cached_decoding(model, rt, tolerance)
     out["decode_steps"] = DECODE_STEPS
@@ -87,12 +81,7 @@ def _cached_decoding(model: Transformer, rt: Runtime, tolerance: float) -> dict[
         ref_logits.append(np.stack(lgs))
 
     cache = rt.new_cache(len(prompts))
-    T = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), T), np.int64)
-    new_mask = np.zeros((len(prompts), T), np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)], new_mask[b, : len(p)] = p, 1
-    logits = rt.decode_step(cache, ids, new_mask)
+    logits = rt.decode_step(cache, *pad_right(prompts))
     last_logits = np.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)])
     tokens: list[list[int]] = [[] for _ in prompts]
     got_logits: list[list[np.ndarray]] = [[] for _ in prompts]
@@ -110,16 +99,12 @@ def _cached_decoding(model: Transformer, rt: Runtime, tolerance: float) -> dict[
 def decoder_bits_per_byte(rt: Runtime, windows: list[np.ndarray], batch: int = 32) -> float:
     """Validation loss of the decoder graph in bits per byte over (T + 1)-token windows."""
     lengths = Tokenizer(rt.tokenizer).token_byte_lengths()
-    info = rt.info
     nats, nbytes = 0.0, 0
     for s in range(0, len(windows), batch):
         w = np.stack(windows[s : s + batch])
         x, y = w[:, :-1], w[:, 1:]
-        empty = [(np.zeros((len(w), info.n_head, 0, info.head_dim), np.float32),) * 2] * info.n_layer
-        logits, _ = rt.decode(x, np.ones_like(x), empty)
-        logits = logits.astype(np.float64)
-        m = logits.max(-1, keepdims=True)
-        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        logits, _ = rt.decode(x, np.ones_like(x))
+        logp = log_softmax(logits)
         tok_nats = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
         b = lengths[y]
         nats += float(tok_nats[b > 0].sum())
@@ -131,8 +116,7 @@ def time_decoder(rt: Runtime, cached: int = 128) -> dict[str, float]:
     """Median ms of a 128-token prefill and of one decode step at batch 1 with 128 cached tokens."""
     n = min(cached, rt.info.max_seq_len - 1)
     ids = np.ones((1, n), np.int64)
-    empty = [(np.zeros((1, rt.info.n_head, 0, rt.info.head_dim), np.float32),) * 2] * rt.info.n_layer
-    prefill = median_seconds(lambda: rt.decode(ids, np.ones_like(ids), empty), runs=30) * 1e3
+    prefill = median_seconds(lambda: rt.decode(ids, np.ones_like(ids)), runs=30) * 1e3
     cache = rt.new_cache(1)
     one = np.ones((1, 1), np.int64)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from service.batcher import Batcher, BatchLimits
 from service.metrics import Metrics
-from service.runtime import Runtime
+from service.runtime import Runtime, pad_right
 
 
 @dataclass
@@ -32,17 +32,6 @@ class AttentionMap:
     probs: np.ndarray  # (layers, heads, T, T) float32
     queue_seconds: float
     compute_seconds: float
-
-
-def pad_right(batch: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(B, T) ids and mask from token arrays of different lengths, padded at the end."""
-    T = max(len(x) for x in batch)
-    ids = np.zeros((len(batch), T), np.int64)
-    mask = np.zeros((len(batch), T), np.int64)
-    for i, x in enumerate(batch):
-        ids[i, : len(x)] = x
-        mask[i, : len(x)] = 1
-    return ids, mask
 
 
 class Engine:

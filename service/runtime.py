@@ -375,14 +375,22 @@ class Runtime:
         return probs
 
     def decode(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[tuple[np.ndarray, np.ndarray]]
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        past: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        graph: str = "decoder",
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call with an explicit cache: logits (B, T, V) and the new keys/values, flat per layer."""
+        """One decoder call with an explicit cache (None: an empty one, as for a prefill): logits (B, T, V)
+        and the graph's other outputs, the new keys/values flat per layer (then the attentions of decoder_attn)."""
         feeds = {"input_ids": _i64(input_ids), "attention_mask": _i64(attention_mask)}
+        if past is None:
+            empty = np.zeros((len(input_ids), self.info.n_head, 0, self.info.head_dim), np.float32)
+            past = [(empty, empty)] * self.info.n_layer
         for i, (k, v) in enumerate(past):
             feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = k, v
-        logits, *new_kv = self.sessions["decoder"].run(None, feeds)
-        return logits, new_kv
+        logits, *rest = self.sessions[graph].run(None, feeds)
+        return logits, rest
 
     def decode_step(self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
         """Run T new tokens of every slot (right-padded, ``new_mask`` marks the real ones) against the cache,
@@ -439,15 +447,8 @@ class Runtime:
                 for s, p in zip(slots, prompts, strict=True)
             ]
         else:
-            ids = np.zeros((len(prompts), T), np.int64)
-            mask = np.zeros((len(prompts), T), np.int64)
-            for i, p in enumerate(prompts):
-                ids[i, : len(p)], mask[i, : len(p)] = p, 1
-            empty = np.zeros((len(prompts), self.info.n_head, 0, self.info.head_dim), np.float32)
-            feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
-            for i in range(self.info.n_layer):
-                feeds[f"past_key_{i}"] = feeds[f"past_value_{i}"] = empty
-            logits, *rest = self.sessions["decoder_attn" if attention else "decoder"].run(None, feeds)
+            ids, mask = pad_right(prompts)
+            logits, rest = self.decode(ids, mask, graph="decoder_attn" if attention else "decoder")
             n_kv = 2 * self.info.n_layer
             cache.fill(slots, rest[:n_kv], mask.sum(1))
             att = rest[n_kv] if attention else None
@@ -495,6 +496,17 @@ class Runtime:
         if self.provider == CUDA:
             return DeviceKVCache(self.info, slots, self.options.device_id)
         return KVCache(self.info, slots)
+
+
+def pad_right(seqs: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, T) ids and mask from token sequences of different lengths, padded at the end."""
+    T = max(len(x) for x in seqs)
+    ids = np.zeros((len(seqs), T), np.int64)
+    mask = np.zeros((len(seqs), T), np.int64)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = x
+        mask[i, : len(x)] = 1
+    return ids, mask
 
 
 def _i64(a: np.ndarray) -> np.ndarray:

@@ -48,10 +48,10 @@ class SamplingParams:
         return bad
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = x.astype(np.float64)
-    m = x.max()
-    return x - m - math.log(float(np.exp(x - m).sum()))
+    m = x.max(axis=axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
 
 
 def choose(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator) -> int:

@@ -109,8 +109,7 @@ def _rand_ids(rt: Runtime, *shape: int) -> np.ndarray:
 
 def test_cached_steps_equal_one_full_pass(rt: Runtime) -> None:
     ids = _rand_ids(rt, 1, 12)
-    empty = [(np.zeros((1, 2, 0, 16), np.float32),) * 2] * 2
-    full, _ = rt.decode(ids, np.ones_like(ids), empty)
+    full, _ = rt.decode(ids, np.ones_like(ids))  # no past: an empty cache
     cache = rt.new_cache(3)  # three slots, two of them left free
     first = rt.decode_step(cache, np.pad(ids[:, :5], ((0, 2), (0, 0))), np.pad(np.ones((1, 5)), ((0, 2), (0, 0))))
     assert cache.lengths.tolist() == [5, 0, 0]
@@ -125,8 +124,7 @@ def test_cached_steps_equal_one_full_pass(rt: Runtime) -> None:
 
 def test_slots_of_different_lengths_do_not_disturb_each_other(rt: Runtime) -> None:
     a, b = _rand_ids(rt, 1, 9)[0], _rand_ids(rt, 1, 4)[0] + 1
-    empty = [(np.zeros((1, 2, 0, 16), np.float32),) * 2] * 2
-    alone_b, _ = rt.decode(b[None], np.ones((1, 4)), empty)
+    alone_b, _ = rt.decode(b[None], np.ones((1, 4)))
     cache = rt.new_cache(2)
     rt.decode_step(cache, a[None, :6].repeat(2, 0), np.array([[1] * 6, [0] * 6]))  # slot 0 first
     ids = np.zeros((2, 4), np.int64)
