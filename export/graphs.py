@@ -5,6 +5,9 @@
 * attention: input_ids, attention_mask -> attentions (B, layers, heads, T, T)
 * decoder_attn: the decoder, with attentions (B, layers, heads, T, P + T) as a last output
 * kv_write:  cache, new, start -> updated (the CUDA runtime's on-device cache append)
+* decoder_step: input_ids (B, 1), past_lengths, past_key_{i}, past_value_{i} -> logits, present_key_{i},
+  present_value_{i}: one decoding step for the CPU runtime, attention fused into ONNX Runtime's
+  GroupQueryAttention, which appends the new keys and values to the cache in place
 
 Attention probabilities live only in the attention graph, so ONNX Runtime can drop them
 from the other two. The decoder takes the past keys and values of every layer as
@@ -21,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.attention import attention
 from model.config import ModelConfig
-from model.transformer import Transformer, pool
+from model.transformer import Block, Transformer, pool
 
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask")
@@ -188,4 +192,135 @@ def export_kv_write(cfg: ModelConfig, path: str) -> None:
             "start": {0: "slots"},
             "updated": {2: "slots", 4: "max_len"},
         },
+    )
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """ONNX Runtime's ``com.microsoft.GroupQueryAttention`` for one new token per row, as used here.
+
+    qkv (B, 1, 3 d) packed as ``w_qkv`` writes it; past_key/past_value (B, nh, M, hs) are the whole
+    preallocated cache of each row, ``past_lengths`` (B,) int32 how many positions of it are filled.
+    The new key and value are written at position ``past_lengths[b]`` (rotated first, with RoPE) and
+    the query attends to positions 0 .. past_lengths[b]. The present outputs are the cache itself: the
+    runtime binds them to the same memory as the past inputs, so ONNX Runtime appends in place.
+    ``forward`` is the reference the exporter traces; ``symbolic`` is the node it writes.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        qkv: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        past_lengths: torch.Tensor,
+        total_length: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        n_head: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, _, M, hs = past_key.shape
+        q, k, v = qkv.view(B, 3, n_head, 1, hs).unbind(1)  # (B, nh, 1, hs) each
+        pos = past_lengths.long()
+        if cos is not None and sin is not None:  # interleaved pairs (x[2i], x[2i+1]), as RotaryEmbedding turns them
+            c = cos[pos].repeat_interleave(2, -1)[:, None, None]
+            s = sin[pos].repeat_interleave(2, -1)[:, None, None]
+            q, k = (torch.stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2) * s + x * c for x in (q, k))
+        at = pos.view(B, 1, 1, 1).expand(B, n_head, 1, hs)
+        present_key = past_key.scatter(2, at, k)
+        present_value = past_value.scatter(2, at, v)
+        mask = (torch.arange(M) <= pos[:, None]).view(B, 1, 1, M)
+        y, _ = attention(q, present_key, present_value, mask)  # (B, nh, 1, hs)
+        return y.transpose(1, 2).reshape(B, 1, n_head * hs), present_key, present_value
+
+    @staticmethod
+    def symbolic(  # type: ignore[no-untyped-def]
+        g, qkv, past_key, past_value, past_lengths, total_length, cos, sin, n_head: int
+    ):
+        from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor
+
+        none = _optional_input_placeholder_tensor(g)
+        rotary = cos is not None and not (hasattr(cos, "node") and cos.node().mustBeNone())
+        out, present_key, present_value = g.op(
+            "com.microsoft::GroupQueryAttention",
+            qkv,
+            none,  # key and value: packed into qkv
+            none,
+            past_key,
+            past_value,
+            past_lengths,  # seqlens_k: total length - 1, which is the past length for one new token
+            total_length,
+            cos if rotary else none,
+            sin if rotary else none,
+            num_heads_i=n_head,
+            kv_num_heads_i=n_head,
+            do_rotary_i=int(rotary),
+            rotary_interleaved_i=1,
+            outputs=3,
+        )
+        # the exporter cannot infer a contrib op's outputs: out is (B, 1, d), the presents are the pasts
+        hidden = qkv.type().sizes()[-1] // 3 if qkv.type().sizes() else None
+        out.setType(qkv.type().with_sizes([None, 1, hidden]))
+        present_key.setType(past_key.type())
+        present_value.setType(past_value.type())
+        return out, present_key, present_value
+
+
+class DecoderStepGraph(nn.Module):
+    """One decoding step over the cache, in place: the CPU runtime's decode graph.
+
+    The same weights and arithmetic as the model (pre-norm blocks, tied head), with each layer's
+    attention as one fused node that appends to the cache where it lies. Positions are the past
+    lengths, as ``positions_from_mask`` gives them for a cache filled from position 0.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, past_lengths: torch.Tensor, *past_flat: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        total = (past_lengths.max() + 1).to(torch.int32)  # scalar: the longest row, with its new token
+        x = m.tok_emb(input_ids)  # (B, 1, d)
+        if m.pos_enc is not None:
+            x = x + m.pos_enc(past_lengths.long()[:, None])
+        cos = sin = None
+        if m.rotary is not None:  # (max_len, hs / 2): one angle per pair
+            cos, sin = m.rotary.cos[:, 0::2].contiguous(), m.rotary.sin[:, 0::2].contiguous()
+        present: list[torch.Tensor] = []
+        for i, block in enumerate(m.blocks):
+            assert isinstance(block, Block)
+            qkv = block.attn.w_qkv(block.ln_1(x))
+            y, pk, pv = _GroupQueryAttention.apply(
+                qkv, past_flat[2 * i], past_flat[2 * i + 1], past_lengths, total, cos, sin, m.cfg.n_head
+            )
+            x = x + block.attn.w_o(y)
+            x = x + block.mlp(block.ln_2(x))
+            present += [pk, pv]
+        return (m.lm_head(m.ln_f(x)), *present)
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [f"present_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+
+
+def export_decoder_step(model: Transformer, path: str) -> None:
+    cfg = model.cfg
+    B, M = 2, 8
+    g = torch.Generator().manual_seed(2)
+    past = [torch.randn(B, cfg.n_head, M, cfg.head_dim, generator=g) for _ in range(2 * cfg.n_layer)]
+    ids = torch.randint(cfg.vocab_size, (B, 1), generator=g)
+    lengths = torch.tensor([3, 0], dtype=torch.int32)
+    pasts, presents = past_names(cfg.n_layer), present_names(cfg.n_layer)
+    dynamic = {"input_ids": {0: "batch"}, "past_lengths": {0: "batch"}, "logits": {0: "batch"}}
+    dynamic |= {n: {0: "batch", 2: "max_len"} for n in (*pasts, *presents)}
+    _onnx_export(
+        DecoderStepGraph(model),
+        (ids, lengths, *past),
+        path,
+        input_names=["input_ids", "past_lengths", *pasts],
+        output_names=["logits", *presents],
+        dynamic_axes=dynamic,
+        custom_opsets={"com.microsoft": 1},
     )

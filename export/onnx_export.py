@@ -25,6 +25,7 @@ from export.graphs import (
     OPSET,
     export_attention,
     export_decoder,
+    export_decoder_step,
     export_encode,
     export_kv_write,
     new_kv_names,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 INT8_MAX_LOSS_INCREASE = 0.02  # int8 may cost at most 2% in validation bits per byte
 FP16_TOLERANCE = 1e-2
+INT8_GRAPHS = ("encode", "decoder", "decoder_step")  # the CPU variant: what CPU serving runs
 
 
 class ExportError(Exception):
@@ -110,6 +112,7 @@ def export_model(
             "attention": "attention.onnx",
             "kv_write": "kv_write.onnx",
             "decoder_attn": "decoder_attn.onnx",
+            "decoder_step": "decoder_step.onnx",
         }
         config: dict[str, Any] = {
             "format": FORMAT_VERSION,
@@ -124,6 +127,8 @@ def export_model(
                 "past_inputs": past_names(cfg.model.n_layer),
                 "new_outputs": new_kv_names(cfg.model.n_layer),
                 "cache_layout": "per layer (batch, heads, positions, head_dim); P = 0 for a prefill",
+                "step_graph": "decoder_step: one token per row, GroupQueryAttention (com.microsoft) appending "
+                "to past in place; present_* are bound to the past_* memory",
             },
             "training": {
                 "steps": state["step"],
@@ -138,6 +143,7 @@ def export_model(
             export_attention(model, str(work / graphs["attention"]))
             export_kv_write(cfg.model, str(work / graphs["kv_write"]))
             export_decoder(model, str(work / graphs["decoder_attn"]), with_attention=True)
+            export_decoder_step(model, str(work / graphs["decoder_step"]))
         for graph, file in graphs.items():
             _stamp_metadata(work / file, graph, config)
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -176,7 +182,7 @@ def _int8_variant(work: Path, config: dict[str, Any], windows: list[np.ndarray],
     """Dynamic int8 quantization (weights int8, activations quantized on the fly): the CPU variant."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for graph in ("encode", "decoder"):
+    for graph in INT8_GRAPHS:
         src, dst = work / f"{graph}.onnx", work / f"{graph}_int8.onnx"
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
         _stamp_metadata(dst, f"{graph}_int8", config)
@@ -195,7 +201,7 @@ def _int8_variant(work: Path, config: dict[str, Any], windows: list[np.ndarray],
         "bound": INT8_MAX_LOSS_INCREASE,
         "eval_tokens": int(sum(len(w) - 1 for w in windows)),
         "speed_ms": speed,
-        "size_bytes": {g: (work / f"{g}_int8.onnx").stat().st_size for g in ("encode", "decoder")},
+        "size_bytes": {g: (work / f"{g}_int8.onnx").stat().st_size for g in INT8_GRAPHS},
     }
 
 
@@ -225,7 +231,7 @@ def summary(report: dict[str, Any]) -> str:
     lines = [f"model {report['name']} {report['version']} (opset {report['opset']})"]
     for k, v in report["parity"].items():
         if isinstance(v, dict) and "max_abs_diff" in v:
-            lines.append(f"  parity {k:<18} max |diff| {v['max_abs_diff']:.2e}  (bound {TOLERANCE:g})")
+            lines.append(f"  parity {k:<26} max |diff| {v['max_abs_diff']:.2e}  (bound {TOLERANCE:g})")
     if "decode_tokens_equal" in report["parity"]:
         lines.append(
             f"  cached decoding: tokens equal over {report['parity']['decode_steps']} steps: "

@@ -53,15 +53,18 @@ def check_parity(model: Transformer, rt: Runtime, tolerance: float = TOLERANCE) 
 
     logits, _ = rt.decode(ids, mask)
     out["decoder_logits"] = _diff(logits[valid], ref.logits.numpy()[valid], tolerance)
-    out["cached_decoding"] = _cached_decoding(model, rt, tolerance)
+    out["cached_decoding"] = _cached_decoding(model, rt, tolerance, fused=False)
+    if "decoder_step" in rt.sessions:  # the CPU step graph, with its in-place cache append
+        out["cached_decoding_step_graph"] = _cached_decoding(model, rt, tolerance, fused=True)
     out["decode_steps"] = DECODE_STEPS
-    out["decode_tokens_equal"] = out["cached_decoding"]["tokens_equal"]
+    out["decode_tokens_equal"] = all(v["tokens_equal"] for k, v in out.items() if k.startswith("cached_decoding"))
     return out
 
 
-def _cached_decoding(model: Transformer, rt: Runtime, tolerance: float) -> dict[str, Any]:
+def _cached_decoding(model: Transformer, rt: Runtime, tolerance: float, fused: bool) -> dict[str, Any]:
     """Greedy decoding of two prompts of different lengths, batched through the runtime's cache,
-    against each prompt decoded alone by PyTorch with its own cache."""
+    against each prompt decoded alone by PyTorch with its own cache. ``fused``: the steps run the
+    decoder_step graph (else the decoder graph)."""
     rng = np.random.default_rng(1)
     steps = min(DECODE_STEPS, model.cfg.max_seq_len - 8)
     prompts = [rng.integers(0, model.cfg.vocab_size, n) for n in (7, 3)]
@@ -90,7 +93,7 @@ def _cached_decoding(model: Transformer, rt: Runtime, tolerance: float) -> dict[
         for b in range(len(prompts)):
             tokens[b].append(int(nxt[b]))
             got_logits[b].append(last_logits[b])
-        last_logits = rt.decode_step(cache, nxt[:, None], np.ones((len(prompts), 1), np.int64))[:, 0]
+        last_logits = rt.decode_step(cache, nxt[:, None], np.ones((len(prompts), 1), np.int64), fused)[:, 0]
     diff = max(float(np.max(np.abs(np.stack(g) - r))) for g, r in zip(got_logits, ref_logits, strict=True))
     equal = tokens == ref_tokens
     return {"max_abs_diff": diff, "tokens_equal": equal, "ok": equal and diff <= tolerance, "steps": steps}

@@ -6,9 +6,11 @@ for and usable, CPU otherwise), checks which provider really took each session, 
 every graph up so the first request does not pay for it.
 
 The key/value cache (``KVCache``) is preallocated per sequence slot, laid out per layer as
-(slots, heads, max_len, head_dim), and handed to the decoder graph as it lies: the graph
-attends to it in place and returns only the new tokens' keys and values, which are written
-into their slots. No step copies the whole cache on CPU; on CUDA the cache never leaves the
+(slots, heads, max_len, head_dim), and handed to the graphs as it lies. On CPU a one-token
+step runs the ``decoder_step`` graph, whose fused attention reads each row's filled positions
+and appends the new key and value in place (its present outputs are bound to the cache's own
+memory); other calls run the decoder graph, which returns only the new entries, written into
+their slots here. No step copies the whole cache on CPU; on CUDA the cache never leaves the
 device.
 """
 
@@ -35,6 +37,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 GRAPHS = ("encode", "decoder", "attention")
 OPTIONAL_GRAPHS = ("decoder_attn",)  # generation with attention; a model directory without it serves the rest
+STEP_GRAPH = "decoder_step"  # CPU one-token steps with the cache appended in place; the decoder does without it
 FORMAT_VERSION = 1
 
 
@@ -59,6 +62,8 @@ class RuntimeOptions:
     # ONNX Runtime's worker threads spin between runs: the lowest latency for back-to-back runs
     # in one process, but CPU taken from everything else (a server's event loop, above all)
     spin: bool = True
+    # one-token steps on CPU through the decoder_step graph, where the model directory has it
+    fused_step: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -169,6 +174,7 @@ class KVCache:
         self.max_len = max_len or info.max_seq_len
         self.data = np.zeros((info.n_layer, 2, slots, info.n_head, self.max_len, info.head_dim), np.float32)
         self.lengths = np.zeros(slots, np.int64)
+        self.bindings: dict[tuple[int, int], StepBinding] = {}  # (session, rows) -> decoder_step bound here
         self._feeds = {
             f"past_{kind}_{i}": self.data[i, j] for i in range(info.n_layer) for j, kind in enumerate(("key", "value"))
         }
@@ -226,6 +232,19 @@ class KVCache:
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+
+@dataclass
+class StepBinding:
+    """The decoder_step graph bound once to the first ``rows`` slots of a host cache: each layer's
+    past and present to the same memory, and the ids, lengths and logits to arrays of their own
+    that a step fills and reads. A step then costs one run and no binding."""
+
+    io: Any  # onnxruntime.SessionIOBinding
+    input_ids: np.ndarray  # (rows, 1) int64
+    past_lengths: np.ndarray  # (rows,) int32
+    logits: np.ndarray  # (rows, 1, V) float32
+    values: list[Any]  # the OrtValues over those arrays and the cache, kept alive with the binding
 
 
 class DeviceKVCache(KVCache):
@@ -301,6 +320,8 @@ class Runtime:
             if opts.require_cuda:
                 raise CudaUnavailableError(f"CUDA required, but the sessions were placed on {placed}")
             log.warning("CUDA sessions could not be created; running on CPU (%s)", placed)
+        if self.provider == CPU and opts.fused_step and STEP_GRAPH in self.info.graphs:
+            self.sessions[STEP_GRAPH] = self._session(STEP_GRAPH, want_cuda=False)
         log.info("model %s %s loaded from %s on %s", self.info.name, self.info.version, self.model_dir, self.provider)
         self.warmup_seconds = self.warmup() if self.options.warmup else 0.0
 
@@ -392,10 +413,51 @@ class Runtime:
         logits, *rest = self.sessions[graph].run(None, feeds)
         return logits, rest
 
-    def decode_step(self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
+    def decode_step(
+        self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray, fused: bool = True
+    ) -> np.ndarray:
         """Run T new tokens of every slot (right-padded, ``new_mask`` marks the real ones) against the cache,
-        append their keys and values to it, and return the logits (S, T, V)."""
+        append their keys and values to it, and return the logits (S, T, V).
+
+        One-token steps on a host cache run the decoder_step graph where it is loaded (``fused``
+        False runs the decoder graph instead, as export's parity check does for both)."""
+        if fused and input_ids.shape[1] == 1 and STEP_GRAPH in self.sessions and not isinstance(cache, DeviceKVCache):
+            counts = cache.check_room(new_mask)
+            k = len(new_mask)
+            # the fused graph writes a key and value in every row, even one sitting this step out:
+            # a full slot has no room for that write, so such a step takes the decoder graph
+            if k and int(cache.lengths[:k].max()) < cache.max_len:
+                b = self._step_binding(cache, k)
+                b.input_ids[:] = input_ids
+                b.past_lengths[:] = cache.lengths[:k]
+                self.sessions[STEP_GRAPH].run_with_iobinding(b.io)
+                cache.lengths[:k] += counts
+                return b.logits.copy()  # the bound array is overwritten by the next step
         return self._step(cache, input_ids, new_mask, "decoder")[0]
+
+    def _step_binding(self, cache: KVCache, rows: int) -> StepBinding:
+        session = self.sessions[STEP_GRAPH]
+        key = (id(session), rows)
+        if key not in cache.bindings:
+            io = session.io_binding()
+            arrays: dict[str, np.ndarray] = {
+                "input_ids": np.zeros((rows, 1), np.int64),
+                "past_lengths": np.zeros(rows, np.int32),
+                "logits": np.zeros((rows, 1, self.info.vocab_size), np.float32),
+            }
+            values: dict[str, Any] = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+            io.bind_ortvalue_input("input_ids", values["input_ids"])
+            io.bind_ortvalue_input("past_lengths", values["past_lengths"])
+            io.bind_ortvalue_output("logits", values["logits"])
+            for name, view in cache.feeds(rows).items():  # past_{key,value}_{i}: contiguous views of the cache
+                value = ort.OrtValue.ortvalue_from_numpy(view)  # on CPU this wraps the memory, no copy
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(name.replace("past_", "present_", 1), value)
+                values[name] = value
+            cache.bindings[key] = StepBinding(
+                io, arrays["input_ids"], arrays["past_lengths"], arrays["logits"], list(values.values())
+            )
+        return cache.bindings[key]
 
     def decode_step_with_attention(
         self, cache: KVCache, input_ids: np.ndarray, new_mask: np.ndarray

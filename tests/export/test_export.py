@@ -31,7 +31,17 @@ def test_model_directory_is_self_contained(model_dir: Path) -> None:
     assert config["graphs"]["decoder"] == "decoder.onnx"
 
 
-@pytest.mark.parametrize("file", [*GRAPH_FILES, "decoder_attn.onnx", "decoder_int8.onnx", "attention_fp16.onnx"])
+@pytest.mark.parametrize(
+    "file",
+    [
+        *GRAPH_FILES,
+        "decoder_attn.onnx",
+        "decoder_step.onnx",
+        "decoder_int8.onnx",
+        "decoder_step_int8.onnx",
+        "attention_fp16.onnx",
+    ],
+)
 def test_graphs_pass_the_full_checker_and_carry_the_config(model_dir: Path, file: str) -> None:
     onnx.checker.check_model(str(model_dir / file), full_check=True)
     model = onnx.load(str(model_dir / file))
@@ -53,12 +63,26 @@ def test_graphs_have_dynamic_batch_and_sequence_axes(model_dir: Path) -> None:
     assert [o.name for o in enc.graph.output] == ["last_hidden_state", "pooled_mean", "pooled_last"]
 
 
+def test_step_graph_fuses_attention_and_appends_in_place(model_dir: Path) -> None:
+    step = onnx.load(str(model_dir / "decoder_step.onnx"))
+    gqa = [n for n in step.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.domain == "com.microsoft" for n in gqa)  # one per layer
+    attrs = {a.name: a.i for a in gqa[0].attribute}
+    assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 1  # RoPE on pairs, as the model turns them
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in step.graph.input}
+    assert dims["input_ids"] == ["batch", 1] and dims["past_lengths"] == ["batch"]
+    # each present output has its past input's shape: the runtime binds both to the cache's memory
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in step.graph.output}
+    assert outs["present_key_1"] == dims["past_key_1"] == ["batch", 2, "max_len", 16]
+
+
 def test_report_shows_parity_within_bounds(export_report: dict[str, Any]) -> None:
     parity = export_report["parity"]
     for key in ("encode_hidden", "encode_pooled_mean", "encode_pooled_last", "attention_probs", "decoder_logits"):
         assert parity[key]["ok"] and parity[key]["max_abs_diff"] <= TOLERANCE, (key, parity[key])
-    assert parity["cached_decoding"]["tokens_equal"] and parity["cached_decoding"]["steps"] == 32
-    assert parity["cached_decoding"]["max_abs_diff"] <= TOLERANCE
+    for key in ("cached_decoding", "cached_decoding_step_graph"):  # steps through the decoder, then the step graph
+        assert parity[key]["tokens_equal"] and parity[key]["steps"] == 32, (key, parity[key])
+        assert parity[key]["max_abs_diff"] <= TOLERANCE, (key, parity[key])
 
 
 def test_int8_variant_reports_its_loss_and_speed(export_report: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -97,6 +98,7 @@ def test_config_of_another_format_is_refused(broken_dir: Path) -> None:
 def test_int8_variant_runs_the_int8_graphs(model_dir: Path, rt: Runtime) -> None:
     q = Runtime(model_dir, RuntimeOptions(device="cpu", variant="int8", warmup=False))
     assert Path(q.sessions["decoder"]._model_path).name == "decoder_int8.onnx"
+    assert Path(q.sessions["decoder_step"]._model_path).name == "decoder_step_int8.onnx"
     ids = np.array([[5, 6, 7, 8]])
     a = rt.encode(ids, np.ones_like(ids)).pooled_mean
     b = q.encode(ids, np.ones_like(ids)).pooled_mean
@@ -107,7 +109,8 @@ def _rand_ids(rt: Runtime, *shape: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, rt.info.vocab_size, shape)
 
 
-def test_cached_steps_equal_one_full_pass(rt: Runtime) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["decoder_step", "decoder"])
+def test_cached_steps_equal_one_full_pass(rt: Runtime, fused: bool) -> None:
     ids = _rand_ids(rt, 1, 12)
     full, _ = rt.decode(ids, np.ones_like(ids))  # no past: an empty cache
     cache = rt.new_cache(3)  # three slots, two of them left free
@@ -117,7 +120,7 @@ def test_cached_steps_equal_one_full_pass(rt: Runtime) -> None:
     for t in range(5, 12):
         tok = np.zeros((3, 1), np.int64)
         tok[0, 0] = ids[0, t]
-        steps.append(rt.decode_step(cache, tok, np.array([[1], [0], [0]]))[0])
+        steps.append(rt.decode_step(cache, tok, np.array([[1], [0], [0]]), fused)[0])
     np.testing.assert_allclose(np.concatenate(steps, 0), full[0], atol=1e-4)
     assert cache.lengths.tolist() == [12, 0, 0]
 
@@ -134,6 +137,44 @@ def test_slots_of_different_lengths_do_not_disturb_each_other(rt: Runtime) -> No
     assert cache.lengths.tolist() == [9, 4]
     cache.free(0)
     assert cache.attention_mask(np.ones((2, 1)))[0, : cache.max_len].sum() == 0
+
+
+def _filled_caches(rt: Runtime, lengths: list[int]) -> tuple[Any, Any]:
+    """Two host caches with the same random contents and lengths."""
+    a, b = rt.new_cache(len(lengths)), rt.new_cache(len(lengths))
+    a.data[:] = np.random.default_rng(3).standard_normal(a.data.shape)
+    b.data[:] = a.data
+    a.lengths[:] = b.lengths[:] = lengths
+    return a, b
+
+
+def test_step_graph_appends_in_place_as_the_decoder_graph_does(rt: Runtime) -> None:
+    """Rows of different lengths, one sitting the step out and one free: the fused step gives the
+    decoder graph's logits and leaves the same cache, written into the cache's own array."""
+    fused, plain = _filled_caches(rt, [7, 3, 0, 12])
+    data = fused.data
+    ids = _rand_ids(rt, 4, 1)
+    mask = np.array([[1], [0], [0], [1]])
+    want = rt.decode_step(plain, ids, mask, fused=False)
+    got = rt.decode_step(fused, ids, mask)
+    assert fused.bindings, "the step graph was not used"
+    assert fused.data is data and fused.lengths.tolist() == plain.lengths.tolist() == [8, 3, 0, 13]
+    np.testing.assert_allclose(got[[0, 3]], want[[0, 3]], atol=1e-4)
+    for s, n in enumerate(plain.lengths):  # what lies past a row's length is never read
+        np.testing.assert_allclose(fused.data[:, :, s, :, :n], plain.data[:, :, s, :, :n], atol=1e-5)
+    again = rt.decode_step(fused, ids, mask)  # the second step reuses the binding, and its logits are its own
+    assert not np.array_equal(again, got) and len(fused.bindings) == 1
+
+
+def test_a_full_slot_sitting_out_makes_the_step_take_the_decoder_graph(rt: Runtime) -> None:
+    M = rt.info.max_seq_len
+    fused, plain = _filled_caches(rt, [M, 5])
+    ids, mask = _rand_ids(rt, 2, 1), np.array([[0], [1]])
+    want = rt.decode_step(plain, ids, mask, fused=False)
+    got = rt.decode_step(fused, ids, mask)
+    assert not fused.bindings  # the fused graph would have written past the full slot's end
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(fused.data, plain.data)
 
 
 def test_a_full_context_is_refused_before_running(rt: Runtime) -> None:
