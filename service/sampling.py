@@ -56,26 +56,48 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def choose(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator) -> int:
     """The next token. logits (V,); seen: ids already in the sequence (for the repetition penalty)."""
-    z = logits.astype(np.float64)
+    z = logits
     if params.repetition_penalty != 1.0 and len(seen):
+        z = logits.astype(np.float64)
         ids = np.unique(seen)
         vals = z[ids]
         z[ids] = np.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if params.temperature == 0:
         return int(np.argmax(z))
-    z = z / params.temperature
-    if 0 < params.top_k < len(z):
-        kth = np.partition(z, -params.top_k)[-params.top_k]
-        z = np.where(z < kth, -np.inf, z)
+    if params.top_p >= 1.0:
+        return int(sample_rows(z[None], params.temperature, params.top_k, [rng])[0])
+    idx, z = _top_k(z[None], params.top_k)
+    z = z[0].astype(np.float64) / params.temperature
     p = np.exp(z - z.max())  # unnormalised: the draw below scales the uniform instead
-    if params.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order]) / p.sum()
-        keep = order[: int(np.searchsorted(cum, params.top_p) + 1)]  # the smallest set reaching top_p
-        nucleus = np.zeros_like(p)
-        nucleus[keep] = p[keep]
-        p = nucleus
-    return draw(p, rng)
+    order = np.argsort(-p, kind="stable")
+    cum = np.cumsum(p[order]) / p.sum()
+    keep = order[: int(np.searchsorted(cum, params.top_p) + 1)]  # the smallest set reaching top_p
+    nucleus = np.zeros_like(p)
+    nucleus[keep] = p[keep]
+    token = draw(nucleus, rng)
+    return token if idx is None else int(idx[0, token])
+
+
+def _top_k(z: np.ndarray, top_k: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """The top_k entries of each row of z (n, V), in vocabulary order, and their indices (None: all kept)."""
+    if not 0 < top_k < z.shape[1]:
+        return None, z
+    idx = np.argpartition(z, -top_k, axis=1)[:, -top_k:]
+    idx.sort(axis=1)  # vocabulary order, so a draw walks the kept tokens as it would walk the whole row
+    return idx, np.take_along_axis(z, idx, axis=1)
+
+
+def sample_rows(z: np.ndarray, temperature: float, top_k: int, rngs: list[np.random.Generator]) -> np.ndarray:
+    """A token for each row of logits z (n, V) under one temperature (> 0) and top-k (exactly k kept;
+    0 = all). Row by row arithmetic, one uniform from each row's own generator: a row's token does not
+    depend on the other rows."""
+    idx, z = _top_k(z, top_k)
+    z = z.astype(np.float64) / temperature
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    cum = np.cumsum(p, axis=1)  # inverse CDF of the unnormalised weights, as in draw()
+    u = np.array([r.random() for r in rngs]) * cum[:, -1]
+    picks = np.minimum(np.count_nonzero(cum <= u[:, None], axis=1), z.shape[1] - 1)
+    return picks if idx is None else np.take_along_axis(idx, picks[:, None], axis=1)[:, 0]
 
 
 def draw(p: np.ndarray, rng: np.random.Generator) -> int:
@@ -89,7 +111,8 @@ def choose_batch(
 ) -> list[int]:
     """``choose`` for each row of logits (n, V). Rows with the same temperature and top-k and no
     penalty or nucleus go through numpy together; each still draws one uniform from its own
-    generator, so the tokens equal what ``choose`` would pick row by row."""
+    generator, so the tokens equal what ``choose`` would pick row by row. ``seen`` is read only for
+    rows with a repetition penalty."""
     out: list[int | None] = [None] * len(params)
     groups: dict[tuple[float, int], list[int]] = {}
     for i, p in enumerate(params):
@@ -98,20 +121,10 @@ def choose_batch(
         else:
             out[i] = choose(logits[i], p, np.asarray(seen[i]), rngs[i])
     for (temperature, top_k), rows in groups.items():
-        z = logits[rows].astype(np.float64)
-        if temperature == 0:
-            for i, t in zip(rows, np.argmax(z, axis=1), strict=True):
-                out[i] = int(t)
-            continue
-        z /= temperature
-        V = z.shape[1]
-        if 0 < top_k < V:
-            kth = np.partition(z, -top_k, axis=1)[:, -top_k][:, None]
-            z = np.where(z < kth, -np.inf, z)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        cum = np.cumsum(p, axis=1)  # as in draw(), row by row
-        u = np.array([rngs[i].random() for i in rows]) * cum[:, -1]
-        picks = np.minimum(np.count_nonzero(cum <= u[:, None], axis=1), V - 1)
-        for i, t in zip(rows, picks, strict=True):
-            out[i] = int(t)
+        z = logits[rows]
+        picks = (
+            np.argmax(z, axis=1) if temperature == 0 else sample_rows(z, temperature, top_k, [rngs[i] for i in rows])
+        )
+        for i, t in zip(rows, picks.tolist(), strict=True):
+            out[i] = t
     return [int(t) for t in out if t is not None]

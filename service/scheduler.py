@@ -297,7 +297,10 @@ class Scheduler:
         """Next tokens for seqs from their logits (len(seqs), V): in one pass over the batch where the
         sampling settings allow, one by one otherwise; each sequence draws from its own generator."""
         tokens = choose_batch(
-            logits, [s.params for s in seqs], [s.prompt + s.generated for s in seqs], [s.rng for s in seqs]
+            logits,
+            [s.params for s in seqs],
+            [s.prompt + s.generated if s.params.repetition_penalty != 1.0 else [] for s in seqs],
+            [s.rng for s in seqs],
         )
         return [
             (seq, token, log_softmax(row) if seq.params.logprobs else None, amap)
