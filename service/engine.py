@@ -66,7 +66,10 @@ class Engine:
     # --- requests ----------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.runtime.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        tok = self.runtime.tokenizer
+        if len(texts) == 1:  # encode_batch hands even one text to its thread pool, where it contends with the model
+            return [tok.encode(texts[0], add_special_tokens=False).ids]
+        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self.runtime.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
