@@ -34,6 +34,7 @@ class ServerConfig:
     intra_op_threads: int = 0
     variant: str = "fp32"  # fp32 | int8 | fp16
     ort_spin: bool = False  # ONNX Runtime threads spinning between runs starve the event loop
+    step_threads: int = 1  # generation's CPU decode steps: one thread, woken for nothing (0 = intra_op_threads)
     max_batch_size: int = 32
     max_batch_tokens: int = 8192
     max_queue_delay_ms: float = 0.0  # 0: take what is queued when the model is free (see service.batcher)
@@ -70,6 +71,7 @@ class ServerConfig:
             intra_op_threads=self.intra_op_threads,
             variant=self.variant,  # type: ignore[arg-type]
             spin=self.ort_spin,
+            step_threads=self.step_threads,
         )
 
     def batch_limits(self) -> BatchLimits:

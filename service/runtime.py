@@ -64,6 +64,9 @@ class RuntimeOptions:
     spin: bool = True
     # one-token steps on CPU through the decoder_step graph, where the model directory has it
     fused_step: bool = True
+    # intra-op threads of that graph; 0 = intra_op_threads. A step is dozens of tiny kernels: a second
+    # thread helps a little when it spins, and costs more than it gives when it must be woken each time
+    step_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -72,7 +75,7 @@ class RuntimeOptions:
             raise ValueError(f"variant must be fp32, int8 or fp16, got {self.variant!r}")
         if self.require_cuda and self.device == "cpu":
             raise ValueError("require_cuda contradicts device=cpu")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.cuda_mem_limit_bytes < 0:
+        if min(self.intra_op_threads, self.inter_op_threads, self.cuda_mem_limit_bytes, self.step_threads) < 0:
             raise ValueError("thread counts and the memory limit must be >= 0")
 
 
@@ -344,6 +347,8 @@ class Runtime:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = self.options.intra_op_threads
+        if graph == STEP_GRAPH and self.options.step_threads:
+            so.intra_op_num_threads = self.options.step_threads
         so.inter_op_num_threads = self.options.inter_op_threads
         so.log_severity_level = 3  # the provider fallback is reported once, by us, not per session
         if not self.options.spin:

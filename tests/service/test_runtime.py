@@ -177,6 +177,19 @@ def test_a_full_slot_sitting_out_makes_the_step_take_the_decoder_graph(rt: Runti
     np.testing.assert_array_equal(fused.data, plain.data)
 
 
+def test_the_step_graph_takes_its_own_thread_count(model_dir: Path) -> None:
+    def threads(opts: RuntimeOptions) -> dict[str, int]:
+        r = Runtime(model_dir, opts)
+        return {g: s.get_session_options().intra_op_num_threads for g, s in r.sessions.items()}
+
+    one = threads(RuntimeOptions(device="cpu", intra_op_threads=2, step_threads=1, warmup=False))
+    assert one["decoder_step"] == 1 and one["decoder"] == one["encode"] == 2
+    same = threads(RuntimeOptions(device="cpu", intra_op_threads=2, warmup=False))
+    assert same["decoder_step"] == 2
+    with pytest.raises(ValueError):
+        RuntimeOptions(step_threads=-1)
+
+
 def test_a_full_context_is_refused_before_running(rt: Runtime) -> None:
     cache = rt.new_cache(1)
     cache.lengths[:] = rt.info.max_seq_len
