@@ -308,9 +308,12 @@ class Scheduler:
         ]
 
     def _accept_all(self, picks: list[Pick]) -> None:
+        accepted = 0
         for seq, token, lp, amap in picks:
             if seq.slot >= 0 and not seq.cancelled:
                 self._accept(seq, token, lp, amap)
+                accepted += 1
+        self.metrics.gen_generated_tokens.inc(accepted)  # once a step, not once a token
 
     def _accept(self, seq: Sequence, token: int, lp: np.ndarray | None, amap: np.ndarray | None = None) -> None:
         """Take the sequence's next token: hand it over, and retire the sequence if it is done."""
@@ -322,13 +325,12 @@ class Scheduler:
         else:
             self.metrics.gen_itl_seconds.observe(now - seq.last_token_at)
         seq.last_token_at = now
-        self.metrics.gen_generated_tokens.inc()
         if token == self.eot:
             self._retire(seq, Finish.END_OF_TEXT)
             return
         seq.generated.append(token)
         text = self._text(seq)
-        stop_at = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        stop_at = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1) if p.stop else -1
         if stop_at >= 0:
             self._emit(seq, token, text[:stop_at], lp, amap, final=True)
             self._retire(seq, Finish.STOP)
