@@ -44,6 +44,7 @@ class ServerConfig:
     max_cached_tokens: int = 4096  # generation: prompt + max_new_tokens reserved by running sequences, summed
     max_waiting_sequences: int = 64  # generation: beyond this, RESOURCE_EXHAUSTED
     max_new_tokens: int = 256
+    stream_interval: int = 1  # generation: tokens a stream message gathers before it is sent
     max_message_bytes: int = 16 * 1024 * 1024
     grace_seconds: float = 20.0  # in-flight requests get this long to finish on shutdown
     tls_cert: Path | None = None
@@ -92,6 +93,7 @@ class ServerConfig:
             max_cached_tokens=self.max_cached_tokens,
             max_waiting=self.max_waiting_sequences,
             max_new_tokens=self.max_new_tokens,
+            stream_interval=self.stream_interval,
         )
 
     @classmethod

@@ -58,10 +58,15 @@ class GenerationLimits:
     max_cached_tokens: int = 16 * 256  # prompt + max_new_tokens reserved by every running sequence, summed
     max_waiting: int = 64  # beyond this, RESOURCE_EXHAUSTED at once
     max_new_tokens: int = 256
+    # tokens a stream message gathers before it is sent (the last message carries what is left): 1 sends
+    # each token as it comes; more trade a few steps of latency for less work per token under load
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if min(self.max_running, self.max_cached_tokens, self.max_waiting, self.max_new_tokens) < 1:
             raise ValueError(f"generation limits must be positive: {self}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
 
 
 @dataclass
@@ -108,6 +113,8 @@ class Sequence:
     settled_text: str = ""  # the text of generated[:settled_tokens], which ends on a whole character
     settled_tokens: int = 0
     cancelled: bool = False
+    interval: int = 1  # tokens held before they are handed over; 0: all of them, at the end (a unary call)
+    held: list[Token] = field(default_factory=list)
 
     @property
     def reserved(self) -> int:
@@ -151,14 +158,17 @@ class Scheduler:
     # --- callers (event loop thread) -------------------------------------------------------------
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, deadline: float | None
+        self, prompt: list[int], params: SamplingParams, deadline: float | None, stream: bool = True
     ) -> AsyncIterator[list[Event]]:
-        """Events as they come, in groups: whatever is ready when the caller asks (one token when it keeps
-        up, several when it lags), the last group ending with one ``Done``. Leaving early cancels the sequence."""
+        """Events as they come, in groups: whatever is ready when the caller asks (``stream_interval``
+        tokens at a time, more when it lags), the last group ending with one ``Done``. Without ``stream``
+        the tokens are held and handed over with the ``Done``, which costs the event loop one wake-up
+        rather than one a token. Leaving early cancels the sequence."""
         if self._closed:
             raise ModelNotReady("server is shutting down")
         seed = params.seed if params.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
         seq = Sequence(next(self._ids), prompt, params, np.random.default_rng(seed), deadline)
+        seq.interval = self.limits.stream_interval if stream else 0
         with self._lock:
             if len(self.waiting) >= self.limits.max_waiting:
                 raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
@@ -386,7 +396,14 @@ class Scheduler:
             for layer, weights in enumerate(amap):
                 best = np.argsort(-weights, kind="stable")[:k]
                 tok.attention.append((layer, best.tolist(), weights[best].astype(float).tolist()))
-        self._outbox.append((seq, tok))
+        seq.held.append(tok)
+        if seq.interval and len(seq.held) >= seq.interval:
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Hand the held tokens to the caller."""
+        self._outbox.extend((seq, t) for t in seq.held)
+        seq.held.clear()
 
     def _retire(self, seq: Sequence, finish: Finish, error: BaseException | None = None) -> None:
         self.running.pop(seq.slot, None)
@@ -396,6 +413,7 @@ class Scheduler:
         seq.slot = -1
 
     def _end(self, seq: Sequence, finish: Finish, error: BaseException | None = None) -> None:
+        self._release(seq)
         self.metrics.gen_finished.labels(finish.value).inc()
         now = time.monotonic()
         self.metrics.gen_e2e_seconds.observe(now - seq.enqueued_at)

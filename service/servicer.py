@@ -295,7 +295,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             ids, params = self._generation(request)
             scheduler = self._scheduler()
             tokens = []
-            async for group in scheduler.generate(ids, params, self._deadline(context)):
+            async for group in scheduler.generate(ids, params, self._deadline(context), stream=False):
                 for event in group:
                     if isinstance(event, Token):
                         if event.id >= 0:
@@ -329,7 +329,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         code = grpc.StatusCode.OK
         try:
             async for group in scheduler.generate(ids, params, self._deadline(context)):
-                # one message per group: a client that keeps up gets one token a message, one that lags gets several
+                # one message per group: stream_interval tokens (1 by default), more for a client that lags
                 msg = pb.GenerateStreamResponse()
                 for event in group:
                     if isinstance(event, Token):

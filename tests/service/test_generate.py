@@ -125,6 +125,25 @@ def test_streamed_tokens_concatenate_to_the_unary_result(served: ServerThread) -
         assert tops == sorted(tops, reverse=True) and t.logprob <= tops[0] + 1e-6
 
 
+def test_a_stream_interval_gathers_tokens_into_fewer_messages(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir, stream_interval=4)).start()
+    try:
+        stub = st.stub()
+        req = pb.GenerateRequest(prompt="Good sir", temperature=0.9, seed=5, max_new_tokens=30)
+        messages = list(stub.GenerateStream(req))
+        unary = stub.Generate(req)
+        counts = [len(m.tokens) for m in messages]
+        # 4 tokens a message (a multiple of 4 where the client lagged), what is left in the last
+        assert all(c and c % 4 == 0 for c in counts[:-1])
+        assert sum(counts) == unary.usage.generated_tokens > 8
+        assert len(messages) <= -(-sum(counts) // 4) + 1  # the finish may come in a message of its own
+        assert "".join(m.text for m in messages) == unary.text
+        assert [t.token_id for m in messages for t in m.tokens] == ids_of(unary)
+        assert messages[-1].finish_reason == unary.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    finally:
+        st.stop()
+
+
 @pytest.mark.parametrize(
     ("kw", "needle"),
     [
