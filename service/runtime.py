@@ -323,8 +323,15 @@ class Runtime:
             if opts.require_cuda:
                 raise CudaUnavailableError(f"CUDA required, but the sessions were placed on {placed}")
             log.warning("CUDA sessions could not be created; running on CPU (%s)", placed)
-        if self.provider == CPU and opts.fused_step and STEP_GRAPH in self.info.graphs:
-            self.sessions[STEP_GRAPH] = self._session(STEP_GRAPH, want_cuda=False)
+        if self.provider == CPU and opts.fused_step:
+            if STEP_GRAPH in self.info.graphs:
+                self.sessions[STEP_GRAPH] = self._session(STEP_GRAPH, want_cuda=False)
+            else:
+                log.info(
+                    "no %s graph in %s: decode steps run the decoder graph (export again for it)",
+                    STEP_GRAPH,
+                    self.model_dir,
+                )
         log.info("model %s %s loaded from %s on %s", self.info.name, self.info.version, self.model_dir, self.provider)
         self.warmup_seconds = self.warmup() if self.options.warmup else 0.0
 

@@ -177,6 +177,21 @@ def test_a_full_slot_sitting_out_makes_the_step_take_the_decoder_graph(rt: Runti
     np.testing.assert_array_equal(fused.data, plain.data)
 
 
+def test_a_model_directory_without_the_step_graph_still_decodes(
+    broken_dir: Path, rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = json.loads((broken_dir / "config.json").read_text())
+    del config["graphs"]["decoder_step"]  # as an older export wrote it
+    (broken_dir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO, logger="service.runtime"):
+        old = Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False))
+    assert "decoder_step" not in old.sessions and "export again" in caplog.text
+    ids, one = _rand_ids(rt, 1, 1), np.ones((1, 1), np.int64)
+    a, b = old.new_cache(1), rt.new_cache(1)
+    np.testing.assert_allclose(old.decode_step(a, ids, one), rt.decode_step(b, ids, one), atol=1e-4)
+    assert not a.bindings and b.bindings
+
+
 def test_the_step_graph_takes_its_own_thread_count(model_dir: Path) -> None:
     def threads(opts: RuntimeOptions) -> dict[str, int]:
         r = Runtime(model_dir, opts)
