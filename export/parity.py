@@ -61,13 +61,36 @@ def check_parity(model: Transformer, rt: Runtime, tolerance: float = TOLERANCE) 
     return out
 
 
+def _prompts(rt: Runtime) -> tuple[list[np.ndarray], int]:
+    """Two prompts of different lengths, and how many tokens to decode after them."""
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, rt.info.vocab_size, n) for n in (7, 3)], min(DECODE_STEPS, rt.info.max_seq_len - 8)
+
+
+def _runtime_greedy(
+    rt: Runtime, prompts: list[np.ndarray], steps: int, fused: bool
+) -> tuple[list[list[int]], np.ndarray]:
+    """Greedy decoding of the prompts batched through one runtime cache: tokens per prompt, and the
+    logits each token was chosen from (prompts, steps, V). ``fused``: steps through decoder_step."""
+    cache = rt.new_cache(len(prompts))
+    logits = rt.decode_step(cache, *pad_right(prompts))
+    last = np.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)])
+    tokens: list[list[int]] = [[] for _ in prompts]
+    chosen_from = []
+    for _ in range(steps):
+        nxt = last.argmax(-1)
+        for b in range(len(prompts)):
+            tokens[b].append(int(nxt[b]))
+        chosen_from.append(last)
+        last = rt.decode_step(cache, nxt[:, None], np.ones((len(prompts), 1), np.int64), fused)[:, 0]
+    return tokens, np.stack(chosen_from, axis=1)
+
+
 def _cached_decoding(model: Transformer, rt: Runtime, tolerance: float, fused: bool) -> dict[str, Any]:
     """Greedy decoding of two prompts of different lengths, batched through the runtime's cache,
     against each prompt decoded alone by PyTorch with its own cache. ``fused``: the steps run the
     decoder_step graph (else the decoder graph)."""
-    rng = np.random.default_rng(1)
-    steps = min(DECODE_STEPS, model.cfg.max_seq_len - 8)
-    prompts = [rng.integers(0, model.cfg.vocab_size, n) for n in (7, 3)]
+    prompts, steps = _prompts(rt)
     ref_tokens, ref_logits = [], []
     for p in prompts:
         o = model(torch.from_numpy(p)[None])
@@ -82,20 +105,20 @@ def _cached_decoding(model: Transformer, rt: Runtime, tolerance: float, fused: b
             last = o.logits[0, -1]
         ref_tokens.append(toks)
         ref_logits.append(np.stack(lgs))
-
-    cache = rt.new_cache(len(prompts))
-    logits = rt.decode_step(cache, *pad_right(prompts))
-    last_logits = np.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)])
-    tokens: list[list[int]] = [[] for _ in prompts]
-    got_logits: list[list[np.ndarray]] = [[] for _ in prompts]
-    for _ in range(steps):
-        nxt = last_logits.argmax(-1)
-        for b in range(len(prompts)):
-            tokens[b].append(int(nxt[b]))
-            got_logits[b].append(last_logits[b])
-        last_logits = rt.decode_step(cache, nxt[:, None], np.ones((len(prompts), 1), np.int64), fused)[:, 0]
-    diff = max(float(np.max(np.abs(np.stack(g) - r))) for g, r in zip(got_logits, ref_logits, strict=True))
+    tokens, got = _runtime_greedy(rt, prompts, steps, fused)
+    diff = float(np.max(np.abs(got - np.stack(ref_logits))))
     equal = tokens == ref_tokens
+    return {"max_abs_diff": diff, "tokens_equal": equal, "ok": equal and diff <= tolerance, "steps": steps}
+
+
+def step_graph_agreement(rt: Runtime, tolerance: float) -> dict[str, Any]:
+    """Cached greedy decoding with steps through decoder_step against steps through the decoder graph,
+    on one runtime: the check for a variant (int8) that has no PyTorch twin to compare with."""
+    prompts, steps = _prompts(rt)
+    fused_tokens, fused = _runtime_greedy(rt, prompts, steps, fused=True)
+    plain_tokens, plain = _runtime_greedy(rt, prompts, steps, fused=False)
+    diff = float(np.max(np.abs(fused - plain)))
+    equal = fused_tokens == plain_tokens
     return {"max_abs_diff": diff, "tokens_equal": equal, "ok": equal and diff <= tolerance, "steps": steps}
 
 

@@ -90,6 +90,8 @@ def test_int8_variant_reports_its_loss_and_speed(export_report: dict[str, Any]) 
     assert q["ok"] and q["relative_increase"] <= 0.02
     assert 0 < q["val_bits_per_byte_fp32"] < 8 and q["eval_tokens"] > 0
     assert q["speed_ms"]["int8"]["decode_step"] > 0
+    steps = q["step_graph_vs_decoder"]  # generation's int8 step graph against the graph measured above
+    assert steps["ok"] and steps["tokens_equal"] and steps["max_abs_diff"] <= 1e-3
 
 
 def test_fp16_variant_says_whether_it_was_checked(export_report: dict[str, Any]) -> None:
