@@ -324,3 +324,23 @@ def export_decoder_step(model: Transformer, path: str) -> None:
         dynamic_axes=dynamic,
         custom_opsets={"com.microsoft": 1},
     )
+
+
+def step_graph_problem(path: str, cfg: ModelConfig) -> str | None:
+    """Why ONNX Runtime's CPU kernels cannot run this decoder_step graph (None when they can).
+
+    GroupQueryAttention has shape rules of its own (with rotary embeddings, a head size that is a
+    multiple of 16); one step at a small shape finds out, rather than a copy of those rules here.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    feeds = {"input_ids": np.zeros((1, 1), np.int64), "past_lengths": np.zeros(1, np.int32)}
+    feeds |= {n: np.zeros((1, cfg.n_head, 2, cfg.head_dim), np.float32) for n in past_names(cfg.n_layer)}
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # the failure is the answer, reported by the caller
+    try:
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    except Exception as e:
+        return str(e)
+    return None

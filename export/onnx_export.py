@@ -30,6 +30,7 @@ from export.graphs import (
     export_kv_write,
     new_kv_names,
     past_names,
+    step_graph_problem,
 )
 from export.parity import TOLERANCE, check_parity, decoder_bits_per_byte, step_graph_agreement, time_decoder
 from model.train import VALIDATION_FILE, load_checkpoint
@@ -147,6 +148,11 @@ def export_model(
             export_kv_write(cfg.model, str(work / graphs["kv_write"]))
             export_decoder(model, str(work / graphs["decoder_attn"]), with_attention=True)
             export_decoder_step(model, str(work / graphs["decoder_step"]))
+        step_problem = step_graph_problem(str(work / graphs["decoder_step"]), cfg.model)
+        if step_problem is not None:  # an optional graph: decode steps then run the decoder graph
+            log.warning("no decoder_step graph for this model: %s", step_problem)
+            (work / graphs.pop("decoder_step")).unlink()
+            del config["decoder"]["step_graph"]
         for graph, file in graphs.items():
             _stamp_metadata(work / file, graph, config)
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -154,6 +160,7 @@ def export_model(
         runtime = Runtime(work, RuntimeOptions(device="cpu", warmup=False))
         parity = check_parity(model, runtime)
         report: dict[str, Any] = {"name": name, "version": version, "opset": OPSET, "parity": parity}
+        report["decoder_step"] = {"exported": step_problem is None, "reason": step_problem}
         failures = [k for k, v in parity.items() if isinstance(v, dict) and not v.get("ok", True)]
 
         windows = None
@@ -185,7 +192,7 @@ def _int8_variant(work: Path, config: dict[str, Any], windows: list[np.ndarray],
     """Dynamic int8 quantization (weights int8, activations quantized on the fly): the CPU variant."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for graph in INT8_GRAPHS:
+    for graph in (g for g in INT8_GRAPHS if g in config["graphs"]):
         src, dst = work / f"{graph}.onnx", work / f"{graph}_int8.onnx"
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
         _stamp_metadata(dst, f"{graph}_int8", config)
@@ -197,7 +204,9 @@ def _int8_variant(work: Path, config: dict[str, Any], windows: list[np.ndarray],
     increase = quant / base - 1.0
     speed = {v: time_decoder(rt) for v, rt in (("fp32", fp32), ("int8", int8))}
     # decoder_step_int8 serves generation; the bits-per-byte figure above came from decoder_int8
-    steps = step_graph_agreement(int8, INT8_STEP_TOLERANCE)
+    steps: dict[str, Any] = {"ok": True, "checked": False}  # no step graph for this model
+    if "decoder_step" in int8.sessions:
+        steps = step_graph_agreement(int8, INT8_STEP_TOLERANCE)
     return {
         "ok": bool(increase <= INT8_MAX_LOSS_INCREASE) and steps["ok"],
         "step_graph_vs_decoder": steps,
@@ -207,7 +216,7 @@ def _int8_variant(work: Path, config: dict[str, Any], windows: list[np.ndarray],
         "bound": INT8_MAX_LOSS_INCREASE,
         "eval_tokens": int(sum(len(w) - 1 for w in windows)),
         "speed_ms": speed,
-        "size_bytes": {g: (work / f"{g}_int8.onnx").stat().st_size for g in INT8_GRAPHS},
+        "size_bytes": {g: (work / f"{g}_int8.onnx").stat().st_size for g in INT8_GRAPHS if g in config["graphs"]},
     }
 
 
