@@ -10,7 +10,7 @@ import torch
 from bench.timing import median_seconds
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer, extend_cache, pool
-from service.runtime import Runtime, pad_right
+from service.runtime import STEP_GRAPH, Runtime, pad_right
 from service.sampling import log_softmax
 
 TOLERANCE = 1e-4  # max abs difference, fp32
@@ -54,7 +54,7 @@ def check_parity(model: Transformer, rt: Runtime, tolerance: float = TOLERANCE) 
     logits, _ = rt.decode(ids, mask)
     out["decoder_logits"] = _diff(logits[valid], ref.logits.numpy()[valid], tolerance)
     out["cached_decoding"] = _cached_decoding(model, rt, tolerance, fused=False)
-    if "decoder_step" in rt.sessions:  # the CPU step graph, with its in-place cache append
+    if STEP_GRAPH in rt.sessions:  # the CPU step graph, with its in-place cache append
         out["cached_decoding_step_graph"] = _cached_decoding(model, rt, tolerance, fused=True)
     out["decode_steps"] = DECODE_STEPS
     out["decode_tokens_equal"] = all(v["tokens_equal"] for k, v in out.items() if k.startswith("cached_decoding"))
