@@ -15,6 +15,10 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
 * The batch runs in an executor so the event loop never blocks; its results are set only on
   futures that are still waiting, and an exception reaches every future of its batch and no
   other.
+* Up to ``max_in_flight`` batches run at once (2 by default). A second batch starts beside a
+  running one only when a full batch is queued: then the model has work while the first one's
+  results go back to their callers. A part-filled batch waits for the running one to finish and
+  gathers meanwhile, so light load still forms batches as large as one batch in flight would.
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ class BatchLimits:
     max_batch_tokens: int = 8192  # padded tokens: batch size x longest sequence
     max_queue_delay_s: float = 0.0  # extra wait for a fuller batch; 0: batches gather while the model runs
     max_queue_size: int = 1024
+    max_in_flight: int = 2  # batches running at once
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue_size < 1:
+        if min(self.max_batch_size, self.max_batch_tokens, self.max_queue_size, self.max_in_flight) < 1:
             raise ValueError(f"batch limits must be positive: {self}")
         if self.max_queue_delay_s < 0:
             raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
@@ -84,6 +89,7 @@ class Batcher:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _closed: bool = False
+    _running: set[asyncio.Task[None]] = field(default_factory=set)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
@@ -94,6 +100,7 @@ class Batcher:
         self._wake.set()
         if self._task is not None:
             await self._task
+        await asyncio.gather(*self._running)
 
     @property
     def depth(self) -> int:
@@ -122,8 +129,8 @@ class Batcher:
 
     async def _collect(self) -> None:
         while True:
-            while not self._queue:
-                if self._closed:
+            while not self._ready():
+                if self._closed and not self._queue:
                     return
                 self._wake.clear()
                 await self._wake.wait()
@@ -141,7 +148,20 @@ class Batcher:
             batch = self._take()
             self.metrics.queue_depth.labels(self.name).set(len(self._queue))
             if batch:
-                await self._run(batch)
+                task = asyncio.get_running_loop().create_task(self._run(batch), name=f"batch-{self.name}")
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+
+    def _ready(self) -> bool:
+        """Whether to form a batch now: work is queued and a slot is free; beside a running batch,
+        only a full one (a part-filled batch waits: the running one may be done before it would be)."""
+        if not self._queue or len(self._running) >= self.limits.max_in_flight:
+            return False
+        return not self._running or self._full()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wake.set()
 
     def _full(self) -> bool:
         return (

@@ -39,6 +39,7 @@ class ServerConfig:
     max_batch_tokens: int = 8192
     max_queue_delay_ms: float = 0.0  # 0: take what is queued when the model is free (see service.batcher)
     max_queue_size: int = 1024
+    max_batches_in_flight: int = 2  # per batcher: the next batch starts while the last one's results go out
     max_texts_per_request: int = 64
     max_running_sequences: int = 16  # generation: sequences decoded together
     max_cached_tokens: int = 4096  # generation: prompt + max_new_tokens reserved by running sequences, summed
@@ -83,6 +84,7 @@ class ServerConfig:
             max_batch_tokens=self.max_batch_tokens,
             max_queue_delay_s=self.max_queue_delay_ms / 1000.0,
             max_queue_size=self.max_queue_size,
+            max_in_flight=self.max_batches_in_flight,
         )
 
     def generation_limits(self) -> GenerationLimits:

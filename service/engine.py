@@ -39,8 +39,8 @@ class Engine:
         self.runtime = runtime
         self.limits = limits
         self.metrics = metrics
-        # one worker per batcher: each has at most one batch in flight, and they may overlap
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="attnserve-batch")
+        # a worker for every batch that may be in flight, in either batcher
+        self.executor = ThreadPoolExecutor(max_workers=2 * limits.max_in_flight, thread_name_prefix="attnserve-batch")
         max_len = runtime.info.max_seq_len
         self.encoder = Batcher("encode", self._run_encode, limits, self.executor, metrics, max_len)
         self.attender = Batcher("attention", self._run_attention, limits, self.executor, metrics, max_len)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -20,11 +21,13 @@ class FakeModel:
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.entered: list[int] = []  # batch sizes, as each batch reaches the model (before the gate)
         self.fail_next = False
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, batch: Sequence[np.ndarray]) -> list[np.ndarray]:
+        self.entered.append(len(batch))
         self.gate.wait(5)
         self.batches.append([len(x) for x in batch])
         if self.fail_next:
@@ -34,7 +37,8 @@ class FakeModel:
 
 
 def make(model: FakeModel, **limits: float) -> Batcher:
-    return Batcher("encode", model, BatchLimits(**limits), ThreadPoolExecutor(1), Metrics(), max_len=64)  # type: ignore[arg-type]
+    bl = BatchLimits(**limits)  # type: ignore[arg-type]
+    return Batcher("encode", model, bl, ThreadPoolExecutor(bl.max_in_flight), Metrics(), max_len=64)
 
 
 def ids(n: int, v: int = 1) -> np.ndarray:
@@ -54,7 +58,7 @@ def test_each_request_gets_its_own_result_and_batches_form_under_load() -> None:
         model.gate.set()
         results = await asyncio.gather(first, *rest)
         assert [int(r.value[0]) for r in results] == [200, *[2 * v for v in range(10)]]
-        assert model.batches[0] == [3] and max(len(x) for x in model.batches[1:]) == 8
+        assert model.entered[0] == 1 and max(model.entered[1:]) == 8
         assert all(r.compute_seconds > 0 for r in results)
         await b.stop()
 
@@ -135,5 +139,88 @@ def test_a_request_of_several_texts_is_queued_whole_or_not_at_all() -> None:
             b.reserve(3)
         assert b.depth == 0
         b.reserve(2)  # fits
+
+    asyncio.run(main())
+
+
+async def until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
+    stop_at = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < stop_at, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def test_a_full_batch_starts_beside_a_running_one_up_to_the_in_flight_bound() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b = make(model, max_batch_size=4, max_in_flight=2)
+        b.start()
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit(ids(3, 100)))
+        await until(lambda: model.entered == [1])
+        rest = [asyncio.ensure_future(b.submit(ids(3, v))) for v in range(10)]
+        await until(lambda: len(model.entered) == 2)  # a full batch of 4 joins the held one at once
+        await asyncio.sleep(0.05)
+        assert model.entered == [1, 4] and b.depth == 6  # no third: two in flight at most
+        model.gate.set()
+        results = await asyncio.gather(first, *rest)
+        assert [int(r.value[0]) for r in results] == [200, *[2 * v for v in range(10)]]
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_a_part_filled_batch_waits_for_the_running_one() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b = make(model, max_batch_size=4, max_in_flight=2)
+        b.start()
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit(ids(3)))
+        await until(lambda: model.entered == [1])
+        rest = [asyncio.ensure_future(b.submit(ids(3))) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert model.entered == [1] and b.depth == 3  # three of four: they gather, they do not start
+        model.gate.set()
+        await asyncio.gather(first, *rest)
+        assert [len(x) for x in model.batches] == [1, 3]
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_one_batch_in_flight_never_overlaps() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b = make(model, max_batch_size=2, max_in_flight=1)
+        b.start()
+        model.gate.clear()
+        futs = [asyncio.ensure_future(b.submit(ids(3))) for _ in range(7)]
+        await until(lambda: len(model.entered) == 1)
+        await asyncio.sleep(0.05)
+        assert len(model.entered) == 1 and b.depth == 7 - model.entered[0]
+        model.gate.set()
+        await asyncio.gather(*futs)
+        assert sum(model.entered) == 7
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_waits_for_every_batch_in_flight() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b = make(model, max_batch_size=2, max_in_flight=2)
+        b.start()
+        model.gate.clear()
+        futs = [asyncio.ensure_future(b.submit(ids(3, v))) for v in range(5)]
+        await until(lambda: len(model.entered) == 2)
+        stopping = asyncio.ensure_future(b.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done()
+        model.gate.set()
+        await stopping
+        assert all(f.done() for f in futs)
+        assert [int(f.result().value[0]) for f in futs] == [2 * v for v in range(5)]
 
     asyncio.run(main())

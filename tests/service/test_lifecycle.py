@@ -79,6 +79,9 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
         ServerConfig.from_sources(None, {"ATTNSERVE_DEVICE": "tpu"})
     with pytest.raises(ValueError, match="tls"):
         ServerConfig.from_sources(None, {"ATTNSERVE_TLS_CERT": "/x.pem"})
+    assert ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCHES_IN_FLIGHT": "1"}).batch_limits().max_in_flight == 1
+    with pytest.raises(ValueError, match="batch limits"):
+        ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCHES_IN_FLIGHT": "0"})
 
 
 def test_command_line_client(process: tuple[subprocess.Popen[str], int], tmp_path: Path) -> None:
