@@ -4,6 +4,9 @@
 2. A server process with batching on: a closed loop at fixed concurrency, an open loop of
    Poisson arrivals at a fixed rate, and single requests on the idle server.
 3. The same server with batching off (max batch size 1), closed loop at the same concurrency.
+4. The same closed loop with eight texts a request, where one call's cost is shared by eight.
+5. The transport floor (``bench.transport``): the same loads against a server with no model, and
+   from it the ceiling these cores allow a server while its load generator runs beside it.
 
 Reports throughput and latency p50/p90/p99 as a table and JSON. A benchmark, not a test.
 """
@@ -23,6 +26,7 @@ import grpc
 import numpy as np
 
 from bench.timing import server_process
+from bench.transport import ceiling_share, cpu_per_unit, floor_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.runtime import Runtime, RuntimeOptions
@@ -31,6 +35,7 @@ WORDS = (
     "the king and queen speak of love and death while the fool laughs at the crown "
     "my lord what news from the field the night is dark and full of ghosts"
 ).split()
+BUNDLED = 8  # texts a request in the bundled load
 
 
 def texts_of(rt: Runtime, tokens: int, count: int, seed: int = 0) -> list[str]:
@@ -53,16 +58,17 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def in_process_limit(rt: Runtime, tokens: int, seconds: float) -> dict[str, Any]:
-    by_batch = {}
+    by_batch, cpu_ms = {}, {}
     for b in (1, 8, 16, 32, 64):
         ids = np.ones((b, tokens), np.int64)
         mask = np.ones_like(ids)
         rt.encode(ids, mask)
-        n, start = 0, time.perf_counter()
+        n, start, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             rt.encode(ids, mask)
             n += 1
         by_batch[b] = n * b / (time.perf_counter() - start)
+        cpu_ms[b] = (time.process_time() - cpu) / (n * b) * 1e3
     best = max(by_batch, key=lambda k: by_batch[k])
     one = []
     ids1 = np.ones((1, tokens), np.int64)
@@ -74,11 +80,14 @@ def in_process_limit(rt: Runtime, tokens: int, seconds: float) -> dict[str, Any]
         "texts_per_second_by_batch": by_batch,
         "best_batch": best,
         "limit_texts_per_second": by_batch[best],
+        "cpu_ms_per_text": cpu_ms[best],  # all the process's threads, spinning ones included
         "batch1_p50_ms": statistics.median(one) * 1e3,
     }
 
 
-async def closed_loop(address: str, texts: list[str], concurrency: int, seconds: float) -> dict[str, Any]:
+async def closed_loop(
+    address: str, texts: list[str], concurrency: int, seconds: float, per_request: int = 1
+) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.AttnServeStub(channel)
         await stub.Encode(pb.EncodeRequest(texts=[texts[0]]))
@@ -86,20 +95,23 @@ async def closed_loop(address: str, texts: list[str], concurrency: int, seconds:
         stop_at = time.perf_counter() + seconds
 
         async def worker(i: int) -> None:
-            k = i
+            k = i * per_request
             while time.perf_counter() < stop_at:
+                batch = [texts[(k + j) % len(texts)] for j in range(per_request)]
                 t = time.perf_counter()
-                await stub.Encode(pb.EncodeRequest(texts=[texts[k % len(texts)]]))
+                await stub.Encode(pb.EncodeRequest(texts=batch))
                 latencies.append(time.perf_counter() - t)
-                k += concurrency
+                k += concurrency * per_request
 
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - start
     return {
         "concurrency": concurrency,
+        "texts_per_request": per_request,
         "requests": len(latencies),
-        "texts_per_second": len(latencies) / elapsed,
+        "texts": len(latencies) * per_request,
+        "texts_per_second": len(latencies) * per_request / elapsed,
         **percentiles(latencies),
     }
 
@@ -159,6 +171,7 @@ def run(model_dir: Path, tokens: int = 64, concurrency: int = 32, seconds: float
     rt = Runtime(model_dir, RuntimeOptions(device="cpu"))
     texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
     limit = in_process_limit(rt, tokens, seconds=min(3.0, seconds / 3))
+    dimensions = rt.info.d_model
     del rt
     result: dict[str, Any] = {
         "model": str(model_dir),
@@ -173,11 +186,31 @@ def run(model_dir: Path, tokens: int = 64, concurrency: int = 32, seconds: float
         }
         rate = 0.7 * result["batching_on"]["closed"]["texts_per_second"]
         result["batching_on"]["open"] = asyncio.run(open_loop(address, texts, rate, seconds))
+        result["batching_on"]["bundled"] = asyncio.run(closed_loop(address, texts, concurrency, seconds, BUNDLED))
     with server_process(model_dir, "--max-batch-size", "1") as address:
         result["batching_off"] = {"closed": asyncio.run(closed_loop(address, texts, concurrency, seconds))}
+    floor_seconds = min(5.0, seconds)
+    with floor_server(dimensions) as (address, pid):
+        result["transport"] = {
+            str(k): asyncio.run(
+                cpu_per_unit(
+                    pid, closed_loop(address, texts, concurrency, floor_seconds, k), lambda load: load["texts"]
+                )
+            )
+            for k in (1, BUNDLED)
+        }
     on = result["batching_on"]["closed"]["texts_per_second"]
+    bundled = result["batching_on"]["bundled"]["texts_per_second"]
+    model_ms = limit["cpu_ms_per_text"]
     result["summary"] = {
         "server_share_of_limit": on / limit["limit_texts_per_second"],
+        "ceiling_share_of_limit": ceiling_share(
+            limit["limit_texts_per_second"], model_ms, result["transport"]["1"]["cpu_ms"]
+        ),
+        "bundled_share_of_limit": bundled / limit["limit_texts_per_second"],
+        "bundled_ceiling_share_of_limit": ceiling_share(
+            limit["limit_texts_per_second"], model_ms, result["transport"][str(BUNDLED)]["cpu_ms"]
+        ),
         "batching_gain": on / result["batching_off"]["closed"]["texts_per_second"],
         "idle_p50_minus_runtime_batch1_ms": result["batching_on"]["idle"]["p50_ms"] - limit["batch1_p50_ms"],
     }
@@ -197,6 +230,7 @@ def table(r: dict[str, Any]) -> str:
         (f"open, Poisson {r['batching_on']['open']['rate']:.0f}/s, batching on", r["batching_on"]["open"]),
         ("idle server, one at a time", {"texts_per_second": float("nan"), **r["batching_on"]["idle"]}),
         (f"closed, {r['batching_off']['closed']['concurrency']} concurrent, batching off", r["batching_off"]["closed"]),
+        (f"closed, {BUNDLED} texts a request, batching on", r["batching_on"]["bundled"]),
     ]
     for name, row in rows:
         lines.append(
@@ -207,5 +241,15 @@ def table(r: dict[str, Any]) -> str:
     lines.append(
         f"server / limit: {s['server_share_of_limit'] * 100:.0f}%; batching gain: "
         f"{s['batching_gain']:.2f}x; idle p50 - runtime batch-1: {s['idle_p50_minus_runtime_batch1_ms']:+.2f} ms"
+    )
+    t1, tb = r["transport"]["1"], r["transport"][str(BUNDLED)]
+    lines.append(
+        f"gRPC alone (no model), CPU a text, server + load generator: {t1['cpu_ms']:.3f} ms at one text a request, "
+        f"{tb['cpu_ms']:.3f} ms at {BUNDLED}; model {lim['cpu_ms_per_text']:.3f} ms"
+    )
+    lines.append(
+        f"ceiling on these cores: {s['ceiling_share_of_limit'] * 100:.0f}% of the limit at one text a request, "
+        f"{s['bundled_ceiling_share_of_limit'] * 100:.0f}% at {BUNDLED}; "
+        f"{BUNDLED} texts a request reached {s['bundled_share_of_limit'] * 100:.0f}%"
     )
     return "\n".join(lines)

@@ -8,6 +8,8 @@
    time to first token and inter-token latency (p50, p99). Then 16 streams again against a server
    started with ``--stream-interval 4``: four tokens a message (the inter-token latency of a
    message's tokens is its gap over their count).
+3. The transport floor (``bench.transport``): 16 streams against a server with no model, one and
+   four tokens a message, and from it the ceiling these cores allow against the limit.
 
 A benchmark, not a test: it prints figures and asserts nothing.
 """
@@ -28,6 +30,7 @@ import numpy as np
 
 from bench.encode import WORDS
 from bench.timing import median_seconds, server_process
+from bench.transport import ceiling_share, cpu_per_unit, floor_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.runtime import Runtime, RuntimeOptions
@@ -59,6 +62,11 @@ def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> 
             rt.decode_step(cache, one, one)
 
         steps[b] = median_seconds(step, runs=200)
+        if b == 16:
+            cpu = time.process_time()
+            for _ in range(200):
+                step()
+            step_cpu_ms = (time.process_time() - cpu) / 200 * 1e3  # all threads, spinning ones included
 
     def cached_decoding(prompt: list[int]) -> None:
         cache = rt.new_cache(1)
@@ -83,6 +91,7 @@ def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> 
     return {
         "decode_step_ms": {str(b): s * 1e3 for b, s in steps.items()},
         "limit_tokens_per_second_16": 16 / steps[16],
+        "cpu_ms_per_token_16": step_cpu_ms / 16,
         "cache_by_prompt_tokens": speedups,
     }
 
@@ -111,6 +120,7 @@ def _summary(lat: dict[str, list[float]], tokens: int, requests: int, elapsed: f
 
     return {
         "requests": requests,
+        "tokens": tokens,
         "requests_per_second": requests / elapsed,
         "output_tokens_per_second": tokens / elapsed,
         "ttft_p50_ms": pct(lat["ttft"], 50),
@@ -169,6 +179,7 @@ def run(model_dir: Path, seconds: float = 15.0) -> dict[str, Any]:
         "new_tokens": NEW_TOKENS,
         "in_process": in_process(rt),
     }
+    dimensions = rt.info.d_model
     del rt
     with server_process(model_dir) as address:
         one = asyncio.run(closed_loop(address, prompts, 1, seconds))
@@ -178,12 +189,22 @@ def run(model_dir: Path, seconds: float = 15.0) -> dict[str, Any]:
     with server_process(model_dir, "--stream-interval", str(GROUPED)) as address:  # fewer, fuller messages
         grouped = asyncio.run(closed_loop(address, prompts, 16, seconds))
     result["server"] = {"closed_1": one, "closed_16": sixteen, "open": opened, "closed_16_grouped": grouped}
+    result["transport"] = {}
+    for interval in (1, GROUPED):
+        with floor_server(dimensions, interval) as (address, pid):
+            load = closed_loop(address, prompts, 16, min(5.0, seconds))
+            result["transport"][str(interval)] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["tokens"]))
+    limit, model_ms = result["in_process"]["limit_tokens_per_second_16"], result["in_process"]["cpu_ms_per_token_16"]
     result["summary"] = {
         "streams16_over_one": sixteen["output_tokens_per_second"] / one["output_tokens_per_second"],
         "streams16_share_of_limit": sixteen["output_tokens_per_second"]
         / result["in_process"]["limit_tokens_per_second_16"],
         "streams16_grouped_share_of_limit": grouped["output_tokens_per_second"]
         / result["in_process"]["limit_tokens_per_second_16"],
+        "streams16_ceiling_share_of_limit": ceiling_share(limit, model_ms, result["transport"]["1"]["cpu_ms"]),
+        "streams16_grouped_ceiling_share_of_limit": ceiling_share(
+            limit, model_ms, result["transport"][str(GROUPED)]["cpu_ms"]
+        ),
         "cache_speedup_by_prompt_tokens": {
             k: v["speedup"] for k, v in result["in_process"]["cache_by_prompt_tokens"].items()
         },
@@ -222,5 +243,14 @@ def table(r: dict[str, Any]) -> str:
         f"16 streams / 1 stream: {m['streams16_over_one']:.1f}x; 16 streams / limit: "
         f"{m['streams16_share_of_limit'] * 100:.0f}% ({m['streams16_grouped_share_of_limit'] * 100:.0f}% with "
         f"{GROUPED} tokens a message)"
+    )
+    t1, tg = r["transport"]["1"], r["transport"][str(GROUPED)]
+    lines.append(
+        f"gRPC alone (no model), CPU a token, server + load generator: {t1['cpu_ms']:.3f} ms at one token a message, "
+        f"{tg['cpu_ms']:.3f} ms at {GROUPED}; model {ip['cpu_ms_per_token_16']:.3f} ms at batch 16"
+    )
+    lines.append(
+        f"ceiling on these cores: {m['streams16_ceiling_share_of_limit'] * 100:.0f}% of the limit at one token a "
+        f"message, {m['streams16_grouped_ceiling_share_of_limit'] * 100:.0f}% at {GROUPED}"
     )
     return "\n".join(lines)
