@@ -3,7 +3,12 @@
 One ``Batcher`` per graph owns a bounded queue and the only task that forms batches, in the
 manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
 
-* ``submit()`` makes a future, enqueues, and awaits it; a full queue refuses at once.
+* ``admit()`` refuses at once, before any work is spent on a request, what would not fit the
+  queue or could not run before its deadline given the work queued ahead of it (estimated
+  from the time recent batches took per token). ``enqueue()`` queues all of a request's
+  sequences in one synchronous step, or none of them; ``wait()`` awaits their results.
+  A caller that goes away takes its entries out of the queue at once, so cancelled calls
+  never hold places that live ones are refused for.
 * The collector waits for a first request, then fills the batch up to ``max_batch_size``
   requests and ``max_batch_tokens`` padded tokens, or until ``max_queue_delay`` has passed
   since that first request. With the default delay of 0 it takes what is queued the moment
@@ -24,6 +29,7 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,14 +52,16 @@ class BatchLimits:
     max_batch_size: int = 32
     max_batch_tokens: int = 8192  # padded tokens: batch size x longest sequence
     max_queue_delay_s: float = 0.0  # extra wait for a fuller batch; 0: batches gather while the model runs
-    max_queue_size: int = 1024
+    max_queue_size: int = 1024  # sequences (texts) waiting
+    max_queue_tokens: int = 65536  # their tokens, summed
     max_in_flight: int = 2  # batches running at once
 
     def __post_init__(self) -> None:
-        if min(self.max_batch_size, self.max_batch_tokens, self.max_queue_size, self.max_in_flight) < 1:
+        sizes = (self.max_batch_size, self.max_batch_tokens, self.max_queue_size, self.max_queue_tokens)
+        if min(*sizes, self.max_in_flight) < 1:
             raise ValueError(f"batch limits must be positive: {self}")
-        if self.max_queue_delay_s < 0:
-            raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
+        if not 0 <= self.max_queue_delay_s < float("inf"):  # also refuses nan
+            raise ValueError(f"max_queue_delay_s must be a finite number >= 0, got {self.max_queue_delay_s}")
 
 
 @dataclass
@@ -63,6 +71,7 @@ class Pending:
     enqueued_at: float
     deadline: float | None  # time.monotonic() value, or None for no deadline
     started_at: float = 0.0
+    queued: bool = True  # until taken into a batch or dropped
 
 
 @dataclass
@@ -90,6 +99,10 @@ class Batcher:
     _task: asyncio.Task[None] | None = None
     _closed: bool = False
     _running: set[asyncio.Task[None]] = field(default_factory=set)
+    _tokens: int = 0  # tokens of the queued sequences
+    # seconds of model time per token, from recent batches (shared among the batches that ran together):
+    # what the queue ahead of a new request will cost. 0 until a batch has run: nothing is shed before.
+    _seconds_per_token: float = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
@@ -106,24 +119,75 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def reserve(self, n: int) -> None:
-        """Refuse at once, before anything is queued, when n more requests would not fit."""
+    def expected_wait(self) -> float:
+        """Seconds until the model is through with the work queued now (an estimate)."""
+        return self._tokens * self._seconds_per_token
+
+    def admit(self, n: int, deadline: float | None) -> None:
+        """Refuse at once, before anything is queued or tokenized, a request of n sequences that would
+        not fit the queue, or whose deadline passes before the work queued ahead of it is done."""
         if self._closed:
             raise ModelNotReady("server is shutting down")
         if len(self._queue) + n > self.limits.max_queue_size:
             self.metrics.dropped.labels(self.name, "queue_full").inc(n)
-            raise Overloaded(f"{self.name} queue is full ({self.limits.max_queue_size} waiting); retry later")
+            raise Overloaded(f"{self.name} queue is full ({len(self._queue)} waiting); retry later")
+        if deadline is not None:
+            wait, left = self.expected_wait(), deadline - time.monotonic()
+            if left <= 0:
+                self.metrics.dropped.labels(self.name, "deadline").inc(n)
+                raise DeadlineExceeded("the deadline had passed when the request arrived")
+            if wait > left:
+                self.metrics.dropped.labels(self.name, "deadline").inc(n)
+                raise Overloaded(
+                    f"{self.name}: about {wait:.3f}s of work is queued ahead, more than the {max(left, 0):.3f}s "
+                    "left before the deadline; retry later or elsewhere"
+                )
 
-    async def submit(self, ids: np.ndarray, deadline: float | None = None) -> Result[Any]:
-        self.reserve(1)
-        assert 0 < len(ids) <= self.max_len, f"{len(ids)} tokens; the servicer must bound inputs to {self.max_len}"
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        item = Pending(ids, fut, time.monotonic(), deadline)
-        self._queue.append(item)
+    def enqueue(self, seqs: Sequence[np.ndarray], deadline: float | None) -> list[Pending]:
+        """Queue all of seqs, or none (Overloaded): one synchronous step, so no other request's
+        sequences come between them."""
+        self.admit(len(seqs), None)
+        tokens = sum(len(x) for x in seqs)
+        if self._tokens + tokens > self.limits.max_queue_tokens:
+            self.metrics.dropped.labels(self.name, "queue_full").inc(len(seqs))
+            raise Overloaded(f"{self.name} queue is full ({self._tokens} tokens waiting); retry later")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = []
+        for ids in seqs:
+            if not 0 < len(ids) <= self.max_len:  # the servicer bounds inputs; this is a defect, not a client error
+                raise ValueError(f"{len(ids)} tokens; the servicer must bound inputs to 1..{self.max_len}")
+            item = Pending(ids, loop.create_future(), now, deadline)
+            item.future.add_done_callback(functools.partial(self._forget, item))
+            items.append(item)
+        self._queue.extend(items)
+        self._tokens += tokens
         self.metrics.queue_depth.labels(self.name).set(len(self._queue))
         self._wake.set()
-        value, compute = await fut  # cancelled here when the caller goes away; the collector then skips it
-        return Result(value, item.started_at - item.enqueued_at, compute)
+        return items
+
+    async def wait(self, items: Sequence[Pending]) -> list[Result[Any]]:
+        """The results of enqueued items. Cancelled here when the caller goes away: its items leave the queue."""
+        values = await asyncio.gather(*(p.future for p in items))
+        return [Result(v, p.started_at - p.enqueued_at, c) for p, (v, c) in zip(items, values, strict=True)]
+
+    async def submit(self, ids: np.ndarray, deadline: float | None = None) -> Result[Any]:
+        self.admit(1, deadline)
+        return (await self.wait(self.enqueue([ids], deadline)))[0]
+
+    def _forget(self, item: Pending, fut: asyncio.Future[Any]) -> None:
+        """A queued item whose caller went away leaves the queue now, not at the next batch."""
+        if fut.cancelled() and item.queued:
+            self._unqueue([item])
+            self.metrics.dropped.labels(self.name, "cancelled").inc()
+
+    def _unqueue(self, items: Sequence[Pending]) -> None:
+        gone = {id(p) for p in items}
+        self._queue = [p for p in self._queue if id(p) not in gone]
+        for p in items:
+            p.queued = False
+            self._tokens -= len(p.ids)
+        self.metrics.queue_depth.labels(self.name).set(len(self._queue))
 
     # --- the collector ---------------------------------------------------------------------
 
@@ -146,7 +210,6 @@ class Batcher:
                 except TimeoutError:
                     break
             batch = self._take()
-            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
             if batch:
                 task = asyncio.get_running_loop().create_task(self._run(batch), name=f"batch-{self.name}")
                 self._running.add(task)
@@ -171,22 +234,18 @@ class Batcher:
     def _padded(self, items: Sequence[Pending]) -> int:
         return len(items) * max((len(p.ids) for p in items), default=0)
 
-    def _live(self, p: Pending, now: float) -> bool:
-        if p.future.done():  # the caller cancelled, or went away
-            self.metrics.dropped.labels(self.name, "cancelled").inc()
-            return False
-        if p.deadline is not None and now >= p.deadline:
-            p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
-            self.metrics.dropped.labels(self.name, "deadline").inc()
-            return False
-        return True
-
     def _take(self) -> list[Pending]:
-        """The oldest live request, then the live ones closest to it in length, within both budgets."""
+        """The oldest live request, then the live ones closest to it in length, within both budgets.
+        Requests whose deadline has passed fail here, before the model sees them."""
         now = time.monotonic()
-        live = [p for p in self._queue if self._live(p, now)]
+        expired = [p for p in self._queue if p.deadline is not None and now >= p.deadline]
+        if expired:
+            self._unqueue(expired)
+            self.metrics.dropped.labels(self.name, "deadline").inc(len(expired))
+            for p in expired:
+                p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+        live = self._queue
         if not live:
-            self._queue = []
             return []
         first, rest = live[0], live[1:]
         rest_by_fit = sorted(rest, key=lambda p: (abs(len(p.ids) - len(first.ids)), p.enqueued_at))
@@ -200,12 +259,12 @@ class Batcher:
                 continue
             batch.append(p)
             longest = new_longest
-        chosen = {id(p) for p in batch}
-        self._queue = [p for p in live if id(p) not in chosen]
+        self._unqueue(batch)
         return batch
 
     async def _run(self, batch: list[Pending]) -> None:
         start = time.monotonic()
+        sharing = len(self._running)  # batches running beside this one, itself included (it is added first)
         for p in batch:
             p.started_at = start
             self.metrics.queue_seconds.labels(self.name).observe(start - p.enqueued_at)
@@ -224,6 +283,8 @@ class Batcher:
                     p.future.set_exception(e)
             return
         compute = time.monotonic() - start
+        per_token = compute / max(1, sharing) / sum(len(p.ids) for p in batch)
+        self._seconds_per_token += 0.2 * (per_token - self._seconds_per_token) if self._seconds_per_token else per_token
         self.metrics.compute_seconds.labels(self.name).observe(compute)
         self.metrics.tokens.labels(self.name).inc(sum(len(p.ids) for p in batch))
         for p, r in zip(batch, results, strict=True):

@@ -5,6 +5,7 @@ command line builds its parser from it)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import types
 import typing
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from service.batcher import BatchLimits
     from service.runtime import RuntimeOptions
     from service.scheduler import GenerationLimits
+    from service.servicer import RequestLimits
 
 ENV_PREFIX = "ATTNSERVE_"
 
@@ -38,29 +40,51 @@ class ServerConfig:
     max_batch_size: int = 32
     max_batch_tokens: int = 8192
     max_queue_delay_ms: float = 0.0  # 0: take what is queued when the model is free (see service.batcher)
-    max_queue_size: int = 1024
+    max_queue_size: int = 1024  # texts waiting per graph; beyond it, RESOURCE_EXHAUSTED at once
+    max_queue_tokens: int = 65536  # their tokens, summed
     max_batches_in_flight: int = 2  # per batcher: the next batch starts while the last one's results go out
     max_texts_per_request: int = 64
+    max_text_bytes: int = 256 * 1024  # one text; only a prefix of a text longer than the context is tokenized
+    max_request_bytes: int = 1024 * 1024  # all texts of one request (also bounds a request message's size)
+    max_concurrent_calls: int = 256  # calls in progress; beyond it, RESOURCE_EXHAUSTED at once
     max_running_sequences: int = 16  # generation: sequences decoded together
     max_cached_tokens: int = 4096  # generation: prompt + max_new_tokens reserved by running sequences, summed
     max_waiting_sequences: int = 64  # generation: beyond this, RESOURCE_EXHAUSTED
     max_new_tokens: int = 256
     stream_interval: int = 1  # generation: tokens a stream message gathers before it is sent
     max_message_bytes: int = 16 * 1024 * 1024
-    grace_seconds: float = 20.0  # in-flight requests get this long to finish on shutdown
+    # on SIGTERM: health says NOT_SERVING at once, calls are still served this long (for load balancers
+    # to see it), then new calls are refused with UNAVAILABLE and those in progress get grace_seconds
+    drain_delay_seconds: float = 2.0
+    grace_seconds: float = 20.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # given: clients must present a certificate signed by it (mutual TLS)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"ports must be in 0..65535, got {self.port} and {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
-        if self.grace_seconds < 0 or self.max_message_bytes < 1024 or self.max_texts_per_request < 1:
-            raise ValueError("grace_seconds >= 0, max_message_bytes >= 1024 and max_texts_per_request >= 1")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
+        if self.grace_seconds < 0 or self.drain_delay_seconds < 0:
+            raise ValueError("grace_seconds and drain_delay_seconds must be >= 0")
+        if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1:
+            raise ValueError("max_message_bytes must be >= 1024 and max_concurrent_calls >= 1")
         self.runtime_options()  # validates device and variant
         self.batch_limits()
         self.generation_limits()
+        self.request_limits()
+
+    def request_limits(self) -> RequestLimits:
+        from service.servicer import RequestLimits
+
+        return RequestLimits(self.max_texts_per_request, self.max_text_bytes, self.max_request_bytes)
 
     def runtime_options(self) -> RuntimeOptions:
         from service.runtime import RuntimeOptions
@@ -84,6 +108,7 @@ class ServerConfig:
             max_batch_tokens=self.max_batch_tokens,
             max_queue_delay_s=self.max_queue_delay_ms / 1000.0,
             max_queue_size=self.max_queue_size,
+            max_queue_tokens=self.max_queue_tokens,
             max_in_flight=self.max_batches_in_flight,
         )
 

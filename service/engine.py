@@ -1,7 +1,14 @@
 """What the server does with a validated request: tokenize, batch, run, and shape the answer.
 
 Between the transport (``servicer``) and the runtime: it owns one batcher per single-pass
-graph and the executor their batches run in. Plain Python and numpy types in and out.
+graph, the executor their batches run in, and the thread that tokenizes large inputs.
+Plain Python and numpy types in and out.
+
+The work a request can bring is bounded before it is done. A text longer than the model's
+context can hold is known to be so from its length alone (a token stands for at most
+``max_token_bytes`` bytes): with truncation only a prefix of it is tokenized, without it is
+refused untokenized. Requests with more than a little text are tokenized on a thread of their
+own, so the event loop, and with it every health check, goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -15,8 +22,22 @@ from typing import Literal
 import numpy as np
 
 from service.batcher import Batcher, BatchLimits
+from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.runtime import Runtime, pad_right
+
+# Requests with less text than this are tokenized on the event loop: the hop to a thread would cost
+# more than the ~2 ms of tokenizing. Longer ones go to the tokenizer's thread.
+INLINE_CHARS = 2048
+
+
+def prefix_for(text: str, chars: int) -> str:
+    """A prefix of at least chars // 2 characters ending before a whitespace character, so that every
+    word in it is whole and tokenizes as in the full text; the whole text where there is no such place."""
+    for i in range(min(chars, len(text) - 1), chars // 2, -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return text[:i]
+    return text
 
 
 @dataclass
@@ -44,6 +65,14 @@ class Engine:
         max_len = runtime.info.max_seq_len
         self.encoder = Batcher("encode", self._run_encode, limits, self.executor, metrics, max_len)
         self.attender = Batcher("attention", self._run_attention, limits, self.executor, metrics, max_len)
+        self.tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnserve-tokenize")
+        tok = runtime.tokenizer
+        # what each token reads as on its own, decoded once rather than per request
+        self.token_text = [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())]
+        max_token_bytes = max(len(s) for s in tok.get_vocab())  # byte-level: one character a byte
+        # a text of more characters than this has more tokens than the context holds, and its first
+        # max_seq_len tokens are those of a prefix of (at least) half as many characters
+        self.cut_chars = 2 * max_len * max_token_bytes
 
     def start(self) -> None:
         self.encoder.start()
@@ -52,6 +81,7 @@ class Engine:
     async def stop(self) -> None:
         await asyncio.gather(self.encoder.stop(), self.attender.stop())
         self.executor.shutdown(wait=True)
+        self.tokenizer_pool.shutdown(wait=True)
 
     # --- batch runners (executor threads) ----------------------------------------------------
 
@@ -65,20 +95,54 @@ class Engine:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         tok = self.runtime.tokenizer
         if len(texts) == 1:  # encode_batch hands even one text to its thread pool, where it contends with the model
             return [tok.encode(texts[0], add_special_tokens=False).ids]
         return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text: on the event loop for a little text, on the tokenizer's thread otherwise."""
+        if sum(len(t) for t in texts) <= INLINE_CHARS:
+            return self._tokenize(texts)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self._tokenize, list(texts))
+
+    async def fit(self, texts: Sequence[str], truncate: bool, fields: Sequence[str]) -> list[tuple[list[int], bool]]:
+        """Each text's ids within the model's context, and whether they were cut to fit; InvalidInput,
+        naming the field, for a text too long when truncation was not asked for."""
+        limit = self.runtime.info.max_seq_len
+        prepared = []
+        for text, name in zip(texts, fields, strict=True):
+            if len(text) > self.cut_chars:  # certainly longer than the context: tokenize only what can be kept
+                if not truncate:
+                    raise InvalidInput(
+                        f"{name}: {len(text)} characters are more than the model's context of {limit} tokens can "
+                        "hold; shorten it or set truncation to TRUNCATION_END"
+                    )
+                text = prefix_for(text, self.cut_chars)
+            prepared.append(text)
+        fitted = []
+        for ids, name in zip(await self.tokenize(prepared), fields, strict=True):
+            if len(ids) <= limit:
+                fitted.append((ids, False))
+            elif truncate:
+                fitted.append((ids[:limit], True))
+            else:
+                raise InvalidInput(
+                    f"{name}: {len(ids)} tokens exceed the model's context of {limit}; "
+                    "shorten it or set truncation to TRUNCATION_END"
+                )
+        return fitted
+
     def token_strings(self, ids: Sequence[int]) -> list[str]:
-        return [self.runtime.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        table = self.token_text
+        return [table[i] for i in ids]
 
     async def encode(
         self, ids: Sequence[Sequence[int]], pooling: Literal["mean", "last"], normalize: bool, deadline: float | None
     ) -> Embedded:
-        self.encoder.reserve(len(ids))  # all of a request's texts are queued, or none
-        results = await asyncio.gather(*(self.encoder.submit(np.asarray(x, np.int64), deadline) for x in ids))
+        items = self.encoder.enqueue([np.asarray(x, np.int64) for x in ids], deadline)  # all of them, or none
+        results = await self.encoder.wait(items)
         which = 0 if pooling == "mean" else 1
         vectors = np.stack([r.value[which] for r in results]).astype(np.float32)
         if normalize:

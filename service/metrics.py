@@ -60,10 +60,14 @@ class Metrics:
         self.queue_depth = Gauge("attnserve_queue_depth", "Requests waiting for a batch", ["graph"], registry=r)
         self.tokens = Counter("attnserve_tokens_total", "Real (unpadded) tokens processed", ["graph"], registry=r)
         self.dropped = Counter(
-            "attnserve_dropped_requests_total",
-            "Requests dropped before the model ran, by reason",
+            "attnserve_dropped_texts_total",
+            "Texts refused or dropped before the model ran them, by reason: queue_full (refused, no room), "
+            "deadline (refused or dropped, its deadline could not be met), cancelled (its caller went away)",
             ["graph", "reason"],
             registry=r,
+        )
+        self.in_flight = Gauge(
+            "attnserve_calls_in_progress", "Calls of the model's services being served now", registry=r
         )
         self.provider = Gauge(
             "attnserve_execution_provider",
@@ -114,7 +118,11 @@ class Metrics:
             "attnserve_generate_decode_batch_size", "Sequences in one decode step", buckets=BATCH_BUCKETS, registry=r
         )
         self.gen_finished = Counter(
-            "attnserve_generate_finished_total", "Finished generations by reason", ["reason"], registry=r
+            "attnserve_generate_finished_total",
+            "Generations ended, by reason: a finish reason the caller was told, or cancelled (the caller went "
+            "away), deadline (its deadline passed) or error",
+            ["reason"],
+            registry=r,
         )
 
     def init_series(self, graphs: tuple[str, ...] = ("encode", "attention")) -> None:
@@ -124,7 +132,7 @@ class Metrics:
             self.tokens.labels(graph)
             for reason in ("queue_full", "cancelled", "deadline"):
                 self.dropped.labels(graph, reason)
-        for reason in ("length", "stop", "end_of_text", "context_full", "cancelled", "error"):
+        for reason in ("length", "stop", "end_of_text", "context_full", "cancelled", "deadline", "error"):
             self.gen_finished.labels(reason)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> object:

@@ -307,6 +307,8 @@ class Runtime:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:
             raise ModelDirError(f"{tok_path}: not a tokenizer file ({e})") from e
+        # user text is text: "<|endoftext|>" typed in a prompt is thirteen characters, never the separator
+        self.tokenizer.encode_special_tokens = True
 
         opts = self.options
         want_cuda = opts.device != "cpu" and cuda_usable(opts.device_id)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MAX_STOP_SEQUENCES = 8
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -43,8 +45,8 @@ class SamplingParams:
             bad.append("stop: sequences must not be empty")
         if not 1 <= self.attention_top_k <= 64:
             bad.append(f"attention_top_k: {self.attention_top_k} is not in 1..64")
-        if len(self.stop) > 8:
-            bad.append(f"stop: {len(self.stop)} sequences exceed 8")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            bad.append(f"stop: {len(self.stop)} sequences exceed {MAX_STOP_SEQUENCES}")
         return bad
 
 

@@ -11,7 +11,13 @@ One loop owns the running batch. Each iteration:
    and retires finished sequences at once.
 
 So a request joins between two steps and never waits for the batch to drain, and a caller
-who goes away stops costing compute within one step. Slots are taken lowest first and each
+who goes away stops costing compute within one step.
+
+Whatever fails in an iteration fails the sequences it was working on, and the loop goes on:
+a model step or a prefill fails its own sequences, handing one sequence its token fails that
+sequence, and anything else fails every sequence then known. Should the loop end all the same,
+every waiting caller gets an error, later calls are refused, and ``on_death`` tells the server
+(which then reports NOT_SERVING). Slots are taken lowest first and each
 step runs only the slots up to the highest one in use.
 
 The loop runs in a thread of its own, not on the event loop: model steps, sampling and
@@ -23,6 +29,7 @@ loop in one call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -49,6 +56,7 @@ class Finish(Enum):
     END_OF_TEXT = "end_of_text"
     CONTEXT_FULL = "context_full"
     CANCELLED = "cancelled"
+    DEADLINE = "deadline"  # the caller's deadline passed: it gets DEADLINE_EXCEEDED, not a finish reason
     ERROR = "error"  # the step failed: the caller gets an error, not a finish reason
 
 
@@ -140,6 +148,8 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[tuple[Sequence, Event | BaseException]] = []  # this step's events, sent together
         self._closed = False
+        self.dead = False  # the loop ended other than by stop(): nothing more can be generated
+        self.on_death: Callable[[], None] | None = None  # called on the event loop when that happens
         self.eot = runtime.info.eot_token_id
         self.max_len = runtime.info.max_seq_len
 
@@ -157,6 +167,15 @@ class Scheduler:
 
     # --- callers (event loop thread) -------------------------------------------------------------
 
+    def admit(self) -> None:
+        """Refuse at once, before the prompt is tokenized, what could not be queued now."""
+        if self.dead:
+            raise ModelNotReady("generation is unavailable on this server; retry on another replica")
+        if self._closed:
+            raise ModelNotReady("server is shutting down")
+        if len(self.waiting) >= self.limits.max_waiting:
+            raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
+
     async def generate(
         self, prompt: list[int], params: SamplingParams, deadline: float | None, stream: bool = True
     ) -> AsyncIterator[list[Event]]:
@@ -164,8 +183,7 @@ class Scheduler:
         tokens at a time, more when it lags), the last group ending with one ``Done``. Without ``stream``
         the tokens are held and handed over with the ``Done``, which costs the event loop one wake-up
         rather than one a token. Leaving early cancels the sequence."""
-        if self._closed:
-            raise ModelNotReady("server is shutting down")
+        self.admit()
         seed = params.seed if params.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
         seq = Sequence(next(self._ids), prompt, params, np.random.default_rng(seed), deadline)
         seq.interval = self.limits.stream_interval if stream else 0
@@ -197,22 +215,59 @@ class Scheduler:
     # --- the loop (its own thread) -------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                self._drop_gone()
-                admitted = self._admit()
-                idle = not self.running and not self.waiting
+        try:
+            while True:
+                try:
+                    idle = self._iterate()
+                except Exception:
+                    log.exception("generation loop iteration failed; failing its sequences")
+                    self._fail_all(RuntimeError("generation failed"))
+                    idle = False
+                self._flush()
                 if idle:
-                    self._wake.clear()
-            if admitted:
-                self._guarded(self._prefill, admitted, admitted)
-            if self.running:
-                self._guarded(self._step, list(self.running.values()), max(self.running) + 1)
-            self._flush()
+                    if self._closed:
+                        return
+                    self._wake.wait()
+        except BaseException:
+            log.critical("the generation loop died", exc_info=True)
+            raise
+        finally:
+            if not (self._closed and not self.running and not self.waiting):
+                self._die()
+
+    def _iterate(self) -> bool:
+        """One iteration; whether the loop is idle."""
+        with self._lock:
+            self._drop_gone()
+            admitted = self._admit()
+            idle = not self.running and not self.waiting
             if idle:
-                if self._closed:
-                    return
-                self._wake.wait()
+                self._wake.clear()
+        if admitted:
+            self._guarded(self._prefill, admitted, admitted)
+        if self.running:
+            self._guarded(self._step, list(self.running.values()), max(self.running) + 1)
+        return idle
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every sequence, running or waiting (after a failure that names none of them)."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for seq in list(self.running.values()):
+            with contextlib.suppress(Exception):
+                self._retire(seq, Finish.ERROR, error)
+        for seq in waiting:
+            with contextlib.suppress(Exception):
+                self._end(seq, Finish.ERROR, error)
+        self.running.clear()
+
+    def _die(self) -> None:
+        self.dead = True
+        with contextlib.suppress(BaseException):
+            self._fail_all(ModelNotReady("generation stopped on this server; retry on another replica"))
+            self._flush()
+            if self._loop is not None and self.on_death is not None:
+                self._loop.call_soon_threadsafe(self.on_death)
 
     def _guarded(self, work: Callable[[Any], list[Pick]], involved: list[Sequence], arg: Any) -> None:
         """Run a prefill or a step; if it fails, its sequences fail (INTERNAL) and the loop goes on."""
@@ -236,18 +291,16 @@ class Scheduler:
         for seq in list(self.waiting):
             if seq.cancelled or (seq.deadline is not None and now >= seq.deadline):
                 self.waiting.remove(seq)
-                self._end(
-                    seq,
-                    Finish.CANCELLED,
-                    DeadlineExceeded("deadline passed before generation began") if not seq.cancelled else None,
-                )
+                if seq.cancelled:
+                    self._end(seq, Finish.CANCELLED)
+                else:
+                    self._end(seq, Finish.DEADLINE, DeadlineExceeded("deadline passed before generation began"))
         for seq in list(self.running.values()):
             if seq.cancelled or (seq.deadline is not None and now >= seq.deadline):
-                self._retire(
-                    seq,
-                    Finish.CANCELLED,
-                    DeadlineExceeded("deadline passed during generation") if not seq.cancelled else None,
-                )
+                if seq.cancelled:
+                    self._retire(seq, Finish.CANCELLED)
+                else:
+                    self._retire(seq, Finish.DEADLINE, DeadlineExceeded("deadline passed during generation"))
         self.metrics.gen_waiting.set(len(self.waiting))
 
     def _admit(self) -> list[Sequence]:
@@ -321,7 +374,12 @@ class Scheduler:
         accepted = 0
         for seq, token, lp, amap in picks:
             if seq.slot >= 0 and not seq.cancelled:
-                self._accept(seq, token, lp, amap)
+                try:
+                    self._accept(seq, token, lp, amap)
+                except Exception:  # this sequence's own text or events: it fails, the others go on
+                    log.exception("handing out a token failed")
+                    if seq.slot >= 0:
+                        self._retire(seq, Finish.ERROR, RuntimeError("generation failed"))
                 accepted += 1
         self.metrics.gen_generated_tokens.inc(accepted)  # once a step, not once a token
 

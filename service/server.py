@@ -1,10 +1,19 @@
 """``attnserve serve --model-dir DIR``: the gRPC server and its lifecycle.
 
 Start: metrics port, gRPC port with the standard health service (NOT_SERVING) and server
-reflection, then the model is loaded and warmed up off the event loop, and only then does
-health say SERVING. Stop (SIGTERM or SIGINT): health turns NOT_SERVING, new requests are
-refused with UNAVAILABLE, requests in flight finish within the grace period, the batchers
-drain, and the process exits 0.
+reflection (v1 and v1alpha), then the model is loaded and warmed up off the event loop, and
+only then does health say SERVING. A model directory that cannot be loaded ends start-up
+with an error naming the file; health never says SERVING.
+
+Stop (SIGTERM or SIGINT), in the order load balancers need:
+1. health turns NOT_SERVING; calls are still served for ``drain_delay_seconds``, while the
+   balancers notice and stop sending;
+2. then new calls are refused with UNAVAILABLE (clients retry them elsewhere), and the calls
+   in progress get ``grace_seconds`` to finish;
+3. once none is left and none has arrived for a moment, the transport closes, the batchers
+   and the generation loop end, and the process exits 0.
+Every call the server took is answered or refused with UNAVAILABLE; none is cut off unless the
+grace period runs out. A second signal ends the process at once (exit 1).
 
 Settings: ``service.config.ServerConfig``.
 """
@@ -13,25 +22,73 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 from service.engine import Engine
+from service.guard import CallGuard
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.scheduler import Scheduler
-from service.servicer import AttnServeServicer, RequestLimits
+from service.servicer import AttnServeServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttnServe"].full_name
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+QUIET_SECONDS = 0.1  # no call arriving for this long, none in progress: the transport may close
+
+
+def _reflection_v1_descriptor() -> None:
+    """Put grpc.reflection.v1 in the descriptor pool: the v1alpha file renamed, its messages the same
+    field for field (v1 is v1alpha made stable), so that reflection can describe itself under v1 too."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    fd = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(fd)
+    fd.name = "grpc/reflection/v1/reflection.proto"
+    fd.package = "grpc.reflection.v1"
+    for message in fd.message_type:
+        for f in message.field:
+            if f.type_name.startswith(".grpc.reflection.v1alpha."):
+                f.type_name = f.type_name.replace(".v1alpha.", ".v1.")
+    for method in fd.service[0].method:
+        method.input_type = method.input_type.replace(".v1alpha.", ".v1.")
+        method.output_type = method.output_type.replace(".v1alpha.", ".v1.")
+    fd.options.Clear()
+    pool.Add(fd)
+
+
+def add_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Server reflection under both names current tools ask for: grpc.reflection.v1 (grpcurl, Postman)
+    and v1alpha (older clients). One servicer answers both; the two protocols' messages are identical."""
+    _reflection_v1_descriptor()
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
 
 
 class Server:
@@ -40,7 +97,9 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.servicer = AttnServeServicer(self.metrics, RequestLimits(config.max_texts_per_request))
+        self.servicer = AttnServeServicer(self.metrics, config.request_limits())
+        self.servicer.max_concurrent_calls = config.max_concurrent_calls
+        self.guard = CallGuard(self.metrics, (SERVICE_NAME,), config.max_concurrent_calls)
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
@@ -58,20 +117,23 @@ class Server:
             self.metrics_port = self._metrics_server.server_port
         options = [
             ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            # a request's texts are bounded by max_request_bytes: a larger message is refused before it is parsed
+            ("grpc.max_receive_message_length", cfg.max_request_bytes + 64 * 1024),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[self.guard])
         self._server = server
         pb_grpc.add_AttnServeServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-        )
+        add_reflection(server, (SERVICE_NAME, HEALTH_NAME))
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert is not None and cfg.tls_key is not None:
-            creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+            creds = grpc.ssl_server_credentials(
+                [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+                root_certificates=cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None,
+                require_client_auth=cfg.tls_client_ca is not None,
+            )
             self.port = server.add_secure_port(address, creds)
         else:
             self.port = server.add_insecure_port(address)
@@ -80,7 +142,7 @@ class Server:
             "gRPC on %s:%d%s, metrics on :%s; loading %s",
             cfg.host,
             self.port,
-            " (TLS)" if cfg.tls_cert else "",
+            (" (mutual TLS)" if cfg.tls_client_ca else " (TLS)") if cfg.tls_cert else "",
             self.metrics_port if cfg.metrics_port >= 0 else "off",
             cfg.model_dir,
         )
@@ -90,6 +152,7 @@ class Server:
         self.engine = Engine(runtime, cfg.batch_limits(), self.metrics)
         self.engine.start()
         self.scheduler = Scheduler(runtime, cfg.generation_limits(), self.metrics)
+        self.scheduler.on_death = self._generation_died
         self.scheduler.start()
         self.servicer.attach(self.engine, self.scheduler)
         self.metrics.provider.labels(runtime.provider).set(1)
@@ -99,14 +162,28 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s %s on %s", runtime.info.name, runtime.info.version, runtime.provider)
 
-    async def stop(self, grace: float | None = None) -> None:
-        grace = self.config.grace_seconds if grace is None else grace
-        log.info("shutting down: draining for up to %.1fs", grace)
-        await self.health.enter_graceful_shutdown()
+    def _generation_died(self) -> None:
+        """The generation loop ended by itself: this replica can no longer serve all of its API."""
+        log.critical("generation is down: reporting NOT_SERVING so that traffic goes to other replicas")
         self.metrics.ready.set(0)
+        for name in ("", SERVICE_NAME):
+            asyncio.get_running_loop().create_task(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
+        grace = self.config.grace_seconds if grace is None else grace
+        delay = self.config.drain_delay_seconds if drain_delay is None else drain_delay
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING, and it stays so
+        self.metrics.ready.set(0)
+        if delay > 0 and self.engine is not None:
+            log.info("shutting down: NOT_SERVING; still serving for %.1fs while load balancers notice", delay)
+            await asyncio.sleep(delay)
+        log.info("shutting down: refusing new calls; %d in progress get up to %.1fs", self.guard.in_flight, grace)
+        self.guard.refusing = "server is shutting down; retry on another replica"
+        end = time.monotonic() + grace
+        if not await self.guard.drained(QUIET_SECONDS, grace):
+            log.warning("grace period over with %d calls in progress: cancelling them", self.guard.in_flight)
         if self._server is not None:
-            await self._server.stop(grace)  # refuses new calls; waits for those in flight
-        self.servicer.accepting = False
+            await self._server.stop(max(0.0, end - time.monotonic()))
         if self.engine is not None:
             await self.engine.stop()
         if self.scheduler is not None:
@@ -120,12 +197,21 @@ async def serve(config: ServerConfig) -> None:
     server = Server(config)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stopping.is_set():  # a second signal: the operator will not wait for the drain
+            log.warning("%s again: exiting now, without draining", sig.name)
+            logging.shutdown()
+            os._exit(1)
+        log.info("%s: stopping", sig.name)
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await server.start()
     except BaseException:
-        await server.stop(0)
+        await server.stop(0, 0)
         raise
     await stopping.wait()
     await server.stop()

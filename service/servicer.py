@@ -25,7 +25,7 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.engine import Engine
 from service.errors import InvalidInput, ModelNotReady, status_for
 from service.metrics import Metrics
-from service.sampling import SamplingParams
+from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
 from service.scheduler import Finish, Scheduler, Token
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,26 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RequestLimits:
+    """The input a request may bring, checked before any of it is tokenized."""
+
     max_texts_per_request: int = 64
-    max_text_bytes: int = 1 << 20  # refuse before tokenizing anything absurd
+    max_text_bytes: int = 256 * 1024  # one text (UTF-8); beyond the context only a prefix is tokenized anyway
+    max_request_bytes: int = 1024 * 1024  # all texts of one request together
+
+    def __post_init__(self) -> None:
+        if min(self.max_texts_per_request, self.max_text_bytes, self.max_request_bytes) < 1:
+            raise ValueError(f"request limits must be positive: {self}")
+
+
+# What a client may know of the model directory's config.json: the model, not where it was made.
+PUBLIC_CONFIG_KEYS = ("format", "name", "version", "model", "eot_token_id")
+
+
+def public_config(raw: dict[str, Any]) -> dict[str, Any]:
+    out = {k: raw[k] for k in PUBLIC_CONFIG_KEYS if k in raw}
+    if isinstance(raw.get("training"), dict):
+        out["training"] = {k: v for k, v in raw["training"].items() if k in ("steps", "train_seq_len")}
+    return out
 
 
 class AttnServeServicer(pb_grpc.AttnServeServicer):
@@ -45,15 +63,13 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self.limits = limits
         self.engine: Engine | None = None  # set once the model is loaded and warmed up
         self.scheduler: Scheduler | None = None
-        self.accepting = True
+        self.max_concurrent_calls = 0  # told by the server, for GetModelInfo
 
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.engine = engine
 
     def _engine(self) -> Engine:
-        if not self.accepting:
-            raise ModelNotReady("server is shutting down")
         if self.engine is None:
             raise ModelNotReady("model is loading")
         return self.engine
@@ -86,22 +102,26 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    def _fit(self, ids: list[int], truncation: int, field: str) -> tuple[list[int], bool]:
-        limit = self._engine().runtime.info.max_seq_len
-        if len(ids) <= limit:
-            return ids, False
-        if truncation == pb.TRUNCATION_END:
-            return ids[:limit], True
-        raise InvalidInput(
-            f"{field}: {len(ids)} tokens exceed the model's context of {limit}; "
-            "shorten it or set truncation to TRUNCATION_END"
-        )
-
-    def _check_text(self, text: str, field: str) -> None:
-        if not text:
-            raise InvalidInput(f"{field}: must not be empty")
-        if len(text.encode("utf-8")) > self.limits.max_text_bytes:
-            raise InvalidInput(f"{field}: longer than {self.limits.max_text_bytes} bytes")
+    def _check_texts(self, texts: Any, field: str, repeated: bool = True, allow_empty: bool = False) -> list[str]:
+        """Field names of texts within the count and byte limits; InvalidInput naming the first that is not."""
+        lim = self.limits
+        if len(texts) > lim.max_texts_per_request:
+            raise InvalidInput(f"{field}: {len(texts)} texts exceed the limit of {lim.max_texts_per_request}")
+        total = 0
+        names = []
+        for i, text in enumerate(texts):
+            name = f"{field}[{i}]" if repeated else field
+            if not text and not allow_empty:
+                raise InvalidInput(f"{name}: must not be empty")
+            # a character is at most 4 bytes: count the bytes only where the limit could be near
+            size = len(text) if len(text) * 4 <= lim.max_text_bytes else len(text.encode("utf-8"))
+            if size > lim.max_text_bytes:
+                raise InvalidInput(f"{name}: {size} bytes exceed the limit of {lim.max_text_bytes} per text")
+            total += size
+            if total > lim.max_request_bytes:
+                raise InvalidInput(f"{field}: more than {lim.max_request_bytes} bytes in one request, the limit")
+            names.append(name)
+        return names
 
     @staticmethod
     def _timings(queue: float, compute: float, start: float) -> pb.Timings:
@@ -113,23 +133,14 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         async def handle() -> pb.EncodeResponse:
             start = time.monotonic()
             engine = self._engine()
-            n = len(request.texts)
-            if n == 0:
+            if not request.texts:
                 raise InvalidInput("texts: at least one text is required")
-            if n > self.limits.max_texts_per_request:
-                raise InvalidInput(f"texts: {n} texts exceed the limit of {self.limits.max_texts_per_request}")
-            if request.pooling not in (pb.POOLING_UNSPECIFIED, pb.POOLING_MEAN, pb.POOLING_LAST):
-                raise InvalidInput(f"pooling: unknown value {request.pooling}")
-            if request.truncation not in pb.Truncation.values():
-                raise InvalidInput(f"truncation: unknown value {request.truncation}")
-            for i, text in enumerate(request.texts):
-                self._check_text(text, f"texts[{i}]")
-            fitted = [
-                self._fit(ids, request.truncation, f"texts[{i}]")
-                for i, ids in enumerate(engine.tokenize(request.texts))
-            ]
+            fields = self._check_texts(request.texts, "texts")
+            deadline = self._deadline(context)
+            engine.encoder.admit(len(fields), deadline)  # refused now, untokenized, if it cannot be served
+            fitted = await engine.fit(request.texts, request.truncation == pb.TRUNCATION_END, fields)
             pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
-            out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, self._deadline(context))
+            out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline)
             return pb.EncodeResponse(
                 embeddings=[
                     pb.Embedding(values=v.tolist(), token_count=n_tok, truncated=cut)
@@ -151,9 +162,14 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             which = request.WhichOneof("input")
             if which is None:
                 raise InvalidInput("input: give text or token_ids")
+            layers = self._select(request.layers, info.n_layer, "layers")
+            heads = self._select(request.heads, info.n_head, "heads")
+            truncate = request.truncation == pb.TRUNCATION_END
+            deadline = self._deadline(context)
             if which == "text":
-                self._check_text(request.text, "text")
-                ids = engine.tokenize([request.text])[0]
+                self._check_texts([request.text], "text", repeated=False)
+                engine.attender.admit(1, deadline)
+                ((ids, cut),) = await engine.fit([request.text], truncate, ["text"])
             else:
                 ids = list(request.token_ids.ids)
                 if not ids:
@@ -161,13 +177,16 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 bad = [i for i in ids if i >= info.vocab_size]
                 if bad:
                     raise InvalidInput(f"token_ids.ids: {bad[:5]} not below vocab_size {info.vocab_size}")
-            ids, cut = self._fit(ids, request.truncation, which)
-            layers = self._select(request.layers, info.n_layer, "layers")
-            heads = self._select(request.heads, info.n_head, "heads")
-            if request.precision not in pb.Precision.values():
-                raise InvalidInput(f"precision: unknown value {request.precision}")
+                cut = len(ids) > info.max_seq_len
+                if cut and not truncate:
+                    raise InvalidInput(
+                        f"token_ids.ids: {len(ids)} tokens exceed the model's context of {info.max_seq_len}; "
+                        "shorten it or set truncation to TRUNCATION_END"
+                    )
+                ids = ids[: info.max_seq_len]
+                engine.attender.admit(1, deadline)
             fp16 = request.precision == pb.PRECISION_FP16
-            out = await engine.attention(ids, layers, heads, self._deadline(context))
+            out = await engine.attention(ids, layers, heads, deadline)
             packed = out.probs.astype("<f2" if fp16 else "<f4").tobytes()
             return pb.AttentionMapResponse(
                 tokens=engine.token_strings(ids),
@@ -198,14 +217,11 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         async def handle() -> pb.TokenizeResponse:
             engine = self._engine()
-            if len(request.texts) > self.limits.max_texts_per_request:
-                raise InvalidInput(f"texts: more than {self.limits.max_texts_per_request}")
-            for i, text in enumerate(request.texts):
-                if len(text.encode("utf-8")) > self.limits.max_text_bytes:
-                    raise InvalidInput(f"texts[{i}]: longer than {self.limits.max_text_bytes} bytes")
+            self._check_texts(request.texts, "texts", allow_empty=True)
             return pb.TokenizeResponse(
                 tokenizations=[
-                    pb.Tokenization(ids=ids, tokens=engine.token_strings(ids)) for ids in engine.tokenize(request.texts)
+                    pb.Tokenization(ids=ids, tokens=engine.token_strings(ids))
+                    for ids in await engine.tokenize(request.texts)
                 ]
             )
 
@@ -217,10 +233,11 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         async def handle() -> pb.GetModelInfoResponse:
             engine = self._engine()
             info, limits = engine.runtime.info, engine.limits
+            gen = self._scheduler().limits
             return pb.GetModelInfoResponse(
                 name=info.name,
                 version=info.version,
-                config_json=json.dumps(info.raw, sort_keys=True),
+                config_json=json.dumps(public_config(info.raw), sort_keys=True),
                 execution_provider=engine.runtime.provider,
                 vocab_size=info.vocab_size,
                 num_layers=info.n_layer,
@@ -231,7 +248,15 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     max_texts_per_request=self.limits.max_texts_per_request,
                     max_batch_size=limits.max_batch_size,
                     max_batch_tokens=limits.max_batch_tokens,
+                    max_new_tokens=gen.max_new_tokens,
                     max_queue_size=limits.max_queue_size,
+                    max_queue_tokens=limits.max_queue_tokens,
+                    max_text_bytes=self.limits.max_text_bytes,
+                    max_request_bytes=self.limits.max_request_bytes,
+                    max_concurrent_calls=self.max_concurrent_calls,
+                    max_running_sequences=gen.max_running,
+                    max_waiting_sequences=gen.max_waiting,
+                    max_stop_sequences=MAX_STOP_SEQUENCES,
                 ),
                 build=pb.BuildInfo(
                     attnserve_version=_version(),
@@ -243,11 +268,13 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
         return await self._call("GetModelInfo", context, handle)
 
-    def _generation(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+    async def _generation(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
         scheduler = self._scheduler()
         info = scheduler.runtime.info
-        self._check_text(request.prompt, "prompt")
-        ids = scheduler.runtime.tokenizer.encode(request.prompt, add_special_tokens=False).ids
+        self._check_texts([request.prompt], "prompt", repeated=False)
+        self._check_texts(request.stop, "stop")
+        scheduler.admit()  # refused now, untokenized, when the queue is full
+        ((ids, _),) = await self._engine().fit([request.prompt], False, ["prompt"])
         if len(ids) >= info.max_seq_len:
             raise InvalidInput(f"prompt: {len(ids)} tokens leave no room in the model's context of {info.max_seq_len}")
         params = SamplingParams(
@@ -277,29 +304,27 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         return self.scheduler
 
     @staticmethod
-    def _token(t: Token, tokenizer: Any) -> pb.GeneratedToken:
+    def _token(t: Token, token_text: list[str]) -> pb.GeneratedToken:
         return pb.GeneratedToken(
             token_id=t.id,
             text=t.text,
             logprob=t.logprob,
-            top_logprobs=[
-                pb.TokenLogprob(token_id=i, text=tokenizer.decode([i], skip_special_tokens=False), logprob=lp)
-                for i, lp in t.top
-            ],
+            top_logprobs=[pb.TokenLogprob(token_id=i, text=token_text[i], logprob=lp) for i, lp in t.top],
             attention=[pb.LayerAttention(layer=layer, positions=pos, weights=w) for layer, pos, w in t.attention],
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def handle() -> pb.GenerateResponse:
             start = time.monotonic()
-            ids, params = self._generation(request)
+            ids, params = await self._generation(request)
             scheduler = self._scheduler()
+            token_text = self._engine().token_text
             tokens = []
             async for group in scheduler.generate(ids, params, self._deadline(context), stream=False):
                 for event in group:
                     if isinstance(event, Token):
                         if event.id >= 0:
-                            tokens.append(self._token(event, scheduler.runtime.tokenizer))
+                            tokens.append(self._token(event, token_text))
                         continue
                     return pb.GenerateResponse(
                         text=event.text,
@@ -319,8 +344,9 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         # validate before the first message, so a bad request fails as a status, not mid-stream
         start = time.monotonic()
         try:
-            ids, params = self._generation(request)
+            ids, params = await self._generation(request)
             scheduler = self._scheduler()
+            token_text = self._engine().token_text
         except Exception as e:
             code, message = status_for(e)
             self._observe("GenerateStream", code, start)
@@ -335,7 +361,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     if isinstance(event, Token):
                         msg.text += event.text
                         if event.id >= 0:
-                            msg.tokens.append(self._token(event, scheduler.runtime.tokenizer))
+                            msg.tokens.append(self._token(event, token_text))
                     else:
                         msg.finish_reason = FINISH[event.finish]
                         msg.usage.prompt_tokens = event.prompt_tokens

@@ -15,14 +15,15 @@ from service.batcher import Batcher, BatchLimits
 from service.errors import DeadlineExceeded, Overloaded
 from service.metrics import Metrics
 
+POISON = 666  # a request of this value makes its whole batch fail
+
 
 class FakeModel:
-    """Records each batch; doubles each request's ids; can be made to fail or to hold."""
+    """Records each batch; doubles each request's ids; fails a batch holding POISON; can be held."""
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
         self.entered: list[int] = []  # batch sizes, as each batch reaches the model (before the gate)
-        self.fail_next = False
         self.gate = threading.Event()
         self.gate.set()
 
@@ -30,9 +31,8 @@ class FakeModel:
         self.entered.append(len(batch))
         self.gate.wait(5)
         self.batches.append([len(x) for x in batch])
-        if self.fail_next:
-            self.fail_next = False
-            raise RuntimeError("boom")
+        if any(int(x[0]) == POISON for x in batch):
+            raise RuntimeError("poison in the batch")
         return [x * 2 for x in batch]
 
 
@@ -83,14 +83,20 @@ def test_batches_respect_the_token_budget_and_group_similar_lengths() -> None:
     asyncio.run(main())
 
 
-def test_a_failed_batch_fails_its_requests_only() -> None:
+def test_a_failed_batch_fails_its_requests_only_while_another_batch_runs_beside_it() -> None:
     async def main() -> None:
         model = FakeModel()
-        b = make(model)
+        b = make(model, max_batch_size=2, max_in_flight=2)
         b.start()
-        model.fail_next = True
-        with pytest.raises(RuntimeError, match="boom"):
-            await b.submit(ids(2))
+        model.gate.clear()  # both batches reach the model and are held there together
+        doomed = asyncio.ensure_future(b.submit(ids(2, POISON)))
+        await until(lambda: model.entered == [1])
+        fine = [asyncio.ensure_future(b.submit(ids(2, v))) for v in (3, 4)]
+        await until(lambda: model.entered == [1, 2])  # a full second batch beside the held first one
+        model.gate.set()
+        with pytest.raises(RuntimeError, match="poison"):
+            await doomed
+        assert [int(r.value[0]) for r in await asyncio.gather(*fine)] == [6, 8]
         assert int((await b.submit(ids(2, 7))).value[0]) == 14
         await b.stop()
 
@@ -100,18 +106,63 @@ def test_a_failed_batch_fails_its_requests_only() -> None:
 def test_cancelled_and_expired_requests_never_reach_the_model() -> None:
     async def main() -> None:
         model = FakeModel()
+        metrics = Metrics()
         b = make(model, max_queue_delay_s=0.2, max_batch_size=32)
+        b.metrics = metrics
         b.start()
-        loop = asyncio.get_running_loop()
         gone = asyncio.ensure_future(b.submit(ids(5)))
-        expired = asyncio.ensure_future(b.submit(ids(6), deadline=loop.time() - 1))
+        expiring = asyncio.ensure_future(b.submit(ids(6), deadline=time.monotonic() + 0.05))
         kept = asyncio.ensure_future(b.submit(ids(7)))
         await asyncio.sleep(0.01)
         gone.cancel()
+        await asyncio.sleep(0.01)
+        assert b.depth == 2  # the cancelled request left the queue at once, not at the next batch
         assert len((await kept).value) == 7
-        with pytest.raises(DeadlineExceeded):
-            await expired
+        with pytest.raises(DeadlineExceeded, match="queued"):  # expired in the queue: the collector's branch
+            await expiring
         assert model.batches == [[7]]
+        dropped = {r: metrics.dropped.labels("encode", r)._value.get() for r in ("cancelled", "deadline")}
+        assert dropped == {"cancelled": 1, "deadline": 1}
+        with pytest.raises(DeadlineExceeded, match="arrived"):
+            await b.submit(ids(3), deadline=time.monotonic() - 1)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_cancelled_requests_give_their_queue_places_back() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b = make(model, max_queue_size=4, max_queue_delay_s=10, max_batch_size=32)
+        b.start()
+        ghosts = [asyncio.ensure_future(b.submit(ids(2))) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        for g in ghosts:
+            g.cancel()
+        await asyncio.sleep(0.01)
+        live = [asyncio.ensure_future(b.submit(ids(2, v))) for v in range(4)]  # refused if the ghosts held places
+        await asyncio.sleep(0.01)
+        await b.stop()
+        assert [int(r.value[0]) for r in await asyncio.gather(*live)] == [0, 2, 4, 6]
+
+    asyncio.run(main())
+
+
+def test_a_request_whose_deadline_cannot_be_met_is_refused_before_it_is_queued() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b = make(model, max_batch_size=1, max_in_flight=1)
+        b.start()
+        await b.submit(ids(10))  # one batch measured: the seconds a token costs
+        model.gate.clear()
+        held = [asyncio.ensure_future(b.submit(ids(10))) for _ in range(20)]
+        await until(lambda: b.depth == 19)
+        assert b.expected_wait() > 0
+        with pytest.raises(Overloaded, match="before the deadline"):
+            b.admit(1, time.monotonic() + b.expected_wait() / 2)
+        b.admit(1, time.monotonic() + b.expected_wait() * 2 + 1)  # time enough: admitted
+        model.gate.set()
+        await asyncio.gather(*held)
         await b.stop()
 
     asyncio.run(main())
@@ -134,11 +185,17 @@ def test_a_full_queue_refuses_at_once_and_stop_drains() -> None:
 
 def test_a_request_of_several_texts_is_queued_whole_or_not_at_all() -> None:
     async def main() -> None:
-        b = make(FakeModel(), max_queue_size=2)
-        with pytest.raises(Overloaded):
-            b.reserve(3)
-        assert b.depth == 0
-        b.reserve(2)  # fits
+        b = make(FakeModel(), max_queue_size=3, max_queue_tokens=10)
+        with pytest.raises(Overloaded, match="queue is full"):
+            b.enqueue([ids(2)] * 4, None)  # four texts, three places
+        with pytest.raises(Overloaded, match="tokens"):
+            b.enqueue([ids(4)] * 3, None)  # twelve tokens, ten allowed
+        assert b.depth == 0 and b.expected_wait() == 0
+        items = b.enqueue([ids(2, v) for v in range(3)], None)  # fits: in one step, in order
+        assert [int(p.ids[0]) for p in b._queue] == [0, 1, 2] and b.depth == 3
+        b.start()
+        assert [int(r.value[0]) for r in await b.wait(items)] == [0, 2, 4]
+        await b.stop()
 
     asyncio.run(main())
 

@@ -200,7 +200,7 @@ def test_expired_deadline_never_reaches_the_model(model_dir: Path) -> None:
         after = metrics(st)
         key = ("attnserve_batch_size_count", (("graph", "encode"),))
         assert after.get(key, 0) == before.get(key, 0)  # no batch ran
-        dropped = sum(v for (n, _), v in after.items() if n == "attnserve_dropped_requests_total")
+        dropped = sum(v for (n, _), v in after.items() if n == "attnserve_dropped_texts_total")
         assert dropped >= 1
     finally:
         st.stop()

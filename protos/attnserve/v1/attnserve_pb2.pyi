@@ -258,20 +258,34 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_seq_len", "max_texts_per_request", "max_batch_size", "max_batch_tokens", "max_new_tokens", "max_queue_size")
+    __slots__ = ("max_seq_len", "max_texts_per_request", "max_batch_size", "max_batch_tokens", "max_new_tokens", "max_queue_size", "max_queue_tokens", "max_text_bytes", "max_request_bytes", "max_concurrent_calls", "max_running_sequences", "max_waiting_sequences", "max_stop_sequences")
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     max_seq_len: int
     max_texts_per_request: int
     max_batch_size: int
     max_batch_tokens: int
     max_new_tokens: int
     max_queue_size: int
-    def __init__(self, max_seq_len: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
+    max_queue_tokens: int
+    max_text_bytes: int
+    max_request_bytes: int
+    max_concurrent_calls: int
+    max_running_sequences: int
+    max_waiting_sequences: int
+    max_stop_sequences: int
+    def __init__(self, max_seq_len: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., max_running_sequences: _Optional[int] = ..., max_waiting_sequences: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ...) -> None: ...
 
 class BuildInfo(_message.Message):
     __slots__ = ("attnserve_version", "onnxruntime_version", "grpc_version", "python_version")
