@@ -3,6 +3,11 @@
 ``attention --png DIR`` also draws one heatmap per layer and head (tokens on both axes),
 since people would rather look at these maps than read them; that needs matplotlib (the
 ``train`` extra), which the server itself does not.
+
+The client imports gRPC, the generated API and numpy, never the server's modules: ``client
+health`` is a container's health probe, run every few seconds, and must start fast. With
+``--tls-ca`` it speaks TLS, and with ``--tls-cert``/``--tls-key`` it presents a client
+certificate (for servers started with ``--tls-client-ca``).
 """
 
 from __future__ import annotations
@@ -17,11 +22,34 @@ import numpy as np
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
-from service.servicer import decode_probabilities
 
 
-def stub(address: str) -> pb_grpc.AttnServeStub:
-    return pb_grpc.AttnServeStub(grpc.insecure_channel(address))
+def decode_probabilities(response: pb.AttentionMapResponse) -> np.ndarray:
+    """The packed map of a response as an array of its shape."""
+    dtype = "<f2" if response.precision == pb.PRECISION_FP16 else "<f4"
+    return np.frombuffer(response.probabilities, dtype=dtype).reshape(tuple(response.shape))
+
+
+def channel(
+    address: str,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    server_name: str | None = None,
+) -> grpc.Channel:
+    """A channel to the server: plain, TLS (tls_ca: the CA that signed the server's certificate), or
+    mutual TLS (also the client's own certificate and key)."""
+    if tls_ca is None and tls_cert is None:
+        return grpc.insecure_channel(address)
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls_ca.read_bytes() if tls_ca else None,
+        private_key=tls_key.read_bytes() if tls_key else None,
+        certificate_chain=tls_cert.read_bytes() if tls_cert else None,
+    )
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(address, creds, options=options)
 
 
 def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
@@ -55,7 +83,12 @@ def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
 
 
 def main(args: argparse.Namespace) -> int:
-    client = stub(args.address)
+    try:
+        ch = channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"attnserve client: {e}\n")
+        return 2
+    client = pb_grpc.AttnServeStub(ch)
     try:
         if args.client_command == "encode":
             pooling = pb.POOLING_LAST if args.pooling == "last" else pb.POOLING_MEAN
@@ -88,8 +121,7 @@ def main(args: argparse.Namespace) -> int:
         elif args.client_command == "health":
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            channel = grpc.insecure_channel(args.address)
-            status = health_pb2_grpc.HealthStub(channel).Check(
+            status = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
             name = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)

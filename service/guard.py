@@ -19,6 +19,7 @@ whatever the server is doing.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,20 +58,16 @@ def enum_problem(msg: Message, prefix: str = "") -> str | None:
     for fd, value in msg.ListFields():
         path = prefix + fd.name
         if fd.type == FieldDescriptor.TYPE_ENUM:
-            values = value if _repeated(fd) else [value]
+            values = value if fd.is_repeated else [value]
             for v in values:
                 if v not in fd.enum_type.values_by_number:
                     return f"{path}: unknown value {v} (expected one of {sorted(fd.enum_type.values_by_number)})"
         elif fd.type == FieldDescriptor.TYPE_MESSAGE and not fd.message_type.GetOptions().map_entry:
-            for i, sub in enumerate(value if _repeated(fd) else [value]):
-                found = enum_problem(sub, f"{path}[{i}]." if _repeated(fd) else f"{path}.")
+            for i, sub in enumerate(value if fd.is_repeated else [value]):
+                found = enum_problem(sub, f"{path}[{i}]." if fd.is_repeated else f"{path}.")
                 if found:
                     return found
     return None
-
-
-def _repeated(fd: FieldDescriptor) -> bool:
-    return bool(fd.is_repeated) if hasattr(fd, "is_repeated") else fd.label == FieldDescriptor.LABEL_REPEATED
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
@@ -126,7 +123,23 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if parse is not None:
             descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
             parse = tolerant(parse, descriptor.full_name if descriptor is not None else rpc)
-        if handler.request_streaming:  # none of ours; leave such methods as grpc made them
+        if handler.request_streaming and handler.response_streaming:  # reflection
+            inner_bidi = handler.stream_stream
+
+            async def bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async def checked() -> AsyncIterator[Any]:
+                    async for request in requests:
+                        if isinstance(request, Malformed):
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+                        yield request
+
+                async for message in inner_bidi(checked(), context):
+                    yield message
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi, request_deserializer=parse, response_serializer=handler.response_serializer
+            )
+        if handler.request_streaming:  # client streaming: no such method here; left as grpc made it
             return handler
         if handler.response_streaming:
             inner_stream = handler.unary_stream
@@ -139,8 +152,17 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 finally:
                     self._leave(admit)
 
+            async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                await self._check(rpc, request, context, admit)
+                try:
+                    await inner_stream(request, context)  # it writes with context.write (health's Watch)
+                finally:
+                    self._leave(admit)
+
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=parse, response_serializer=handler.response_serializer
+                stream if inspect.isasyncgenfunction(inner_stream) else writer,
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
             )
         inner = handler.unary_unary
 

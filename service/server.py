@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
@@ -79,8 +79,8 @@ def add_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
     and v1alpha (older clients). One servicer answers both; the two protocols' messages are identical."""
     _reflection_v1_descriptor()
     names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
-    reflection.enable_server_reflection(names, server)
-    servicer = reflection.ReflectionServicer(names)
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import grpc
-import numpy as np
 import onnxruntime
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
@@ -398,9 +397,3 @@ def _version() -> str:
         return version("attnserve")
     except PackageNotFoundError:
         return "unknown"
-
-
-def decode_probabilities(response: pb.AttentionMapResponse) -> np.ndarray:
-    """The packed map of a response as an array of its shape (a helper for clients and tests)."""
-    dtype = "<f2" if response.precision == pb.PRECISION_FP16 else "<f4"
-    return np.frombuffer(response.probabilities, dtype=dtype).reshape(tuple(response.shape))

@@ -217,7 +217,7 @@ def test_generation_metrics_move(served: ServerThread) -> None:
 
 def test_tokens_say_what_they_attended_to(served: ServerThread) -> None:
     """Each token's top positions equal the attention map's row for the step that chose it."""
-    from service.servicer import decode_probabilities
+    from service.client import decode_probabilities
 
     stub = served.stub()
     tok = served.server.scheduler.runtime.tokenizer  # type: ignore[union-attr]

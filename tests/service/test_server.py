@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
+from service.client import decode_probabilities
 from service.runtime import Runtime, RuntimeOptions
-from service.servicer import decode_probabilities
 from tests.service.conftest import ServerThread, config
 
 TEXTS = ["Good sir", "The king speaks of the crown, and the queen weeps for her grave.", "a", "My lord laughs at"]
