@@ -85,8 +85,8 @@ def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
 def main(args: argparse.Namespace) -> int:
     try:
         ch = channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    except (OSError, ValueError) as e:
-        sys.stderr.write(f"attnserve client: {e}\n")
+    except (OSError, ValueError) as problem:
+        sys.stderr.write(f"attnserve client: {problem}\n")
         return 2
     client = pb_grpc.AttnServeStub(ch)
     try:

@@ -333,7 +333,7 @@ def test_reflection_answers_as_v1_and_v1alpha(guarded: ServerThread) -> None:
                     ]
                 ),
                 timeout=10,
-            )  # noqa: E501
+            )
         )
         assert described.file_descriptor_response.file_descriptor_proto, version
 
