@@ -3,6 +3,7 @@ the server: every call the server took is answered, and health tells the truth t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -150,10 +151,8 @@ def test_a_broken_model_directory_fails_start_up_naming_the_file(model_dir: Path
         lines.append(line)
         if port is None and (m := re.search(r"gRPC on \S+:(\d+)", line)):
             port = int(m.group(1))
-            try:
+            with contextlib.suppress(grpc.RpcError):  # gone already
                 seen.append(health(f"127.0.0.1:{port}", timeout=2))
-            except grpc.RpcError:
-                pass  # already gone
     assert proc.wait(30) == 2
     err = "".join(lines)
     assert needle in err and str(broken) in err, err
@@ -312,8 +311,9 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(model_dir: Path, c
                 stub = pb_grpc.AttnServeStub(_tls_channel(st.address, certs, client))
                 stub.Encode(pb.EncodeRequest(texts=["x"]), timeout=3)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE, client
-        cli = [sys.executable, "-m", "service.cli", "client", "--address", st.address, "--tls-ca",
-               str(certs / "ca.pem"), "--tls-cert", str(certs / "client.pem"), "--tls-key", str(certs / "client.key")]  # fmt: skip
+        cli = [sys.executable, "-m", "service.cli", "client", "--address", st.address,
+               "--tls-ca", str(certs / "ca.pem"),
+               "--tls-cert", str(certs / "client.pem"), "--tls-key", str(certs / "client.key")]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         out = subprocess.run([*cli, "health"], capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 0 and out.stdout.strip() == "SERVING", out.stderr
