@@ -29,8 +29,9 @@ import grpc
 import numpy as np
 
 from bench.encode import WORDS
-from bench.timing import median_seconds, server_process
+from bench.timing import server_process
 from bench.transport import ceiling_share, cpu_per_unit, floor_server
+from export.timing import median_seconds
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.runtime import Runtime, RuntimeOptions

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.timing import median_seconds
+from export.timing import median_seconds
 from service.runtime import Runtime, RuntimeOptions
 
 SEQ = 128

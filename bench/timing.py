@@ -1,32 +1,21 @@
-"""Timing helpers shared by the benchmarks and the export report."""
+"""Servers in processes of their own, for the benchmarks and the tests that need a real process."""
 
 from __future__ import annotations
 
+import os
 import re
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def median_seconds(fn: Callable[[], object], runs: int = 10, min_seconds: float = 0.0, warmup: int = 1) -> float:
-    """Median wall time of fn over at least ``runs`` calls and ``min_seconds``, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < runs or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def start_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+def start_server(
+    model_dir: Path, *flags: str, env: dict[str, str] | None = None, cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[str], int]:
     """``attnserve serve`` on a free loopback port, in its own process; returns once it says it serves.
+    With ``cpus``, the process and every thread it starts run on those cores only.
 
     Its stderr stays open for the caller (the rest of the log)."""
     cmd = [
@@ -48,7 +37,8 @@ def start_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None
         "cpu",
         *flags,
     ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
     assert proc.stderr is not None
     port = 0
     for line in proc.stderr:
@@ -61,9 +51,9 @@ def start_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None
 
 
 @contextmanager
-def server_process(model_dir: Path, *flags: str) -> Iterator[str]:
+def server_process(model_dir: Path, *flags: str, cpus: set[int] | None = None) -> Iterator[str]:
     """A server for the length of a with-block; yields its address and stops it with SIGTERM."""
-    proc, port = start_server(model_dir, *flags)
+    proc, port = start_server(model_dir, *flags, cpus=cpus)
     try:
         yield f"127.0.0.1:{port}"
     finally:

@@ -35,13 +35,24 @@ from export.graphs import (
 from export.parity import TOLERANCE, check_parity, decoder_bits_per_byte, step_graph_agreement, time_decoder
 from model.train import VALIDATION_FILE, load_checkpoint
 from model.transformer import Transformer
-from service.runtime import CUDA, FORMAT_VERSION, STEP_GRAPH, Runtime, RuntimeOptions, cuda_usable
+from service.model_dir import (
+    CONFIG,
+    EXPORTED,
+    FORMAT_VERSION,
+    FP16_GRAPHS,
+    INT8_GRAPHS,
+    REPORT,
+    STEP_GRAPH,
+    TOKENIZER,
+    graph_file,
+    variant_key,
+)
+from service.runtime import CUDA, Runtime, RuntimeOptions, cuda_usable
 
 log = logging.getLogger(__name__)
 
 INT8_MAX_LOSS_INCREASE = 0.02  # int8 may cost at most 2% in validation bits per byte
 FP16_TOLERANCE = 1e-2
-INT8_GRAPHS = ("encode", "decoder", "decoder_step")  # the CPU variant: what CPU serving runs
 # int8 decoder_step against int8 decoder: the same quantized matrices, so they differ by the attention
 # kernels' arithmetic order, which may move an activation across a quantization step (hence not 1e-4)
 INT8_STEP_TOLERANCE = 1e-3
@@ -104,20 +115,13 @@ def export_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        shutil.copy(checkpoint_dir / "tokenizer.json", work / "tokenizer.json")
+        shutil.copy(checkpoint_dir / TOKENIZER, work / TOKENIZER)
         from tokenizers import Tokenizer as HFTokenizer
 
         from model.tokenizer import EOT
 
-        hf_tok = HFTokenizer.from_file(str(work / "tokenizer.json"))
-        graphs = {
-            "encode": "encode.onnx",
-            "decoder": "decoder.onnx",
-            "attention": "attention.onnx",
-            "kv_write": "kv_write.onnx",
-            "decoder_attn": "decoder_attn.onnx",
-            "decoder_step": "decoder_step.onnx",
-        }
+        hf_tok = HFTokenizer.from_file(str(work / TOKENIZER))
+        graphs = {graph: graph_file(graph) for graph in EXPORTED}
         config: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "name": name,
@@ -125,7 +129,7 @@ def export_model(
             "model": cfg.to_dict()["model"],
             "limits": {"max_seq_len": cfg.model.max_seq_len},
             "eot_token_id": hf_tok.token_to_id(EOT),
-            "tokenizer": "tokenizer.json",
+            "tokenizer": TOKENIZER,
             "graphs": graphs,
             "decoder": {
                 "past_inputs": past_names(cfg.model.n_layer),
@@ -155,7 +159,7 @@ def export_model(
             del config["decoder"]["step_graph"]
         for graph, file in graphs.items():
             _stamp_metadata(work / file, graph, config)
-        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (work / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
         runtime = Runtime(work, RuntimeOptions(device="cpu", warmup=False))
         parity = check_parity(model, runtime)
@@ -173,11 +177,12 @@ def export_model(
             report["fp16"] = _fp16_variant(work, config, model)
             if report["fp16"].get("ok") is False:
                 failures.append("fp16")
-        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (work / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
-        (work / "export_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (work / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if failures:
             raise ExportError(f"export checks failed: {failures}; report: {json.dumps(report, indent=2)}")
+        _publishable(work)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)
@@ -188,17 +193,26 @@ def export_model(
     return report
 
 
+def _publishable(directory: Path) -> None:
+    """World-readable, as a published model is: the working folder came from mkdtemp (0700), and a server
+    running as another user (a container's, with the directory mounted read-only) must read it."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _int8_variant(work: Path, config: dict[str, Any], windows: list[np.ndarray], fp32: Runtime) -> dict[str, Any]:
     """Dynamic int8 quantization (weights int8, activations quantized on the fly): the CPU variant."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = [g for g in INT8_GRAPHS if g in config["graphs"]]  # decoder_step may have been left out
     for graph in quantized:
-        src, dst = work / f"{graph}.onnx", work / f"{graph}_int8.onnx"
+        key = variant_key(graph, "int8")
+        src, dst = work / graph_file(graph), work / graph_file(key)
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-        _stamp_metadata(dst, f"{graph}_int8", config)
-        config["graphs"][f"{graph}_int8"] = dst.name
-    (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _stamp_metadata(dst, key, config)
+        config["graphs"][key] = dst.name
+    (work / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     int8 = Runtime(work, RuntimeOptions(device="cpu", variant="int8", warmup=False))
     base = decoder_bits_per_byte(fp32, windows)
     quant = decoder_bits_per_byte(int8, windows)
@@ -217,7 +231,7 @@ def _int8_variant(work: Path, config: dict[str, Any], windows: list[np.ndarray],
         "bound": INT8_MAX_LOSS_INCREASE,
         "eval_tokens": int(sum(len(w) - 1 for w in windows)),
         "speed_ms": speed,
-        "size_bytes": {g: (work / f"{g}_int8.onnx").stat().st_size for g in quantized},
+        "size_bytes": {g: (work / graph_file(variant_key(g, "int8"))).stat().st_size for g in quantized},
     }
 
 
@@ -226,14 +240,15 @@ def _fp16_variant(work: Path, config: dict[str, Any], model: Transformer) -> dic
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    for graph in ("encode", "decoder", "attention"):
-        src, dst = work / f"{graph}.onnx", work / f"{graph}_fp16.onnx"
+    for graph in FP16_GRAPHS:
+        key = variant_key(graph, "fp16")
+        src, dst = work / graph_file(graph), work / graph_file(key)
         converted = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
         converted.topological_sort()  # the converter appends its input casts after their users
         onnx.save(converted.model, str(dst))
-        _stamp_metadata(dst, f"{graph}_fp16", config)
-        config["graphs"][f"{graph}_fp16"] = dst.name
-    (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _stamp_metadata(dst, key, config)
+        config["graphs"][key] = dst.name
+    (work / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if not cuda_usable():
         return {"checked": False, "reason": "no usable CUDA device on this machine; fp16 parity not checked"}
     rt = Runtime(work, RuntimeOptions(device="cuda", require_cuda=True, variant="fp16", warmup=False))

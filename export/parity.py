@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.timing import median_seconds
+from export.timing import median_seconds
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer, extend_cache, pool
-from service.runtime import STEP_GRAPH, Runtime, pad_right
+from service.model_dir import STEP_GRAPH
+from service.runtime import Runtime, pad_right
 from service.sampling import log_softmax
 
 TOLERANCE = 1e-4  # max abs difference, fp32

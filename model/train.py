@@ -342,7 +342,7 @@ def train(
 
     final = evaluate(model, val_split, tc.seq_len, tc.batch_size * 4, dev)
     model.eval()
-    prompt = torch.tensor([tok.encode(SAMPLE_PROMPT)], device=dev)
+    prompt = torch.tensor([tok.encode(SAMPLE_PROMPT)[: cfg.model.max_seq_len - 1]], device=dev)  # a short context too
     sample_ids = model.generate(
         prompt, max_new_tokens=96, temperature=0.8, top_k=40, generator=torch.Generator(device=dev).manual_seed(tc.seed)
     )

@@ -31,14 +31,22 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from service.model_dir import (
+    CONFIG,
+    FORMAT_VERSION,
+    GRAPHS,
+    KV_WRITE,
+    OPTIONAL_GRAPHS,
+    STEP_GRAPH,
+    TOKENIZER,
+    VARIANTS,
+    variant_key,
+)
+
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-GRAPHS = ("encode", "decoder", "attention")
-OPTIONAL_GRAPHS = ("decoder_attn",)  # generation with attention; a model directory without it serves the rest
-STEP_GRAPH = "decoder_step"  # CPU one-token steps with the cache appended in place; the decoder does without it
-FORMAT_VERSION = 1
 
 
 class ModelDirError(Exception):
@@ -71,7 +79,7 @@ class RuntimeOptions:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.variant not in ("fp32", "int8", "fp16"):
+        if self.variant not in VARIANTS:
             raise ValueError(f"variant must be fp32, int8 or fp16, got {self.variant!r}")
         if self.require_cuda and self.device == "cpu":
             raise ValueError("require_cuda contradicts device=cpu")
@@ -117,7 +125,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def read_model_info(model_dir: Path) -> ModelInfo:
-    path = model_dir / "config.json"
+    path = model_dir / CONFIG
     raw = _read_json(path)
     try:
         if raw.get("format") != FORMAT_VERSION:
@@ -300,7 +308,7 @@ class Runtime:
         self.model_dir = Path(model_dir)
         self.options = options or RuntimeOptions()
         self.info = read_model_info(self.model_dir)
-        tok_path = self.model_dir / "tokenizer.json"
+        tok_path = self.model_dir / TOKENIZER
         if not tok_path.is_file():
             raise ModelDirError(f"{tok_path}: missing")
         try:
@@ -321,7 +329,7 @@ class Runtime:
         placed = {g: s.get_providers()[0] for g, s in self.sessions.items()}
         self.provider = CUDA if all(p == CUDA for p in placed.values()) else CPU
         if self.provider == CUDA:
-            self.sessions["kv_write"] = self._session("kv_write", want_cuda=True)
+            self.sessions[KV_WRITE] = self._session(KV_WRITE, want_cuda=True)
         elif want_cuda:  # some graphs landed on CPU: keep all of them there, together with the cache
             self.sessions = {graph: self._session(graph, want_cuda=False) for graph in graphs}
         if want_cuda and self.provider != CUDA:
@@ -344,10 +352,10 @@ class Runtime:
 
     def _graph_file(self, graph: str) -> Path:
         variant = self.options.variant
-        key = graph if variant == "fp32" or graph == "kv_write" else f"{graph}_{variant}"
+        key = variant_key(graph, variant)
         name = self.info.graphs.get(key) or self.info.graphs.get(graph)
         if name is None:
-            raise ModelDirError(f"{self.model_dir / 'config.json'}: no {graph!r} graph listed")
+            raise ModelDirError(f"{self.model_dir / CONFIG}: no {graph!r} graph listed")
         if key not in self.info.graphs and variant != "fp32":
             log.info("no %s variant of the %s graph; using fp32", variant, graph)
         return self.model_dir / name
@@ -383,7 +391,9 @@ class Runtime:
     def warmup(self) -> float:
         """Run every graph at a few shapes, so that allocation and kernel choice happen now."""
         t0 = time.perf_counter()
-        for batch, seq in ((1, 8), (4, 32), (8, min(64, self.info.max_seq_len - 2))):
+        longest = max(1, self.info.max_seq_len - 2)  # a prefill, then two one-token steps: room in any context
+        shapes = sorted({(b, min(t, longest)) for b, t in ((1, 8), (4, 32), (8, 64))})
+        for batch, seq in shapes:
             ids = np.zeros((batch, seq), np.int64)
             mask = np.ones((batch, seq), np.int64)
             self.encode(ids, mask)

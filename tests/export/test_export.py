@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -198,3 +199,30 @@ def test_export_leaves_out_a_step_graph_onnx_runtime_cannot_run(
     rt = Runtime(out, RuntimeOptions(device="cpu", warmup=False))
     assert "decoder_step" not in rt.sessions
     assert report["parity"]["decode_tokens_equal"] and "cached_decoding_step_graph" not in report["parity"]
+
+
+def test_a_model_of_a_short_context_exports_starts_and_serves(corpus: list, tmp_path: Path) -> None:
+    """Warm-up shapes and everything else fit a context of 16 tokens; the published directory is world-readable
+    (a server running as another user, a container's, reads it through a read-only mount)."""
+    import dataclasses
+    import stat
+
+    from model.config import preset
+    from model.train import train
+
+    tiny = preset("tiny")
+    cfg = dataclasses.replace(
+        tiny, model=dataclasses.replace(tiny.model, max_seq_len=16), train=dataclasses.replace(tiny.train, seq_len=16)
+    )
+    train(cfg, tmp_path / "ckpt", corpus, steps=3, progress=False)
+    out = tmp_path / "model"
+    export_model(tmp_path / "ckpt", out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+    rt = Runtime(out, RuntimeOptions(device="cpu"))  # warms up: every shape within 16 tokens
+    assert rt.warmup_seconds > 0
+    cache = rt.new_cache(1)
+    ids = np.ones((1, 14), np.int64)
+    rt.decode_step(cache, ids, np.ones_like(ids))
+    logits = rt.decode_step(cache, ids[:, :1], np.ones_like(ids[:, :1]))
+    assert logits.shape == (1, 1, 384)

@@ -1,0 +1,278 @@
+"""``attnserve bench reliability``: overload and a soak, run as an operator would meet them.
+
+Overload: the server on one core (``--intra-op-threads 1``), this load generator on another.
+Its capacity is measured first (closed loop, ``texts_per_request`` texts a request); then an
+open loop of Poisson arrivals at ``overload`` times that rate, each call with a ``deadline``,
+while a prober checks health every 100 ms with a 1 s deadline. Reported: every status code
+seen, goodput (calls answered OK, all within their deadline) against capacity, how fast
+refusals came, and the latency of accepted calls.
+
+Soak: mixed traffic (encode, attention maps, unary and streamed generation, streams cancelled
+part-way, invalid requests) for ``soak_seconds``, sampling the server's resident memory,
+threads and open file descriptors. Growth is measured from the end of the first tenth (once
+allocators and caches have settled) to the end.
+
+A benchmark, not a test: it prints its figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import platform
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.encode import percentiles, texts_of
+from bench.timing import start_server
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service.runtime import Runtime, RuntimeOptions
+
+SERVER_CPU, LOAD_CPU = 1, 0
+
+
+def _drain(stream: Any) -> None:
+    """Read the server's log as it comes, so that a full pipe never blocks it."""
+    threading.Thread(target=lambda: collections.deque(stream, maxlen=200), daemon=True).start()
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    fields = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "Threads"):
+                fields[key] = int(value.split()[0])
+    return {"rss_kib": fields["VmRSS"], "threads": fields["Threads"], "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+async def _capacity(stub: pb_grpc.AttnServeStub, texts: list[str], per_request: int, seconds: float) -> float:
+    """Requests a second the server completes under a closed loop of 32."""
+    done = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        k = i
+        while time.perf_counter() < stop_at:
+            await stub.Encode(pb.EncodeRequest(texts=[texts[(k + j) % len(texts)] for j in range(per_request)]))
+            done += 1
+            k += 7
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(32)))
+    return done / (time.perf_counter() - start)
+
+
+async def _overload(
+    address: str, texts: list[str], per_request: int, rate: float, seconds: float, deadline: float
+) -> dict[str, Any]:
+    rng = random.Random(0)
+    codes: collections.Counter[str] = collections.Counter()
+    ok_latency: list[float] = []
+    refused_latency: list[float] = []
+    health_failures = health_checks = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.AttnServeStub(channel)
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        check = health_pb2_grpc.HealthStub(channel).Check
+        requests = [
+            pb.EncodeRequest(texts=[texts[(k + j) % len(texts)] for j in range(per_request)]) for k in range(64)
+        ]
+
+        async def one(k: int) -> None:
+            t = time.perf_counter()
+            try:
+                await stub.Encode(requests[k % len(requests)], timeout=deadline)
+                codes["OK"] += 1
+                ok_latency.append(time.perf_counter() - t)
+            except grpc.aio.AioRpcError as e:
+                codes[e.code().name] += 1
+                if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                    refused_latency.append(time.perf_counter() - t)
+
+        async def prober(stop_at: float) -> None:
+            nonlocal health_failures, health_checks
+            while time.perf_counter() < stop_at:
+                try:
+                    reply = await check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    health_failures += reply.status != health_pb2.HealthCheckResponse.SERVING
+                except grpc.aio.AioRpcError:
+                    health_failures += 1
+                health_checks += 1
+                await asyncio.sleep(0.1)
+
+        start = time.perf_counter()
+        probe = asyncio.ensure_future(prober(start + seconds))
+        tasks = []
+        next_at = start
+        k = 0
+        while next_at - start < seconds:
+            now = time.perf_counter()
+            while next_at <= now:  # every arrival that is due, then a short sleep
+                tasks.append(asyncio.ensure_future(one(k)))
+                k += 1
+                next_at += rng.expovariate(rate)
+            await asyncio.sleep(min(0.002, max(0.0, next_at - time.perf_counter())))
+        await asyncio.gather(*tasks)
+        await probe
+        elapsed = time.perf_counter() - start
+    return {
+        "offered_per_second": rate,
+        "sent": len(tasks),
+        "codes": dict(codes),
+        "goodput_per_second": codes["OK"] / elapsed,
+        "accepted": percentiles(ok_latency) if ok_latency else {},
+        "refused": {**percentiles(refused_latency), "max_ms": max(refused_latency) * 1e3} if refused_latency else {},
+        "health_checks": health_checks,
+        "health_failures": health_failures,
+    }
+
+
+def overload(
+    model_dir: Path, seconds: float, factor: float, per_request: int, deadline: float, tokens: int = 64
+) -> dict[str, Any]:
+    rt = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
+    del rt
+    proc, port = start_server(model_dir, "--intra-op-threads", "1", cpus={SERVER_CPU})
+    assert proc.stderr is not None
+    _drain(proc.stderr)
+    address = f"127.0.0.1:{port}"
+    try:
+
+        async def both() -> dict[str, Any]:
+            async with grpc.aio.insecure_channel(address) as channel:
+                capacity = await _capacity(pb_grpc.AttnServeStub(channel), texts, per_request, max(5.0, seconds / 2))
+            result = await _overload(address, texts, per_request, factor * capacity, seconds, deadline)
+            return {"capacity_per_second": capacity, **result}
+
+        r = asyncio.run(both())
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    r["goodput_share_of_capacity"] = r["goodput_per_second"] / r["capacity_per_second"]
+    r.update(factor=factor, texts_per_request=per_request, deadline_seconds=deadline, tokens_per_text=tokens)
+    return r
+
+
+async def _mixed(address: str, texts: list[str], seconds: float, pid: int) -> dict[str, Any]:
+    rng = random.Random(1)
+    samples: list[dict[str, float]] = []
+    codes: collections.Counter[str] = collections.Counter()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.AttnServeStub(channel)
+        stop_at = time.perf_counter() + seconds
+        start = time.perf_counter()
+
+        async def call(kind: str) -> None:
+            try:
+                if kind == "encode":
+                    await stub.Encode(pb.EncodeRequest(texts=rng.sample(texts, rng.randint(1, 8))), timeout=10)
+                elif kind == "attention":
+                    await stub.AttentionMap(pb.AttentionMapRequest(text=rng.choice(texts)), timeout=10)
+                elif kind == "generate":
+                    await stub.Generate(
+                        pb.GenerateRequest(prompt=rng.choice(texts)[:60], max_new_tokens=32), timeout=20
+                    )
+                elif kind == "stream":
+                    call = stub.GenerateStream(pb.GenerateRequest(prompt="The king", max_new_tokens=64), timeout=20)
+                    n = rng.randint(1, 80)
+                    async for _ in call:
+                        n -= 1
+                        if n == 0:  # a client that goes away part-way
+                            call.cancel()
+                            break
+                else:
+                    await stub.Encode(pb.EncodeRequest(texts=[""]), timeout=10)
+                codes[f"{kind} OK"] += 1
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                name = e.code().name if isinstance(e, grpc.aio.AioRpcError) else "CANCELLED"
+                codes[f"{kind} {name}"] += 1
+
+        async def worker() -> None:
+            kinds = ["encode"] * 5 + ["attention"] * 2 + ["generate", "stream", "invalid"]
+            while time.perf_counter() < stop_at:
+                await call(rng.choice(kinds))
+
+        async def sampler() -> None:
+            while time.perf_counter() < stop_at:
+                samples.append({"t": time.perf_counter() - start, **_proc_status(pid)})
+                await asyncio.sleep(max(1.0, seconds / 120))
+
+        await asyncio.gather(sampler(), *(worker() for _ in range(8)))
+    samples.append({"t": time.perf_counter() - start, **_proc_status(pid)})
+    settled = next(s for s in samples if s["t"] >= seconds / 10)
+    last = samples[-1]
+    growth = {k: (last[k] - settled[k]) / settled[k] for k in ("rss_kib", "threads", "fds")}
+    return {"seconds": seconds, "codes": dict(codes), "settled": settled, "last": last, "growth": growth,
+            "samples": samples}  # fmt: skip
+
+
+def soak(model_dir: Path, seconds: float) -> dict[str, Any]:
+    rt = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    texts = texts_of(rt, min(32, rt.info.max_seq_len), 64)
+    del rt
+    proc, port = start_server(model_dir, cpus={SERVER_CPU})
+    assert proc.stderr is not None
+    _drain(proc.stderr)
+    try:
+        return asyncio.run(_mixed(f"127.0.0.1:{port}", texts, seconds, proc.pid))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def run(
+    model_dir: Path,
+    part: str = "all",
+    seconds: float = 15.0,
+    overload_factor: float = 3.0,
+    texts_per_request: int = 16,
+    deadline: float = 2.0,
+    soak_seconds: float = 600.0,
+) -> dict[str, Any]:
+    os.sched_setaffinity(0, {LOAD_CPU})  # the load generator's core; the server gets the other
+    result: dict[str, Any] = {"model": str(model_dir), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    if part in ("all", "overload"):
+        result["overload"] = overload(model_dir, seconds, overload_factor, texts_per_request, deadline)
+    if part in ("all", "soak"):
+        result["soak"] = soak(model_dir, soak_seconds)
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [f"reliability, {r['machine']}; server on core {SERVER_CPU}, load generator on core {LOAD_CPU}"]
+    if o := r.get("overload"):
+        acc, ref = o.get("accepted", {}), o.get("refused", {})
+        lines += [
+            f"overload: {o['factor']:.0f}x capacity, {o['texts_per_request']} texts a request "
+            f"({o['tokens_per_text']} tokens each), {o['deadline_seconds']:.0f} s deadlines",
+            f"  capacity {o['capacity_per_second']:.0f} req/s; offered {o['offered_per_second']:.0f} req/s, "
+            f"{o['sent']} calls",
+            f"  codes: {', '.join(f'{k} {v}' for k, v in sorted(o['codes'].items()))}",
+            f"  goodput {o['goodput_per_second']:.0f} req/s = {o['goodput_share_of_capacity'] * 100:.0f}% of capacity",
+            f"  accepted: p50 {acc.get('p50_ms', float('nan')):.1f} ms, p99 {acc.get('p99_ms', float('nan')):.1f} ms; "
+            f"refused: p50 {ref.get('p50_ms', float('nan')):.2f} ms, p99 {ref.get('p99_ms', float('nan')):.2f} ms, "
+            f"max {ref.get('max_ms', float('nan')):.1f} ms",
+            f"  health: {o['health_checks'] - o['health_failures']}/{o['health_checks']} checks SERVING within 1 s",
+        ]
+    if s := r.get("soak"):
+        g, a, b = s["growth"], s["settled"], s["last"]
+        lines += [
+            f"soak: {s['seconds']:.0f} s of mixed traffic, {sum(s['codes'].values())} calls",
+            f"  codes: {', '.join(f'{k} {v}' for k, v in sorted(s['codes'].items()))}",
+            f"  resident memory {a['rss_kib'] / 1024:.1f} -> {b['rss_kib'] / 1024:.1f} MiB "
+            f"({g['rss_kib'] * 100:+.1f}%), "
+            f"threads {a['threads']} -> {b['threads']} ({g['threads'] * 100:+.1f}%), "
+            f"fds {a['fds']} -> {b['fds']} ({g['fds'] * 100:+.1f}%), from t={a['t']:.0f} s to t={b['t']:.0f} s",
+        ]
+    return "\n".join(lines)
