@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 Positional = Literal["rope", "sinusoidal", "learned"]
 POSITIONAL_KINDS: tuple[str, ...] = ("rope", "sinusoidal", "learned")
+
+
+def _require(ok: bool, message: str) -> None:
+    """Validation that holds under ``python -O`` too (where asserts are gone)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _require_finite(cfg: Any) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        _require(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be finite, got {value}")
 
 
 @dataclass(frozen=True)
@@ -32,20 +45,24 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        assert self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"
-        assert self.n_layer > 0, f"n_layer must be positive, got {self.n_layer}"
-        assert self.n_head > 0, f"n_head must be positive, got {self.n_head}"
-        assert self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
-        assert self.d_ff > 0, f"d_ff must be positive, got {self.d_ff}"
-        assert self.max_seq_len > 0, f"max_seq_len must be positive, got {self.max_seq_len}"
-        assert self.positional in POSITIONAL_KINDS, (
-            f"positional must be one of {POSITIONAL_KINDS}, got {self.positional!r}"
+        _require_finite(self)
+        _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        _require(self.n_layer > 0, f"n_layer must be positive, got {self.n_layer}")
+        _require(self.n_head > 0, f"n_head must be positive, got {self.n_head}")
+        _require(
+            self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+        )
+        _require(self.d_ff > 0, f"d_ff must be positive, got {self.d_ff}")
+        _require(self.max_seq_len > 0, f"max_seq_len must be positive, got {self.max_seq_len}")
+        _require(
+            self.positional in POSITIONAL_KINDS,
+            f"positional must be one of {POSITIONAL_KINDS}, got {self.positional!r}",
         )
         if self.positional == "rope":
-            assert self.head_dim % 2 == 0, f"rope needs an even head_dim, got {self.head_dim}"
+            _require(self.head_dim % 2 == 0, f"rope needs an even head_dim, got {self.head_dim}")
         if self.positional == "sinusoidal":
-            assert self.d_model % 2 == 0, f"sinusoidal needs an even d_model, got {self.d_model}"
-        assert 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"
+            _require(self.d_model % 2 == 0, f"sinusoidal needs an even d_model, got {self.d_model}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
@@ -70,13 +87,14 @@ class TrainConfig:
     tokenizer_vocab_size: int = 1024  # must equal model.vocab_size
 
     def __post_init__(self) -> None:
-        assert self.seq_len > 1, f"seq_len must be > 1, got {self.seq_len}"
-        assert self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"
-        assert 0 < self.min_lr <= self.lr, f"need 0 < min_lr <= lr, got {self.min_lr}, {self.lr}"
-        assert self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
-        assert self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}"
-        assert self.eval_interval > 0, f"eval_interval must be positive, got {self.eval_interval}"
-        assert 0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}"
+        _require_finite(self)
+        _require(self.seq_len > 1, f"seq_len must be > 1, got {self.seq_len}")
+        _require(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        _require(0 < self.min_lr <= self.lr, f"need 0 < min_lr <= lr, got {self.min_lr}, {self.lr}")
+        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")
+        _require(self.eval_interval > 0, f"eval_interval must be positive, got {self.eval_interval}")
+        _require(0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -87,11 +105,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        assert self.train.seq_len <= self.model.max_seq_len, (
-            f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+        _require(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
         )
-        assert self.train.tokenizer_vocab_size == self.model.vocab_size, (
-            f"tokenizer_vocab_size ({self.train.tokenizer_vocab_size}) != vocab_size ({self.model.vocab_size})"
+        _require(
+            self.train.tokenizer_vocab_size == self.model.vocab_size,
+            f"tokenizer_vocab_size ({self.train.tokenizer_vocab_size}) != vocab_size ({self.model.vocab_size})",
         )
 
     def to_dict(self) -> dict[str, Any]:
