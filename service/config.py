@@ -47,6 +47,7 @@ class ServerConfig:
     max_text_bytes: int = 256 * 1024  # one text; only a prefix of a text longer than the context is tokenized
     max_request_bytes: int = 1024 * 1024  # all texts of one request (also bounds a request message's size)
     max_concurrent_calls: int = 256  # calls in progress; beyond it, RESOURCE_EXHAUSTED at once
+    batch_nice: int = 10  # Encode/AttentionMap batch threads run this much below the event loop (0: same)
     max_running_sequences: int = 16  # generation: sequences decoded together
     max_cached_tokens: int = 4096  # generation: prompt + max_new_tokens reserved by running sequences, summed
     max_waiting_sequences: int = 64  # generation: beyond this, RESOURCE_EXHAUSTED
@@ -74,6 +75,8 @@ class ServerConfig:
             raise ValueError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
         if self.grace_seconds < 0 or self.drain_delay_seconds < 0:
             raise ValueError("grace_seconds and drain_delay_seconds must be >= 0")
+        if not 0 <= self.batch_nice <= 19:
+            raise ValueError(f"batch_nice must be in 0..19, got {self.batch_nice}")
         if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1:
             raise ValueError("max_message_bytes must be >= 1024 and max_concurrent_calls >= 1")
         self.runtime_options()  # validates device and variant

@@ -14,6 +14,9 @@ own, so the event loop, and with it every health check, goes on meanwhile.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,9 +29,25 @@ from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.runtime import Runtime, pad_right
 
+log = logging.getLogger(__name__)
+
 # Requests with less text than this are tokenized on the event loop: the hop to a thread would cost
 # more than the ~2 ms of tokenizing. Longer ones go to the tokenizer's thread.
 INLINE_CHARS = 2048
+
+
+def yield_to_the_event_loop(nice: int) -> None:
+    """Lower the calling thread's scheduling priority by ``nice`` (Linux: a thread's own nice value).
+
+    Batches run on these threads; the event loop parses, refuses, answers and probes on its own.
+    Where they share a core, an equal share gives the loop a few milliseconds at a time while a
+    batch runs, and a refusal or a health check waits that long; with the batch threads below it,
+    the loop runs as soon as it has work, and the model still gets every cycle the loop leaves."""
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except (OSError, AttributeError):  # not Linux, or not allowed: run at the same priority
+            log.debug("could not lower the batch thread's priority", exc_info=True)
 
 
 def prefix_for(text: str, chars: int) -> str:
@@ -56,12 +75,17 @@ class AttentionMap:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime, limits: BatchLimits, metrics: Metrics) -> None:
+    def __init__(self, runtime: Runtime, limits: BatchLimits, metrics: Metrics, batch_nice: int = 0) -> None:
         self.runtime = runtime
         self.limits = limits
         self.metrics = metrics
         # a worker for every batch that may be in flight, in either batcher
-        self.executor = ThreadPoolExecutor(max_workers=2 * limits.max_in_flight, thread_name_prefix="attnserve-batch")
+        self.executor = ThreadPoolExecutor(
+            max_workers=2 * limits.max_in_flight,
+            thread_name_prefix="attnserve-batch",
+            initializer=yield_to_the_event_loop,
+            initargs=(batch_nice,),
+        )
         max_len = runtime.info.max_seq_len
         self.encoder = Batcher("encode", self._run_encode, limits, self.executor, metrics, max_len)
         self.attender = Batcher("attention", self._run_attention, limits, self.executor, metrics, max_len)

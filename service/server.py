@@ -149,7 +149,7 @@ class Server:
 
         # Load and warm up off the event loop: health answers NOT_SERVING meanwhile.
         runtime = await asyncio.get_running_loop().run_in_executor(None, Runtime, cfg.model_dir, cfg.runtime_options())
-        self.engine = Engine(runtime, cfg.batch_limits(), self.metrics)
+        self.engine = Engine(runtime, cfg.batch_limits(), self.metrics, cfg.batch_nice)
         self.engine.start()
         self.scheduler = Scheduler(runtime, cfg.generation_limits(), self.metrics)
         self.scheduler.on_death = self._generation_died

@@ -110,7 +110,7 @@ def test_ports_probes_and_grace_period_agree_with_the_server() -> None:
     assert ports == {"grpc": cfg.port, "metrics": cfg.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == cfg.port, probe
-    assert pod["terminationGracePeriodSeconds"] > cfg.grace_seconds
+    assert pod["terminationGracePeriodSeconds"] > cfg.drain_delay_seconds + cfg.grace_seconds
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["runAsNonRoot"]
