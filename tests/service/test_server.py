@@ -188,7 +188,10 @@ def test_queue_full_is_refused_at_once(model_dir: Path) -> None:
         st.stop()
 
 
-def test_expired_deadline_never_reaches_the_model(model_dir: Path) -> None:
+def test_a_call_whose_deadline_passes_in_the_queue_never_reaches_the_model(model_dir: Path) -> None:
+    """Over gRPC the client's deadline cancels the call on the server at the same moment: the queued text
+    leaves the queue at once (counted as cancelled). The batcher's own deadline branch, for a deadline the
+    server alone knows, is tested in test_batcher."""
     st = ServerThread(config(model_dir, max_queue_delay_ms=600, max_batch_size=64)).start()
     try:
         stub = st.stub()
@@ -196,12 +199,13 @@ def test_expired_deadline_never_reaches_the_model(model_dir: Path) -> None:
         with pytest.raises(grpc.RpcError) as e:
             stub.Encode(pb.EncodeRequest(texts=["too late"]), timeout=0.1)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(0.8)  # past the batch window: the collector has looked at it
+        time.sleep(0.8)  # past the batch window: the collector has looked at the queue
         after = metrics(st)
         key = ("attnserve_batch_size_count", (("graph", "encode"),))
         assert after.get(key, 0) == before.get(key, 0)  # no batch ran
-        dropped = sum(v for (n, _), v in after.items() if n == "attnserve_dropped_texts_total")
-        assert dropped >= 1
+        cancelled = ("attnserve_dropped_texts_total", (("graph", "encode"), ("reason", "cancelled")))
+        assert after[cancelled] == before.get(cancelled, 0) + 1
+        assert after[("attnserve_queue_depth", (("graph", "encode"),))] == 0
     finally:
         st.stop()
 
