@@ -45,7 +45,7 @@ bench: $(MODEL_DIR)/config.json
 
 # regenerate the committed protobuf code (tests/protos checks it is current)
 protos: install
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/attnserve/v1/attnserve.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/attnserve/v1/attnserve.proto protos/inference/grpc_predict_v2.proto
 
 # kubectl, promtool and prometheus for tests/deploy, from Debian's packages where this machine may install
 # them; where it cannot, those tests say so and skip.

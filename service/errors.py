@@ -20,6 +20,12 @@ class InvalidInput(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class NotFound(ServiceError):
+    """The request names a model or version this server does not have."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class Overloaded(ServiceError):
     """The queue is full: refused at once so the client can back off or go elsewhere."""
 

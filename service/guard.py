@@ -70,10 +70,15 @@ def enum_problem(msg: Message, prefix: str = "") -> str | None:
     return None
 
 
+STREAM_OPENS = object()  # what _check is given for a stream that opens, before any request
+
+
 class CallGuard(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, admitted: tuple[str, ...], max_concurrent: int) -> None:
         self.metrics = metrics
-        self.admitted = admitted  # full service names whose calls are bounded and drained
+        # full service names (all their methods) or method paths (/service/Method) whose calls are
+        # bounded and drained
+        self.admitted = admitted
         self.max_concurrent = max_concurrent
         self.in_flight = 0
         self.refusing: str | None = None  # a reason, once the server drains
@@ -118,12 +123,12 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, rpc = method.lstrip("/").rpartition("/")
-        admit = service in self.admitted
+        admit = service in self.admitted or f"/{service}/{rpc}" in self.admitted
         parse = handler.request_deserializer
         if parse is not None:
             descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
             parse = tolerant(parse, descriptor.full_name if descriptor is not None else rpc)
-        if handler.request_streaming and handler.response_streaming:  # reflection
+        if handler.request_streaming and handler.response_streaming:  # reflection, ModelStreamInfer
             inner_bidi = handler.stream_stream
 
             async def bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -131,10 +136,17 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     async for request in requests:
                         if isinstance(request, Malformed):
                             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+                        if isinstance(request, Message) and (problem := enum_problem(request)):
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
                         yield request
 
-                async for message in inner_bidi(checked(), context):
-                    yield message
+                # a stream counts as one call, admitted when it opens (its requests meet the queues' own bounds)
+                await self._check(rpc, STREAM_OPENS, context, admit)
+                try:
+                    async for message in inner_bidi(checked(), context):
+                        yield message
+                finally:
+                    self._leave(admit)
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi, request_deserializer=parse, response_serializer=handler.response_serializer

@@ -34,9 +34,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.config import ServerConfig
 from service.engine import Engine
 from service.guard import CallGuard
+from service.kserve import SERVICE_NAME as INFERENCE_NAME
+from service.kserve import InferenceServicer
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.scheduler import Scheduler
@@ -46,6 +49,34 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttnServe"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME, INFERENCE_NAME)  # the names health answers for
+
+
+class NotServed(grpc.GenericRpcHandler):
+    """The methods of a service that this server does not implement (Triton's model repository,
+    shared memory, statistics and settings RPCs), answered UNIMPLEMENTED with a message that says
+    what is served, rather than grpc's bare "Method not found"."""
+
+    def __init__(self, service: str) -> None:
+        self.prefix = f"/{service}/"
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = details.method  # type: ignore[attr-defined]
+        if not method.startswith(self.prefix):
+            return None
+        name = method[len(self.prefix) :]
+
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{name} is not served by attnserve; the Open Inference Protocol methods served are "
+                "ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and ModelStreamInfer",
+            )
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 QUIET_SECONDS = 0.1  # no call arriving for this long, none in progress: the transport may close
 
@@ -99,7 +130,10 @@ class Server:
         self.metrics = Metrics()
         self.servicer = AttnServeServicer(self.metrics, config.request_limits())
         self.servicer.max_concurrent_calls = config.max_concurrent_calls
-        self.guard = CallGuard(self.metrics, (SERVICE_NAME,), config.max_concurrent_calls)
+        self.inference = InferenceServicer(self.servicer, lambda: self.serving)
+        self.serving = False  # the model is loaded and the server takes calls
+        admitted = (SERVICE_NAME, f"/{INFERENCE_NAME}/ModelInfer", f"/{INFERENCE_NAME}/ModelStreamInfer")
+        self.guard = CallGuard(self.metrics, admitted, config.max_concurrent_calls)
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
@@ -123,9 +157,11 @@ class Server:
         server = grpc.aio.server(options=options, interceptors=[self.guard])
         self._server = server
         pb_grpc.add_AttnServeServicer_to_server(self.servicer, server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
+        server.add_generic_rpc_handlers((NotServed(INFERENCE_NAME),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        add_reflection(server, (SERVICE_NAME, HEALTH_NAME))
-        for name in ("", SERVICE_NAME):
+        add_reflection(server, (SERVICE_NAME, INFERENCE_NAME, HEALTH_NAME))
+        for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert is not None and cfg.tls_key is not None:
@@ -158,7 +194,8 @@ class Server:
         self.metrics.provider.labels(runtime.provider).set(1)
         self.metrics.model.info({"name": runtime.info.name, "version": runtime.info.version})
         self.metrics.ready.set(1)
-        for name in ("", SERVICE_NAME):
+        self.serving = True
+        for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s %s on %s", runtime.info.name, runtime.info.version, runtime.provider)
 
@@ -166,7 +203,8 @@ class Server:
         """The generation loop ended by itself: this replica can no longer serve all of its API."""
         log.critical("generation is down: reporting NOT_SERVING so that traffic goes to other replicas")
         self.metrics.ready.set(0)
-        for name in ("", SERVICE_NAME):
+        self.serving = False
+        for name in HEALTH_SERVICES:
             asyncio.get_running_loop().create_task(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
@@ -174,11 +212,13 @@ class Server:
         delay = self.config.drain_delay_seconds if drain_delay is None else drain_delay
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and it stays so
         self.metrics.ready.set(0)
+        self.serving = False
         if delay > 0 and self.engine is not None:
             log.info("shutting down: NOT_SERVING; still serving for %.1fs while load balancers notice", delay)
             await asyncio.sleep(delay)
         log.info("shutting down: refusing new calls; %d in progress get up to %.1fs", self.guard.in_flight, grace)
         self.guard.refusing = "server is shutting down; retry on another replica"
+        self.inference.closing.set()  # open v2 streams finish what they have and end
         end = time.monotonic() + grace
         if not await self.guard.drained(QUIET_SECONDS, grace):
             log.warning("grace period over with %d calls in progress: cancelling them", self.guard.in_flight)

@@ -21,7 +21,8 @@ import onnxruntime
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
-from service.engine import Engine
+from service.engine import AttentionMap as AttentionOutput
+from service.engine import Embedded, Engine
 from service.errors import InvalidInput, ModelNotReady, status_for
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
@@ -43,6 +44,21 @@ class RequestLimits:
     def __post_init__(self) -> None:
         if min(self.max_texts_per_request, self.max_text_bytes, self.max_request_bytes) < 1:
             raise ValueError(f"request limits must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    output: Embedded
+    truncated: list[bool]
+
+
+@dataclass(frozen=True)
+class Attended:
+    output: AttentionOutput
+    ids: list[int]
+    layers: list[int]
+    heads: list[int]
+    truncated: bool
 
 
 # What a client may know of the model directory's config.json: the model, not where it was made.
@@ -128,22 +144,27 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
     # --- RPCs --------------------------------------------------------------------------------
 
+    async def encode(self, request: pb.EncodeRequest, deadline: float | None) -> Encoded:
+        """Validate, tokenize and embed one request's texts: the work behind Encode and its v2 model."""
+        engine = self._engine()
+        if not request.texts:
+            raise InvalidInput("texts: at least one text is required")
+        fields = self._check_texts(request.texts, "texts")
+        engine.encoder.admit(len(fields), deadline)  # refused now, untokenized, if it cannot be served
+        fitted = await engine.fit(request.texts, request.truncation == pb.TRUNCATION_END, fields)
+        pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
+        out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline)
+        return Encoded(out, [cut for _, cut in fitted])
+
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         async def handle() -> pb.EncodeResponse:
             start = time.monotonic()
-            engine = self._engine()
-            if not request.texts:
-                raise InvalidInput("texts: at least one text is required")
-            fields = self._check_texts(request.texts, "texts")
-            deadline = self._deadline(context)
-            engine.encoder.admit(len(fields), deadline)  # refused now, untokenized, if it cannot be served
-            fitted = await engine.fit(request.texts, request.truncation == pb.TRUNCATION_END, fields)
-            pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
-            out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline)
+            done = await self.encode(request, self._deadline(context))
+            out = done.output
             return pb.EncodeResponse(
                 embeddings=[
                     pb.Embedding(values=v.tolist(), token_count=n_tok, truncated=cut)
-                    for v, n_tok, (_, cut) in zip(out.vectors, out.token_counts, fitted, strict=True)
+                    for v, n_tok, cut in zip(out.vectors, out.token_counts, done.truncated, strict=True)
                 ],
                 dimensions=out.vectors.shape[1],
                 timings=self._timings(out.queue_seconds, out.compute_seconds, start),
@@ -151,51 +172,56 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
         return await self._call("Encode", context, handle)
 
+    async def attention_map(self, request: pb.AttentionMapRequest, deadline: float | None) -> Attended:
+        """Validate, tokenize and run one attention request: the work behind AttentionMap and its v2 model."""
+        engine = self._engine()
+        info = engine.runtime.info
+        which = request.WhichOneof("input")
+        if which is None:
+            raise InvalidInput("input: give text or token_ids")
+        layers = self._select(request.layers, info.n_layer, "layers")
+        heads = self._select(request.heads, info.n_head, "heads")
+        truncate = request.truncation == pb.TRUNCATION_END
+        if which == "text":
+            self._check_texts([request.text], "text", repeated=False)
+            engine.attender.admit(1, deadline)
+            ((ids, cut),) = await engine.fit([request.text], truncate, ["text"])
+        else:
+            ids = list(request.token_ids.ids)
+            if not ids:
+                raise InvalidInput("token_ids.ids: must not be empty")
+            bad = [i for i in ids if i >= info.vocab_size]
+            if bad:
+                raise InvalidInput(f"token_ids.ids: {bad[:5]} not below vocab_size {info.vocab_size}")
+            cut = len(ids) > info.max_seq_len
+            if cut and not truncate:
+                raise InvalidInput(
+                    f"token_ids.ids: {len(ids)} tokens exceed the model's context of {info.max_seq_len}; "
+                    "shorten it or set truncation to TRUNCATION_END"
+                )
+            ids = ids[: info.max_seq_len]
+            engine.attender.admit(1, deadline)
+        out = await engine.attention(ids, layers, heads, deadline)
+        return Attended(out, ids, layers, heads, cut)
+
     async def AttentionMap(
         self, request: pb.AttentionMapRequest, context: grpc.aio.ServicerContext
     ) -> pb.AttentionMapResponse:
         async def handle() -> pb.AttentionMapResponse:
             start = time.monotonic()
-            engine = self._engine()
-            info = engine.runtime.info
-            which = request.WhichOneof("input")
-            if which is None:
-                raise InvalidInput("input: give text or token_ids")
-            layers = self._select(request.layers, info.n_layer, "layers")
-            heads = self._select(request.heads, info.n_head, "heads")
-            truncate = request.truncation == pb.TRUNCATION_END
-            deadline = self._deadline(context)
-            if which == "text":
-                self._check_texts([request.text], "text", repeated=False)
-                engine.attender.admit(1, deadline)
-                ((ids, cut),) = await engine.fit([request.text], truncate, ["text"])
-            else:
-                ids = list(request.token_ids.ids)
-                if not ids:
-                    raise InvalidInput("token_ids.ids: must not be empty")
-                bad = [i for i in ids if i >= info.vocab_size]
-                if bad:
-                    raise InvalidInput(f"token_ids.ids: {bad[:5]} not below vocab_size {info.vocab_size}")
-                cut = len(ids) > info.max_seq_len
-                if cut and not truncate:
-                    raise InvalidInput(
-                        f"token_ids.ids: {len(ids)} tokens exceed the model's context of {info.max_seq_len}; "
-                        "shorten it or set truncation to TRUNCATION_END"
-                    )
-                ids = ids[: info.max_seq_len]
-                engine.attender.admit(1, deadline)
+            done = await self.attention_map(request, self._deadline(context))
+            out = done.output
             fp16 = request.precision == pb.PRECISION_FP16
-            out = await engine.attention(ids, layers, heads, deadline)
             packed = out.probs.astype("<f2" if fp16 else "<f4").tobytes()
             return pb.AttentionMapResponse(
-                tokens=engine.token_strings(ids),
-                token_ids=ids,
+                tokens=self._engine().token_strings(done.ids),
+                token_ids=done.ids,
                 shape=list(out.probs.shape),
                 precision=pb.PRECISION_FP16 if fp16 else pb.PRECISION_FP32,
                 probabilities=packed,
-                layers=layers,
-                heads=heads,
-                truncated=cut,
+                layers=done.layers,
+                heads=done.heads,
+                truncated=done.truncated,
                 timings=self._timings(out.queue_seconds, out.compute_seconds, start),
             )
 

@@ -1,0 +1,279 @@
+"""The Open Inference Protocol endpoint over real gRPC, with the project's own stubs of it.
+
+The same numbers as the native RPCs for the same input, in raw and typed form; bad tensors
+named in INVALID_ARGUMENT; unknown models and versions NOT_FOUND; the methods not served
+UNIMPLEMENTED with a message. tests/service/test_tritonclient.py calls it with tritonclient.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.inference import grpc_predict_v2_pb2 as v2
+from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from service.client import decode_probabilities
+from service.kserve import join_bytes, split_bytes
+from tests.service.conftest import ServerThread
+
+TEXTS = ["To be, or not to be", "the king speaks", "a"]
+
+
+@pytest.fixture(scope="module")
+def v2_stub(served: ServerThread) -> v2_grpc.GRPCInferenceServiceStub:
+    return v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.address))
+
+
+def text_input(texts: list[str], raw: bool = True, shape: list[int] | None = None) -> dict[str, Any]:
+    tensor = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=shape or [len(texts)])
+    encoded = [t.encode() for t in texts]
+    if raw:
+        return {"inputs": [tensor], "raw_input_contents": [join_bytes(encoded)]}
+    tensor.contents.bytes_contents.extend(encoded)
+    return {"inputs": [tensor]}
+
+
+def infer(model: str, texts: list[str], raw: bool = True, **params: Any) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name=model, id="r1", **text_input(texts, raw))
+    for key, value in params.items():
+        field = {bool: "bool_param", int: "int64_param", str: "string_param", float: "double_param"}[type(value)]
+        setattr(request.parameters[key], field, value)
+    return request
+
+
+def output(response: v2.ModelInferResponse, name: str) -> np.ndarray | list[bytes]:
+    """An output tensor from either form, as a client would read it."""
+    (i,) = [i for i, o in enumerate(response.outputs) if o.name == name]
+    tensor = response.outputs[i]
+    if response.raw_output_contents:
+        raw = response.raw_output_contents[i]
+        if tensor.datatype == "BYTES":
+            return split_bytes(raw, name)
+        dtype = {"FP32": "<f4", "INT32": "<i4"}[tensor.datatype]
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.shape))
+    if tensor.datatype == "BYTES":
+        return list(tensor.contents.bytes_contents)
+    values = tensor.contents.fp32_contents if tensor.datatype == "FP32" else tensor.contents.int_contents
+    return np.array(values).reshape(tuple(tensor.shape))
+
+
+def test_server_and_model_metadata(served: ServerThread, v2_stub: v2_grpc.GRPCInferenceServiceStub) -> None:
+    info = served.stub().GetModelInfo(pb.GetModelInfoRequest())
+    assert v2_stub.ServerLive(v2.ServerLiveRequest()).live
+    assert v2_stub.ServerReady(v2.ServerReadyRequest()).ready
+    assert v2_stub.ServerMetadata(v2.ServerMetadataRequest()).name == "attnserve"
+    for model in ("attnserve-encode", "attnserve-generate", "attnserve-attention"):
+        assert v2_stub.ModelReady(v2.ModelReadyRequest(name=model)).ready
+        assert v2_stub.ModelReady(v2.ModelReadyRequest(name=model, version=info.version)).ready
+    meta = v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="attnserve-encode"))
+    assert list(meta.versions) == [info.version]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("TEXT", "BYTES", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("EMBEDDING", "FP32", [-1, info.hidden_size]),
+        ("TOKEN_COUNT", "INT32", [-1]),
+    ]
+    meta = v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="attnserve-attention"))
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("ATTENTION", "FP32", [info.num_layers, info.num_heads, -1, -1]),
+        ("TOKENS", "BYTES", [-1]),
+    ]
+    meta = v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="attnserve-generate"))
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("TEXT", "BYTES", [1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("TEXT", "BYTES", [1])]
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+def test_encode_equals_the_native_rpc(
+    served: ServerThread, v2_stub: v2_grpc.GRPCInferenceServiceStub, raw: bool
+) -> None:
+    native = served.stub().Encode(pb.EncodeRequest(texts=TEXTS, pooling=pb.POOLING_LAST, normalize=True))
+    response = v2_stub.ModelInfer(infer("attnserve-encode", TEXTS, raw, pooling="last", normalize=True))
+    assert response.id == "r1" and response.model_name == "attnserve-encode"
+    assert bool(response.raw_output_contents) == raw
+    got = output(response, "EMBEDDING")
+    assert isinstance(got, np.ndarray) and got.shape == (3, native.dimensions)
+    np.testing.assert_allclose(got, np.array([e.values for e in native.embeddings]), atol=1e-5)
+    assert list(output(response, "TOKEN_COUNT")) == [e.token_count for e in native.embeddings]
+
+
+def test_requested_outputs_only(v2_stub: v2_grpc.GRPCInferenceServiceStub) -> None:
+    request = infer("attnserve-encode", TEXTS)
+    request.outputs.add(name="TOKEN_COUNT")
+    response = v2_stub.ModelInfer(request)
+    assert [o.name for o in response.outputs] == ["TOKEN_COUNT"] and len(response.raw_output_contents) == 1
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+def test_attention_equals_the_native_rpc(
+    served: ServerThread, v2_stub: v2_grpc.GRPCInferenceServiceStub, raw: bool
+) -> None:
+    native = served.stub().AttentionMap(pb.AttentionMapRequest(text=TEXTS[0]))
+    response = v2_stub.ModelInfer(infer("attnserve-attention", TEXTS[:1], raw))
+    got = output(response, "ATTENTION")
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, decode_probabilities(native))
+    assert [t.decode() for t in output(response, "TOKENS")] == list(native.tokens)
+
+
+def test_generate_equals_the_native_rpc(served: ServerThread, v2_stub: v2_grpc.GRPCInferenceServiceStub) -> None:
+    params = {"max_new_tokens": 12, "temperature": 0.8, "top_k": 20, "seed": 7}
+    native = served.stub().Generate(pb.GenerateRequest(prompt="ROMEO:", **params))
+    response = v2_stub.ModelInfer(infer("attnserve-generate", ["ROMEO:"], **params))
+    assert output(response, "TEXT") == [native.text.encode()]
+    assert response.parameters["generated_tokens"].int64_param == native.usage.generated_tokens
+    assert response.parameters["finish_reason"].string_param == "length"
+    # streamed: one response per token group, concatenating to the same text, the last one final
+    stream = list(v2_stub.ModelStreamInfer(iter([infer("attnserve-generate", ["ROMEO:"], **params)])))
+    assert not any(r.error_message for r in stream)
+    assert 2 <= len(stream) <= native.usage.generated_tokens  # a group holds more than one token if the client lags
+    finals = [r.infer_response.parameters["triton_final_response"].bool_param for r in stream]
+    assert finals == [False] * (len(stream) - 1) + [True]
+    assert b"".join(output(r.infer_response, "TEXT")[0] for r in stream).decode() == native.text
+
+
+def test_a_stream_serves_many_requests_and_reports_each_failure(v2_stub: v2_grpc.GRPCInferenceServiceStub) -> None:
+    requests = [
+        infer("attnserve-encode", TEXTS),
+        infer("attnserve-generate", ["hi"], max_new_tokens=3, temperature=0.0),
+        infer("no-such-model", ["x"]),
+        infer("attnserve-attention", ["the king"]),
+    ]
+    for i, r in enumerate(requests):
+        r.id = f"req{i}"
+    responses = list(v2_stub.ModelStreamInfer(iter(requests)))
+    errors = [r for r in responses if r.error_message]
+    assert [(r.infer_response.id, r.error_message.split(":")[0]) for r in errors] == [("req2", "model_name")]
+    ids = [r.infer_response.id for r in responses if not r.error_message]
+    assert ids.count("req0") == 1 and ids.count("req3") == 1 and 1 <= ids.count("req1") <= 3
+
+
+def test_empty_final_response_when_asked(v2_stub: v2_grpc.GRPCInferenceServiceStub) -> None:
+    request = infer("attnserve-generate", ["hi"], max_new_tokens=2, temperature=0.0)
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    stream = list(v2_stub.ModelStreamInfer(iter([request])))
+    assert [len(r.infer_response.outputs) for r in stream][-1] == 0
+    assert all(len(r.infer_response.outputs) == 1 for r in stream[:-1])
+    finals = [r.infer_response.parameters["triton_final_response"].bool_param for r in stream]
+    assert finals == [False] * (len(stream) - 1) + [True]
+
+
+def bad(request: v2.ModelInferRequest, **changes: Any) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest.FromString(request.SerializeToString())
+    for key, value in changes.items():
+        if key == "raw":
+            del request.raw_input_contents[:]
+            request.raw_input_contents.extend(value)
+        else:
+            setattr(request.inputs[0], key, value) if key != "shape" else request.inputs[0].shape.extend(value)
+    return request
+
+
+def wrong_shape() -> v2.ModelInferRequest:
+    request = infer("attnserve-encode", TEXTS)
+    del request.inputs[0].shape[:]
+    request.inputs[0].shape.extend([2])
+    return request
+
+
+def cases() -> Iterator[tuple[str, v2.ModelInferRequest, grpc.StatusCode, str]]:
+    ok = infer("attnserve-encode", TEXTS)
+    yield "unknown model", infer("bert", TEXTS), grpc.StatusCode.NOT_FOUND, "model_name:"
+    wrong_version = infer("attnserve-encode", TEXTS)
+    wrong_version.model_version = "99"
+    yield "unknown version", wrong_version, grpc.StatusCode.NOT_FOUND, "model_version:"
+    yield "wrong datatype", bad(ok, datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].datatype:"
+    yield "wrong name", bad(ok, name="INPUT0"), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].name:"
+    yield "shape and contents disagree", wrong_shape(), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]:"
+    missing = v2.ModelInferRequest(model_name="attnserve-encode")
+    yield "missing input", missing, grpc.StatusCode.INVALID_ARGUMENT, "inputs:"
+    truncated = bad(ok, raw=[struct.pack("<I", 50) + b"short"])
+    yield "raw bytes cut short", truncated, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents[0]:"
+    yield (
+        "invalid UTF-8",
+        bad(ok, raw=[join_bytes([b"\xff\xfe", b"a", b"b"])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("inputs[0] element 0:"),
+    )
+    two = infer("attnserve-generate", ["a", "b"])
+    yield "two prompts", two, grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].shape:"
+    yield (
+        "unknown parameter",
+        infer("attnserve-encode", TEXTS, poolin="mean"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("parameters.poolin:"),
+    )
+    yield (
+        "wrong parameter type",
+        infer("attnserve-encode", TEXTS, normalize="yes"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("parameters.normalize:"),
+    )
+    yield (
+        "bad choice",
+        infer("attnserve-encode", TEXTS, pooling="max"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("parameters.pooling:"),
+    )
+    unknown_output = infer("attnserve-encode", TEXTS)
+    unknown_output.outputs.add(name="LOGITS")
+    yield "unknown output", unknown_output, grpc.StatusCode.INVALID_ARGUMENT, "outputs[0].name:"
+    yield "native limits apply", infer("attnserve-encode", ["x"] * 65), grpc.StatusCode.INVALID_ARGUMENT, "texts:"
+    hot = infer("attnserve-generate", ["hi"], temperature=-1.0)
+    yield "native validation applies", hot, grpc.StatusCode.INVALID_ARGUMENT, "temperature"
+    long = infer("attnserve-attention", ["word " * 400])
+    yield "over the context", long, grpc.StatusCode.INVALID_ARGUMENT, "text:"
+
+
+@pytest.mark.parametrize("case", list(cases()), ids=lambda c: c[0])
+def test_bad_tensors_are_named(v2_stub: v2_grpc.GRPCInferenceServiceStub, case: tuple[Any, ...]) -> None:
+    _, request, code, needle = case
+    with pytest.raises(grpc.RpcError) as e:
+        v2_stub.ModelInfer(request, timeout=10)
+    assert e.value.code() == code, e.value.details()
+    assert needle in e.value.details()
+
+
+def test_truncation_parameter(v2_stub: v2_grpc.GRPCInferenceServiceStub, served: ServerThread) -> None:
+    n = served.stub().GetModelInfo(pb.GetModelInfoRequest()).limits.max_seq_len
+    response = v2_stub.ModelInfer(infer("attnserve-attention", ["word " * 400], truncation="end"))
+    assert response.parameters["truncated"].bool_param
+    assert output(response, "ATTENTION").shape[-1] == n  # type: ignore[union-attr]
+
+
+def test_methods_not_served_say_so(served: ServerThread) -> None:
+    channel = grpc.insecure_channel(served.address)
+    call = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
+    with pytest.raises(grpc.RpcError) as e:
+        call(b"", timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "RepositoryIndex is not served" in e.value.details() and "ModelInfer" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        v2_grpc.GRPCInferenceServiceStub(channel).ModelReady(v2.ModelReadyRequest(name="gpt"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_counted_under_its_own_rpc_label(served: ServerThread, v2_stub: v2_grpc.GRPCInferenceServiceStub) -> None:
+    def count(rpc: str, code: str) -> float:
+        from urllib.request import urlopen
+
+        text = urlopen(f"http://127.0.0.1:{served.server.metrics_port}/metrics").read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "attnserve_requests_total" and sample.labels == {"rpc": rpc, "code": code}:
+                    return sample.value
+        return 0.0
+
+    before = count("ModelInfer", "OK"), count("ModelInfer", "NOT_FOUND"), count("ModelStreamInfer", "OK")
+    v2_stub.ModelInfer(infer("attnserve-encode", TEXTS))
+    with pytest.raises(grpc.RpcError):
+        v2_stub.ModelInfer(infer("nope", TEXTS))
+    list(v2_stub.ModelStreamInfer(iter([infer("attnserve-encode", TEXTS)] * 2)))
+    after = count("ModelInfer", "OK"), count("ModelInfer", "NOT_FOUND"), count("ModelStreamInfer", "OK")
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 2]
