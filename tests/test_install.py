@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import tomllib
-import venv
 from pathlib import Path
 
 import grpc
@@ -19,6 +18,7 @@ import pytest
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from tests.venvs import venv_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,19 +52,7 @@ def test_every_serving_dependency_declares_a_floor() -> None:
 @pytest.mark.network
 @pytest.mark.install
 def test_the_server_runs_on_every_floor(model_dir: Path, tmp_path: Path) -> None:
-    env_dir = tmp_path / "floor"
-    venv.create(env_dir, with_pip=True)
-    python = env_dir / "bin" / "python"
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:"]
-    installed = subprocess.run([*pip, *floors()], capture_output=True, text=True, timeout=600)
-    unreachable = (
-        "Failed to establish a new connection",
-        "Temporary failure in name resolution",
-        "Network is unreachable",
-    )
-    if installed.returncode != 0 and any(s in installed.stderr for s in unreachable):
-        pytest.skip(f"the package registry could not be reached: {installed.stderr[-300:]}")
-    assert installed.returncode == 0, installed.stderr[-2000:]
+    python = venv_with(tmp_path / "floor", floors())
     freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
     for pin in floors():
         assert pin.lower() in freeze.stdout.lower().replace("_", "-"), (pin, freeze.stdout)

@@ -1,0 +1,127 @@
+"""Calls attnserve's Open Inference Protocol endpoint with tritonclient, as a Triton user would.
+
+Run by tests/service/test_tritonclient.py in a virtual environment of its own (tritonclient
+pins a protobuf older than the server's). Prints one JSON object of what each call returned.
+Usage: python tritonclient_calls.py HOST:PORT PROMPT SEED TEXT...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import queue
+import sys
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+
+SAMPLING = {"max_new_tokens": 12, "temperature": 0.8, "top_k": 20}
+
+
+def text_input(texts: list[str]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("TEXT", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_))
+    return tensor
+
+
+def array(x: np.ndarray) -> dict[str, Any]:
+    x = np.ascontiguousarray(x, dtype="<f4")
+    return {"shape": list(x.shape), "b64": base64.b64encode(x.tobytes()).decode()}
+
+
+def sync_calls(address: str, prompt: str, seed: int, texts: list[str]) -> dict[str, Any]:
+    client = grpcclient.InferenceServerClient(address)
+    out: dict[str, Any] = {
+        "live": client.is_server_live(),
+        "ready": client.is_server_ready(),
+        "models_ready": {m: client.is_model_ready(m) for m in ("attnserve-encode", "attnserve-generate")},
+        "metadata": {
+            m: client.get_model_metadata(m, as_json=True)
+            for m in ("attnserve-encode", "attnserve-generate", "attnserve-attention")
+        },
+        "server": client.get_server_metadata(as_json=True),
+    }
+    encoded = client.infer("attnserve-encode", [text_input(texts)], parameters={"pooling": "last", "normalize": True})
+    out["embedding"] = array(encoded.as_numpy("EMBEDDING"))
+    out["token_count"] = encoded.as_numpy("TOKEN_COUNT").tolist()
+    attended = client.infer("attnserve-attention", [text_input(texts[:1])])
+    out["attention"] = array(attended.as_numpy("ATTENTION"))
+    out["tokens"] = [t.decode() for t in attended.as_numpy("TOKENS")]
+    generated = client.infer("attnserve-generate", [text_input([prompt])], parameters={**SAMPLING, "seed": seed})
+    out["generated"] = generated.as_numpy("TEXT")[0].decode()
+    out["finish_reason"] = generated.get_response().parameters["finish_reason"].string_param
+
+    # the decoupled stream, as Triton's streaming clients use it: a callback per response
+    responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer(
+        "attnserve-generate",
+        [text_input([prompt])],
+        request_id="s1",
+        parameters={**SAMPLING, "seed": seed},
+        enable_empty_final_response=True,
+    )
+    pieces, messages = [], 0
+    while True:
+        result, error = responses.get(timeout=30)
+        if error is not None:
+            raise error
+        response = result.get_response()
+        messages += 1
+        if response.outputs:
+            pieces.append(result.as_numpy("TEXT")[0].decode())
+        if response.parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    out["streamed"] = {"text": "".join(pieces), "messages": messages, "id": response.id}
+    try:
+        client.infer("no-such-model", [text_input(["x"])])
+        out["unknown_model"] = "no error"
+    except Exception as e:  # InferenceServerException
+        out["unknown_model"] = [str(getattr(e, "status", lambda: "")()), str(getattr(e, "message", lambda: "")())]
+    client.close()
+    return out
+
+
+async def aio_calls(address: str, prompt: str, seed: int, texts: list[str]) -> dict[str, Any]:
+    client = aioclient.InferenceServerClient(address)
+    out: dict[str, Any] = {
+        "live": await client.is_server_live(),
+        "ready": await client.is_model_ready("attnserve-encode"),
+    }
+    encoded = await client.infer("attnserve-encode", [text_input(texts)], parameters={"pooling": "mean"})
+    out["embedding"] = array(encoded.as_numpy("EMBEDDING"))
+
+    async def requests():  # type: ignore[no-untyped-def]
+        yield {
+            "model_name": "attnserve-generate",
+            "inputs": [text_input([prompt])],
+            "parameters": {**SAMPLING, "seed": seed},
+        }
+
+    pieces = []
+    async for result, error in client.stream_infer(requests()):
+        if error is not None:
+            raise error
+        pieces.append(result.as_numpy("TEXT")[0].decode())
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    out["streamed"] = "".join(pieces)
+    await client.close()
+    return out
+
+
+def main() -> None:
+    address, prompt, seed, *texts = sys.argv[1:]
+    result = {
+        "sync": sync_calls(address, prompt, int(seed), texts),
+        "aio": asyncio.run(aio_calls(address, prompt, int(seed), texts)),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
