@@ -7,8 +7,12 @@ UNIMPLEMENTED with a message. tests/service/test_tritonclient.py calls it with t
 
 from __future__ import annotations
 
+import queue
 import struct
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,7 +25,7 @@ from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import decode_probabilities
 from service.kserve import join_bytes, split_bytes
-from tests.service.conftest import ServerThread
+from tests.service.conftest import ServerThread, config
 
 TEXTS = ["To be, or not to be", "the king speaks", "a"]
 
@@ -277,3 +281,29 @@ def test_counted_under_its_own_rpc_label(served: ServerThread, v2_stub: v2_grpc.
     list(v2_stub.ModelStreamInfer(iter([infer("attnserve-encode", TEXTS)] * 2)))
     after = count("ModelInfer", "OK"), count("ModelInfer", "NOT_FOUND"), count("ModelStreamInfer", "OK")
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 2]
+
+
+def test_shutdown_finishes_stream_requests_in_progress_and_ends_idle_streams(model_dir: Path) -> None:
+    """An open ModelStreamInfer (tritonclient keeps one open for good) must not hold the drain for
+    the whole grace period: its generation in progress completes, then the stream ends UNAVAILABLE."""
+    st = ServerThread(config(model_dir)).start()
+    stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(st.address))
+    outgoing: queue.Queue[v2.ModelInferRequest | None] = queue.Queue()
+    outgoing.put(infer("attnserve-generate", ["ROMEO:"], max_new_tokens=40, temperature=0.0))
+    stream = stub.ModelStreamInfer(iter(outgoing.get, None), timeout=60)
+    first = next(stream)  # generation is under way
+    t0 = time.monotonic()
+    stopper = threading.Thread(target=st.stop, kwargs={"grace": 20.0})
+    stopper.start()
+    rest = []
+    with pytest.raises(grpc.RpcError) as e:
+        for r in stream:
+            rest.append(r)
+    stopper.join()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - t0 < 10  # not the 20 s grace
+    responses = [first, *rest]
+    assert not any(r.error_message for r in responses)
+    assert responses[-1].infer_response.parameters["triton_final_response"].bool_param
+    assert responses[-1].infer_response.parameters["generated_tokens"].int64_param == 40
+    outgoing.put(None)
