@@ -27,7 +27,11 @@ from tests.service.conftest import ServerThread, config
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.27"
-CRDS = {"monitoring.coreos.com/v1", "serving.kserve.io/v1beta1"}  # not in the Kubernetes schemas
+CRDS = {
+    "monitoring.coreos.com/v1",
+    "serving.kserve.io/v1beta1",
+    "serving.kserve.io/v1alpha1",
+}  # not in the Kubernetes schemas
 
 
 def tool(name: str) -> str:
@@ -91,11 +95,22 @@ def test_kustomizations_build_and_validate_against_the_schemas(path: str) -> Non
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_kserve_example_is_well_formed() -> None:
-    doc = yaml.safe_load((DEPLOY / "k8s/kserve/inferenceservice.yaml").read_text())
-    assert doc["apiVersion"] == "serving.kserve.io/v1beta1" and doc["kind"] == "InferenceService"
-    container = doc["spec"]["predictor"]["containers"][0]
-    assert container["ports"][0]["containerPort"] == ServerConfig().port
+def test_kserve_declares_the_v2_grpc_protocol() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s/kserve/inferenceservice.yaml").read_text()))
+    runtime = by_kind(docs, "ServingRuntime")
+    service = by_kind(docs, "InferenceService")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    model = service["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "grpc-v2" and model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe looks for
+    (port,) = container["ports"]
+    assert port == {"name": "h2c", "containerPort": ServerConfig().port, "protocol": "TCP"}  # h2c: gRPC
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert ServerConfig.from_sources(None, env).port == ServerConfig().port
 
 
 def test_ports_probes_and_grace_period_agree_with_the_server() -> None:
