@@ -8,7 +8,7 @@ CHECKPOINT := $(MODEL)/checkpoint
 MODEL_DIR := $(MODEL)/onnx
 TRAIN_MINUTES ?= 5
 
-.PHONY: install run train export bench protos deploy-tools image test lint clean
+.PHONY: install run train export bench protos lock deploy-tools image image-test test lint clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ bench: $(MODEL_DIR)/config.json
 # regenerate the committed protobuf code (tests/protos checks it is current)
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/attnserve/v1/attnserve.proto protos/inference/grpc_predict_v2.proto
+
+# rewrite the lock (constraints.txt) from what .venv holds now, keeping its header
+lock: install
+	{ grep '^#' constraints.txt; { $(BIN)/pip freeze --exclude-editable | grep -v '^attnserve=' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; $(BIN)/pip freeze | sed -n 's/^onnxruntime-gpu==/onnxruntime==/p'; } \
+	  | sort -f -t= -k1,1; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 # kubectl, promtool and prometheus for tests/deploy, from Debian's packages where this machine may install
 # them; where it cannot, those tests say so and skip.

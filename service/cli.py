@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -113,13 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     ServerConfig.add_arguments(s)
     s.set_defaults(func=_serve)
 
+    # Defaults from the environment, so that a probe in the server's container (its HEALTHCHECK)
+    # dials the port the server listens on (ATTNSERVE_PORT) and speaks TLS where the server does.
+    env = os.environ
+    address = env.get("ATTNSERVE_CLIENT_ADDRESS") or f"localhost:{env.get('ATTNSERVE_PORT') or 50051}"
     c = sub.add_parser("client", help="call a running server")
-    c.add_argument("--address", default="localhost:50051", help="server address (default localhost:50051)")
+    c.add_argument(
+        "--address",
+        default=address,
+        help=f"server address (default {address}: ATTNSERVE_CLIENT_ADDRESS, else localhost:ATTNSERVE_PORT)",
+    )
     c.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up (default 30)")
-    c.add_argument("--tls-ca", type=Path, help="speak TLS, trusting this CA (PEM) for the server's certificate")
-    c.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
-    c.add_argument("--tls-key", type=Path, help="client private key (PEM), for mutual TLS")
-    c.add_argument("--tls-server-name", help="name to check the server's certificate against")
+    for flag, what in (
+        ("ca", "speak TLS, trusting this CA (PEM) for the server's certificate"),
+        ("cert", "client certificate (PEM), for mutual TLS"),
+        ("key", "client private key (PEM), for mutual TLS"),
+    ):
+        var = f"ATTNSERVE_CLIENT_TLS_{flag.upper()}"
+        c.add_argument(f"--tls-{flag}", type=Path, default=env.get(var) or None, help=f"{what} (env {var})")
+    c.add_argument(
+        "--tls-server-name",
+        default=env.get("ATTNSERVE_CLIENT_TLS_SERVER_NAME") or None,
+        help="name to check the server's certificate against (env ATTNSERVE_CLIENT_TLS_SERVER_NAME)",
+    )
     csub = c.add_subparsers(dest="client_command", required=True)
     ce = csub.add_parser("encode", help="embeddings of texts")
     ce.add_argument("texts", nargs="+")

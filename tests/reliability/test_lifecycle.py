@@ -321,5 +321,19 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(model_dir: Path, c
         assert out.returncode == 0 and "32 dims" in out.stdout, out.stderr
         no_cert = subprocess.run([*cli[:8], "health"], capture_output=True, text=True, timeout=60, env=env)
         assert no_cert.returncode == 1 and "UNAVAILABLE" in no_cert.stderr
+        # a container's HEALTHCHECK: no flags, the server's port and the client's TLS from the environment
+        probe_env = {
+            **env,
+            "ATTNSERVE_PORT": str(st.server.port),
+            "ATTNSERVE_CLIENT_TLS_CA": str(certs / "ca.pem"),
+            "ATTNSERVE_CLIENT_TLS_CERT": str(certs / "client.pem"),
+            "ATTNSERVE_CLIENT_TLS_KEY": str(certs / "client.key"),
+        }
+        probe = [sys.executable, "-m", "service.cli", "client", "--timeout", "5", "health"]
+        out = subprocess.run(probe, capture_output=True, text=True, timeout=60, env=probe_env)
+        assert out.returncode == 0 and out.stdout.strip() == "SERVING", out.stderr
+        wrong_port = {**probe_env, "ATTNSERVE_PORT": "1"}
+        out = subprocess.run(probe, capture_output=True, text=True, timeout=60, env=wrong_port)
+        assert out.returncode == 1
     finally:
         st.stop()
