@@ -27,6 +27,10 @@ train: $(CHECKPOINT)/checkpoint.pt
 
 export: $(MODEL_DIR)/config.json
 
+# podman and what it needs to build and run the images here (see deploy/podman/)
+PODMAN_PACKAGES := podman runc mmdebstrap uidmap slirp4netns fuse-overlayfs containernetworking-plugins
+export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
+
 PORT ?= 50051
 METRICS_PORT ?= 8000
 
@@ -61,12 +65,20 @@ deploy-tools:
 	    apt-get install -y -qq --no-install-recommends $${tool##*:}) >/dev/null 2>&1 \
 	    || echo "$${tool##*:} could not be installed here: the tests that need $${tool%%:*} will be skipped"; }; \
 	done
+	@command -v podman >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $(PODMAN_PACKAGES)) >/dev/null 2>&1 \
+	    || echo "podman could not be installed here: the container tests will be skipped"; }
 
-# container images, where a container engine runs (see README, "Deploying")
 image: $(MODEL_DIR)/config.json
-	@docker info >/dev/null 2>&1 || { echo "make image needs a running container engine (docker)"; exit 1; }
-	docker build -f deploy/docker/Dockerfile.cpu --build-arg MODEL_DIR=$(MODEL_DIR) -t attnserve:cpu .
-	docker build -f deploy/docker/Dockerfile.cuda --build-arg MODEL_DIR=$(MODEL_DIR) -t attnserve:cuda .
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then engine=docker; \
+	elif command -v podman >/dev/null 2>&1; then engine="podman"; fmt="--format docker"; \
+	else echo "make image needs a container engine (docker or podman)"; exit 1; fi; \
+	for v in cpu cuda; do $$engine build $$fmt -f deploy/docker/Dockerfile.$$v --build-arg MODEL_DIR=$(MODEL_DIR) \
+	  -t attnserve:$$v . || exit 1; done
+
+# build the CPU image with podman and run it as an operator would (tests/deploy/test_container.py)
+image-test: install deploy-tools
+	$(BIN)/python -m pytest -m container -s -ra tests/deploy/test_container.py
 
 test: install deploy-tools
 	$(BIN)/python -m pytest

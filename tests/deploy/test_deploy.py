@@ -95,6 +95,31 @@ def test_kustomizations_build_and_validate_against_the_schemas(path: str) -> Non
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
+def _instructions(dockerfile: str) -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    text = (DEPLOY / "docker" / dockerfile).read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    return [i.strip() for i in "\n".join(lines).replace("\\\n", " ").splitlines() if i.strip()]
+
+
+def test_the_two_images_differ_only_in_their_base() -> None:
+    cpu, cuda = _instructions("Dockerfile.cpu"), _instructions("Dockerfile.cuda")
+    varying = ("ARG BASE=", "ARG ONNXRUNTIME=", "ARG DEVICE=", "ARG VARIANT=")
+    assert [i for i in cpu if not i.startswith(varying)] == [i for i in cuda if not i.startswith(varying)]
+    assert "ARG ONNXRUNTIME=onnxruntime" in cpu and "ARG ONNXRUNTIME=onnxruntime-gpu" in cuda
+
+
+def test_the_image_drains_within_a_plain_container_stop() -> None:
+    """docker stop and podman stop send SIGTERM and kill 10 s later unless told otherwise."""
+    env = {}
+    for instruction in _instructions("Dockerfile.cpu"):
+        if instruction.startswith("ENV "):
+            env.update(dict(pair.split("=", 1) for pair in instruction[4:].split()))
+    cfg = ServerConfig.from_sources(None, {k: v for k, v in env.items() if k.startswith("ATTNSERVE_") and "$" not in v})
+    assert cfg.drain_delay_seconds + cfg.grace_seconds < 10
+    assert "STOPSIGNAL SIGTERM" in _instructions("Dockerfile.cpu")
+
+
 def test_kserve_declares_the_v2_grpc_protocol() -> None:
     docs = list(yaml.safe_load_all((DEPLOY / "k8s/kserve/inferenceservice.yaml").read_text()))
     runtime = by_kind(docs, "ServingRuntime")
