@@ -83,9 +83,9 @@ def test_sigterm_under_mixed_load_loses_nothing(model_dir: Path, stopped_later: 
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     for first, s in zip(firsts, streams, strict=True):
-        rest = list(s)
-        assert rest[-1].finish_reason and rest[-1].usage.generated_tokens == 40
-        assert len(first.tokens) + sum(len(m.tokens) for m in rest) == 40
+        messages = [first, *s]  # a client that lags gets several tokens a message, maybe all in the first
+        assert messages[-1].finish_reason and messages[-1].usage.generated_tokens == 40
+        assert sum(len(m.tokens) for m in messages) == 40
     codes = Counter(code_of(f) for f in [*unary, *encodes, *maps])
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
     assert codes[grpc.StatusCode.OK] >= 1
