@@ -18,27 +18,18 @@ def start_server(
     With ``cpus``, the process and every thread it starts run on those cores only.
 
     Its stderr stays open for the caller (the rest of the log)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "--log-level",
-        "INFO",
-        "serve",
-        "--model-dir",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--device",
-        "cpu",
-        *flags,
-    ]
+    cmd = ["-m", "service.cli", "--log-level", "INFO", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+           "--port", "0", "--metrics-port", "-1", "--device", "cpu", *flags]  # fmt: skip
+    return launch(cmd, env=env, cpus=cpus)
+
+
+def launch(
+    args: list[str], env: dict[str, str] | None = None, cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """``python ARGS``, a server that logs "gRPC on HOST:PORT" and then "serving ..." on stderr;
+    returns once it serves, with its port."""
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
+    proc = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
     assert proc.stderr is not None
     port = 0
     for line in proc.stderr:

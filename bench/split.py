@@ -1,0 +1,354 @@
+"""``attnserve bench split``: the server's own cost, measured the way serving benchmarks are run on one host.
+
+The server is pinned to one core (``--intra-op-threads 1``) and the load generator to the other,
+so the load generator's Python does not take the server's CPU; the limit is measured in this
+process on the server's core with the same single thread. The share of that limit a server
+reaches is what its own machinery (gRPC, validation, tokenizing, queueing, response building)
+leaves to the model.
+
+1. The limit on the server's core: encode texts/s by batch size, and decode step time at batch
+   1 and 16 (16 streams' limit: 16 / step).
+2. Encode, 64-token texts, 32 concurrent, 1 and 8 texts a request, in interleaved rounds against
+   attnserve and against a plain peer (``bench.plain``: grpc.aio running the model per request),
+   both on the same core; the idle p50 of each; the server's CPU time per text.
+3. GenerateStream: 16 streams one token a message, 16 streams ``--stream-interval 4``, and one
+   stream (its inter-token latency against the batch-1 step).
+4. With ``--profile``: py-spy samples the server under the 1-text and the 16-stream loads; the
+   functions where its CPU goes, by own time and by time within them.
+
+A benchmark, not a test: it prints figures and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.encode import closed_loop as encode_loop
+from bench.encode import idle_latency, texts_of
+from bench.generate import NEW_TOKENS, prompts_of
+from bench.generate import closed_loop as generate_loop
+from bench.timing import launch
+from bench.transport import cpu_per_unit
+from export.timing import median_seconds
+from service.runtime import Runtime, RuntimeOptions
+
+SERVER_CORE, LOAD_CORE = 1, 0
+BUNDLED = 8
+GROUPED = 4
+
+
+def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any]:
+    """The runtime alone on the server's core, one intra-op thread, as the server runs it."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {SERVER_CORE})
+    try:
+        rt = Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1, spin=False))
+        by_batch, cpu_ms = {}, {}
+        for b in (1, 8, 16, 32):
+            ids = np.ones((b, tokens), np.int64)
+            mask = np.ones_like(ids)
+            rt.encode(ids, mask)
+            n, start, cpu = 0, time.perf_counter(), time.process_time()
+            while time.perf_counter() - start < seconds:
+                rt.encode(ids, mask)
+                n += 1
+            by_batch[b] = n * b / (time.perf_counter() - start)
+            cpu_ms[b] = (time.process_time() - cpu) / (n * b) * 1e3
+        one = np.ones((1, tokens), np.int64)
+        batch1 = statistics.median(_timed(lambda: rt.encode(one, np.ones_like(one)), 300))
+        steps = {}
+        for b in (1, 16):
+            cache = rt.new_cache(b)
+            tok = np.ones((b, 1), np.int64)
+
+            def step(cache: Any = cache, tok: np.ndarray = tok) -> None:
+                cache.lengths[:] = 64
+                rt.decode_step(cache, tok, tok)
+
+            steps[b] = median_seconds(step, runs=300)
+        texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
+        prompts = prompts_of(rt, 64, hi=min(64, rt.info.max_seq_len - NEW_TOKENS - 1))
+    finally:
+        os.sched_setaffinity(0, before)
+    best = max(by_batch, key=lambda k: by_batch[k])
+    return {
+        "encode_texts_per_second_by_batch": by_batch,
+        "encode_limit": by_batch[best],
+        "encode_best_batch": best,
+        "encode_cpu_ms_per_text": cpu_ms[best],
+        "encode_batch1_p50_ms": batch1 * 1e3,
+        "step_ms": {str(b): s * 1e3 for b, s in steps.items()},
+        "generate_limit_16": 16 / steps[16],
+        "texts": texts,
+        "prompts": prompts,
+    }
+
+
+def _timed(fn: Any, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+@contextmanager
+def pinned_server(cmd: list[str]) -> Iterator[tuple[str, int]]:
+    proc, port = launch(cmd, cpus={SERVER_CORE})
+    try:
+        yield f"127.0.0.1:{port}", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def attnserve_cmd(model_dir: Path, *flags: str) -> list[str]:
+    return ["-m", "service.cli", "--log-level", "INFO", "serve", "--model-dir", str(model_dir), "--host",
+            "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--device", "cpu", "--intra-op-threads", "1",
+            *flags]  # fmt: skip
+
+
+def plain_cmd(model_dir: Path) -> list[str]:
+    return ["-m", "bench.plain", "--model-dir", str(model_dir), "--intra-op-threads", "1"]
+
+
+def profile(pid: int, seconds: float, load: Any) -> dict[str, Any]:
+    """py-spy samples of the server (every thread, native frames left out) while ``load`` runs."""
+    local = Path(sys.executable).parent / "py-spy"
+    spy_bin = str(local) if local.exists() else shutil.which("py-spy")
+    if spy_bin is None:
+        load.close()
+        return {"error": "py-spy is not installed (the dev extra has it)"}
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        spy = subprocess.Popen(
+            [
+                spy_bin,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--output",
+                out.name,
+                "--nonblocking",
+                "--threads",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: os.sched_setaffinity(0, {LOAD_CORE}),
+        )
+        asyncio.run(load)
+        _, err = spy.communicate(timeout=seconds + 60)
+        text = Path(out.name).read_text()
+    if not text:
+        return {"error": err.decode()[-500:]}
+    return summarize(text)
+
+
+def summarize(folded: str, top: int = 12) -> dict[str, Any]:
+    """From py-spy's folded stacks: the share of samples per function, by own time and inclusive,
+    and per thread."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in folded.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread, frames = frames[0], frames[1:]
+        total += n
+        threads[_thread_name(thread)] += n
+        names = [_function(f) for f in frames]
+        if names:
+            own[names[-1]] += n
+        for name in set(names):
+            inclusive[name] += n
+    return {
+        "samples": total,
+        "own": [(name, n / total) for name, n in own.most_common(top)],
+        "inclusive": [(name, n / total) for name, n in inclusive.most_common(top)],
+        "threads": [(name, n / total) for name, n in threads.most_common(6)],
+    }
+
+
+def _function(frame: str) -> str:
+    """'handle (service/servicer.py:120)' -> 'servicer.handle'."""
+    name, _, where = frame.partition(" (")
+    path = where.split(":")[0]
+    module = Path(path).stem if path else "?"
+    return f"{module}.{name}"
+
+
+def _thread_name(frame: str) -> str:
+    name = frame.split("(")[0].strip().strip('"')
+    return name.rstrip("0123456789-_ ") or name
+
+
+def run(
+    model_dir: Path, seconds: float = 5.0, rounds: int = 3, concurrency: int = 32, with_profile: bool = False
+) -> dict[str, Any]:
+    os.sched_setaffinity(0, {LOAD_CORE})  # the load generator's core, and this process's from now on
+    limit = limit_on_core(model_dir, 64, min(2.0, seconds))
+    texts, prompts = limit.pop("texts"), limit.pop("prompts")
+    result: dict[str, Any] = {
+        "model": str(model_dir),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores; server on core {SERVER_CORE}, "
+        f"load on core {LOAD_CORE}",
+        "limit": limit,
+    }
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {"attnserve": {}, "plain": {}}
+    with (
+        pinned_server(attnserve_cmd(model_dir)) as (ours, our_pid),
+        pinned_server(plain_cmd(model_dir)) as (
+            peer,
+            peer_pid,
+        ),
+    ):
+        pids = {"attnserve": (ours, our_pid), "plain": (peer, peer_pid)}
+        for _ in range(rounds):
+            for name, (address, pid) in pids.items():
+                for k in (1, BUNDLED):
+                    load = encode_loop(address, texts, concurrency, seconds, k)
+                    measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
+                    runs[name].setdefault(str(k), []).append(measured)
+        for name, (address, _) in pids.items():
+            result.setdefault("idle", {})[name] = asyncio.run(idle_latency(address, texts[0]))
+        if with_profile:
+            result["profile_encode"] = profile(our_pid, seconds, encode_loop(ours, texts, concurrency, seconds, 1))
+        gen_seconds = 2 * seconds
+        result["generate"] = {
+            "16": asyncio.run(
+                cpu_per_unit(our_pid, generate_loop(ours, prompts, 16, gen_seconds), lambda r: r["tokens"])
+            ),
+            "1": asyncio.run(generate_loop(ours, prompts, 1, gen_seconds)),
+        }
+        if with_profile:
+            result["profile_generate"] = profile(our_pid, seconds, generate_loop(ours, prompts, 16, seconds))
+    with pinned_server(attnserve_cmd(model_dir, "--stream-interval", str(GROUPED))) as (address, pid):
+        result["generate"][f"16x{GROUPED}"] = asyncio.run(
+            cpu_per_unit(pid, generate_loop(address, prompts, 16, gen_seconds), lambda r: r["tokens"])
+        )
+    result["encode"] = {
+        name: {
+            k: {
+                "texts_per_second": statistics.median(r["load"]["texts_per_second"] for r in rs),
+                "rounds": [r["load"]["texts_per_second"] for r in rs],
+                "p50_ms": statistics.median(r["load"]["p50_ms"] for r in rs),
+                "p99_ms": statistics.median(r["load"]["p99_ms"] for r in rs),
+                "server_cpu_ms_per_text": statistics.median(r["server_cpu_ms"] for r in rs),
+                "client_cpu_ms_per_text": statistics.median(r["client_cpu_ms"] for r in rs),
+            }
+            for k, rs in by_k.items()
+        }
+        for name, by_k in runs.items()
+    }
+    enc, gen, lim = result["encode"], result["generate"], limit
+    result["summary"] = {
+        "encode_1_share": enc["attnserve"]["1"]["texts_per_second"] / lim["encode_limit"],
+        "encode_8_share": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
+        "plain_1_share": enc["plain"]["1"]["texts_per_second"] / lim["encode_limit"],
+        "plain_8_share": enc["plain"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
+        "encode_1_over_plain": enc["attnserve"]["1"]["texts_per_second"] / enc["plain"]["1"]["texts_per_second"],
+        "encode_8_over_plain": enc["attnserve"][str(BUNDLED)]["texts_per_second"]
+        / enc["plain"][str(BUNDLED)]["texts_per_second"],
+        "generate_16_share": gen["16"]["load"]["output_tokens_per_second"] / lim["generate_limit_16"],
+        "generate_16_grouped_share": gen[f"16x{GROUPED}"]["load"]["output_tokens_per_second"]
+        / lim["generate_limit_16"],
+        "single_stream_itl_minus_step_ms": gen["1"]["itl_p50_ms"] - lim["step_ms"]["1"],
+        "idle_p50_minus_batch1_ms": result["idle"]["attnserve"]["p50_ms"] - lim["encode_batch1_p50_ms"],
+        "plain_idle_p50_minus_batch1_ms": result["idle"]["plain"]["p50_ms"] - lim["encode_batch1_p50_ms"],
+        "encode_server_overhead_ms_per_text": enc["attnserve"]["1"]["server_cpu_ms_per_text"]
+        - lim["encode_cpu_ms_per_text"],
+        "generate_server_cpu_ms_per_token_16": gen["16"]["server_cpu_ms"],
+    }
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    lim, enc, gen, s = r["limit"], r["encode"], r["generate"], r["summary"]
+    lines = [
+        f"split: {r['machine']}",
+        f"limit on the server's core (1 thread): encode {lim['encode_limit']:.0f} texts/s at batch "
+        f"{lim['encode_best_batch']} (by batch: "
+        + ", ".join(f"{b}: {v:.0f}" for b, v in lim["encode_texts_per_second_by_batch"].items())
+        + f"), batch-1 {lim['encode_batch1_p50_ms']:.2f} ms; decode step {lim['step_ms']['1']:.3f} ms at batch 1, "
+        f"{lim['step_ms']['16']:.3f} ms at 16 (16 streams: {lim['generate_limit_16']:.0f} tokens/s)",
+        "",
+        f"{'encode, 64-token texts, 32 concurrent':<44}{'texts/s':>9}{'share':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'srv CPU/text':>14}",
+    ]
+    for name in ("attnserve", "plain"):
+        for k in ("1", str(BUNDLED)):
+            row = enc[name][k]
+            label = f"{name}, {k} text{'s' if k != '1' else ''} a request"
+            lines.append(
+                f"{label:<44}{row['texts_per_second']:>9.0f}"
+                f"{row['texts_per_second'] / lim['encode_limit'] * 100:>7.0f}%"
+                f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['server_cpu_ms_per_text']:>12.3f}ms"
+            )
+    lines += [
+        f"attnserve / plain: {s['encode_1_over_plain']:.2f}x at 1 text a request, {s['encode_8_over_plain']:.2f}x at "
+        f"{BUNDLED}; idle p50 - batch-1: attnserve {s['idle_p50_minus_batch1_ms']:+.2f} ms, plain "
+        f"{s['plain_idle_p50_minus_batch1_ms']:+.2f} ms",
+        f"model CPU per text {lim['encode_cpu_ms_per_text']:.3f} ms; attnserve's own, 1 text a request: "
+        f"{s['encode_server_overhead_ms_per_text']:.3f} ms",
+        "",
+        f"{'GenerateStream, 128 new tokens':<44}{'tokens/s':>9}{'share':>8}{'ITL p50':>9}{'ITL p99':>9}",
+    ]
+    for key, label in (
+        ("16", "16 streams, 1 token a message"),
+        (f"16x{GROUPED}", f"16 streams, --stream-interval {GROUPED}"),
+    ):
+        row = gen[key]["load"]
+        lines.append(
+            f"{label:<44}{row['output_tokens_per_second']:>9.0f}"
+            f"{row['output_tokens_per_second'] / lim['generate_limit_16'] * 100:>7.0f}%"
+            f"{row['itl_p50_ms']:>9.3f}{row['itl_p99_ms']:>9.3f}"
+        )
+    one = gen["1"]
+    lines.append(
+        f"{'1 stream':<44}{one['output_tokens_per_second']:>9.0f}{'':>8}"
+        f"{one['itl_p50_ms']:>9.3f}{one['itl_p99_ms']:>9.3f}"
+    )
+    lines.append(
+        f"single-stream ITL p50 - batch-1 step: {s['single_stream_itl_minus_step_ms']:+.3f} ms; "
+        f"server CPU per token at 16 streams {s['generate_server_cpu_ms_per_token_16']:.3f} ms "
+        f"(step / 16: {lim['step_ms']['16'] / 16:.3f} ms)"
+    )
+    for key, title in (("profile_encode", "encode, 1 text a request"), ("profile_generate", "16 streams")):
+        if key not in r:
+            continue
+        prof = r[key]
+        if "error" in prof:
+            lines.append(f"profile ({title}): {prof['error']}")
+            continue
+        lines.append("")
+        lines.append(f"where the server's CPU goes under {title} ({prof['samples']} samples; threads: "
+                     + ", ".join(f"{n} {v * 100:.0f}%" for n, v in prof["threads"]) + ")")  # fmt: skip
+        lines.append(f"  {'own time':<52}{'':>6}  {'inclusive':<52}")
+        for (a, va), (b, vb) in zip(prof["own"], prof["inclusive"], strict=False):
+            lines.append(f"  {a[:50]:<52}{va * 100:>5.1f}%  {b[:50]:<52}{vb * 100:>5.1f}%")
+    return "\n".join(lines)
