@@ -43,7 +43,7 @@ from bench.encode import idle_latency, texts_of
 from bench.generate import NEW_TOKENS, prompts_of
 from bench.generate import closed_loop as generate_loop
 from bench.timing import launch
-from bench.transport import cpu_per_unit
+from bench.transport import cpu_per_unit, floor_server
 from export.timing import median_seconds
 from service.runtime import Runtime, RuntimeOptions
 
@@ -96,6 +96,7 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
         "generate_limit_16": 16 / steps[16],
         "texts": texts,
         "prompts": prompts,
+        "dimensions": rt.info.d_model,
     }
 
 
@@ -212,7 +213,7 @@ def run(
 ) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CORE})  # the load generator's core, and this process's from now on
     limit = limit_on_core(model_dir, 64, min(2.0, seconds))
-    texts, prompts = limit.pop("texts"), limit.pop("prompts")
+    texts, prompts, dimensions = limit.pop("texts"), limit.pop("prompts"), limit.pop("dimensions")
     result: dict[str, Any] = {
         "model": str(model_dir),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores; server on core {SERVER_CORE}, "
@@ -247,6 +248,16 @@ def run(
         }
         if with_profile:
             result["profile_generate"] = profile(our_pid, seconds, generate_loop(ours, prompts, 16, seconds))
+    # gRPC alone on the server's core: the same loads against a server with no model behind it
+    result["floor"] = {}
+    for interval in (1, GROUPED):
+        with floor_server(dimensions, interval, cpus={SERVER_CORE}) as (address, pid):
+            if interval == 1:
+                for k in (1, BUNDLED):
+                    load = encode_loop(address, texts, concurrency, seconds, k)
+                    result["floor"][f"encode_{k}"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
+            load = generate_loop(address, prompts, 16, seconds)
+            result["floor"][f"generate_16x{interval}"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["tokens"]))
     with pinned_server(attnserve_cmd(model_dir, "--stream-interval", str(GROUPED))) as (address, pid):
         result["generate"][f"16x{GROUPED}"] = asyncio.run(
             cpu_per_unit(pid, generate_loop(address, prompts, 16, gen_seconds), lambda r: r["tokens"])
@@ -265,7 +276,7 @@ def run(
         }
         for name, by_k in runs.items()
     }
-    enc, gen, lim = result["encode"], result["generate"], limit
+    enc, gen, lim, fl = result["encode"], result["generate"], limit, result["floor"]
     result["summary"] = {
         "encode_1_share": enc["attnserve"]["1"]["texts_per_second"] / lim["encode_limit"],
         "encode_8_share": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
@@ -283,8 +294,26 @@ def run(
         "encode_server_overhead_ms_per_text": enc["attnserve"]["1"]["server_cpu_ms_per_text"]
         - lim["encode_cpu_ms_per_text"],
         "generate_server_cpu_ms_per_token_16": gen["16"]["server_cpu_ms"],
+        # the most one core allows when each unit costs the model's CPU and gRPC's alone (the floor)
+        "ceiling_encode_1": ceiling(
+            lim["encode_cpu_ms_per_text"], fl["encode_1"]["server_cpu_ms"], lim["encode_limit"]
+        ),
+        "ceiling_encode_8": ceiling(
+            lim["encode_cpu_ms_per_text"], fl[f"encode_{BUNDLED}"]["server_cpu_ms"], lim["encode_limit"]
+        ),
+        "ceiling_generate_16": ceiling(
+            lim["step_ms"]["16"] / 16, fl["generate_16x1"]["server_cpu_ms"], lim["generate_limit_16"]
+        ),
+        "ceiling_generate_16_grouped": ceiling(
+            lim["step_ms"]["16"] / 16, fl[f"generate_16x{GROUPED}"]["server_cpu_ms"], lim["generate_limit_16"]
+        ),
     }
     return result
+
+
+def ceiling(model_ms: float, grpc_ms: float, limit: float) -> float:
+    """The share of ``limit`` one core reaches when a unit costs ``model_ms`` plus ``grpc_ms`` of CPU."""
+    return min(1.0, 1e3 / (model_ms + grpc_ms) / limit)
 
 
 def table(r: dict[str, Any]) -> str:
@@ -338,6 +367,22 @@ def table(r: dict[str, Any]) -> str:
         f"server CPU per token at 16 streams {s['generate_server_cpu_ms_per_token_16']:.3f} ms "
         f"(step / 16: {lim['step_ms']['16'] / 16:.3f} ms)"
     )
+    fl = r["floor"]
+    lines += [
+        "",
+        "gRPC alone on the server's core (a server with no model): encode "
+        f"{fl['encode_1']['load']['texts_per_second']:.0f} texts/s at 1 a request "
+        f"({fl['encode_1']['server_cpu_ms']:.3f} ms CPU a text), "
+        f"{fl[f'encode_{BUNDLED}']['load']['texts_per_second']:.0f} at {BUNDLED} "
+        f"({fl[f'encode_{BUNDLED}']['server_cpu_ms']:.3f} ms); 16 streams "
+        f"{fl['generate_16x1']['load']['output_tokens_per_second']:.0f} tokens/s at 1 a message "
+        f"({fl['generate_16x1']['server_cpu_ms']:.3f} ms CPU a token), "
+        f"{fl[f'generate_16x{GROUPED}']['load']['output_tokens_per_second']:.0f} at {GROUPED} "
+        f"({fl[f'generate_16x{GROUPED}']['server_cpu_ms']:.3f} ms)",
+        f"so one core allows at most: encode {s['ceiling_encode_1'] * 100:.0f}% of the limit at 1 text a request, "
+        f"{s['ceiling_encode_8'] * 100:.0f}% at {BUNDLED}; 16 streams {s['ceiling_generate_16'] * 100:.0f}% at 1 token "
+        f"a message, {s['ceiling_generate_16_grouped'] * 100:.0f}% at {GROUPED}",
+    ]
     for key, title in (("profile_encode", "encode, 1 text a request"), ("profile_generate", "16 streams")):
         if key not in r:
             continue

@@ -71,11 +71,12 @@ async def serve(port: int, dimensions: int, stream_interval: int) -> None:
 
 
 @contextmanager
-def floor_server(dimensions: int, stream_interval: int = 1) -> Iterator[tuple[str, int]]:
-    """The no-model server in its own process; yields its address and pid."""
+def floor_server(dimensions: int, stream_interval: int = 1, cpus: set[int] | None = None) -> Iterator[tuple[str, int]]:
+    """The no-model server in its own process (on ``cpus`` only, if given); yields its address and pid."""
     cmd = [sys.executable, "-m", "bench.transport", "--port", "0", "--dimensions", str(dimensions)]
     cmd += ["--stream-interval", str(stream_interval)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
     try:
         assert proc.stderr is not None
         for line in proc.stderr:

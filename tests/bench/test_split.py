@@ -1,0 +1,62 @@
+"""The split benchmark's parts: the plain peer serves the same numbers, pinning holds, profiles parse."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from bench import split
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from tests.service.conftest import ServerThread, config
+
+TEXTS = ["the king speaks", "a", "my lord, what news from the field"]
+
+
+async def encode(address: str) -> pb.EncodeResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await pb_grpc.AttnServeStub(channel).Encode(pb.EncodeRequest(texts=TEXTS))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_the_plain_peer_serves_what_attnserve_does_on_the_core_it_is_given(model_dir: Path) -> None:
+    served = ServerThread(config(model_dir)).start()
+    try:
+        ours = served.stub().Encode(pb.EncodeRequest(texts=TEXTS))
+    finally:
+        served.stop()
+    with split.pinned_server(split.plain_cmd(model_dir)) as (address, pid):
+        assert os.sched_getaffinity(pid) == {split.SERVER_CORE}
+        threads = os.listdir(f"/proc/{pid}/task")
+        assert all(os.sched_getaffinity(int(t)) == {split.SERVER_CORE} for t in threads)
+        peer = asyncio.run(encode(address))
+    np.testing.assert_allclose(
+        [e.values for e in peer.embeddings], [e.values for e in ours.embeddings], rtol=1e-5, atol=1e-5
+    )
+    assert [e.token_count for e in peer.embeddings] == [e.token_count for e in ours.embeddings]
+
+
+def test_profile_summary_from_folded_stacks() -> None:
+    folded = "\n".join(
+        [
+            'thread (0x1) "MainThread";run (a/runner.py:10);handle (service/servicer.py:120) 6',
+            'thread (0x2) "batch-1";run (a/runner.py:10);encode (service/runtime.py:400) 3',
+            'thread (0x2) "batch-1";encode (service/runtime.py:400) 1',
+        ]
+    )
+    s = split.summarize(folded)
+    assert s["samples"] == 10
+    assert s["own"][0] == ("servicer.handle", 0.6)
+    assert dict(s["inclusive"])["runner.run"] == pytest.approx(0.9)
+    assert dict(s["inclusive"])["runtime.encode"] == pytest.approx(0.4)
+
+
+def test_ceiling_is_the_share_one_core_allows() -> None:
+    # 1 ms of model and 0.25 ms of gRPC a unit: 800 a second on one core, against a limit of 1000
+    assert split.ceiling(1.0, 0.25, 1000.0) == pytest.approx(0.8)
+    assert split.ceiling(1.0, 0.0, 500.0) == 1.0
