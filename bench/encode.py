@@ -57,9 +57,12 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": float(np.percentile(a, q)) for q in (50, 90, 99)}
 
 
-def in_process_limit(rt: Runtime, tokens: int, seconds: float) -> dict[str, Any]:
+def encode_rates(
+    rt: Runtime, tokens: int, seconds: float, batches: tuple[int, ...]
+) -> tuple[dict[int, float], dict[int, float]]:
+    """The runtime's encode throughput (texts/s) and CPU per text (ms, all threads) at each batch size."""
     by_batch, cpu_ms = {}, {}
-    for b in (1, 8, 16, 32, 64):
+    for b in batches:
         ids = np.ones((b, tokens), np.int64)
         mask = np.ones_like(ids)
         rt.encode(ids, mask)
@@ -69,6 +72,11 @@ def in_process_limit(rt: Runtime, tokens: int, seconds: float) -> dict[str, Any]
             n += 1
         by_batch[b] = n * b / (time.perf_counter() - start)
         cpu_ms[b] = (time.process_time() - cpu) / (n * b) * 1e3
+    return by_batch, cpu_ms
+
+
+def in_process_limit(rt: Runtime, tokens: int, seconds: float) -> dict[str, Any]:
+    by_batch, cpu_ms = encode_rates(rt, tokens, seconds, (1, 8, 16, 32, 64))
     best = max(by_batch, key=lambda k: by_batch[k])
     one = []
     ids1 = np.ones((1, tokens), np.int64)

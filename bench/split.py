@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench.encode import closed_loop as encode_loop
-from bench.encode import idle_latency, texts_of
+from bench.encode import encode_rates, idle_latency, texts_of
 from bench.generate import NEW_TOKENS, prompts_of
 from bench.generate import closed_loop as generate_loop
 from bench.timing import launch
@@ -58,17 +58,7 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
     os.sched_setaffinity(0, {SERVER_CORE})
     try:
         rt = Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1, spin=False))
-        by_batch, cpu_ms = {}, {}
-        for b in (1, 8, 16, 32):
-            ids = np.ones((b, tokens), np.int64)
-            mask = np.ones_like(ids)
-            rt.encode(ids, mask)
-            n, start, cpu = 0, time.perf_counter(), time.process_time()
-            while time.perf_counter() - start < seconds:
-                rt.encode(ids, mask)
-                n += 1
-            by_batch[b] = n * b / (time.perf_counter() - start)
-            cpu_ms[b] = (time.process_time() - cpu) / (n * b) * 1e3
+        by_batch, cpu_ms = encode_rates(rt, tokens, seconds, (1, 8, 16, 32))
         one = np.ones((1, tokens), np.int64)
         batch1 = statistics.median(_timed(lambda: rt.encode(one, np.ones_like(one)), 300))
         steps = {}

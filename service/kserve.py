@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,11 +34,9 @@ import numpy as np
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from service.errors import InvalidInput, ModelNotReady, NotFound, status_for
+from service.errors import InvalidInput, ModelNotReady, NotFound
 from service.scheduler import Done, Token
 from service.servicer import AttnServeServicer, _version
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ENCODE, GENERATE, ATTENTION = "attnserve-encode", "attnserve-generate", "attnserve-attention"
@@ -310,9 +307,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as e:
-                code, message = status_for(e)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("ModelStreamInfer failed")
+                code, message = self.native.failure("ModelStreamInfer", e)
                 error = v2.ModelInferResponse(model_name=request.model_name, id=request.id)
                 await queue.put(v2.ModelStreamInferResponse(error_message=message, infer_response=error))
             finally:

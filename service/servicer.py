@@ -94,9 +94,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         try:
             result = await handler()
         except Exception as e:
-            code, message = status_for(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", rpc)
+            code, message = self.failure(rpc, e)
             self._observe(rpc, code, start)  # before answering, so a client that reads metrics next sees it
             await context.abort(code, message)
             raise  # abort raises; this line is for type checkers
@@ -105,6 +103,14 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             raise
         self._observe(rpc, grpc.StatusCode.OK, start)
         return result
+
+    @staticmethod
+    def failure(rpc: str, e: Exception) -> tuple[grpc.StatusCode, str]:
+        """What the client is told of an exception; one of the server's own is logged, with its trace."""
+        code, message = status_for(e)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", rpc)
+        return code, message
 
     def _observe(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
         self.metrics.requests.labels(rpc, code.name).inc()
@@ -396,9 +402,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:
-            code, message = status_for(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("GenerateStream failed")
+            code, message = self.failure("GenerateStream", e)
             self._observe("GenerateStream", code, start)
             await context.abort(code, message)
             raise
