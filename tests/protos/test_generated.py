@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
-PROTO = "protos/attnserve/v1/attnserve.proto"
-GENERATED = ("attnserve_pb2.py", "attnserve_pb2.pyi", "attnserve_pb2_grpc.py")
+PROTOS = ("protos/attnserve/v1/attnserve.proto", "protos/inference/grpc_predict_v2.proto")
 
 
-def test_generated_code_is_current(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proto", PROTOS)
+def test_generated_code_is_current(tmp_path: Path, proto: str) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -21,13 +23,14 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
         f"--python_out={tmp_path}",
         f"--pyi_out={tmp_path}",
         f"--grpc_python_out={tmp_path}",
-        PROTO,
+        proto,
     ]
     subprocess.run(cmd, cwd=ROOT, check=True)
-    for name in GENERATED:
-        fresh = (tmp_path / "protos/attnserve/v1" / name).read_text()
-        committed = (ROOT / "protos/attnserve/v1" / name).read_text()
-        assert fresh == committed, f"{name} is stale: run `make protos`"
+    stem = proto.removesuffix(".proto")
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+        fresh = (tmp_path / (stem + suffix)).read_text()
+        committed = (ROOT / (stem + suffix)).read_text()
+        assert fresh == committed, f"{stem + suffix} is stale: run `make protos`"
 
 
 def test_service_has_every_rpc() -> None:
