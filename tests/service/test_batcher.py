@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.batcher import Batcher, BatchLimits
+from service.engine import Engine
 from service.errors import DeadlineExceeded, Overloaded
 from service.metrics import Metrics
+from service.runtime import Runtime, RuntimeOptions
 
 POISON = 666  # a request of this value makes its whole batch fail
 
@@ -281,3 +285,17 @@ def test_stop_waits_for_every_batch_in_flight() -> None:
         assert [int(f.result().value[0]) for f in futs] == [2 * v for v in range(5)]
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_batches_in_flight_are_at_most_the_cores_the_process_may_use(model_dir: Path) -> None:
+    runtime = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})  # this thread, as a server pinned to one core
+        one = Engine(runtime, BatchLimits(max_in_flight=2), Metrics())
+    finally:
+        os.sched_setaffinity(0, before)
+    assert one.encoder.limits.max_in_flight == one.attender.limits.max_in_flight == 1
+    if len(before) >= 2:
+        assert Engine(runtime, BatchLimits(max_in_flight=2), Metrics()).encoder.limits.max_in_flight == 2
