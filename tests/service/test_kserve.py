@@ -35,8 +35,8 @@ def v2_stub(served: ServerThread) -> v2_grpc.GRPCInferenceServiceStub:
     return v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served.address))
 
 
-def text_input(texts: list[str], raw: bool = True, shape: list[int] | None = None) -> dict[str, Any]:
-    tensor = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=shape or [len(texts)])
+def text_input(texts: list[str], raw: bool = True) -> dict[str, Any]:
+    tensor = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[len(texts)])
     encoded = [t.encode() for t in texts]
     if raw:
         return {"inputs": [tensor], "raw_input_contents": [join_bytes(encoded)]}
@@ -169,20 +169,17 @@ def test_empty_final_response_when_asked(v2_stub: v2_grpc.GRPCInferenceServiceSt
 
 
 def bad(request: v2.ModelInferRequest, **changes: Any) -> v2.ModelInferRequest:
+    """A copy of request with its raw contents or its first input's scalar fields replaced."""
     request = v2.ModelInferRequest.FromString(request.SerializeToString())
     for key, value in changes.items():
         if key == "raw":
             del request.raw_input_contents[:]
             request.raw_input_contents.extend(value)
+        elif key == "shape":
+            del request.inputs[0].shape[:]
+            request.inputs[0].shape.extend(value)
         else:
-            setattr(request.inputs[0], key, value) if key != "shape" else request.inputs[0].shape.extend(value)
-    return request
-
-
-def wrong_shape() -> v2.ModelInferRequest:
-    request = infer("attnserve-encode", TEXTS)
-    del request.inputs[0].shape[:]
-    request.inputs[0].shape.extend([2])
+            setattr(request.inputs[0], key, value)
     return request
 
 
@@ -194,7 +191,7 @@ def cases() -> Iterator[tuple[str, v2.ModelInferRequest, grpc.StatusCode, str]]:
     yield "unknown version", wrong_version, grpc.StatusCode.NOT_FOUND, "model_version:"
     yield "wrong datatype", bad(ok, datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].datatype:"
     yield "wrong name", bad(ok, name="INPUT0"), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].name:"
-    yield "shape and contents disagree", wrong_shape(), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]:"
+    yield "shape and contents disagree", bad(ok, shape=[2]), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]:"
     missing = v2.ModelInferRequest(model_name="attnserve-encode")
     yield "missing input", missing, grpc.StatusCode.INVALID_ARGUMENT, "inputs:"
     truncated = bad(ok, raw=[struct.pack("<I", 50) + b"short"])
