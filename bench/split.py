@@ -6,8 +6,11 @@ process on the server's core with the same single thread. The share of that limi
 reaches is what its own machinery (gRPC, validation, tokenizing, queueing, response building)
 leaves to the model.
 
-1. The limit on the server's core: encode texts/s by batch size, and decode step time at batch
-   1 and 16 (16 streams' limit: 16 / step).
+1. The limit on the server's core: encode texts/s by batch size; for generation, the real
+   scheduler runs the streaming load in this process with the model's calls timed, so the limit
+   is the model's own CPU per token on that load (a decode step's cost grows with the tokens
+   cached, 0.46 ms at 8 to 1.39 ms at 250 for 16 rows here: a step at one fixed length would
+   misstate it), and what the scheduler alone makes of it, without gRPC.
 2. Encode, 64-token texts, 32 concurrent, 1 and 8 texts a request, in interleaved rounds against
    attnserve and against a plain peer (``bench.plain``: grpc.aio running the model per request),
    both on the same core; the idle p50 of each; the server's CPU time per text.
@@ -73,6 +76,7 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
             steps[b] = median_seconds(step, runs=300)
         texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
         prompts = prompts_of(rt, 64, hi=min(64, rt.info.max_seq_len - NEW_TOKENS - 1))
+        generation = {str(n): asyncio.run(generation_in_process(rt, prompts, n, 2 * seconds)) for n in (1, 16)}
     finally:
         os.sched_setaffinity(0, before)
     best = max(by_batch, key=lambda k: by_batch[k])
@@ -82,11 +86,77 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
         "encode_best_batch": best,
         "encode_cpu_ms_per_text": cpu_ms[best],
         "encode_batch1_p50_ms": batch1 * 1e3,
-        "step_ms": {str(b): s * 1e3 for b, s in steps.items()},
-        "generate_limit_16": 16 / steps[16],
+        "step_at_64_ms": {str(b): s * 1e3 for b, s in steps.items()},
+        "generation": generation,
+        # the model's own time per token on the 16-stream load, and its batch-1 step on the 1-stream load
+        "generate_limit_16": generation["16"]["limit_tokens_per_second"],
+        "step_ms": {"1": generation["1"]["step_p50_ms"], "16": generation["16"]["step_p50_ms"]},
         "texts": texts,
         "prompts": prompts,
         "dimensions": rt.info.d_model,
+    }
+
+
+async def generation_in_process(rt: Runtime, prompts: list[str], streams: int, seconds: float) -> dict[str, Any]:
+    """The real scheduler on the streaming load (``streams`` closed loops, the requests ``bench.generate``
+    sends), in this process, with the model's calls timed by the CPU time of the thread that makes them.
+    The limit is what the model alone allows on this load: generated tokens / the model's CPU time."""
+    from service.metrics import Metrics
+    from service.sampling import SamplingParams
+    from service.scheduler import GenerationLimits, Scheduler
+
+    model = {"prefill": 0.0, "decode_step": 0.0}
+    steps: list[float] = []
+    real_prefill, real_step = rt.prefill, rt.decode_step
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        t = time.thread_time()
+        try:
+            return real_prefill(*args, **kwargs)
+        finally:
+            model["prefill"] += time.thread_time() - t
+
+    def decode_step(*args: Any, **kwargs: Any) -> Any:
+        t = time.thread_time()
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            steps.append(time.thread_time() - t)
+
+    ids = [rt.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    rt.prefill, rt.decode_step = prefill, decode_step  # type: ignore[method-assign]
+    scheduler = Scheduler(rt, GenerationLimits(max_new_tokens=NEW_TOKENS), Metrics())
+    scheduler.start()
+    tokens = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def stream(i: int) -> None:
+        nonlocal tokens
+        k = i
+        while time.perf_counter() < stop_at:
+            params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.8, top_k=40, seed=k)
+            async for group in scheduler.generate(ids[k % len(ids)], params, None):
+                tokens += sum(1 for e in group if getattr(e, "id", -1) >= 0)
+            k += streams
+
+    try:
+        start, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(stream(i) for i in range(streams)))
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        await scheduler.stop()
+        del rt.prefill, rt.decode_step  # the class's own methods again
+    model["decode_step"] = sum(steps)
+    model_seconds = sum(model.values())
+    return {
+        "streams": streams,
+        "tokens": tokens,
+        "limit_tokens_per_second": tokens / model_seconds,
+        "scheduler_tokens_per_second": tokens / elapsed,
+        "model_cpu_ms_per_token": model_seconds / tokens * 1e3,
+        "prefill_share": model["prefill"] / model_seconds,
+        "step_p50_ms": statistics.median(steps) * 1e3,
+        "cpu_ms_per_token": cpu / tokens * 1e3,
     }
 
 
@@ -267,6 +337,7 @@ def run(
         for name, by_k in runs.items()
     }
     enc, gen, lim, fl = result["encode"], result["generate"], limit, result["floor"]
+    model_ms_per_token = lim["generation"]["16"]["model_cpu_ms_per_token"]
     result["summary"] = {
         "encode_1_share": enc["attnserve"]["1"]["texts_per_second"] / lim["encode_limit"],
         "encode_8_share": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
@@ -292,11 +363,13 @@ def run(
             lim["encode_cpu_ms_per_text"], fl[f"encode_{BUNDLED}"]["server_cpu_ms"], lim["encode_limit"]
         ),
         "ceiling_generate_16": ceiling(
-            lim["step_ms"]["16"] / 16, fl["generate_16x1"]["server_cpu_ms"], lim["generate_limit_16"]
+            model_ms_per_token, fl["generate_16x1"]["server_cpu_ms"], lim["generate_limit_16"]
         ),
         "ceiling_generate_16_grouped": ceiling(
-            lim["step_ms"]["16"] / 16, fl[f"generate_16x{GROUPED}"]["server_cpu_ms"], lim["generate_limit_16"]
+            model_ms_per_token, fl[f"generate_16x{GROUPED}"]["server_cpu_ms"], lim["generate_limit_16"]
         ),
+        "scheduler_in_process_share": lim["generation"]["16"]["scheduler_tokens_per_second"]
+        / lim["generate_limit_16"],
     }
     return result
 
@@ -308,13 +381,20 @@ def ceiling(model_ms: float, grpc_ms: float, limit: float) -> float:
 
 def table(r: dict[str, Any]) -> str:
     lim, enc, gen, s = r["limit"], r["encode"], r["generate"], r["summary"]
+    g16 = lim["generation"]["16"]
     lines = [
         f"split: {r['machine']}",
         f"limit on the server's core (1 thread): encode {lim['encode_limit']:.0f} texts/s at batch "
         f"{lim['encode_best_batch']} (by batch: "
         + ", ".join(f"{b}: {v:.0f}" for b, v in lim["encode_texts_per_second_by_batch"].items())
-        + f"), batch-1 {lim['encode_batch1_p50_ms']:.2f} ms; decode step {lim['step_ms']['1']:.3f} ms at batch 1, "
-        f"{lim['step_ms']['16']:.3f} ms at 16 (16 streams: {lim['generate_limit_16']:.0f} tokens/s)",
+        + f"), batch-1 {lim['encode_batch1_p50_ms']:.2f} ms",
+        f"generation on the server's core, the streaming load run by the scheduler in process: the model takes "
+        f"{g16['model_cpu_ms_per_token']:.3f} ms of CPU a token at 16 streams ({g16['prefill_share'] * 100:.0f}% of "
+        f"it prefill; step p50 {g16['step_p50_ms']:.3f} ms, {lim['step_at_64_ms']['16']:.3f} ms with 64 tokens "
+        f"cached), so 16 streams' limit is {lim['generate_limit_16']:.0f} tokens/s; one stream's step p50 "
+        f"{lim['step_ms']['1']:.3f} ms ({lim['step_at_64_ms']['1']:.3f} ms with 64 cached); the scheduler alone, "
+        f"without gRPC, makes {g16['scheduler_tokens_per_second']:.0f} tokens/s "
+        f"({s['scheduler_in_process_share'] * 100:.0f}%)",
         "",
         f"{'encode, 64-token texts, 32 concurrent':<44}{'texts/s':>9}{'share':>8}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'srv CPU/text':>14}",
@@ -355,7 +435,7 @@ def table(r: dict[str, Any]) -> str:
     lines.append(
         f"single-stream ITL p50 - batch-1 step: {s['single_stream_itl_minus_step_ms']:+.3f} ms; "
         f"server CPU per token at 16 streams {s['generate_server_cpu_ms_per_token_16']:.3f} ms "
-        f"(step / 16: {lim['step_ms']['16'] / 16:.3f} ms)"
+        f"(the model's: {g16['model_cpu_ms_per_token']:.3f} ms)"
     )
     fl = r["floor"]
     lines += [

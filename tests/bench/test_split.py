@@ -60,3 +60,18 @@ def test_ceiling_is_the_share_one_core_allows() -> None:
     # 1 ms of model and 0.25 ms of gRPC a unit: 800 a second on one core, against a limit of 1000
     assert split.ceiling(1.0, 0.25, 1000.0) == pytest.approx(0.8)
     assert split.ceiling(1.0, 0.0, 500.0) == 1.0
+
+
+def test_generation_limit_is_the_models_own_time_on_the_streaming_load(model_dir: Path) -> None:
+    from service.runtime import Runtime, RuntimeOptions
+
+    rt = Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1))
+    prompts = ["the king", "my lord, what news", "a"]
+    r = asyncio.run(split.generation_in_process(rt, prompts, 4, 0.5))
+    assert r["tokens"] > 0
+    # the model's time is part of the scheduler's, so the limit is above what the scheduler makes
+    assert r["limit_tokens_per_second"] > r["scheduler_tokens_per_second"] > 0
+    assert 0 < r["prefill_share"] < 1 and r["step_p50_ms"] > 0
+    assert r["cpu_ms_per_token"] > r["model_cpu_ms_per_token"] > 0
+    # the runtime is left as it was: its own methods, not the timed ones
+    assert "decode_step" not in vars(rt) and "prefill" not in vars(rt)
