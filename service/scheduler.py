@@ -110,7 +110,10 @@ class Sequence:
     params: SamplingParams
     rng: np.random.Generator
     deadline: float | None
-    events: asyncio.Queue[Event | BaseException] = field(default_factory=asyncio.Queue)
+    # what the loop has handed over and the caller has not yet taken (event loop thread only), and
+    # the future the caller waits on while there is nothing: one wake-up a step, not one an event
+    inbox: list[Event | BaseException] = field(default_factory=list)
+    waiter: asyncio.Future[None] | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0
     first_token_at: float = 0.0
@@ -193,11 +196,16 @@ class Scheduler:
             self.waiting.append(seq)
             self.metrics.gen_waiting.set(len(self.waiting))
         self._wake.set()
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                group = [await seq.events.get()]
-                while not seq.events.empty():
-                    group.append(seq.events.get_nowait())
+                if not seq.inbox:
+                    seq.waiter = loop.create_future()
+                    try:
+                        await seq.waiter
+                    finally:
+                        seq.waiter = None
+                group, seq.inbox = seq.inbox, []
                 for event in group:
                     if isinstance(event, BaseException):
                         raise event
@@ -208,9 +216,12 @@ class Scheduler:
             seq.cancelled = True  # no-op once done; otherwise the loop drops it before the next step
             self._wake.set()
 
-    def _deliver(self, outbox: list[tuple[Sequence, Event | BaseException]]) -> None:
+    @staticmethod
+    def _deliver(outbox: list[tuple[Sequence, Event | BaseException]]) -> None:
         for seq, event in outbox:
-            seq.events.put_nowait(event)
+            seq.inbox.append(event)
+            if seq.waiter is not None and not seq.waiter.done():
+                seq.waiter.set_result(None)
 
     # --- the loop (its own thread) -------------------------------------------------------------
 
