@@ -335,14 +335,16 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         return self.scheduler
 
     @staticmethod
-    def _token(t: Token, token_text: list[str]) -> pb.GeneratedToken:
-        return pb.GeneratedToken(
-            token_id=t.id,
-            text=t.text,
-            logprob=t.logprob,
-            top_logprobs=[pb.TokenLogprob(token_id=i, text=token_text[i], logprob=lp) for i, lp in t.top],
-            attention=[pb.LayerAttention(layer=layer, positions=pos, weights=w) for layer, pos, w in t.attention],
-        )
+    def _token(t: Token, token_text: list[str], into: Any) -> None:
+        """Add t to ``into`` (a repeated GeneratedToken field), built in place: the bare token in one
+        call, its alternatives and attention only where it has them (this runs for every token)."""
+        out = into.add(token_id=t.id, text=t.text, logprob=t.logprob)
+        if t.top:
+            out.top_logprobs.extend(pb.TokenLogprob(token_id=i, text=token_text[i], logprob=lp) for i, lp in t.top)
+        if t.attention:
+            out.attention.extend(
+                pb.LayerAttention(layer=layer, positions=pos, weights=w) for layer, pos, w in t.attention
+            )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def handle() -> pb.GenerateResponse:
@@ -350,21 +352,21 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             ids, params = await self._generation(request)
             scheduler = self._scheduler()
             token_text = self._engine().token_text
-            tokens = []
+            reply = pb.GenerateResponse()
             async for group in scheduler.generate(ids, params, self._deadline(context), stream=False):
                 for event in group:
                     if isinstance(event, Token):
                         if event.id >= 0:
-                            tokens.append(self._token(event, token_text))
+                            self._token(event, token_text, reply.tokens)
                         continue
-                    return pb.GenerateResponse(
-                        text=event.text,
-                        tokens=tokens,
-                        finish_reason=FINISH[event.finish],
-                        usage=pb.Usage(prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens),
-                        timings=pb.Timings(queue_seconds=event.queue_seconds, total_seconds=time.monotonic() - start),
-                        time_to_first_token_seconds=event.time_to_first_token,
-                    )
+                    reply.text = event.text
+                    reply.finish_reason = FINISH[event.finish]
+                    reply.usage.prompt_tokens = event.prompt_tokens
+                    reply.usage.generated_tokens = event.generated_tokens
+                    reply.timings.queue_seconds = event.queue_seconds
+                    reply.timings.total_seconds = time.monotonic() - start
+                    reply.time_to_first_token_seconds = event.time_to_first_token
+                    return reply
             raise RuntimeError("generation ended without a result")
 
         return await self._call("Generate", context, handle)
@@ -392,7 +394,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     if isinstance(event, Token):
                         msg.text += event.text
                         if event.id >= 0:
-                            msg.tokens.append(self._token(event, token_text))
+                            self._token(event, token_text, msg.tokens)
                     else:
                         msg.finish_reason = FINISH[event.finish]
                         msg.usage.prompt_tokens = event.prompt_tokens
