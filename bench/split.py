@@ -368,8 +368,7 @@ def run(
         "ceiling_generate_16_grouped": ceiling(
             model_ms_per_token, fl[f"generate_16x{GROUPED}"]["server_cpu_ms"], lim["generate_limit_16"]
         ),
-        "scheduler_in_process_share": lim["generation"]["16"]["scheduler_tokens_per_second"]
-        / lim["generate_limit_16"],
+        "scheduler_in_process_share": lim["generation"]["16"]["scheduler_tokens_per_second"] / lim["generate_limit_16"],
     }
     return result
 
