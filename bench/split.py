@@ -48,7 +48,10 @@ from bench.generate import closed_loop as generate_loop
 from bench.timing import launch
 from bench.transport import cpu_per_unit, floor_server
 from export.timing import median_seconds
+from service.metrics import Metrics
 from service.runtime import Runtime, RuntimeOptions
+from service.sampling import SamplingParams
+from service.scheduler import GenerationLimits, Scheduler
 
 SERVER_CORE, LOAD_CORE = 1, 0
 BUNDLED = 8
@@ -63,7 +66,7 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
         rt = Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1, spin=False))
         by_batch, cpu_ms = encode_rates(rt, tokens, seconds, (1, 8, 16, 32))
         one = np.ones((1, tokens), np.int64)
-        batch1 = statistics.median(_timed(lambda: rt.encode(one, np.ones_like(one)), 300))
+        batch1 = median_seconds(lambda: rt.encode(one, np.ones_like(one)), runs=300, warmup=0)
         steps = {}
         for b in (1, 16):
             cache = rt.new_cache(b)
@@ -90,7 +93,6 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
         "generation": generation,
         # the model's own time per token on the 16-stream load, and its batch-1 step on the 1-stream load
         "generate_limit_16": generation["16"]["limit_tokens_per_second"],
-        "step_ms": {"1": generation["1"]["step_p50_ms"], "16": generation["16"]["step_p50_ms"]},
         "texts": texts,
         "prompts": prompts,
         "dimensions": rt.info.d_model,
@@ -101,30 +103,22 @@ async def generation_in_process(rt: Runtime, prompts: list[str], streams: int, s
     """The real scheduler on the streaming load (``streams`` closed loops, the requests ``bench.generate``
     sends), in this process, with the model's calls timed by the CPU time of the thread that makes them.
     The limit is what the model alone allows on this load: generated tokens / the model's CPU time."""
-    from service.metrics import Metrics
-    from service.sampling import SamplingParams
-    from service.scheduler import GenerationLimits, Scheduler
+    calls: dict[str, list[float]] = {"prefill": [], "decode_step": []}  # CPU seconds of each call
 
-    model = {"prefill": 0.0, "decode_step": 0.0}
-    steps: list[float] = []
-    real_prefill, real_step = rt.prefill, rt.decode_step
+    def timed(name: str) -> Any:
+        real = getattr(rt, name)
 
-    def prefill(*args: Any, **kwargs: Any) -> Any:
-        t = time.thread_time()
-        try:
-            return real_prefill(*args, **kwargs)
-        finally:
-            model["prefill"] += time.thread_time() - t
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                calls[name].append(time.thread_time() - t)
 
-    def decode_step(*args: Any, **kwargs: Any) -> Any:
-        t = time.thread_time()
-        try:
-            return real_step(*args, **kwargs)
-        finally:
-            steps.append(time.thread_time() - t)
+        return call
 
     ids = [rt.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-    rt.prefill, rt.decode_step = prefill, decode_step  # type: ignore[method-assign]
+    rt.prefill, rt.decode_step = timed("prefill"), timed("decode_step")  # type: ignore[method-assign]
     scheduler = Scheduler(rt, GenerationLimits(max_new_tokens=NEW_TOKENS), Metrics())
     scheduler.start()
     tokens = 0
@@ -146,27 +140,18 @@ async def generation_in_process(rt: Runtime, prompts: list[str], streams: int, s
     finally:
         await scheduler.stop()
         del rt.prefill, rt.decode_step  # the class's own methods again
-    model["decode_step"] = sum(steps)
-    model_seconds = sum(model.values())
+    prefill_seconds = sum(calls["prefill"])
+    model_seconds = prefill_seconds + sum(calls["decode_step"])
     return {
         "streams": streams,
         "tokens": tokens,
         "limit_tokens_per_second": tokens / model_seconds,
         "scheduler_tokens_per_second": tokens / elapsed,
         "model_cpu_ms_per_token": model_seconds / tokens * 1e3,
-        "prefill_share": model["prefill"] / model_seconds,
-        "step_p50_ms": statistics.median(steps) * 1e3,
+        "prefill_share": prefill_seconds / model_seconds,
+        "step_p50_ms": statistics.median(calls["decode_step"]) * 1e3,
         "cpu_ms_per_token": cpu / tokens * 1e3,
     }
-
-
-def _timed(fn: Any, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 @contextmanager
@@ -349,7 +334,7 @@ def run(
         "generate_16_share": gen["16"]["load"]["output_tokens_per_second"] / lim["generate_limit_16"],
         "generate_16_grouped_share": gen[f"16x{GROUPED}"]["load"]["output_tokens_per_second"]
         / lim["generate_limit_16"],
-        "single_stream_itl_minus_step_ms": gen["1"]["itl_p50_ms"] - lim["step_ms"]["1"],
+        "single_stream_itl_minus_step_ms": gen["1"]["itl_p50_ms"] - lim["generation"]["1"]["step_p50_ms"],
         "idle_p50_minus_batch1_ms": result["idle"]["attnserve"]["p50_ms"] - lim["encode_batch1_p50_ms"],
         "plain_idle_p50_minus_batch1_ms": result["idle"]["plain"]["p50_ms"] - lim["encode_batch1_p50_ms"],
         "encode_server_overhead_ms_per_text": enc["attnserve"]["1"]["server_cpu_ms_per_text"]
@@ -391,8 +376,8 @@ def table(r: dict[str, Any]) -> str:
         f"{g16['model_cpu_ms_per_token']:.3f} ms of CPU a token at 16 streams ({g16['prefill_share'] * 100:.0f}% of "
         f"it prefill; step p50 {g16['step_p50_ms']:.3f} ms, {lim['step_at_64_ms']['16']:.3f} ms with 64 tokens "
         f"cached), so 16 streams' limit is {lim['generate_limit_16']:.0f} tokens/s; one stream's step p50 "
-        f"{lim['step_ms']['1']:.3f} ms ({lim['step_at_64_ms']['1']:.3f} ms with 64 cached); the scheduler alone, "
-        f"without gRPC, makes {g16['scheduler_tokens_per_second']:.0f} tokens/s "
+        f"{lim['generation']['1']['step_p50_ms']:.3f} ms ({lim['step_at_64_ms']['1']:.3f} ms with 64 cached); "
+        f"the scheduler alone, without gRPC, makes {g16['scheduler_tokens_per_second']:.0f} tokens/s "
         f"({s['scheduler_in_process_share'] * 100:.0f}%)",
         "",
         f"{'encode, 64-token texts, 32 concurrent':<44}{'texts/s':>9}{'share':>8}{'p50 ms':>9}{'p99 ms':>9}"

@@ -61,6 +61,10 @@ PARAMETERS: dict[str, dict[str, str]] = {
 }
 
 
+# the InferParameter field that holds a value of each Python type, in responses
+PARAMETER_FIELD = {bool: "bool_param", int: "int64_param", str: "string_param", float: "double_param"}
+
+
 @dataclass(frozen=True)
 class Tensor:
     name: str
@@ -372,8 +376,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         def response(**parameters: Any) -> v2.ModelInferResponse:
             r = v2.ModelInferResponse(model_name=model, model_version=version, id=request.id)
             for key, value in parameters.items():
-                field = {bool: "bool_param", int: "int64_param", str: "string_param", float: "double_param"}
-                setattr(r.parameters[key], field[type(value)], value)
+                setattr(r.parameters[key], PARAMETER_FIELD[type(value)], value)
             return r
 
         if model == ENCODE:
