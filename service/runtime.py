@@ -449,16 +449,17 @@ class Runtime:
         One-token steps on a host cache run the decoder_step graph where it is loaded (``fused``
         False runs the decoder graph instead, as export's parity check does for both)."""
         if fused and input_ids.shape[1] == 1 and STEP_GRAPH in self.sessions and not isinstance(cache, DeviceKVCache):
-            counts = cache.check_room(new_mask)
             k = len(new_mask)
+            lengths = cache.lengths[:k]
             # the fused graph writes a key and value in every row, even one sitting this step out:
-            # a full slot has no room for that write, so such a step takes the decoder graph
-            if k and int(cache.lengths[:k].max()) < cache.max_len:
+            # a full slot has no room for that write, so such a step takes the decoder graph (which
+            # checks for room); with every slot short of full, each has room for its one new token
+            if k and int(lengths.max()) < cache.max_len:
                 b = self._step_binding(cache, k)
                 b.input_ids[:] = input_ids
-                b.past_lengths[:] = cache.lengths[:k]
+                b.past_lengths[:] = lengths
                 self.sessions[STEP_GRAPH].run_with_iobinding(b.io)
-                cache.lengths[:k] += counts
+                lengths += new_mask[:, 0]
                 return b.logits.copy()  # the bound array is overwritten by the next step
         return self._step(cache, input_ids, new_mask, "decoder")[0]
 

@@ -299,22 +299,25 @@ class Scheduler:
 
     def _drop_gone(self) -> None:
         now = time.monotonic()
-        for seq in list(self.waiting):
-            if seq.cancelled or (seq.deadline is not None and now >= seq.deadline):
-                self.waiting.remove(seq)
-                if seq.cancelled:
-                    self._end(seq, Finish.CANCELLED)
-                else:
-                    self._end(seq, Finish.DEADLINE, DeadlineExceeded("deadline passed before generation began"))
+        gone = [seq for seq in self.waiting if seq.cancelled or (seq.deadline is not None and now >= seq.deadline)]
+        for seq in gone:
+            self.waiting.remove(seq)
+            if seq.cancelled:
+                self._end(seq, Finish.CANCELLED)
+            else:
+                self._end(seq, Finish.DEADLINE, DeadlineExceeded("deadline passed before generation began"))
+        if gone:
+            self.metrics.gen_waiting.set(len(self.waiting))
         for seq in list(self.running.values()):
             if seq.cancelled or (seq.deadline is not None and now >= seq.deadline):
                 if seq.cancelled:
                     self._retire(seq, Finish.CANCELLED)
                 else:
                     self._retire(seq, Finish.DEADLINE, DeadlineExceeded("deadline passed during generation"))
-        self.metrics.gen_waiting.set(len(self.waiting))
 
     def _admit(self) -> list[Sequence]:
+        if not self.waiting:  # the common case between steps: nothing to do, no gauge changes
+            return []
         admitted = []
         reserved = sum(s.reserved for s in self.running.values())
         while self.waiting and len(self.running) < self.limits.max_running:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from service.sampling import SamplingParams, choose, choose_batch
+from service.sampling import SamplingParams, choose, choose_batch, kept, sample_row, sample_rows
 
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))
 
@@ -59,6 +59,39 @@ def test_a_batch_picks_what_each_row_would() -> None:
     batch = choose_batch(logits, params, seen, [np.random.default_rng(i) for i in range(6)])
     rows = [choose(logits[i], params[i], np.asarray(seen[i], np.int64), np.random.default_rng(i)) for i in range(6)]
     assert batch == rows
+
+
+def test_top_k_keeps_exactly_k_with_ties_lowest_index_first() -> None:
+    z = np.array([1.0, 3.0, 2.0, 2.0, 2.0, 0.0], np.float32)
+    assert kept(z, 3).tolist() == [1, 2, 3]
+    assert kept(z, 1).tolist() == [1]
+    assert kept(z, 0) is None and kept(z, 6) is None
+    with_nan = np.array([np.nan, 1.0, np.nan, 0.5], np.float32)
+    assert kept(with_nan, 2).tolist() == [1, 3]
+
+
+def test_a_batch_samples_each_row_as_it_would_alone() -> None:
+    """The batched arithmetic equals the one-row path, seed for seed, with and without ties at the
+    k-th value (which send the batch row by row)."""
+    rng = np.random.default_rng(2)
+    for trial in range(60):
+        n = [2, 5, 16][trial % 3]
+        z = (rng.standard_normal((n, 300)) * 3).astype(np.float32)
+        if trial % 4 == 0:
+            z = np.round(z)  # many ties
+        for temperature, top_k in ((0.8, 40), (1.0, 0), (0.3, 1), (1.7, 299)):
+            batch = sample_rows(z, temperature, top_k, [np.random.default_rng(trial * 50 + i) for i in range(n)])
+            alone = [sample_row(z[i], temperature, top_k, np.random.default_rng(trial * 50 + i)) for i in range(n)]
+            assert batch == alone
+
+
+def test_rows_of_nan_still_give_a_token_of_the_vocabulary() -> None:
+    z = np.random.default_rng(3).standard_normal((6, 50)).astype(np.float32)
+    z[1] = np.nan
+    z[2, :45] = np.nan  # fewer real values than top_k
+    picks = sample_rows(z, 1.0, 10, [np.random.default_rng(i) for i in range(6)])
+    assert all(0 <= t < 50 for t in picks)
+    assert picks[2] >= 45
 
 
 def test_parameter_problems_name_the_field() -> None:
