@@ -6,9 +6,10 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
 * ``admit()`` refuses at once, before any work is spent on a request, what would not fit the
   queue or could not run before its deadline given the work queued ahead of it (estimated
   from the time recent batches took per token). ``enqueue()`` queues all of a request's
-  sequences in one synchronous step, or none of them; ``wait()`` awaits their results.
-  A caller that goes away takes its entries out of the queue at once, so cancelled calls
-  never hold places that live ones are refused for.
+  sequences in one synchronous step, or none of them; ``wait()`` awaits their results, which
+  come back together on one future a request (not one a sequence: each future costs the event
+  loop a callback). A caller that goes away takes its entries out of the queue at once, so
+  cancelled calls never hold places that live ones are refused for.
 * The collector waits for a first request, then fills the batch up to ``max_batch_size``
   requests and ``max_batch_tokens`` padded tokens, or until ``max_queue_delay`` has passed
   since that first request. With the default delay of 0 it takes what is queued the moment
@@ -70,12 +71,25 @@ class BatchLimits:
 
 
 @dataclass
-class Pending:
-    ids: np.ndarray  # (T,) int64 token ids
-    future: asyncio.Future[Any]
+class Call:
+    """One request's sequences, answered together on one future once the last of them is computed."""
+
+    future: asyncio.Future[None]
     enqueued_at: float
     deadline: float | None  # time.monotonic() value, or None for no deadline
-    started_at: float = 0.0
+    results: list[Any]  # each sequence's result, in the request's order
+    left: int  # sequences not yet computed
+    started_at: float = 0.0  # when the last batch holding one of its sequences started
+    compute_seconds: float = 0.0  # the longest of those batches
+
+
+@dataclass
+class Pending:
+    """One sequence in the queue."""
+
+    ids: np.ndarray  # (T,) int64 token ids
+    call: Call
+    index: int  # its place among the call's sequences
     queued: bool = True  # until taken into a batch or dropped
 
 
@@ -108,6 +122,15 @@ class Batcher:
     # seconds of model time per token, from recent batches (shared among the batches that ran together):
     # what the queue ahead of a new request will cost. 0 until a batch has run: nothing is shed before.
     _seconds_per_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        # this graph's series, looked up once rather than on every request
+        self._depth = self.metrics.queue_depth.labels(self.name)
+        self._queue_seconds = self.metrics.queue_seconds.labels(self.name)
+        self._batch_size = self.metrics.batch_size.labels(self.name)
+        self._batch_tokens = self.metrics.batch_tokens.labels(self.name)
+        self._compute_seconds = self.metrics.compute_seconds.labels(self.name)
+        self._token_count = self.metrics.tokens.labels(self.name)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
@@ -156,35 +179,44 @@ class Batcher:
         if self._tokens + tokens > self.limits.max_queue_tokens:
             self.metrics.dropped.labels(self.name, "queue_full").inc(len(seqs))
             raise Overloaded(f"{self.name} queue is full ({self._tokens} tokens waiting); retry later")
-        loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        items = []
         for ids in seqs:
             if not 0 < len(ids) <= self.max_len:  # the servicer bounds inputs; this is a defect, not a client error
                 raise ValueError(f"{len(ids)} tokens; the servicer must bound inputs to 1..{self.max_len}")
-            item = Pending(ids, loop.create_future(), now, deadline)
-            item.future.add_done_callback(functools.partial(self._forget, item))
-            items.append(item)
+        n = len(seqs)
+        call = Call(asyncio.get_running_loop().create_future(), time.monotonic(), deadline, [None] * n, n)
+        items = [Pending(ids, call, i) for i, ids in enumerate(seqs)]
+        if not items:
+            call.future.set_result(None)
+            return items
+        call.future.add_done_callback(functools.partial(self._forget, items))
         self._queue.extend(items)
         self._tokens += tokens
-        self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+        self._depth.set(len(self._queue))
         self._wake.set()
         return items
 
     async def wait(self, items: Sequence[Pending]) -> list[Result[Any]]:
-        """The results of enqueued items. Cancelled here when the caller goes away: its items leave the queue."""
-        values = await asyncio.gather(*(p.future for p in items))
-        return [Result(v, p.started_at - p.enqueued_at, c) for p, (v, c) in zip(items, values, strict=True)]
+        """The results of enqueued items (one request's). Cancelled here when the caller goes away: its
+        items leave the queue."""
+        if not items:
+            return []
+        call = items[0].call
+        await call.future
+        queued = call.started_at - call.enqueued_at
+        return [Result(v, queued, call.compute_seconds) for v in call.results]
 
     async def submit(self, ids: np.ndarray, deadline: float | None = None) -> Result[Any]:
         self.admit(1, deadline)
         return (await self.wait(self.enqueue([ids], deadline)))[0]
 
-    def _forget(self, item: Pending, fut: asyncio.Future[Any]) -> None:
-        """A queued item whose caller went away leaves the queue now, not at the next batch."""
-        if fut.cancelled() and item.queued:
-            self._unqueue([item])
-            self.metrics.dropped.labels(self.name, "cancelled").inc()
+    def _forget(self, items: list[Pending], fut: asyncio.Future[None]) -> None:
+        """A request answered before all of its sequences ran (its caller went away, or one of its batches
+        failed) takes the rest out of the queue now, not at the next batch."""
+        left = [p for p in items if p.queued]
+        if left:
+            self._unqueue(left)
+            if fut.cancelled():
+                self.metrics.dropped.labels(self.name, "cancelled").inc(len(left))
 
     def _unqueue(self, items: Sequence[Pending]) -> None:
         gone = {id(p) for p in items}
@@ -192,7 +224,7 @@ class Batcher:
         for p in items:
             p.queued = False
             self._tokens -= len(p.ids)
-        self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+        self._depth.set(len(self._queue))
 
     # --- the collector ---------------------------------------------------------------------
 
@@ -206,7 +238,7 @@ class Batcher:
             first = self._queue[0]
             # fill until full, or until the oldest request has waited max_queue_delay
             while not self._closed and not self._full():
-                remaining = first.enqueued_at + self.limits.max_queue_delay_s - time.monotonic()
+                remaining = first.call.enqueued_at + self.limits.max_queue_delay_s - time.monotonic()
                 if remaining <= 0:
                     break
                 self._wake.clear()
@@ -243,17 +275,18 @@ class Batcher:
         """The oldest live request, then the live ones closest to it in length, within both budgets.
         Requests whose deadline has passed fail here, before the model sees them."""
         now = time.monotonic()
-        expired = [p for p in self._queue if p.deadline is not None and now >= p.deadline]
+        expired = [p for p in self._queue if p.call.deadline is not None and now >= p.call.deadline]
         if expired:
             self._unqueue(expired)
             self.metrics.dropped.labels(self.name, "deadline").inc(len(expired))
-            for p in expired:
-                p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+            for call in {id(p.call): p.call for p in expired}.values():
+                if not call.future.done():
+                    call.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
         live = self._queue
         if not live:
             return []
         first, rest = live[0], live[1:]
-        rest_by_fit = sorted(rest, key=lambda p: (abs(len(p.ids) - len(first.ids)), p.enqueued_at))
+        rest_by_fit = sorted(rest, key=lambda p: (abs(len(p.ids) - len(first.ids)), p.call.enqueued_at))
         batch = [first]
         longest = len(first.ids)
         for p in rest_by_fit:
@@ -271,10 +304,10 @@ class Batcher:
         start = time.monotonic()
         sharing = len(self._running)  # batches running beside this one, itself included (it is added first)
         for p in batch:
-            p.started_at = start
-            self.metrics.queue_seconds.labels(self.name).observe(start - p.enqueued_at)
-        self.metrics.batch_size.labels(self.name).observe(len(batch))
-        self.metrics.batch_tokens.labels(self.name).observe(self._padded(batch))
+            p.call.started_at = start
+            self._queue_seconds.observe(start - p.call.enqueued_at)
+        self._batch_size.observe(len(batch))
+        self._batch_tokens.observe(self._padded(batch))
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self.run_batch, [p.ids for p in batch]
@@ -283,15 +316,22 @@ class Batcher:
                 raise RuntimeError(f"{self.name}: {len(results)} results for a batch of {len(batch)}")
         except Exception as e:
             log.exception("%s batch of %d failed", self.name, len(batch))
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(e)
+            for call in {id(p.call): p.call for p in batch}.values():
+                if not call.future.done():
+                    call.future.set_exception(e)
             return
         compute = time.monotonic() - start
-        per_token = compute / max(1, sharing) / sum(len(p.ids) for p in batch)
+        tokens = sum(len(p.ids) for p in batch)
+        per_token = compute / max(1, sharing) / tokens
         self._seconds_per_token += 0.2 * (per_token - self._seconds_per_token) if self._seconds_per_token else per_token
-        self.metrics.compute_seconds.labels(self.name).observe(compute)
-        self.metrics.tokens.labels(self.name).inc(sum(len(p.ids) for p in batch))
+        self._compute_seconds.observe(compute)
+        self._token_count.inc(tokens)
         for p, r in zip(batch, results, strict=True):
-            if not p.future.done():
-                p.future.set_result((r, compute))
+            call = p.call
+            if call.future.done():  # its caller went away, or another of its batches failed
+                continue
+            call.results[p.index] = r
+            call.compute_seconds = max(call.compute_seconds, compute)
+            call.left -= 1
+            if not call.left:
+                call.future.set_result(None)

@@ -204,6 +204,36 @@ def test_a_request_of_several_texts_is_queued_whole_or_not_at_all() -> None:
     asyncio.run(main())
 
 
+def test_a_request_split_across_batches_is_answered_once_in_order() -> None:
+    """A request of more texts than a batch holds runs in several batches and gets every result, in
+    its order, on one answer; a request that fails in one of its batches takes the rest of its
+    texts out of the queue and fails alone."""
+
+    async def main() -> None:
+        model = FakeModel()
+        b = make(model, max_batch_size=2, max_in_flight=1)
+        model.gate.clear()
+        b.start()
+        blocker = asyncio.ensure_future(b.submit(ids(1, 9)))
+        await until(lambda: len(model.entered) == 1)  # the model is busy: what follows queues up
+        big = b.enqueue([ids(3, v) for v in range(4)], None)  # two whole batches
+        poisoned = b.enqueue([ids(3, POISON)] + [ids(3, 7)] * 3, None)
+        other = asyncio.ensure_future(b.submit(ids(3, 4)))
+        results = asyncio.ensure_future(b.wait(big))
+        failed = asyncio.ensure_future(b.wait(poisoned))
+        model.gate.set()
+        assert [int(r.value[0]) for r in await results] == [0, 2, 4, 6]
+        with pytest.raises(RuntimeError, match="poison"):
+            await failed
+        assert int((await other).value[0]) == 8 and int((await blocker).value[0]) == 18
+        ran = sum(model.batches, [])
+        assert len(ran) == 1 + 4 + 2 + 1  # the poisoned request's last two texts never ran
+        assert b.depth == 0 and b.expected_wait() >= 0
+        await b.stop()
+
+    asyncio.run(main())
+
+
 async def until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
     stop_at = time.monotonic() + seconds
     while not condition():

@@ -136,7 +136,9 @@ def test_generate_equals_the_native_rpc(served: ServerThread, v2_stub: v2_grpc.G
     # streamed: one response per token group, concatenating to the same text, the last one final
     stream = list(v2_stub.ModelStreamInfer(iter([infer("attnserve-generate", ["ROMEO:"], **params)])))
     assert not any(r.error_message for r in stream)
-    assert 2 <= len(stream) <= native.usage.generated_tokens  # a group holds more than one token if the client lags
+    # a group holds more than one token if the client lags: on a loaded machine a short generation
+    # can be done before the first group is sent, and then comes as one response
+    assert 1 <= len(stream) <= native.usage.generated_tokens
     finals = [r.infer_response.parameters["triton_final_response"].bool_param for r in stream]
     assert finals == [False] * (len(stream) - 1) + [True]
     assert b"".join(output(r.infer_response, "TEXT")[0] for r in stream).decode() == native.text
