@@ -14,8 +14,6 @@ Reports throughput and latency p50/p90/p99 as a table and JSON. A benchmark, not
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import random
 import statistics
 import time
@@ -25,7 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.timing import server_process
+from bench.timing import machine, server_process
 from bench.transport import ceiling_share, cpu_per_unit, floor_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
@@ -183,7 +181,7 @@ def run(model_dir: Path, tokens: int = 64, concurrency: int = 32, seconds: float
     del rt
     result: dict[str, Any] = {
         "model": str(model_dir),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "tokens_per_text": tokens,
         "in_process": limit,
     }

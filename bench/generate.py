@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import grpc
 import numpy as np
 
 from bench.encode import WORDS
-from bench.timing import server_process
+from bench.timing import machine, server_process
 from bench.transport import ceiling_share, cpu_per_unit, floor_server
 from export.timing import median_seconds
 from protos.attnserve.v1 import attnserve_pb2 as pb
@@ -176,7 +174,7 @@ def run(model_dir: Path, seconds: float = 15.0) -> dict[str, Any]:
     prompts = prompts_of(rt, 64, hi=min(64, rt.info.max_seq_len - NEW_TOKENS - 1))
     result: dict[str, Any] = {
         "model": str(model_dir),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "new_tokens": NEW_TOKENS,
         "in_process": in_process(rt),
     }

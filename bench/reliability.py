@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import platform
 import random
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import grpc
 
 from bench.encode import percentiles, texts_of
-from bench.timing import start_server
+from bench.timing import machine, start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.runtime import Runtime, RuntimeOptions
@@ -241,7 +240,7 @@ def run(
     soak_seconds: float = 600.0,
 ) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CPU})  # the load generator's core; the server gets the other
-    result: dict[str, Any] = {"model": str(model_dir), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    result: dict[str, Any] = {"model": str(model_dir), "machine": machine()}
     if part in ("all", "overload"):
         result["overload"] = overload(model_dir, seconds, overload_factor, texts_per_request, deadline)
     if part in ("all", "soak"):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.timing import machine
 from export.timing import median_seconds
 from service.runtime import Runtime, RuntimeOptions
 
@@ -87,7 +87,7 @@ def run(model_dir: Path, checkpoint: Path | None, seconds: float = 1.0) -> dict[
             rows[name]["pytorch eager"] = median_seconds(fn, runs=10, min_seconds=seconds, warmup=3) * 1e3
     return {
         "model": f"{config['name']} {config['version']}",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "machine": machine(),
         "unit": "ms (median)",
         "rows": rows,
     }

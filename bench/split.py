@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ from bench.encode import closed_loop as encode_loop
 from bench.encode import encode_rates, idle_latency, texts_of
 from bench.generate import NEW_TOKENS, prompts_of
 from bench.generate import closed_loop as generate_loop
-from bench.timing import launch
+from bench.timing import launch, machine
 from bench.transport import cpu_per_unit, floor_server
 from export.timing import median_seconds
 from service.metrics import Metrics
@@ -261,8 +260,7 @@ def run(
     texts, prompts, dimensions = limit.pop("texts"), limit.pop("prompts"), limit.pop("dimensions")
     result: dict[str, Any] = {
         "model": str(model_dir),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores; server on core {SERVER_CORE}, "
-        f"load on core {LOAD_CORE}",
+        "machine": f"{machine()}; server on core {SERVER_CORE}, load on core {LOAD_CORE}",
         "limit": limit,
     }
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {"attnserve": {}, "plain": {}}

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def machine() -> str:
+    """What the figures were measured on: architecture, cores and the processor's model name."""
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores, {name or 'cpu'}"
 
 
 def start_server(

@@ -226,7 +226,7 @@ def test_a_request_split_across_batches_is_answered_once_in_order() -> None:
         with pytest.raises(RuntimeError, match="poison"):
             await failed
         assert int((await other).value[0]) == 8 and int((await blocker).value[0]) == 18
-        ran = sum(model.batches, [])
+        ran = [n for batch in model.batches for n in batch]
         assert len(ran) == 1 + 4 + 2 + 1  # the poisoned request's last two texts never ran
         assert b.depth == 0 and b.expected_wait() >= 0
         await b.stop()
