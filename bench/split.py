@@ -33,8 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from bench.encode import closed_loop as encode_loop
 from bench.encode import encode_rates, idle_latency, texts_of
 from bench.generate import NEW_TOKENS, prompts_of
 from bench.generate import closed_loop as generate_loop
-from bench.timing import launch, machine
+from bench.timing import machine, running, serve_args
 from bench.transport import cpu_per_unit, floor_server
 from export.timing import median_seconds
 from service.metrics import Metrics
@@ -153,20 +152,13 @@ async def generation_in_process(rt: Runtime, prompts: list[str], streams: int, s
     }
 
 
-@contextmanager
-def pinned_server(cmd: list[str]) -> Iterator[tuple[str, int]]:
-    proc, port = launch(cmd, cpus={SERVER_CORE})
-    try:
-        yield f"127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def pinned_server(cmd: list[str]) -> AbstractContextManager[tuple[str, int]]:
+    """A server on the server's core for the length of a with-block: its address and pid."""
+    return running(cmd, cpus={SERVER_CORE})
 
 
 def attnserve_cmd(model_dir: Path, *flags: str) -> list[str]:
-    return ["-m", "service.cli", "--log-level", "INFO", "serve", "--model-dir", str(model_dir), "--host",
-            "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--device", "cpu", "--intra-op-threads", "1",
-            *flags]  # fmt: skip
+    return serve_args(model_dir, "--intra-op-threads", "1", *flags)
 
 
 def plain_cmd(model_dir: Path) -> list[str]:

@@ -30,9 +30,13 @@ def start_server(
     With ``cpus``, the process and every thread it starts run on those cores only.
 
     Its stderr stays open for the caller (the rest of the log)."""
-    cmd = ["-m", "service.cli", "--log-level", "INFO", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "-1", "--device", "cpu", *flags]  # fmt: skip
-    return launch(cmd, env=env, cpus=cpus)
+    return launch(serve_args(model_dir, *flags), env=env, cpus=cpus)
+
+
+def serve_args(model_dir: Path, *flags: str) -> list[str]:
+    """The arguments to python of ``attnserve serve`` on a free loopback port, on the CPU, no metrics port."""
+    return ["-m", "service.cli", "--log-level", "INFO", "serve", "--model-dir", str(model_dir), "--host",
+            "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--device", "cpu", *flags]  # fmt: skip
 
 
 def launch(
@@ -54,11 +58,18 @@ def launch(
 
 
 @contextmanager
-def server_process(model_dir: Path, *flags: str, cpus: set[int] | None = None) -> Iterator[str]:
-    """A server for the length of a with-block; yields its address and stops it with SIGTERM."""
-    proc, port = start_server(model_dir, *flags, cpus=cpus)
+def running(args: list[str], cpus: set[int] | None = None) -> Iterator[tuple[str, int]]:
+    """``launch(args)`` for the length of a with-block; yields its address and pid, and stops it with SIGTERM."""
+    proc, port = launch(args, cpus=cpus)
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextmanager
+def server_process(model_dir: Path, *flags: str, cpus: set[int] | None = None) -> Iterator[str]:
+    """An attnserve server for the length of a with-block; yields its address."""
+    with running(serve_args(model_dir, *flags), cpus) as (address, _):
+        yield address

@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager, suppress
 from typing import Any
 
 import grpc
 
+from bench.timing import running
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 
@@ -65,29 +64,18 @@ async def serve(port: int, dimensions: int, stream_interval: int) -> None:
     pb_grpc.add_AttnServeServicer_to_server(FloorServicer(dimensions, stream_interval), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    sys.stderr.write(f"floor server on 127.0.0.1:{bound}\n")
+    sys.stderr.write(f"gRPC on 127.0.0.1:{bound}\nserving the floor server\n")
     sys.stderr.flush()
     await server.wait_for_termination()
 
 
-@contextmanager
-def floor_server(dimensions: int, stream_interval: int = 1, cpus: set[int] | None = None) -> Iterator[tuple[str, int]]:
-    """The no-model server in its own process (on ``cpus`` only, if given); yields its address and pid."""
-    cmd = [sys.executable, "-m", "bench.transport", "--port", "0", "--dimensions", str(dimensions)]
-    cmd += ["--stream-interval", str(stream_interval)]
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if m := re.search(r"floor server on (\S+)", line):
-                yield m.group(1), proc.pid
-                break
-        else:
-            raise RuntimeError(f"the floor server did not start (exit {proc.wait(10)})")
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def floor_server(
+    dimensions: int, stream_interval: int = 1, cpus: set[int] | None = None
+) -> AbstractContextManager[tuple[str, int]]:
+    """The no-model server in its own process (on ``cpus`` only, if given) for the length of a
+    with-block; yields its address and pid."""
+    args = ["-m", "bench.transport", "--port", "0", "--dimensions", str(dimensions)]
+    return running([*args, "--stream-interval", str(stream_interval)], cpus)
 
 
 def process_cpu_seconds(pid: int) -> float:

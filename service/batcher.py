@@ -185,9 +185,6 @@ class Batcher:
         n = len(seqs)
         call = Call(asyncio.get_running_loop().create_future(), time.monotonic(), deadline, [None] * n, n)
         items = [Pending(ids, call, i) for i, ids in enumerate(seqs)]
-        if not items:
-            call.future.set_result(None)
-            return items
         call.future.add_done_callback(functools.partial(self._forget, items))
         self._queue.extend(items)
         self._tokens += tokens
@@ -225,6 +222,13 @@ class Batcher:
             p.queued = False
             self._tokens -= len(p.ids)
         self._depth.set(len(self._queue))
+
+    @staticmethod
+    def _fail(items: Sequence[Pending], error: BaseException) -> None:
+        """Answer with error each request that these items belong to, unless it is answered already."""
+        for call in {id(p.call): p.call for p in items}.values():
+            if not call.future.done():
+                call.future.set_exception(error)
 
     # --- the collector ---------------------------------------------------------------------
 
@@ -279,9 +283,7 @@ class Batcher:
         if expired:
             self._unqueue(expired)
             self.metrics.dropped.labels(self.name, "deadline").inc(len(expired))
-            for call in {id(p.call): p.call for p in expired}.values():
-                if not call.future.done():
-                    call.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+            self._fail(expired, DeadlineExceeded("deadline passed while the request was queued"))
         live = self._queue
         if not live:
             return []
@@ -316,9 +318,7 @@ class Batcher:
                 raise RuntimeError(f"{self.name}: {len(results)} results for a batch of {len(batch)}")
         except Exception as e:
             log.exception("%s batch of %d failed", self.name, len(batch))
-            for call in {id(p.call): p.call for p in batch}.values():
-                if not call.future.done():
-                    call.future.set_exception(e)
+            self._fail(batch, e)
             return
         compute = time.monotonic() - start
         tokens = sum(len(p.ids) for p in batch)

@@ -59,6 +59,17 @@ PARAMETERS: dict[str, dict[str, str]] = {
     },
     ATTENTION: {"truncation": "str"},
 }
+# the InferParameter fields that may hold a value of each kind, and how the kind is named to a client
+KIND_FIELDS = {
+    "bool": ("bool_param",),
+    "str": ("string_param",),
+    "int": ("int64_param", "uint64_param"),
+    "float": ("double_param", "int64_param", "uint64_param"),
+}
+KIND_NAMES = {"bool": "a bool", "str": "a string", "int": "an integer", "float": "a number"}
+
+# "error" (the default, as natively): input over the context is refused; "end": it is cut at the end
+TRUNCATION: dict[str, Any] = {"error": pb.TRUNCATION_ERROR, "none": pb.TRUNCATION_ERROR, "end": pb.TRUNCATION_END}
 
 
 # the InferParameter field that holds a value of each Python type, in responses
@@ -159,15 +170,8 @@ def read_parameters(request: v2.ModelInferRequest, model: str) -> dict[str, Any]
             raise InvalidInput(f"parameters.{key}: {model} has no such parameter; it takes {', '.join(kinds)}")
         which = param.WhichOneof("parameter_choice")
         value = getattr(param, which) if which else None
-        ok = {
-            "bool": which == "bool_param",
-            "str": which == "string_param",
-            "int": which in ("int64_param", "uint64_param"),
-            "float": which in ("double_param", "int64_param", "uint64_param"),
-        }[kind]
-        if not ok:
-            want = {"bool": "a bool", "str": "a string", "int": "an integer", "float": "a number"}[kind]
-            raise InvalidInput(f"parameters.{key}: {want} is expected, not {which or 'nothing'}")
+        if which not in KIND_FIELDS[kind]:
+            raise InvalidInput(f"parameters.{key}: {KIND_NAMES[kind]} is expected, not {which or 'nothing'}")
         out[key] = value
     return out
 
@@ -419,10 +423,6 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             if empty_final:
                 yield response(triton_final_response=True)
             return
-
-
-# "error" (the default, as natively): input over the context is refused; "end": it is cut at the end
-TRUNCATION: dict[str, Any] = {"error": pb.TRUNCATION_ERROR, "none": pb.TRUNCATION_ERROR, "end": pb.TRUNCATION_END}
 
 
 def generate_request(prompt: str, params: dict[str, Any]) -> pb.GenerateRequest:

@@ -119,22 +119,27 @@ def sample_row(z: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
     return pick if idx is None else int(idx[pick])
 
 
+def kept_rows(z: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``kept`` for every row of z (n, V) at once: the kept indices and their logits, each (n, top_k);
+    None where some row keeps more or fewer than top_k (ties at its k-th value, or NaNs)."""
+    n, V = z.shape
+    keep = z >= np.partition(z, V - top_k, axis=1)[:, V - top_k, None]
+    flat = np.flatnonzero(keep)  # ascending: row by row, each row's in vocabulary order
+    starts = np.arange(0, n * V, V)
+    if len(flat) != n * top_k or (flat[::top_k] < starts).any() or (flat[top_k - 1 :: top_k] >= starts + V).any():
+        return None
+    return flat.reshape(n, top_k) - starts[:, None], z[keep].reshape(n, top_k)
+
+
 def sample_rows(z: np.ndarray, temperature: float, top_k: int, rngs: list[np.random.Generator]) -> list[int]:
     """``sample_row`` for each row of logits z (n, V), under one temperature and top-k: the same
     arithmetic on the whole batch at once, so each row's token is the one it would get alone."""
     n, V = z.shape
-    if n <= ROW_BY_ROW:
+    limited = 0 < top_k < V
+    picked = kept_rows(z, top_k) if limited and n > ROW_BY_ROW else None
+    if n <= ROW_BY_ROW or (limited and picked is None):
         return [sample_row(row, temperature, top_k, rng) for row, rng in zip(z, rngs, strict=True)]
-    idx = None
-    if 0 < top_k < V:
-        keep = z >= np.partition(z, V - top_k, axis=1)[:, V - top_k, None]
-        flat = np.flatnonzero(keep)  # ascending: row by row, each row's in vocabulary order
-        starts = np.arange(0, n * V, V)
-        if len(flat) != n * top_k or (flat[::top_k] < starts).any() or (flat[top_k - 1 :: top_k] >= starts + V).any():
-            # some row keeps more or fewer than top_k: ties at its k-th value, or NaNs
-            return [sample_row(row, temperature, top_k, rng) for row, rng in zip(z, rngs, strict=True)]
-        idx = flat.reshape(n, top_k) - starts[:, None]
-        z = z[keep].reshape(n, top_k)
+    idx, z = picked if picked is not None else (None, z)
     # in place on one float64 copy: this runs every decode step, and each numpy call costs microseconds
     cum = z.astype(np.float64)
     cum /= temperature
