@@ -1,17 +1,26 @@
 """Choosing the next token from logits: repetition penalty, temperature, top-k, top-p.
 
 Plain numpy over one sequence's logits, with the sequence's own random generator, so a
-seeded request gives the same text whatever else shares its batch.
+seeded request gives the same text whatever else shares its batch. A generator is anything
+with ``random()``: the scheduler gives each sequence a ``random.Random``, whose draw costs a
+tenth of a numpy Generator's (it runs once a token).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 MAX_STOP_SEQUENCES = 8
+
+
+class Uniform(Protocol):
+    """A random generator: ``random.Random`` or ``numpy.random.Generator``."""
+
+    def random(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
 
 
-def choose(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator) -> int:
+def choose(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: Uniform) -> int:
     """The next token. logits (V,); seen: ids already in the sequence (for the repetition penalty)."""
     z = logits
     if params.repetition_penalty != 1.0 and len(seen):
@@ -93,7 +102,7 @@ def kept(z: np.ndarray, top_k: int) -> np.ndarray | None:
     if not 0 < top_k < V:
         return None
     kth = np.partition(z, V - top_k)[V - top_k]
-    idx = np.flatnonzero(z >= kth)
+    idx = (z >= kth).nonzero()[0]  # the method, not np.flatnonzero: this runs every token
     if len(idx) != top_k:  # ties at the k-th value, or NaNs (which sort above every number)
         real = z[~np.isnan(z)]
         if not len(real):
@@ -104,7 +113,7 @@ def kept(z: np.ndarray, top_k: int) -> np.ndarray | None:
     return idx
 
 
-def sample_row(z: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+def sample_row(z: np.ndarray, temperature: float, top_k: int, rng: Uniform) -> int:
     """A token from one row of logits z (V,) under temperature (> 0) and top-k (0 = all): the inverse
     CDF of the kept tokens' weights, in vocabulary order, at one uniform from rng."""
     idx = kept(z, top_k)
@@ -114,7 +123,7 @@ def sample_row(z: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
     w /= temperature
     w -= w.max()
     np.exp(w, out=w)
-    np.cumsum(w, out=w)  # unnormalised: the uniform is scaled instead, as in draw()
+    w.cumsum(out=w)  # unnormalised: the uniform is scaled instead, as in draw()
     pick = min(int(np.count_nonzero(w <= rng.random() * w[-1])), len(w) - 1)
     return pick if idx is None else int(idx[pick])
 
@@ -124,14 +133,14 @@ def kept_rows(z: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray] | None
     None where some row keeps more or fewer than top_k (ties at its k-th value, or NaNs)."""
     n, V = z.shape
     keep = z >= np.partition(z, V - top_k, axis=1)[:, V - top_k, None]
-    flat = np.flatnonzero(keep)  # ascending: row by row, each row's in vocabulary order
+    flat = keep.reshape(-1).nonzero()[0]  # ascending: row by row, each row's in vocabulary order
     starts = np.arange(0, n * V, V)
     if len(flat) != n * top_k or (flat[::top_k] < starts).any() or (flat[top_k - 1 :: top_k] >= starts + V).any():
         return None
-    return flat.reshape(n, top_k) - starts[:, None], z[keep].reshape(n, top_k)
+    return flat.reshape(n, top_k) - starts[:, None], z.reshape(-1).take(flat).reshape(n, top_k)
 
 
-def sample_rows(z: np.ndarray, temperature: float, top_k: int, rngs: list[np.random.Generator]) -> list[int]:
+def sample_rows(z: np.ndarray, temperature: float, top_k: int, rngs: list[Uniform]) -> list[int]:
     """``sample_row`` for each row of logits z (n, V), under one temperature and top-k: the same
     arithmetic on the whole batch at once, so each row's token is the one it would get alone."""
     n, V = z.shape
@@ -145,25 +154,27 @@ def sample_rows(z: np.ndarray, temperature: float, top_k: int, rngs: list[np.ran
     cum /= temperature
     cum -= cum.max(axis=1, keepdims=True)
     np.exp(cum, out=cum)
-    np.cumsum(cum, axis=1, out=cum)
-    u = np.fromiter((r.random() for r in rngs), np.float64, n) * cum[:, -1]
+    cum.cumsum(axis=1, out=cum)
+    u = np.array([r.random() for r in rngs]) * cum[:, -1]
     picks = np.minimum(np.count_nonzero(cum <= u[:, None], axis=1), z.shape[1] - 1)
     return (picks if idx is None else idx[np.arange(n), picks]).tolist()  # type: ignore[no-any-return]
 
 
-def draw(p: np.ndarray, rng: np.random.Generator) -> int:
+def draw(p: np.ndarray, rng: Uniform) -> int:
     """Inverse CDF of unnormalised weights p with one uniform from rng (cheaper than rng.choice)."""
     cum = np.cumsum(p)
     return min(int(np.count_nonzero(cum <= rng.random() * cum[-1])), len(p) - 1)
 
 
 def choose_batch(
-    logits: np.ndarray, params: list[SamplingParams], seen: list[list[int]], rngs: list[np.random.Generator]
+    logits: np.ndarray, params: list[SamplingParams], seen: list[list[int]], rngs: list[Uniform]
 ) -> list[int]:
     """``choose`` for each row of logits (n, V). Rows with the same temperature and top-k and no
     penalty or nucleus go through numpy together; each still draws one uniform from its own
     generator, so the tokens equal what ``choose`` would pick row by row. ``seen`` is read only for
     rows with a repetition penalty."""
+    if len(params) == 1:  # a lone sequence (one stream decoding): nothing to group
+        return [choose(logits[0], params[0], np.asarray(seen[0]), rngs[0])]
     out: list[int | None] = [None] * len(params)
     groups: dict[tuple[float, int], list[int]] = {}
     for i, p in enumerate(params):

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -45,7 +46,7 @@ import numpy as np
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from service.metrics import Metrics
 from service.runtime import DeviceKVCache, Runtime
-from service.sampling import SamplingParams, choose_batch, log_softmax
+from service.sampling import SamplingParams, Uniform, choose_batch, log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Sequence:
     id: int
     prompt: list[int]
     params: SamplingParams
-    rng: np.random.Generator
+    rng: Uniform
     deadline: float | None
     # what the loop has handed over and the caller has not yet taken (event loop thread only), and
     # the future the caller waits on while there is nothing: one wake-up a step, not one an event
@@ -187,8 +188,8 @@ class Scheduler:
         the tokens are held and handed over with the ``Done``, which costs the event loop one wake-up
         rather than one a token. Leaving early cancels the sequence."""
         self.admit()
-        seed = params.seed if params.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
-        seq = Sequence(next(self._ids), prompt, params, np.random.default_rng(seed), deadline)
+        rng = random.Random(params.seed)  # None: seeded from the system's entropy
+        seq = Sequence(next(self._ids), prompt, params, rng, deadline)
         seq.interval = self.limits.stream_interval if stream else 0
         with self._lock:
             if len(self.waiting) >= self.limits.max_waiting:
@@ -367,7 +368,10 @@ class Scheduler:
             out = self.runtime.decode_step(self.cache, ids, mask)
         logits = out[:, 0]  # (rows, V)
         self.metrics.gen_batch_size.observe(len(stepping))
-        return self._sample(stepping, logits[[seq.slot for seq in stepping]], maps)
+        slots = [seq.slot for seq in stepping]
+        # every row in slot order (one stream alone, or a full batch): the rows as they are, no copy
+        rows_in_order = len(slots) == len(logits) and slots == list(range(len(slots)))
+        return self._sample(stepping, logits if rows_in_order else logits[slots], maps)
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits: np.ndarray, maps: list[np.ndarray | None]) -> list[Pick]:
