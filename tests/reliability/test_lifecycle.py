@@ -70,8 +70,12 @@ def test_calls_accepted_just_before_sigterm_are_served_or_refused_never_cut_off(
         assert codes == {grpc.StatusCode.OK: 80}
 
 
-def test_sigterm_under_mixed_load_loses_nothing(model_dir: Path, stopped_later: list[subprocess.Popen[str]]) -> None:
-    proc, port = start_server(model_dir, "--drain-delay-seconds", "0", "--max-queue-delay-ms", "50")
+@pytest.mark.parametrize("placement", ["thread", "event_loop"])
+def test_sigterm_under_mixed_load_loses_nothing(
+    model_dir: Path, stopped_later: list[subprocess.Popen[str]], placement: str
+) -> None:
+    flags = ("--drain-delay-seconds", "0", "--max-queue-delay-ms", "50", "--generation-loop", placement)
+    proc, port = start_server(model_dir, *flags)
     stopped_later.append(proc)
     stub = pb_grpc.AttnServeStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     gen = pb.GenerateRequest(prompt="The king", max_new_tokens=40, temperature=0.0)
@@ -184,8 +188,9 @@ def test_a_flood_is_refused_at_once_and_nothing_is_cut_off(model_dir: Path) -> N
         st.stop()
 
 
-def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path) -> None:
-    st = ServerThread(config(model_dir, max_waiting_sequences=128)).start()
+@pytest.mark.parametrize("placement", ["thread", "event_loop"])
+def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path, placement: str) -> None:
+    st = ServerThread(config(model_dir, max_waiting_sequences=128, generation_loop=placement)).start()
     try:
         stub = st.stub()
         rng = random.Random(0)
@@ -222,8 +227,9 @@ def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path) -> None:
 # --- failures inside the generation loop --------------------------------------------------------
 
 
-def test_a_failure_handing_out_a_token_fails_that_sequence_only(model_dir: Path) -> None:
-    st = ServerThread(config(model_dir)).start()
+@pytest.mark.parametrize("placement", ["thread", "event_loop"])
+def test_a_failure_handing_out_a_token_fails_that_sequence_only(model_dir: Path, placement: str) -> None:
+    st = ServerThread(config(model_dir, generation_loop=placement)).start()
     try:
         scheduler = st.server.scheduler
         assert scheduler is not None
@@ -251,8 +257,11 @@ def test_a_failure_handing_out_a_token_fails_that_sequence_only(model_dir: Path)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death, on purpose
-def test_if_the_generation_loop_dies_health_says_so_and_calls_fail_rather_than_hang(model_dir: Path) -> None:
-    st = ServerThread(config(model_dir)).start()
+@pytest.mark.parametrize("placement", ["thread", "event_loop"])
+def test_if_the_generation_loop_dies_health_says_so_and_calls_fail_rather_than_hang(
+    model_dir: Path, placement: str
+) -> None:
+    st = ServerThread(config(model_dir, generation_loop=placement)).start()
     try:
         scheduler = st.server.scheduler
         assert scheduler is not None
