@@ -283,7 +283,12 @@ class Scheduler:
         assert self._awake is not None
         try:
             while True:
-                if self._turn():
+                try:
+                    idle = await self._iterate_on_loop()
+                except Exception:
+                    idle = self._iteration_failed()
+                self._flush()
+                if idle:
                     if self._closed:
                         return
                     await self._awake.wait()
@@ -301,11 +306,14 @@ class Scheduler:
         try:
             idle = self._iterate()
         except Exception:
-            log.exception("generation loop iteration failed; failing its sequences")
-            self._fail_all(RuntimeError("generation failed"))
-            idle = False
+            idle = self._iteration_failed()
         self._flush()
         return idle
+
+    def _iteration_failed(self) -> bool:
+        log.exception("generation loop iteration failed; failing its sequences")
+        self._fail_all(RuntimeError("generation failed"))
+        return False
 
     def _ended(self) -> None:
         if not (self._closed and not self.running and not self.waiting):
@@ -313,6 +321,23 @@ class Scheduler:
 
     def _iterate(self) -> bool:
         """One iteration; whether the loop is idle."""
+        admitted, idle = self._plan()
+        if admitted:
+            self._guarded(self._prefill, admitted, admitted)
+        self._decode()
+        return idle
+
+    async def _iterate_on_loop(self) -> bool:
+        """``_iterate`` on the event loop. A prefill, which can take tens of milliseconds (a batch of
+        whole prompts), runs in a thread while the event loop goes on; a decode step runs in place."""
+        admitted, idle = self._plan()
+        if admitted:
+            await asyncio.get_running_loop().run_in_executor(None, self._guarded, self._prefill, admitted, admitted)
+        self._decode()
+        return idle
+
+    def _plan(self) -> tuple[list[Sequence], bool]:
+        """Drop the gone, admit the waiting: the sequences to prefill, and whether the loop is idle."""
         with self._lock:
             self._drop_gone()
             admitted = self._admit()
@@ -321,11 +346,11 @@ class Scheduler:
                 self._wake.clear()
                 if self._awake is not None:
                     self._awake.clear()
-        if admitted:
-            self._guarded(self._prefill, admitted, admitted)
+        return admitted, idle
+
+    def _decode(self) -> None:
         if self.running:
             self._guarded(self._step, list(self.running.values()), max(self.running) + 1)
-        return idle
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every sequence, running or waiting (after a failure that names none of them)."""

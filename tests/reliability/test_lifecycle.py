@@ -256,6 +256,40 @@ def test_a_failure_handing_out_a_token_fails_that_sequence_only(model_dir: Path,
         st.stop()
 
 
+@pytest.mark.parametrize("placement", ["thread", "event_loop"])
+def test_health_and_refusals_are_answered_while_a_long_prefill_runs(model_dir: Path, placement: str) -> None:
+    """On the event loop a decode step runs in place, but a prefill (a batch of whole prompts) does not."""
+    st = ServerThread(config(model_dir, max_waiting_sequences=1, generation_loop=placement)).start()
+    try:
+        scheduler = st.server.scheduler
+        assert scheduler is not None
+        real = scheduler.runtime.prefill
+        started = threading.Event()
+
+        def long_prefill(*a: Any, **kw: Any) -> Any:
+            started.set()
+            time.sleep(1.0)  # time.sleep holds no interpreter lock, as ONNX Runtime's run does not
+            return real(*a, **kw)
+
+        scheduler.runtime.prefill = long_prefill  # type: ignore[method-assign]
+        stub = st.stub()
+        request = pb.GenerateRequest(prompt="The king", max_new_tokens=3)
+        first = stub.Generate.future(request, timeout=30)
+        assert started.wait(10)
+        waiting = stub.Generate.future(request, timeout=30)  # the one place in the queue
+        time.sleep(0.05)
+        t = time.monotonic()
+        assert health(st.address) == SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(request, timeout=5)
+        answered = time.monotonic() - t
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert answered < 0.5, answered  # not held until the prefill ends
+        assert first.result().usage.generated_tokens >= 1 and waiting.result().usage.generated_tokens >= 1
+    finally:
+        st.stop()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death, on purpose
 @pytest.mark.parametrize("placement", ["thread", "event_loop"])
 def test_if_the_generation_loop_dies_health_says_so_and_calls_fail_rather_than_hang(
@@ -267,10 +301,10 @@ def test_if_the_generation_loop_dies_health_says_so_and_calls_fail_rather_than_h
         assert scheduler is not None
         stub = st.stub()
 
-        def die() -> bool:
+        def die() -> tuple[list[Any], bool]:
             raise SystemExit("the loop is gone")  # past every `except Exception`
 
-        scheduler._iterate = die  # type: ignore[method-assign]
+        scheduler._plan = die  # type: ignore[method-assign]  # where every iteration starts
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=5), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
