@@ -53,8 +53,6 @@ class ServerConfig:
     max_waiting_sequences: int = 64  # generation: beyond this, RESOURCE_EXHAUSTED
     max_new_tokens: int = 256
     stream_interval: int = 1  # generation: tokens a stream message gathers before it is sent
-    # generation: where its loop runs: thread, event_loop, or auto (see service.scheduler)
-    generation_loop: str = "auto"
     max_message_bytes: int = 16 * 1024 * 1024
     # on SIGTERM: health says NOT_SERVING at once, calls are still served this long (for load balancers
     # to see it), then new calls are refused with UNAVAILABLE and those in progress get grace_seconds
@@ -126,7 +124,6 @@ class ServerConfig:
             max_waiting=self.max_waiting_sequences,
             max_new_tokens=self.max_new_tokens,
             stream_interval=self.stream_interval,
-            loop=self.generation_loop,
         )
 
     @classmethod

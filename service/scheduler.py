@@ -20,19 +20,10 @@ every waiting caller gets an error, later calls are refused, and ``on_death`` te
 (which then reports NOT_SERVING). Slots are taken lowest first and each
 step runs only the slots up to the highest one in use.
 
-Where the loop runs (``GenerationLimits.loop``):
-
-- ``thread``: a thread of its own. Model steps, sampling and bookkeeping follow each other
-  there while the event loop writes the previous step's tokens to the network on another
-  core (or while a GPU computes); each step's tokens cross to the event loop in one call.
-- ``event_loop``: a task on the event loop, which yields to the loop between steps. With
-  one core there is nothing to overlap, and crossing threads costs every token a wake-up
-  of the event loop and two context switches (on one core: 13% fewer tokens a second
-  in process, 0.07 ms more between tokens of one stream); a step holds the loop for its
-  own length (about 1 ms at 16 sequences on the default model), so other calls wait at
-  most one step.
-- ``auto`` (the default): ``event_loop`` where the process may use one core only and runs
-  the model on the CPU, ``thread`` otherwise.
+The loop runs in a thread of its own, not on the event loop: model steps, sampling and
+bookkeeping follow each other there without a hop between threads, while the event loop
+writes the previous step's tokens to the network. Each step's tokens cross to the event
+loop in one call.
 """
 
 from __future__ import annotations
@@ -41,7 +32,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import random
 import threading
 import time
@@ -55,7 +45,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from service.metrics import Metrics
-from service.runtime import CPU, DeviceKVCache, Runtime
+from service.runtime import DeviceKVCache, Runtime
 from service.sampling import SamplingParams, Uniform, choose_batch, log_softmax
 
 log = logging.getLogger(__name__)
@@ -80,18 +70,12 @@ class GenerationLimits:
     # tokens a stream message gathers before it is sent (the last message carries what is left): 1 sends
     # each token as it comes; more trade a few steps of latency for less work per token under load
     stream_interval: int = 1
-    loop: str = "auto"  # where the generation loop runs: thread, event_loop or auto (see above)
 
     def __post_init__(self) -> None:
         if min(self.max_running, self.max_cached_tokens, self.max_waiting, self.max_new_tokens) < 1:
             raise ValueError(f"generation limits must be positive: {self}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
-        if self.loop not in LOOPS:
-            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
-
-
-LOOPS = ("auto", "thread", "event_loop")
 
 
 @dataclass
@@ -165,8 +149,6 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._task: asyncio.Task[None] | None = None  # the loop, where it runs on the event loop
-        self._awake: asyncio.Event | None = None  # ... and what it waits on when idle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[tuple[Sequence, Event | BaseException]] = []  # this step's events, sent together
         self._closed = False
@@ -175,37 +157,17 @@ class Scheduler:
         self.eot = runtime.info.eot_token_id
         self.max_len = runtime.info.max_seq_len
 
-    def placement(self) -> str:
-        """Where the loop runs: ``thread`` or ``event_loop``, ``auto`` resolved."""
-        if self.limits.loop != "auto":
-            return self.limits.loop
-        one_core = hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == 1
-        return "event_loop" if one_core and self.runtime.provider == CPU else "thread"
-
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.placement() == "event_loop":
-            self._awake = asyncio.Event()
-            self._task = self._loop.create_task(self._run_on_loop(), name="attnserve-scheduler")
-        else:
-            self._thread = threading.Thread(target=self._run, name="attnserve-scheduler", daemon=True)
-            self._thread.start()
-        log.info("generation loop runs on %s", "the event loop" if self._task else "its own thread")
+        self._thread = threading.Thread(target=self._run, name="attnserve-scheduler", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
         """Refuse new requests, finish the ones admitted or waiting, then end the loop."""
         self._closed = True
-        self._signal()
+        self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        if self._task is not None:
-            await asyncio.wait([self._task])  # how it ended is its own to report (see _run_on_loop)
-
-    def _signal(self) -> None:
-        """Wake the loop if it is idle (called on the event loop thread)."""
-        self._wake.set()
-        if self._awake is not None:
-            self._awake.set()
 
     # --- callers (event loop thread) -------------------------------------------------------------
 
@@ -234,7 +196,7 @@ class Scheduler:
                 raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
             self.waiting.append(seq)
             self.metrics.gen_waiting.set(len(self.waiting))
-        self._signal()
+        self._wake.set()
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -253,7 +215,7 @@ class Scheduler:
                     return
         finally:
             seq.cancelled = True  # no-op once done; otherwise the loop drops it before the next step
-            self._signal()
+            self._wake.set()
 
     @staticmethod
     def _deliver(outbox: list[tuple[Sequence, Event | BaseException]]) -> None:
@@ -265,10 +227,16 @@ class Scheduler:
     # --- the loop (its own thread) -------------------------------------------------------------
 
     def _run(self) -> None:
-        """The loop, in its own thread."""
         try:
             while True:
-                if self._turn():
+                try:
+                    idle = self._iterate()
+                except Exception:
+                    log.exception("generation loop iteration failed; failing its sequences")
+                    self._fail_all(RuntimeError("generation failed"))
+                    idle = False
+                self._flush()
+                if idle:
                     if self._closed:
                         return
                     self._wake.wait()
@@ -276,81 +244,22 @@ class Scheduler:
             log.critical("the generation loop died", exc_info=True)
             raise
         finally:
-            self._ended()
-
-    async def _run_on_loop(self) -> None:
-        """The loop, as a task on the event loop: one iteration, then the event loop's turn."""
-        assert self._awake is not None
-        try:
-            while True:
-                try:
-                    idle = await self._iterate_on_loop()
-                except Exception:
-                    idle = self._iteration_failed()
-                self._flush()
-                if idle:
-                    if self._closed:
-                        return
-                    await self._awake.wait()
-                else:
-                    await asyncio.sleep(0)  # this step's tokens go out, new calls come in
-        except asyncio.CancelledError:  # the event loop is closing without stop(): what is left fails
-            raise
-        except BaseException:  # even SystemExit: it ends the loop as it would end the thread, not the server
-            log.critical("the generation loop died", exc_info=True)
-        finally:
-            self._ended()
-
-    def _turn(self) -> bool:
-        """One iteration and its hand-over; whether the loop is idle."""
-        try:
-            idle = self._iterate()
-        except Exception:
-            idle = self._iteration_failed()
-        self._flush()
-        return idle
-
-    def _iteration_failed(self) -> bool:
-        log.exception("generation loop iteration failed; failing its sequences")
-        self._fail_all(RuntimeError("generation failed"))
-        return False
-
-    def _ended(self) -> None:
-        if not (self._closed and not self.running and not self.waiting):
-            self._die()
+            if not (self._closed and not self.running and not self.waiting):
+                self._die()
 
     def _iterate(self) -> bool:
         """One iteration; whether the loop is idle."""
-        admitted, idle = self._plan()
-        if admitted:
-            self._guarded(self._prefill, admitted, admitted)
-        self._decode()
-        return idle
-
-    async def _iterate_on_loop(self) -> bool:
-        """``_iterate`` on the event loop. A prefill, which can take tens of milliseconds (a batch of
-        whole prompts), runs in a thread while the event loop goes on; a decode step runs in place."""
-        admitted, idle = self._plan()
-        if admitted:
-            await asyncio.get_running_loop().run_in_executor(None, self._guarded, self._prefill, admitted, admitted)
-        self._decode()
-        return idle
-
-    def _plan(self) -> tuple[list[Sequence], bool]:
-        """Drop the gone, admit the waiting: the sequences to prefill, and whether the loop is idle."""
         with self._lock:
             self._drop_gone()
             admitted = self._admit()
             idle = not self.running and not self.waiting
             if idle:
                 self._wake.clear()
-                if self._awake is not None:
-                    self._awake.clear()
-        return admitted, idle
-
-    def _decode(self) -> None:
+        if admitted:
+            self._guarded(self._prefill, admitted, admitted)
         if self.running:
             self._guarded(self._step, list(self.running.values()), max(self.running) + 1)
+        return idle
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every sequence, running or waiting (after a failure that names none of them)."""
@@ -387,10 +296,7 @@ class Scheduler:
     def _flush(self) -> None:
         if self._outbox and self._loop is not None:
             outbox, self._outbox = self._outbox, []
-            if self._task is not None:
-                self._deliver(outbox)  # already on the event loop
-            else:
-                self._loop.call_soon_threadsafe(self._deliver, outbox)
+            self._loop.call_soon_threadsafe(self._deliver, outbox)
 
     def _drop_gone(self) -> None:
         now = time.monotonic()

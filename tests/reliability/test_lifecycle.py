@@ -70,12 +70,8 @@ def test_calls_accepted_just_before_sigterm_are_served_or_refused_never_cut_off(
         assert codes == {grpc.StatusCode.OK: 80}
 
 
-@pytest.mark.parametrize("placement", ["thread", "event_loop"])
-def test_sigterm_under_mixed_load_loses_nothing(
-    model_dir: Path, stopped_later: list[subprocess.Popen[str]], placement: str
-) -> None:
-    flags = ("--drain-delay-seconds", "0", "--max-queue-delay-ms", "50", "--generation-loop", placement)
-    proc, port = start_server(model_dir, *flags)
+def test_sigterm_under_mixed_load_loses_nothing(model_dir: Path, stopped_later: list[subprocess.Popen[str]]) -> None:
+    proc, port = start_server(model_dir, "--drain-delay-seconds", "0", "--max-queue-delay-ms", "50")
     stopped_later.append(proc)
     stub = pb_grpc.AttnServeStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     gen = pb.GenerateRequest(prompt="The king", max_new_tokens=40, temperature=0.0)
@@ -188,9 +184,8 @@ def test_a_flood_is_refused_at_once_and_nothing_is_cut_off(model_dir: Path) -> N
         st.stop()
 
 
-@pytest.mark.parametrize("placement", ["thread", "event_loop"])
-def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path, placement: str) -> None:
-    st = ServerThread(config(model_dir, max_waiting_sequences=128, generation_loop=placement)).start()
+def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir, max_waiting_sequences=128)).start()
     try:
         stub = st.stub()
         rng = random.Random(0)
@@ -227,9 +222,8 @@ def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path, placement: 
 # --- failures inside the generation loop --------------------------------------------------------
 
 
-@pytest.mark.parametrize("placement", ["thread", "event_loop"])
-def test_a_failure_handing_out_a_token_fails_that_sequence_only(model_dir: Path, placement: str) -> None:
-    st = ServerThread(config(model_dir, generation_loop=placement)).start()
+def test_a_failure_handing_out_a_token_fails_that_sequence_only(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir)).start()
     try:
         scheduler = st.server.scheduler
         assert scheduler is not None
@@ -256,55 +250,18 @@ def test_a_failure_handing_out_a_token_fails_that_sequence_only(model_dir: Path,
         st.stop()
 
 
-@pytest.mark.parametrize("placement", ["thread", "event_loop"])
-def test_health_and_refusals_are_answered_while_a_long_prefill_runs(model_dir: Path, placement: str) -> None:
-    """On the event loop a decode step runs in place, but a prefill (a batch of whole prompts) does not."""
-    st = ServerThread(config(model_dir, max_waiting_sequences=1, generation_loop=placement)).start()
-    try:
-        scheduler = st.server.scheduler
-        assert scheduler is not None
-        real = scheduler.runtime.prefill
-        started = threading.Event()
-
-        def long_prefill(*a: Any, **kw: Any) -> Any:
-            started.set()
-            time.sleep(1.0)  # time.sleep holds no interpreter lock, as ONNX Runtime's run does not
-            return real(*a, **kw)
-
-        scheduler.runtime.prefill = long_prefill  # type: ignore[method-assign]
-        stub = st.stub()
-        request = pb.GenerateRequest(prompt="The king", max_new_tokens=3)
-        first = stub.Generate.future(request, timeout=30)
-        assert started.wait(10)
-        waiting = stub.Generate.future(request, timeout=30)  # the one place in the queue
-        time.sleep(0.05)
-        t = time.monotonic()
-        assert health(st.address) == SERVING
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.Generate(request, timeout=5)
-        answered = time.monotonic() - t
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert answered < 0.5, answered  # not held until the prefill ends
-        assert first.result().usage.generated_tokens >= 1 and waiting.result().usage.generated_tokens >= 1
-    finally:
-        st.stop()
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death, on purpose
-@pytest.mark.parametrize("placement", ["thread", "event_loop"])
-def test_if_the_generation_loop_dies_health_says_so_and_calls_fail_rather_than_hang(
-    model_dir: Path, placement: str
-) -> None:
-    st = ServerThread(config(model_dir, generation_loop=placement)).start()
+def test_if_the_generation_loop_dies_health_says_so_and_calls_fail_rather_than_hang(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir)).start()
     try:
         scheduler = st.server.scheduler
         assert scheduler is not None
         stub = st.stub()
 
-        def die() -> tuple[list[Any], bool]:
+        def die() -> bool:
             raise SystemExit("the loop is gone")  # past every `except Exception`
 
-        scheduler._plan = die  # type: ignore[method-assign]  # where every iteration starts
+        scheduler._iterate = die  # type: ignore[method-assign]
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=5), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE

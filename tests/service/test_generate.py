@@ -30,26 +30,10 @@ def ids_of(r: pb.GenerateResponse) -> list[int]:
     return [t.token_id for t in r.tokens]
 
 
-@pytest.fixture(scope="module", params=["thread", "event_loop"])
-def placement(request: pytest.FixtureRequest) -> str:
-    """Where the generation loop runs: every test here runs with both."""
-    return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def served(model_dir: Path, placement: str) -> Iterator[ServerThread]:
-    st = ServerThread(config(model_dir, generation_loop=placement)).start()
-    assert st.server.scheduler is not None and st.server.scheduler.placement() == placement
-    yield st
-    st.stop()
-
-
 @pytest.fixture
-def slow(model_dir: Path, placement: str) -> Iterator[ServerThread]:
+def slow(model_dir: Path) -> Iterator[ServerThread]:
     """A server whose decode steps take 20 ms, so that a stream is still running when the test acts."""
-    st = ServerThread(
-        config(model_dir, max_running_sequences=1, max_waiting_sequences=1, generation_loop=placement)
-    ).start()
+    st = ServerThread(config(model_dir, max_running_sequences=1, max_waiting_sequences=1)).start()
     assert st.server.scheduler is not None
     rt = st.server.scheduler.runtime
     real = rt.decode_step
@@ -141,8 +125,8 @@ def test_streamed_tokens_concatenate_to_the_unary_result(served: ServerThread) -
         assert tops == sorted(tops, reverse=True) and t.logprob <= tops[0] + 1e-6
 
 
-def test_a_stream_interval_gathers_tokens_into_fewer_messages(model_dir: Path, placement: str) -> None:
-    st = ServerThread(config(model_dir, stream_interval=4, generation_loop=placement)).start()
+def test_a_stream_interval_gathers_tokens_into_fewer_messages(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir, stream_interval=4)).start()
     try:
         stub = st.stub()
         req = pb.GenerateRequest(prompt="Good sir", temperature=0.9, seed=5, max_new_tokens=30)
@@ -255,8 +239,8 @@ def test_tokens_say_what_they_attended_to(served: ServerThread) -> None:
     assert ids_of(plain) == generated and not plain.tokens[0].attention  # asked for, or not at all
 
 
-def test_a_failing_step_fails_its_sequences_and_generation_goes_on(model_dir: Path, placement: str) -> None:
-    st = ServerThread(config(model_dir, generation_loop=placement)).start()
+def test_a_failing_step_fails_its_sequences_and_generation_goes_on(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir)).start()
     try:
         assert st.server.scheduler is not None
         rt = st.server.scheduler.runtime
@@ -277,22 +261,3 @@ def test_a_failing_step_fails_its_sequences_and_generation_goes_on(model_dir: Pa
         assert metrics(st)[("attnserve_generate_running_sequences", ())] == 0
     finally:
         st.stop()
-
-
-def test_the_loop_runs_on_the_event_loop_on_one_cpu_core_and_in_a_thread_otherwise(
-    served: ServerThread, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from service.scheduler import GenerationLimits, Scheduler
-
-    scheduler = served.server.scheduler
-    assert scheduler is not None
-    auto = Scheduler(scheduler.runtime, GenerationLimits(), scheduler.metrics)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3})
-    assert auto.placement() == "event_loop"
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    assert auto.placement() == "thread"
-    monkeypatch.setattr(auto.runtime, "provider", "CUDAExecutionProvider")
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3})
-    assert auto.placement() == "thread"  # a GPU step leaves the core free while it runs
-    with pytest.raises(ValueError, match="loop must be one of"):
-        GenerationLimits(loop="fibers")
