@@ -108,8 +108,10 @@ async def _stream(stub: pb_grpc.AttnServeStub, prompt: str, seed: int, out: dict
             out["ttft"].append(now - start)
         else:
             out["itl"].append((now - last) / len(msg.tokens))
+            out["gap"].append(now - last)  # between messages, however many tokens they carry
         last = now
         n += len(msg.tokens)
+        out["sizes"].append(len(msg.tokens))
     return n
 
 
@@ -126,14 +128,18 @@ def _summary(lat: dict[str, list[float]], tokens: int, requests: int, elapsed: f
         "ttft_p99_ms": pct(lat["ttft"], 99),
         "itl_p50_ms": pct(lat["itl"], 50),
         "itl_p99_ms": pct(lat["itl"], 99),
+        # a server that falls behind its own steps sends several tokens a message even at one a message;
+        # ITL above divides a message's gap among its tokens, so it reads best next to these
+        "tokens_per_message": sum(lat["sizes"]) / len(lat["sizes"]) if lat["sizes"] else float("nan"),
+        "gap_p50_ms": pct(lat["gap"], 50),
     }
 
 
 async def closed_loop(address: str, prompts: list[str], concurrency: int, seconds: float) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.AttnServeStub(channel)
-        await _stream(stub, prompts[0], 0, {"ttft": [], "itl": []})
-        lat: dict[str, list[float]] = {"ttft": [], "itl": []}
+        await _stream(stub, prompts[0], 0, {"ttft": [], "itl": [], "gap": [], "sizes": []})
+        lat: dict[str, list[float]] = {"ttft": [], "itl": [], "gap": [], "sizes": []}
         counts = [0, 0]  # tokens, requests
         stop_at = time.perf_counter() + seconds
 
@@ -155,7 +161,7 @@ async def open_loop(address: str, prompts: list[str], rate: float, seconds: floa
     rng = random.Random(1)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.AttnServeStub(channel)
-        lat: dict[str, list[float]] = {"ttft": [], "itl": []}
+        lat: dict[str, list[float]] = {"ttft": [], "itl": [], "gap": [], "sizes": []}
         tasks = []
         start = next_at = time.perf_counter()
         k = 0

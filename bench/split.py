@@ -389,7 +389,8 @@ def table(r: dict[str, Any]) -> str:
         f"model CPU per text {lim['encode_cpu_ms_per_text']:.3f} ms; attnserve's own, 1 text a request: "
         f"{s['encode_server_overhead_ms_per_text']:.3f} ms",
         "",
-        f"{'GenerateStream, 128 new tokens':<44}{'tokens/s':>9}{'share':>8}{'ITL p50':>9}{'ITL p99':>9}",
+        f"{'GenerateStream, 128 new tokens':<44}{'tokens/s':>9}{'share':>8}{'ITL p50':>9}{'ITL p99':>9}"
+        f"{'tokens/msg':>11}{'gap p50':>9}",
     ]
     for key, label in (
         ("16", "16 streams, 1 token a message"),
@@ -400,11 +401,13 @@ def table(r: dict[str, Any]) -> str:
             f"{label:<44}{row['output_tokens_per_second']:>9.0f}"
             f"{row['output_tokens_per_second'] / lim['generate_limit_16'] * 100:>7.0f}%"
             f"{row['itl_p50_ms']:>9.3f}{row['itl_p99_ms']:>9.3f}"
+            f"{row['tokens_per_message']:>11.2f}{row['gap_p50_ms']:>9.3f}"
         )
     one = gen["1"]
     lines.append(
         f"{'1 stream':<44}{one['output_tokens_per_second']:>9.0f}{'':>8}"
         f"{one['itl_p50_ms']:>9.3f}{one['itl_p99_ms']:>9.3f}"
+        f"{one['tokens_per_message']:>11.2f}{one['gap_p50_ms']:>9.3f}"
     )
     lines.append(
         f"single-stream ITL p50 - batch-1 step: {s['single_stream_itl_minus_step_ms']:+.3f} ms; "

@@ -41,6 +41,10 @@ def test_cpu_per_unit_counts_both_sides_of_the_benchmarks_loads() -> None:
     with floor_server(dimensions=32, stream_interval=8) as (address, pid):
         gen = asyncio.run(cpu_per_unit(pid, generate.closed_loop(address, texts, 2, 0.5), lambda r: r["tokens"]))
     assert gen["units"] == generate.NEW_TOKENS * gen["load"]["requests"] > 0 and gen["cpu_ms"] > 0
+    # eight tokens a message: the load says so, and a message's gap is its tokens' ITL eight times over
+    load = gen["load"]
+    assert load["tokens_per_message"] == 8.0
+    assert load["gap_p50_ms"] == pytest.approx(8 * load["itl_p50_ms"])
 
 
 def test_ceiling_share() -> None:
