@@ -95,6 +95,11 @@ def in_process(rt: Runtime, cached: int = 128, new_tokens: int = NEW_TOKENS) -> 
     }
 
 
+def _latencies() -> dict[str, list[float]]:
+    """What ``_stream`` records, per stream or message: time to first token, ITL, gaps, message sizes."""
+    return {"ttft": [], "itl": [], "gap": [], "sizes": []}
+
+
 async def _stream(stub: pb_grpc.AttnServeStub, prompt: str, seed: int, out: dict[str, list[float]]) -> int:
     start = time.perf_counter()
     last = None
@@ -138,8 +143,8 @@ def _summary(lat: dict[str, list[float]], tokens: int, requests: int, elapsed: f
 async def closed_loop(address: str, prompts: list[str], concurrency: int, seconds: float) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.AttnServeStub(channel)
-        await _stream(stub, prompts[0], 0, {"ttft": [], "itl": [], "gap": [], "sizes": []})
-        lat: dict[str, list[float]] = {"ttft": [], "itl": [], "gap": [], "sizes": []}
+        await _stream(stub, prompts[0], 0, _latencies())
+        lat = _latencies()
         counts = [0, 0]  # tokens, requests
         stop_at = time.perf_counter() + seconds
 
@@ -161,7 +166,7 @@ async def open_loop(address: str, prompts: list[str], rate: float, seconds: floa
     rng = random.Random(1)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.AttnServeStub(channel)
-        lat: dict[str, list[float]] = {"ttft": [], "itl": [], "gap": [], "sizes": []}
+        lat = _latencies()
         tasks = []
         start = next_at = time.perf_counter()
         k = 0
