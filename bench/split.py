@@ -11,9 +11,10 @@ leaves to the model.
    is the model's own CPU per token on that load (a decode step's cost grows with the tokens
    cached, 0.46 ms at 8 to 1.39 ms at 250 for 16 rows here: a step at one fixed length would
    misstate it), and what the scheduler alone makes of it, without gRPC.
-2. Encode, 64-token texts, 32 concurrent, 1 and 8 texts a request, in interleaved rounds against
-   attnserve and against a plain peer (``bench.plain``: grpc.aio running the model per request),
-   both on the same core; the idle p50 of each; the server's CPU time per text.
+2. Encode, 64-token texts, 32 concurrent, 1 and 8 texts a request, and 1 text a request at 1, 2
+   and 4 concurrent, in interleaved rounds against attnserve and against a plain peer
+   (``bench.plain``: grpc.aio running the model per request), both on the same core; the idle p50
+   of each; the server's CPU time per text.
 3. GenerateStream: 16 streams one token a message, 16 streams ``--stream-interval 4``, and one
    stream (its inter-token latency against the batch-1 step).
 4. With ``--profile``: py-spy samples the server under the 1-text and the 16-stream loads; the
@@ -54,6 +55,7 @@ from service.scheduler import GenerationLimits, Scheduler
 SERVER_CORE, LOAD_CORE = 1, 0
 BUNDLED = 8
 GROUPED = 4
+FEW = (1, 2, 4)  # concurrencies below the main loads', 1 text a request: where there is little to batch
 
 
 def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any]:
@@ -270,6 +272,10 @@ def run(
                     load = encode_loop(address, texts, concurrency, seconds, k)
                     measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
                     runs[name].setdefault(str(k), []).append(measured)
+                for c in FEW:
+                    load = encode_loop(address, texts, c, seconds, 1)
+                    measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
+                    runs[name].setdefault(f"c{c}", []).append(measured)
         for name, (address, _) in pids.items():
             result.setdefault("idle", {})[name] = asyncio.run(idle_latency(address, texts[0]))
         if with_profile:
@@ -344,6 +350,10 @@ def run(
             model_ms_per_token, fl[f"generate_16x{GROUPED}"]["server_cpu_ms"], lim["generate_limit_16"]
         ),
         "scheduler_in_process_share": lim["generation"]["16"]["scheduler_tokens_per_second"] / lim["generate_limit_16"],
+        # 1 text a request at few concurrent calls: attnserve / plain
+        "few_over_plain": {
+            c: enc["attnserve"][f"c{c}"]["texts_per_second"] / enc["plain"][f"c{c}"]["texts_per_second"] for c in FEW
+        },
     }
     return result
 
@@ -382,6 +392,14 @@ def table(r: dict[str, Any]) -> str:
                 f"{row['texts_per_second'] / lim['encode_limit'] * 100:>7.0f}%"
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['server_cpu_ms_per_text']:>12.3f}ms"
             )
+    lines.append(
+        "1 text a request, few concurrent: "
+        + "; ".join(
+            f"{c}: attnserve {enc['attnserve'][f'c{c}']['texts_per_second']:.0f}, plain "
+            f"{enc['plain'][f'c{c}']['texts_per_second']:.0f} texts/s ({s['few_over_plain'][c]:.2f}x)"
+            for c in FEW
+        )
+    )
     lines += [
         f"attnserve / plain: {s['encode_1_over_plain']:.2f}x at 1 text a request, {s['encode_8_over_plain']:.2f}x at "
         f"{BUNDLED}; idle p50 - batch-1: attnserve {s['idle_p50_minus_batch1_ms']:+.2f} ms, plain "
