@@ -258,6 +258,8 @@ def run(
         "limit": limit,
     }
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {"attnserve": {}, "plain": {}}
+    # each encode load by key: (concurrent calls, texts a request)
+    loads = {str(k): (concurrency, k) for k in (1, BUNDLED)} | {f"c{c}": (c, 1) for c in FEW}
     with (
         pinned_server(attnserve_cmd(model_dir)) as (ours, our_pid),
         pinned_server(plain_cmd(model_dir)) as (
@@ -268,14 +270,10 @@ def run(
         pids = {"attnserve": (ours, our_pid), "plain": (peer, peer_pid)}
         for _ in range(rounds):
             for name, (address, pid) in pids.items():
-                for k in (1, BUNDLED):
-                    load = encode_loop(address, texts, concurrency, seconds, k)
+                for key, (calls, k) in loads.items():
+                    load = encode_loop(address, texts, calls, seconds, k)
                     measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
-                    runs[name].setdefault(str(k), []).append(measured)
-                for c in FEW:
-                    load = encode_loop(address, texts, c, seconds, 1)
-                    measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
-                    runs[name].setdefault(f"c{c}", []).append(measured)
+                    runs[name].setdefault(key, []).append(measured)
         for name, (address, _) in pids.items():
             result.setdefault("idle", {})[name] = asyncio.run(idle_latency(address, texts[0]))
         if with_profile:
