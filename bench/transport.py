@@ -9,7 +9,9 @@ load generator runs beside it:
 
     ceiling = cores / (model CPU per unit + transport CPU per unit), as a share of the limit.
 
-Run as ``python -m bench.transport --port P --dimensions D --stream-interval N`` it is that server.
+Run as ``python -m bench.transport --port P --dimensions D --stream-interval N`` it is that server
+on grpc.aio, as attnserve serves; with ``--threads N``, on grpc's thread-pool server instead (a
+call holds one of N threads), to measure what that transport costs on the same loads.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent import futures
 from contextlib import AbstractContextManager, suppress
 from typing import Any
 
@@ -37,15 +40,13 @@ class FloorServicer(pb_grpc.AttnServeServicer):
         self.vector = [0.5] * dimensions
         self.interval = stream_interval
 
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+    def encoded(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
         return pb.EncodeResponse(
             embeddings=[pb.Embedding(values=self.vector, token_count=len(t) // 3) for t in request.texts],
             dimensions=len(self.vector),
         )
 
-    async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    def messages(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateStreamResponse]:
         n = request.max_new_tokens
         for start in range(0, n, self.interval):
             count = min(self.interval, n - start)
@@ -57,6 +58,37 @@ class FloorServicer(pb_grpc.AttnServeServicer):
                 msg.usage.prompt_tokens = len(request.prompt) // 3
                 msg.usage.generated_tokens = n
             yield msg
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        return self.encoded(request)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        for msg in self.messages(request):
+            yield msg
+
+
+class ThreadedFloorServicer(FloorServicer):
+    """The same replies from plain methods, for grpc's thread-pool server: a call holds a thread."""
+
+    def Encode(self, request: pb.EncodeRequest, context: grpc.ServicerContext) -> pb.EncodeResponse:  # type: ignore[override]
+        return self.encoded(request)
+
+    def GenerateStream(  # type: ignore[override]
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        return self.messages(request)
+
+
+def serve_threaded(port: int, dimensions: int, stream_interval: int, threads: int) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
+    pb_grpc.add_AttnServeServicer_to_server(ThreadedFloorServicer(dimensions, stream_interval), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    sys.stderr.write(f"gRPC on 127.0.0.1:{bound}\nserving the floor server on {threads} threads\n")
+    sys.stderr.flush()
+    server.wait_for_termination()
 
 
 async def serve(port: int, dimensions: int, stream_interval: int) -> None:
@@ -70,11 +102,11 @@ async def serve(port: int, dimensions: int, stream_interval: int) -> None:
 
 
 def floor_server(
-    dimensions: int, stream_interval: int = 1, cpus: set[int] | None = None
+    dimensions: int, stream_interval: int = 1, cpus: set[int] | None = None, threads: int = 0
 ) -> AbstractContextManager[tuple[str, int]]:
     """The no-model server in its own process (on ``cpus`` only, if given) for the length of a
-    with-block; yields its address and pid."""
-    args = ["-m", "bench.transport", "--port", "0", "--dimensions", str(dimensions)]
+    with-block, on grpc.aio or, with ``threads``, on grpc's thread-pool server; yields its address and pid."""
+    args = ["-m", "bench.transport", "--port", "0", "--dimensions", str(dimensions), "--threads", str(threads)]
     return running([*args, "--stream-interval", str(stream_interval)], cpus)
 
 
@@ -115,9 +147,13 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--dimensions", type=int, default=128)
     p.add_argument("--stream-interval", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="serve on grpc's thread-pool server with this many threads")
     args = p.parse_args()
     with suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, args.dimensions, args.stream_interval))
+        if args.threads:
+            serve_threaded(args.port, args.dimensions, args.stream_interval, args.threads)
+        else:
+            asyncio.run(serve(args.port, args.dimensions, args.stream_interval))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ async def replies(address: str) -> tuple[pb.EncodeResponse, list[pb.GenerateStre
     return enc, stream
 
 
-def test_the_floor_server_answers_like_the_real_one() -> None:
-    with floor_server(dimensions=24, stream_interval=4) as (address, _):
+@pytest.mark.parametrize("threads", [0, 8], ids=["grpc.aio", "thread-pool"])
+def test_the_floor_server_answers_like_the_real_one(threads: int) -> None:
+    with floor_server(dimensions=24, stream_interval=4, threads=threads) as (address, _):
         enc, stream = asyncio.run(replies(address))
     assert enc.dimensions == 24 and [len(e.values) for e in enc.embeddings] == [24, 24, 24]
     assert [len(m.tokens) for m in stream] == [4, 4, 2]  # four a message, the rest in the last
