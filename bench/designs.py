@@ -1,0 +1,239 @@
+"""Two other designs of the Encode path, measured beside attnserve by ``bench split --designs``.
+
+attnserve serves on grpc.aio: each call is a task on one event loop, its batch runs in an
+executor thread and comes back through the loop. On one core gRPC alone costs 0.32 ms a call
+that way and 0.19 ms on grpc's thread-pool server (``bench.transport --threads``), so these
+two put the thread-pool server in front of the model and differ in what stands behind it:
+
+* ``bridge``: attnserve's own engine and servicer code (validation, admission, tokenizing, the
+  asyncio batcher) on an event loop of its own thread; each call's thread hands its request to
+  that loop and waits for the answer. The least change to attnserve: four thread hops a call.
+* ``threaded``: no event loop. The call's thread validates, tokenizes, and queues its texts on
+  a batcher made of a lock, a condition and one batch thread; the batch thread forms batches up
+  to ``max_batch_size`` texts from what is queued when the model is free (as attnserve's
+  batcher does), runs them and wakes the callers: two hops a call. A call that goes away or
+  whose deadline passes leaves the queue before its batch forms.
+
+Both keep what a caller sees: the servicer's input checks and their INVALID_ARGUMENT messages,
+requests, latency, batch size and compute time in the real metrics. They serve Encode only:
+prototypes for a measurement, not servers to deploy.
+
+    python -m bench.designs --design threaded|bridge --model-dir DIR --port 0 [--workers 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+import time
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service.batcher import BatchLimits
+from service.engine import Engine
+from service.errors import DeadlineExceeded, InvalidInput, status_for
+from service.metrics import Metrics
+from service.runtime import Runtime, RuntimeOptions, pad_right
+from service.servicer import AttnServeServicer, RequestLimits
+
+DESIGNS = ("bridge", "threaded")
+NO_DEADLINE = 86400.0  # seconds: what grpc's thread-pool server says is left of a call without a deadline exceeds this
+
+
+def response(vectors: np.ndarray, counts: list[int], truncated: list[bool]) -> pb.EncodeResponse:
+    return pb.EncodeResponse(
+        embeddings=[
+            pb.Embedding(values=v.tolist(), token_count=n, truncated=cut)
+            for v, n, cut in zip(vectors, counts, truncated, strict=True)
+        ],
+        dimensions=vectors.shape[1],
+    )
+
+
+def abort(context: grpc.ServicerContext, e: Exception) -> None:
+    code, message = status_for(e)
+    context.abort(code, message)
+
+
+class BridgeServicer(pb_grpc.AttnServeServicer):
+    """The thread-pool server in front of attnserve's servicer and engine, which run on a loop of their own."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.native = AttnServeServicer(metrics, RequestLimits())
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="bridge-loop", daemon=True).start()
+
+        async def start() -> None:
+            engine = Engine(runtime, BatchLimits(), metrics, batch_nice=10)
+            engine.start()
+            self.native.attach(engine, None)  # type: ignore[arg-type]  # Encode only: no scheduler
+
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result()
+
+    def Encode(self, request: pb.EncodeRequest, context: grpc.ServicerContext) -> pb.EncodeResponse:
+        start = time.monotonic()
+        left = context.time_remaining()
+        work = self.native.encode(request, start + left if left < NO_DEADLINE else None)
+        try:
+            done = asyncio.run_coroutine_threadsafe(work, self.loop).result()
+        except Exception as e:
+            observe(self.metrics, status_for(e)[0], start)
+            abort(context, e)
+        observe(self.metrics, grpc.StatusCode.OK, start)
+        out = done.output
+        return response(out.vectors, out.token_counts, done.truncated)
+
+
+def observe(metrics: Metrics, code: grpc.StatusCode, start: float) -> None:
+    metrics.requests.labels("Encode", code.name).inc()
+    metrics.request_seconds.labels("Encode").observe(time.monotonic() - start)
+
+
+@dataclass
+class Waiting:
+    """One call's texts in the threaded batcher's queue."""
+
+    ids: list[np.ndarray]
+    done: threading.Event = field(default_factory=threading.Event)
+    vectors: np.ndarray | None = None  # (texts, 2, d): mean and last pooling
+    error: Exception | None = None
+    gone: bool = False  # its caller went away: not worth a place in a batch
+
+
+class ThreadBatcher:
+    """A queue under a lock and one thread that runs what is queued whenever the model is free."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int = 32) -> None:
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.queue: deque[Waiting] = deque()
+        self.ready = threading.Condition()
+        self.batch_size = metrics.batch_size.labels("encode")
+        self.compute_seconds = metrics.compute_seconds.labels("encode")
+        threading.Thread(target=self._run, name="batch", daemon=True).start()
+
+    def submit(self, ids: list[np.ndarray]) -> Waiting:
+        w = Waiting(ids)
+        with self.ready:
+            self.queue.append(w)
+            self.ready.notify()
+        return w
+
+    def _take(self) -> list[Waiting]:
+        with self.ready:
+            while not self.queue:
+                self.ready.wait()
+            batch: list[Waiting] = []
+            texts = 0
+            while self.queue and (not batch or texts + len(self.queue[0].ids) <= self.max_batch_size):
+                w = self.queue.popleft()
+                if not w.gone:
+                    batch.append(w)
+                    texts += len(w.ids)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                continue
+            start = time.monotonic()
+            try:
+                out = self.runtime.encode(*pad_right([x for w in batch for x in w.ids]))
+                vectors = np.stack([out.pooled_mean, out.pooled_last], axis=1)  # (texts, 2, d)
+            except Exception as e:  # every caller of this batch hears of it, and no other
+                for w in batch:
+                    w.error = e
+                    w.done.set()
+                continue
+            self.compute_seconds.observe(time.monotonic() - start)
+            self.batch_size.observe(len(batch))
+            i = 0
+            for w in batch:
+                w.vectors = vectors[i : i + len(w.ids)]
+                i += len(w.ids)
+                w.done.set()
+
+
+class ThreadedServicer(pb_grpc.AttnServeServicer):
+    """No event loop: the call's own thread validates, tokenizes, queues and answers."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.checks = AttnServeServicer(metrics, RequestLimits())  # the same input checks and messages
+        self.batcher = ThreadBatcher(runtime, metrics)
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        tok = self.runtime.tokenizer
+        if len(texts) == 1:
+            return [tok.encode(texts[0], add_special_tokens=False).ids]
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    def Encode(self, request: pb.EncodeRequest, context: grpc.ServicerContext) -> pb.EncodeResponse:
+        start = time.monotonic()
+        try:
+            if not request.texts:
+                raise InvalidInput("texts: at least one text is required")
+            self.checks._check_texts(request.texts, "texts")
+            limit, cut = self.runtime.info.max_seq_len, request.truncation == pb.TRUNCATION_END
+            ids = self._tokenize(list(request.texts))
+            for i, x in enumerate(ids):
+                if len(x) > limit and not cut:
+                    raise InvalidInput(f"texts[{i}]: {len(x)} tokens exceed the model's context of {limit}")
+            truncated = [len(x) > limit for x in ids]
+            ids = [x[:limit] for x in ids]
+            waiting = self.batcher.submit([np.asarray(x, np.int64) for x in ids])
+            context.add_callback(lambda: setattr(waiting, "gone", True))
+            left = context.time_remaining()  # a call without a deadline has ~forever, too long to wait on
+            if not waiting.done.wait(left if left < NO_DEADLINE else None):
+                waiting.gone = True
+                raise DeadlineExceeded("deadline passed while the request was queued")
+            if waiting.error is not None:
+                raise waiting.error
+        except Exception as e:
+            observe(self.metrics, status_for(e)[0], start)
+            abort(context, e)
+        observe(self.metrics, grpc.StatusCode.OK, start)
+        assert waiting.vectors is not None
+        vectors = waiting.vectors[:, 1] if request.pooling == pb.POOLING_LAST else waiting.vectors[:, 0]
+        if request.normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return response(vectors, [len(x) for x in ids], truncated)
+
+
+def serve(design: str, model_dir: Path, port: int, workers: int) -> None:
+    runtime = Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1, spin=False))
+    metrics = Metrics()
+    servicer = BridgeServicer(runtime, metrics) if design == "bridge" else ThreadedServicer(runtime, metrics)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_AttnServeServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    sys.stderr.write(f"gRPC on 127.0.0.1:{bound}\nserving the {design} design\n")
+    sys.stderr.flush()
+    server.wait_for_termination()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--design", choices=DESIGNS, required=True)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--workers", type=int, default=64, help="the thread-pool server's threads: calls served at once")
+    args = p.parse_args()
+    serve(args.design, args.model_dir, args.port, args.workers)
+
+
+if __name__ == "__main__":
+    main()
