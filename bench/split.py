@@ -34,12 +34,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.designs import DESIGNS
 from bench.encode import closed_loop as encode_loop
 from bench.encode import encode_rates, idle_latency, texts_of
 from bench.generate import NEW_TOKENS, prompts_of
@@ -56,6 +57,7 @@ SERVER_CORE, LOAD_CORE = 1, 0
 BUNDLED = 8
 GROUPED = 4
 FEW = (1, 2, 4)  # concurrencies below the main loads', 1 text a request: where there is little to batch
+FLOOR_THREADS = 64  # the thread-pool floor server's threads: more than the loads' concurrent calls
 
 
 def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any]:
@@ -163,6 +165,10 @@ def attnserve_cmd(model_dir: Path, *flags: str) -> list[str]:
     return serve_args(model_dir, "--intra-op-threads", "1", *flags)
 
 
+def design_cmd(model_dir: Path, design: str) -> list[str]:
+    return ["-m", "bench.designs", "--design", design, "--model-dir", str(model_dir)]
+
+
 def plain_cmd(model_dir: Path) -> list[str]:
     return ["-m", "bench.plain", "--model-dir", str(model_dir), "--intra-op-threads", "1"]
 
@@ -247,7 +253,12 @@ def _thread_name(frame: str) -> str:
 
 
 def run(
-    model_dir: Path, seconds: float = 5.0, rounds: int = 3, concurrency: int = 32, with_profile: bool = False
+    model_dir: Path,
+    seconds: float = 5.0,
+    rounds: int = 3,
+    concurrency: int = 32,
+    with_profile: bool = False,
+    designs: bool = False,
 ) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CORE})  # the load generator's core, and this process's from now on
     limit = limit_on_core(model_dir, 64, min(2.0, seconds))
@@ -256,18 +267,17 @@ def run(
         "model": str(model_dir),
         "machine": f"{machine()}; server on core {SERVER_CORE}, load on core {LOAD_CORE}",
         "limit": limit,
+        "concurrency": concurrency,
     }
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {"attnserve": {}, "plain": {}}
+    servers = {"attnserve": attnserve_cmd(model_dir), "plain": plain_cmd(model_dir)}
+    if designs:
+        servers |= {name: design_cmd(model_dir, name) for name in DESIGNS}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in servers}
     # each encode load by key: (concurrent calls, texts a request)
     loads = {str(k): (concurrency, k) for k in (1, BUNDLED)} | {f"c{c}": (c, 1) for c in FEW}
-    with (
-        pinned_server(attnserve_cmd(model_dir)) as (ours, our_pid),
-        pinned_server(plain_cmd(model_dir)) as (
-            peer,
-            peer_pid,
-        ),
-    ):
-        pids = {"attnserve": (ours, our_pid), "plain": (peer, peer_pid)}
+    with ExitStack() as stack:
+        pids = {name: stack.enter_context(pinned_server(cmd)) for name, cmd in servers.items()}
+        ours, our_pid = pids["attnserve"]
         for _ in range(rounds):
             for name, (address, pid) in pids.items():
                 for key, (calls, k) in loads.items():
@@ -275,7 +285,8 @@ def run(
                     measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
                     runs[name].setdefault(key, []).append(measured)
         for name, (address, _) in pids.items():
-            result.setdefault("idle", {})[name] = asyncio.run(idle_latency(address, texts[0]))
+            if name in ("attnserve", "plain"):
+                result.setdefault("idle", {})[name] = asyncio.run(idle_latency(address, texts[0]))
         if with_profile:
             result["profile_encode"] = profile(our_pid, seconds, encode_loop(ours, texts, concurrency, seconds, 1))
         gen_seconds = 2 * seconds
@@ -297,6 +308,14 @@ def run(
                     result["floor"][f"encode_{k}"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
             load = generate_loop(address, prompts, 16, seconds)
             result["floor"][f"generate_16x{interval}"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["tokens"]))
+    # the same on grpc's thread-pool server: what that transport would leave to the model
+    result["floor_threads"] = {}
+    with floor_server(dimensions, 1, cpus={SERVER_CORE}, threads=FLOOR_THREADS) as (address, pid):
+        for k in (1, BUNDLED):
+            load = encode_loop(address, texts, concurrency, seconds, k)
+            result["floor_threads"][f"encode_{k}"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
+        load = generate_loop(address, prompts, 16, seconds)
+        result["floor_threads"]["generate_16x1"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["tokens"]))
     with pinned_server(attnserve_cmd(model_dir, "--stream-interval", str(GROUPED))) as (address, pid):
         result["generate"][f"16x{GROUPED}"] = asyncio.run(
             cpu_per_unit(pid, generate_loop(address, prompts, 16, gen_seconds), lambda r: r["tokens"])
@@ -352,8 +371,31 @@ def run(
         "few_over_plain": {
             c: enc["attnserve"][f"c{c}"]["texts_per_second"] / enc["plain"][f"c{c}"]["texts_per_second"] for c in FEW
         },
+        "ceiling_threads_encode_1": ceiling(
+            lim["encode_cpu_ms_per_text"], result["floor_threads"]["encode_1"]["server_cpu_ms"], lim["encode_limit"]
+        ),
+        "ceiling_threads_encode_8": ceiling(
+            lim["encode_cpu_ms_per_text"],
+            result["floor_threads"][f"encode_{BUNDLED}"]["server_cpu_ms"],
+            lim["encode_limit"],
+        ),
+        "ceiling_threads_generate_16": ceiling(
+            model_ms_per_token, result["floor_threads"]["generate_16x1"]["server_cpu_ms"], lim["generate_limit_16"]
+        ),
+        # every server measured / plain, at every encode load
+        "over_plain": {
+            name: {k: enc[name][k]["texts_per_second"] / enc["plain"][k]["texts_per_second"] for k in loads}
+            for name in servers
+            if name != "plain"
+        },
     }
     return result
+
+
+def load_name(key: str, concurrency: int) -> str:
+    """'8' -> '8 texts/32 calls', 'c2' -> '1 text/2 calls' (the keys of the encode loads)."""
+    calls, texts = (int(key[1:]), 1) if key.startswith("c") else (concurrency, int(key))
+    return f"{texts} text{'s' if texts > 1 else ''}/{calls} call{'s' if calls > 1 else ''}"
 
 
 def ceiling(model_ms: float, grpc_ms: float, limit: float) -> float:
@@ -381,7 +423,7 @@ def table(r: dict[str, Any]) -> str:
         f"{'encode, 64-token texts, 32 concurrent':<44}{'texts/s':>9}{'share':>8}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'srv CPU/text':>14}",
     ]
-    for name in ("attnserve", "plain"):
+    for name in enc:
         for k in ("1", str(BUNDLED)):
             row = enc[name][k]
             label = f"{name}, {k} text{'s' if k != '1' else ''} a request"
@@ -390,6 +432,12 @@ def table(r: dict[str, Any]) -> str:
                 f"{row['texts_per_second'] / lim['encode_limit'] * 100:>7.0f}%"
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['server_cpu_ms_per_text']:>12.3f}ms"
             )
+    if len(enc) > 2:  # the other designs ran too: each against the plain peer at every load
+        keys = list(s["over_plain"]["attnserve"])
+        lines.append(
+            "/ plain at " + ", ".join(load_name(k, r["concurrency"]) for k in keys) + ": "
+            + "; ".join(f"{n} " + " ".join(f"{v[k]:.2f}x" for k in keys) for n, v in s["over_plain"].items())
+        )  # fmt: skip
     lines.append(
         "1 text a request, few concurrent: "
         + "; ".join(
@@ -430,7 +478,7 @@ def table(r: dict[str, Any]) -> str:
         f"server CPU per token at 16 streams {s['generate_server_cpu_ms_per_token_16']:.3f} ms "
         f"(the model's: {g16['model_cpu_ms_per_token']:.3f} ms)"
     )
-    fl = r["floor"]
+    fl, ft = r["floor"], r["floor_threads"]
     lines += [
         "",
         "gRPC alone on the server's core (a server with no model): encode "
@@ -445,6 +493,12 @@ def table(r: dict[str, Any]) -> str:
         f"so one core allows at most: encode {s['ceiling_encode_1'] * 100:.0f}% of the limit at 1 text a request, "
         f"{s['ceiling_encode_8'] * 100:.0f}% at {BUNDLED}; 16 streams {s['ceiling_generate_16'] * 100:.0f}% at 1 token "
         f"a message, {s['ceiling_generate_16_grouped'] * 100:.0f}% at {GROUPED}",
+        f"on grpc's thread-pool server ({FLOOR_THREADS} threads) gRPC alone costs "
+        f"{ft['encode_1']['server_cpu_ms']:.3f} ms CPU a text at 1 a request, "
+        f"{ft[f'encode_{BUNDLED}']['server_cpu_ms']:.3f} at {BUNDLED}, "
+        f"{ft['generate_16x1']['server_cpu_ms']:.3f} a token at 16 streams: at most "
+        f"{s['ceiling_threads_encode_1'] * 100:.0f}%, {s['ceiling_threads_encode_8'] * 100:.0f}% and "
+        f"{s['ceiling_threads_generate_16'] * 100:.0f}%",
     ]
     for key, title in (("profile_encode", "encode, 1 text a request"), ("profile_generate", "16 streams")):
         if key not in r:

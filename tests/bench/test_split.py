@@ -75,3 +75,10 @@ def test_generation_limit_is_the_models_own_time_on_the_streaming_load(model_dir
     assert r["cpu_ms_per_token"] > r["model_cpu_ms_per_token"] > 0
     # the runtime is left as it was: its own methods, not the timed ones
     assert "decode_step" not in vars(rt) and "prefill" not in vars(rt)
+
+
+def test_encode_loads_are_named_by_texts_and_calls() -> None:
+    assert split.load_name("8", 32) == "8 texts/32 calls"
+    assert split.load_name("1", 32) == "1 text/32 calls"
+    assert split.load_name("c1", 32) == "1 text/1 call"
+    assert split.load_name("c4", 32) == "1 text/4 calls"
