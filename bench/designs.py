@@ -1,8 +1,8 @@
 """Two other designs of the Encode path, measured beside attnserve by ``bench split --designs``.
 
 attnserve serves on grpc.aio: each call is a task on one event loop, its batch runs in an
-executor thread and comes back through the loop. On one core gRPC alone costs 0.32 ms a call
-that way and 0.19 ms on grpc's thread-pool server (``bench.transport --threads``), so these
+executor thread and comes back through the loop. On one core gRPC alone costs 0.31 ms a call
+that way and 0.19-0.21 ms on grpc's thread-pool server (``bench.transport --threads``), so these
 two put the thread-pool server in front of the model and differ in what stands behind it:
 
 * ``bridge``: attnserve's own engine and servicer code (validation, admission, tokenizing, the

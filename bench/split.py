@@ -341,9 +341,6 @@ def run(
         "encode_8_share": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
         "plain_1_share": enc["plain"]["1"]["texts_per_second"] / lim["encode_limit"],
         "plain_8_share": enc["plain"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
-        "encode_1_over_plain": enc["attnserve"]["1"]["texts_per_second"] / enc["plain"]["1"]["texts_per_second"],
-        "encode_8_over_plain": enc["attnserve"][str(BUNDLED)]["texts_per_second"]
-        / enc["plain"][str(BUNDLED)]["texts_per_second"],
         "generate_16_share": gen["16"]["load"]["output_tokens_per_second"] / lim["generate_limit_16"],
         "generate_16_grouped_share": gen[f"16x{GROUPED}"]["load"]["output_tokens_per_second"]
         / lim["generate_limit_16"],
@@ -367,10 +364,6 @@ def run(
             model_ms_per_token, fl[f"generate_16x{GROUPED}"]["server_cpu_ms"], lim["generate_limit_16"]
         ),
         "scheduler_in_process_share": lim["generation"]["16"]["scheduler_tokens_per_second"] / lim["generate_limit_16"],
-        # 1 text a request at few concurrent calls: attnserve / plain
-        "few_over_plain": {
-            c: enc["attnserve"][f"c{c}"]["texts_per_second"] / enc["plain"][f"c{c}"]["texts_per_second"] for c in FEW
-        },
         "ceiling_threads_encode_1": ceiling(
             lim["encode_cpu_ms_per_text"], result["floor_threads"]["encode_1"]["server_cpu_ms"], lim["encode_limit"]
         ),
@@ -382,7 +375,7 @@ def run(
         "ceiling_threads_generate_16": ceiling(
             model_ms_per_token, result["floor_threads"]["generate_16x1"]["server_cpu_ms"], lim["generate_limit_16"]
         ),
-        # every server measured / plain, at every encode load
+        # every server measured / plain, at every encode load ("1", "8": 32 calls; "c1", "c2", "c4": 1 text)
         "over_plain": {
             name: {k: enc[name][k]["texts_per_second"] / enc["plain"][k]["texts_per_second"] for k in loads}
             for name in servers
@@ -432,8 +425,9 @@ def table(r: dict[str, Any]) -> str:
                 f"{row['texts_per_second'] / lim['encode_limit'] * 100:>7.0f}%"
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['server_cpu_ms_per_text']:>12.3f}ms"
             )
+    ours = s["over_plain"]["attnserve"]
     if len(enc) > 2:  # the other designs ran too: each against the plain peer at every load
-        keys = list(s["over_plain"]["attnserve"])
+        keys = list(ours)
         lines.append(
             "/ plain at " + ", ".join(load_name(k, r["concurrency"]) for k in keys) + ": "
             + "; ".join(f"{n} " + " ".join(f"{v[k]:.2f}x" for k in keys) for n, v in s["over_plain"].items())
@@ -442,12 +436,12 @@ def table(r: dict[str, Any]) -> str:
         "1 text a request, few concurrent: "
         + "; ".join(
             f"{c}: attnserve {enc['attnserve'][f'c{c}']['texts_per_second']:.0f}, plain "
-            f"{enc['plain'][f'c{c}']['texts_per_second']:.0f} texts/s ({s['few_over_plain'][c]:.2f}x)"
+            f"{enc['plain'][f'c{c}']['texts_per_second']:.0f} texts/s ({ours[f'c{c}']:.2f}x)"
             for c in FEW
         )
     )
     lines += [
-        f"attnserve / plain: {s['encode_1_over_plain']:.2f}x at 1 text a request, {s['encode_8_over_plain']:.2f}x at "
+        f"attnserve / plain: {ours['1']:.2f}x at 1 text a request, {ours[str(BUNDLED)]:.2f}x at "
         f"{BUNDLED}; idle p50 - batch-1: attnserve {s['idle_p50_minus_batch1_ms']:+.2f} ms, plain "
         f"{s['plain_idle_p50_minus_batch1_ms']:+.2f} ms",
         f"model CPU per text {lim['encode_cpu_ms_per_text']:.3f} ms; attnserve's own, 1 text a request: "
