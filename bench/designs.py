@@ -39,7 +39,7 @@ import numpy as np
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.batcher import BatchLimits
-from service.engine import Engine
+from service.engine import Engine, token_ids
 from service.errors import DeadlineExceeded, InvalidInput, status_for
 from service.metrics import Metrics
 from service.runtime import Runtime, RuntimeOptions, pad_right
@@ -68,7 +68,6 @@ class BridgeServicer(pb_grpc.AttnServeServicer):
     """The thread-pool server in front of attnserve's servicer and engine, which run on a loop of their own."""
 
     def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
-        self.metrics = metrics
         self.native = AttnServeServicer(metrics, RequestLimits())
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="bridge-loop", daemon=True).start()
@@ -87,16 +86,11 @@ class BridgeServicer(pb_grpc.AttnServeServicer):
         try:
             done = asyncio.run_coroutine_threadsafe(work, self.loop).result()
         except Exception as e:
-            observe(self.metrics, status_for(e)[0], start)
+            self.native._observe("Encode", status_for(e)[0], start)
             abort(context, e)
-        observe(self.metrics, grpc.StatusCode.OK, start)
+        self.native._observe("Encode", grpc.StatusCode.OK, start)
         out = done.output
         return response(out.vectors, out.token_counts, done.truncated)
-
-
-def observe(metrics: Metrics, code: grpc.StatusCode, start: float) -> None:
-    metrics.requests.labels("Encode", code.name).inc()
-    metrics.request_seconds.labels("Encode").observe(time.monotonic() - start)
 
 
 @dataclass
@@ -170,15 +164,8 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
 
     def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
         self.runtime = runtime
-        self.metrics = metrics
-        self.checks = AttnServeServicer(metrics, RequestLimits())  # the same input checks and messages
+        self.checks = AttnServeServicer(metrics, RequestLimits())  # the same input checks, messages and metrics
         self.batcher = ThreadBatcher(runtime, metrics)
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        tok = self.runtime.tokenizer
-        if len(texts) == 1:
-            return [tok.encode(texts[0], add_special_tokens=False).ids]
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
     def Encode(self, request: pb.EncodeRequest, context: grpc.ServicerContext) -> pb.EncodeResponse:
         start = time.monotonic()
@@ -187,7 +174,7 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
                 raise InvalidInput("texts: at least one text is required")
             self.checks._check_texts(request.texts, "texts")
             limit, cut = self.runtime.info.max_seq_len, request.truncation == pb.TRUNCATION_END
-            ids = self._tokenize(list(request.texts))
+            ids = token_ids(self.runtime.tokenizer, request.texts)
             for i, x in enumerate(ids):
                 if len(x) > limit and not cut:
                     raise InvalidInput(f"texts[{i}]: {len(x)} tokens exceed the model's context of {limit}")
@@ -202,9 +189,9 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
             if waiting.error is not None:
                 raise waiting.error
         except Exception as e:
-            observe(self.metrics, status_for(e)[0], start)
+            self.checks._observe("Encode", status_for(e)[0], start)
             abort(context, e)
-        observe(self.metrics, grpc.StatusCode.OK, start)
+        self.checks._observe("Encode", grpc.StatusCode.OK, start)
         assert waiting.vectors is not None
         vectors = waiting.vectors[:, 1] if request.pooling == pb.POOLING_LAST else waiting.vectors[:, 0]
         if request.normalize:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from service.batcher import Batcher, BatchLimits
 from service.errors import InvalidInput
@@ -57,6 +58,13 @@ def prefix_for(text: str, chars: int) -> str:
         if text[i].isspace() and not text[i - 1].isspace():
             return text[:i]
     return text
+
+
+def token_ids(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's token ids, without special tokens."""
+    if len(texts) == 1:  # encode_batch hands even one text to its thread pool, where it contends with the model
+        return [tok.encode(texts[0], add_special_tokens=False).ids]
+    return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
 
 @dataclass
@@ -127,10 +135,7 @@ class Engine:
     # --- requests ----------------------------------------------------------------------------
 
     def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        tok = self.runtime.tokenizer
-        if len(texts) == 1:  # encode_batch hands even one text to its thread pool, where it contends with the model
-            return [tok.encode(texts[0], add_special_tokens=False).ids]
-        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+        return token_ids(self.runtime.tokenizer, texts)
 
     async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text: on the event loop for a little text, on the tokenizer's thread otherwise."""
