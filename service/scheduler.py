@@ -23,7 +23,7 @@ step runs only the slots up to the highest one in use.
 The loop runs in a thread of its own, not on the event loop: model steps, sampling and
 bookkeeping follow each other there without a hop between threads, while the event loop
 writes the previous step's tokens to the network. Each step's tokens cross to the event
-loop in one call.
+loop in one call, through ``Handoff`` (an eventfd rather than the loop's self-pipe).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from service.handoff import Handoff
 from service.metrics import Metrics
 from service.runtime import DeviceKVCache, Runtime
 from service.sampling import SamplingParams, Uniform, choose_batch, log_softmax
@@ -149,7 +150,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: Handoff | None = None  # the loop's events and on_death, onto the event loop
         self._outbox: list[tuple[Sequence, Event | BaseException]] = []  # this step's events, sent together
         self._closed = False
         self.dead = False  # the loop ended other than by stop(): nothing more can be generated
@@ -158,7 +159,7 @@ class Scheduler:
         self.max_len = runtime.info.max_seq_len
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._handoff = Handoff(asyncio.get_running_loop())
         self._thread = threading.Thread(target=self._run, name="attnserve-scheduler", daemon=True)
         self._thread.start()
 
@@ -168,6 +169,8 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self._handoff is not None:
+            self._handoff.close()  # hands over what the loop's last step left
 
     # --- callers (event loop thread) -------------------------------------------------------------
 
@@ -278,8 +281,8 @@ class Scheduler:
         with contextlib.suppress(BaseException):
             self._fail_all(ModelNotReady("generation stopped on this server; retry on another replica"))
             self._flush()
-            if self._loop is not None and self.on_death is not None:
-                self._loop.call_soon_threadsafe(self.on_death)
+            if self._handoff is not None and self.on_death is not None:
+                self._handoff.call(self.on_death)
 
     def _guarded(self, work: Callable[[Any], list[Pick]], involved: list[Sequence], arg: Any) -> None:
         """Run a prefill or a step; if it fails, its sequences fail (INTERNAL) and the loop goes on."""
@@ -294,9 +297,9 @@ class Scheduler:
         self._accept_all(picks)
 
     def _flush(self) -> None:
-        if self._outbox and self._loop is not None:
+        if self._outbox and self._handoff is not None:
             outbox, self._outbox = self._outbox, []
-            self._loop.call_soon_threadsafe(self._deliver, outbox)
+            self._handoff.call(self._deliver, outbox)
 
     def _drop_gone(self) -> None:
         now = time.monotonic()
