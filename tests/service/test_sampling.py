@@ -100,3 +100,18 @@ def test_parameter_problems_name_the_field() -> None:
     for field in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "stop"):
         assert field in text
     assert SamplingParams().problems(64) == []
+
+
+def test_infinite_logits_pick_alike_in_a_batch_and_alone() -> None:
+    """A short kept row is weighed in Python lists, the batch in numpy: rows with infinities (whose
+    weights come out NaN) still get the same token both ways."""
+    rng = np.random.default_rng(4)
+    z = (rng.standard_normal((3, 100)) * 2).astype(np.float32)
+    z[0, 7] = np.inf
+    z[1, [3, 9]] = np.inf  # no ties at the k-th value: the batch goes through numpy together
+    with np.errstate(invalid="ignore"):  # inf - inf
+        for top_k in (10, 40, 70):
+            batch = sample_rows(z, 0.9, top_k, [np.random.default_rng(i) for i in range(3)])
+            alone = [sample_row(z[i], 0.9, top_k, np.random.default_rng(i)) for i in range(3)]
+            assert batch == alone
+            assert batch[0] in kept(z[0], top_k) and batch[1] in kept(z[1], top_k)
