@@ -106,8 +106,7 @@ class Engine:
         self.attender = Batcher("attention", self._run_attention, limits, self.executor, metrics, max_len)
         self.tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnserve-tokenize")
         tok = runtime.tokenizer
-        # what each token reads as on its own, decoded once rather than per request
-        self.token_text = [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())]
+        self.token_text = runtime.token_text
         max_token_bytes = max(len(s) for s in tok.get_vocab())  # byte-level: one character a byte
         # a text of more characters than this has more tokens than the context holds, and its first
         # max_seq_len tokens are those of a prefix of (at least) half as many characters

@@ -348,6 +348,12 @@ class Runtime:
         log.info("model %s %s loaded from %s on %s", self.info.name, self.info.version, self.model_dir, self.provider)
         self.warmup_seconds = self.warmup() if self.options.warmup else 0.0
 
+    @functools.cached_property
+    def token_text(self) -> list[str]:
+        """What each token reads as on its own, decoded once rather than per request or per token."""
+        tok = self.tokenizer
+        return [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())]
+
     # --- loading ---------------------------------------------------------------------------
 
     def _graph_file(self, graph: str) -> Path:

@@ -157,6 +157,7 @@ class Scheduler:
         self.on_death: Callable[[], None] | None = None  # called on the event loop when that happens
         self.eot = runtime.info.eot_token_id
         self.max_len = runtime.info.max_seq_len
+        self.token_text = runtime.token_text
 
     def start(self) -> None:
         self._handoff = Handoff(asyncio.get_running_loop())
@@ -436,7 +437,11 @@ class Scheduler:
         Byte-level tokens may split a character; text decoded up to a token that ends one is
         final, so only the tail after it is decoded again.
         """
-        tail = self.runtime.tokenizer.decode(seq.generated[seq.settled_tokens :], skip_special_tokens=False)
+        ids = seq.generated[seq.settled_tokens :]
+        if len(ids) == 1 and ids[0] < len(self.token_text):  # the common case: one token, decoded once at start
+            tail = self.token_text[ids[0]]
+        else:
+            tail = self.runtime.tokenizer.decode(ids, skip_special_tokens=False)
         if tail.endswith("\ufffd"):
             return seq.settled_text + tail
         seq.settled_text += tail
