@@ -460,7 +460,7 @@ class Runtime:
             # the fused graph writes a key and value in every row, even one sitting this step out:
             # a full slot has no room for that write, so such a step takes the decoder graph (which
             # checks for room); with every slot short of full, each has room for its one new token
-            if k and int(lengths.max()) < cache.max_len:
+            if k and max(lengths.tolist()) < cache.max_len:  # a list's max: cheaper than ndarray.max for a few rows
                 b = self._step_binding(cache, k)
                 b.input_ids[:] = input_ids
                 b.past_lengths[:] = lengths
