@@ -312,14 +312,13 @@ class Batcher:
         """run_batch(seqs) on the executor, its answer handed back through the eventfd rather than
         run_in_executor's call_soon_threadsafe (a cheaper wake-up of the loop, on the model's core)."""
         handoff = self._handoff
-        if handoff is None:  # not started: a plain executor call
-            return await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, seqs)
+        assert handoff is not None, "batches run only once start() has made the handoff"
         done = asyncio.get_running_loop().create_future()
 
         def work() -> None:
             try:
                 handoff.call(_settle, done, self.run_batch(seqs), None)
-            except Exception as e:
+            except BaseException as e:  # whatever it is, the batch's callers get it rather than wait forever
                 handoff.call(_settle, done, None, e)
 
         self.executor.submit(work)
@@ -359,6 +358,7 @@ class Batcher:
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """A batch's outcome on the future its run awaits (on the event loop)."""
     if fut.done():  # its waiter was cancelled
         return
     if error is not None:
