@@ -8,13 +8,73 @@ from __future__ import annotations
 
 import platform
 import sys
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class BufferedHistogram:
+    """A histogram for what the generation loop observes on every token and every step.
+
+    ``observe`` appends the value to a deque (~0.05 us; ``Histogram.observe`` takes two locks and
+    scans its buckets, a few microseconds, which one stream pays on every token). The values are
+    counted into the buckets in bulk, with numpy, once ``FOLD`` are pending and whenever the
+    registry is scraped, so a scrape sees every value observed before it. It exposes the series a
+    ``Histogram`` of the same name and buckets does (``_bucket``, ``_count``, ``_sum``), without
+    ``_created``."""
+
+    FOLD = 4096  # pending values at most: a bound on memory between scrapes
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = np.array([*sorted(float(b) for b in buckets), float("inf")])
+        self._counts = np.zeros(len(self._bounds), np.int64)
+        self._sum = 0.0
+        self._pending: deque[float] = deque()  # append and popleft are atomic: no lock on the hot path
+        self._lock = threading.Lock()  # for folding, which the observing thread and a scrape may both do
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._pending.append(value)
+        if len(self._pending) >= self.FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        with self._lock:
+            n = len(self._pending)  # only this lock's holder takes values out: n are there to take
+            if not n:
+                return
+            pending = self._pending
+            values = np.fromiter((pending.popleft() for _ in range(n)), np.float64, n)
+            # bucket i counts the values <= its bound (Prometheus' "le"); a NaN is counted in none, as Histogram does
+            at = np.searchsorted(self._bounds, values[~np.isnan(values)], side="left")
+            self._counts += np.bincount(at, minlength=len(self._bounds))
+            self._sum += float(values.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        self._fold()
+        with self._lock:
+            cumulative, total = np.cumsum(self._counts).tolist(), self._sum
+        yield HistogramMetricFamily(
+            self.name,
+            self.documentation,
+            buckets=[(floatToGoString(b), c) for b, c in zip(self._bounds.tolist(), cumulative, strict=True)],
+            sum_value=total,
+        )
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
 
 
 @dataclass
@@ -90,11 +150,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.gen_itl_seconds = Histogram(
+        # observed on every token and every decode step: counted in bulk (see BufferedHistogram)
+        self.gen_itl_seconds = BufferedHistogram(
             "attnserve_generate_inter_token_latency_seconds",
             "Time between a sequence's consecutive tokens",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            r,
         )
         self.gen_e2e_seconds = Histogram(
             "attnserve_generate_duration_seconds",
@@ -114,8 +175,8 @@ class Metrics:
             "attnserve_generate_prompt_tokens_total", "Prompt tokens prefilled", registry=r
         )
         self.gen_generated_tokens = Counter("attnserve_generate_generated_tokens_total", "Tokens generated", registry=r)
-        self.gen_batch_size = Histogram(
-            "attnserve_generate_decode_batch_size", "Sequences in one decode step", buckets=BATCH_BUCKETS, registry=r
+        self.gen_batch_size = BufferedHistogram(
+            "attnserve_generate_decode_batch_size", "Sequences in one decode step", BATCH_BUCKETS, r
         )
         self.gen_finished = Counter(
             "attnserve_generate_finished_total",
