@@ -18,9 +18,9 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
   goes first; the rest are picked by closeness of length to it, so a batch pads little.
 * Requests whose caller has gone (cancelled future) or whose deadline has passed are dropped
   before the model sees them.
-* The batch runs in an executor so the event loop never blocks; its results are set only on
-  futures that are still waiting, and an exception reaches every future of its batch and no
-  other.
+* The batch runs on a batch thread (``BatchThreads``) so the event loop never blocks; its results
+  come back through an eventfd and are set only on futures that are still waiting, and an
+  exception reaches every future of its batch and no other.
 * Up to ``max_in_flight`` batches run at once (2 by default). A second batch starts beside a
   running one only when a full batch is queued: then the model has work while the first one's
   results go back to their callers. A part-filled batch waits for the running one to finish and
@@ -32,11 +32,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -104,6 +105,57 @@ class Result(Generic[R]):
 RunBatch = Callable[[Sequence[np.ndarray]], Sequence[Any]]
 
 
+class Submit(Protocol):
+    """Where batches run: ``BatchThreads``, or any executor."""
+
+    def submit(self, fn: Callable[[], None], /) -> Any: ...
+
+
+class BatchThreads:
+    """``n`` threads that run the jobs put on one queue, in order: a batcher's batches.
+
+    What a ``ThreadPoolExecutor`` does for a batch, without what a batch has no use for: its
+    result comes back through the batcher's eventfd, not a ``concurrent.futures.Future`` with its
+    condition variable, and there is no idle-thread bookkeeping. On one core a batch-1 encode
+    handed over and answered this way took 0.08 ms longer than run inline, against 0.16 ms
+    through the executor. Jobs do not raise (the batcher's catch everything and hand it back);
+    one that does is logged and the thread goes on."""
+
+    def __init__(
+        self,
+        n: int,
+        name: str,
+        initializer: Callable[..., None] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, args=(initializer, initargs), name=f"{name}-{i}", daemon=True)
+            for i in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[[], None], /) -> None:
+        self._jobs.put(fn)
+
+    def shutdown(self) -> None:
+        """Run the jobs already queued, then end the threads and wait for them."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+
+    def _work(self, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+        if initializer is not None:
+            initializer(*initargs)
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except BaseException:  # a job's own failure, not the thread's: the next batch still runs
+                log.exception("batch job failed")
+
+
 @dataclass
 class Batcher:
     """Batches requests for one graph. ``run_batch`` takes token arrays and returns one result each."""
@@ -111,7 +163,7 @@ class Batcher:
     name: str
     run_batch: RunBatch
     limits: BatchLimits
-    executor: Executor
+    executor: Submit
     metrics: Metrics
     max_len: int  # the longest sequence a batch may hold
     _queue: list[Pending] = field(default_factory=list)
@@ -309,7 +361,7 @@ class Batcher:
         return batch
 
     async def _in_executor(self, seqs: list[np.ndarray]) -> Sequence[Any]:
-        """run_batch(seqs) on the executor, its answer handed back through the eventfd rather than
+        """run_batch(seqs) on a batch thread, its answer handed back through the eventfd rather than
         run_in_executor's call_soon_threadsafe (a cheaper wake-up of the loop, on the model's core)."""
         handoff = self._handoff
         assert handoff is not None, "batches run only once start() has made the handoff"

@@ -1,7 +1,7 @@
 """What the server does with a validated request: tokenize, batch, run, and shape the answer.
 
 Between the transport (``servicer``) and the runtime: it owns one batcher per single-pass
-graph, the executor their batches run in, and the thread that tokenizes large inputs.
+graph, the threads their batches run on, and the thread that tokenizes large inputs.
 Plain Python and numpy types in and out.
 
 The work a request can bring is bounded before it is done. A text longer than the model's
@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from tokenizers import Tokenizer
 
-from service.batcher import Batcher, BatchLimits
+from service.batcher import Batcher, BatchLimits, BatchThreads
 from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.runtime import Runtime, pad_right
@@ -94,16 +94,14 @@ class Engine:
             limits = replace(limits, max_in_flight=cores)
         self.limits = limits
         self.metrics = metrics
-        # a worker for every batch that may be in flight, in either batcher
-        self.executor = ThreadPoolExecutor(
-            max_workers=2 * limits.max_in_flight,
-            thread_name_prefix="attnserve-batch",
-            initializer=yield_to_the_event_loop,
-            initargs=(batch_nice,),
+        # a thread for every batch that may be in flight, in each batcher
+        self.encode_threads, self.attention_threads = (
+            BatchThreads(limits.max_in_flight, f"attnserve-{graph}", yield_to_the_event_loop, (batch_nice,))
+            for graph in ("encode", "attention")
         )
         max_len = runtime.info.max_seq_len
-        self.encoder = Batcher("encode", self._run_encode, limits, self.executor, metrics, max_len)
-        self.attender = Batcher("attention", self._run_attention, limits, self.executor, metrics, max_len)
+        self.encoder = Batcher("encode", self._run_encode, limits, self.encode_threads, metrics, max_len)
+        self.attender = Batcher("attention", self._run_attention, limits, self.attention_threads, metrics, max_len)
         self.tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnserve-tokenize")
         tok = runtime.tokenizer
         self.token_text = runtime.token_text
@@ -118,10 +116,11 @@ class Engine:
 
     async def stop(self) -> None:
         await asyncio.gather(self.encoder.stop(), self.attender.stop())
-        self.executor.shutdown(wait=True)
+        self.encode_threads.shutdown()
+        self.attention_threads.shutdown()
         self.tokenizer_pool.shutdown(wait=True)
 
-    # --- batch runners (executor threads) ----------------------------------------------------
+    # --- batch runners (batch threads) ----------------------------------------------------
 
     def _run_encode(self, batch: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         out = self.runtime.encode(*pad_right(batch))

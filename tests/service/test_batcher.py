@@ -7,13 +7,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatchLimits
+from service.batcher import Batcher, BatchLimits, BatchThreads
 from service.engine import Engine
 from service.errors import DeadlineExceeded, Overloaded
 from service.metrics import Metrics
@@ -42,7 +41,39 @@ class FakeModel:
 
 def make(model: FakeModel, **limits: float) -> Batcher:
     bl = BatchLimits(**limits)  # type: ignore[arg-type]
-    return Batcher("encode", model, bl, ThreadPoolExecutor(bl.max_in_flight), Metrics(), max_len=64)
+    return Batcher("encode", model, bl, BatchThreads(bl.max_in_flight, "test-batch"), Metrics(), max_len=64)
+
+
+def test_batch_threads_run_jobs_in_order_survive_a_failing_one_and_finish_the_queue_on_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[tuple[int, str]] = []
+    started = threading.Event()
+    names: list[str] = []
+
+    def init(tag: str) -> None:
+        names.append(f"{tag}:{threading.current_thread().name}")
+
+    threads = BatchThreads(1, "test-jobs", init, ("init",))
+
+    def job(i: int) -> Callable[[], None]:
+        def run() -> None:
+            if i == 0:
+                started.wait(5)  # the rest queue up behind it
+            if i == 3:
+                raise RuntimeError("job 3 fails")
+            ran.append((i, threading.current_thread().name))
+
+        return run
+
+    for i in range(50):
+        threads.submit(job(i))
+    started.set()
+    threads.shutdown()  # runs what is queued, then joins
+    assert [i for i, _ in ran] == [i for i in range(50) if i != 3]
+    assert {name for _, name in ran} == {"test-jobs-0"}
+    assert names == ["init:test-jobs-0"]
+    assert "batch job failed" in caplog.text and "job 3 fails" in caplog.text
 
 
 def ids(n: int, v: int = 1) -> np.ndarray:
