@@ -170,7 +170,8 @@ class Batcher:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _closed: bool = False
-    _running: set[asyncio.Task[None]] = field(default_factory=set)
+    _in_flight: int = 0  # batches running now
+    _drained: asyncio.Future[None] | None = None  # what stop() awaits while batches still run
     _tokens: int = 0  # tokens of the queued sequences
     # seconds of model time per token, from recent batches (shared among the batches that ran together):
     # what the queue ahead of a new request will cost. 0 until a batch has run: nothing is shed before.
@@ -197,7 +198,9 @@ class Batcher:
         self._wake.set()
         if self._task is not None:
             await self._task
-        await asyncio.gather(*self._running)
+        if self._in_flight:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
         if self._handoff is not None:
             self._handoff.close()
 
@@ -247,7 +250,8 @@ class Batcher:
         self._queue.extend(items)
         self._tokens += tokens
         self._depth.set(len(self._queue))
-        self._wake.set()
+        if self._ready():  # the collector has something to do now (each wake-up costs it a turn of the loop)
+            self._wake.set()
         return items
 
     async def wait(self, items: Sequence[Pending]) -> list[Result[Any]]:
@@ -310,20 +314,14 @@ class Batcher:
                     break
             batch = self._take()
             if batch:
-                task = asyncio.get_running_loop().create_task(self._run(batch), name=f"batch-{self.name}")
-                self._running.add(task)
-                task.add_done_callback(self._finished)
+                self._start(batch)
 
     def _ready(self) -> bool:
         """Whether to form a batch now: work is queued and a slot is free; beside a running batch,
         only a full one (a part-filled batch waits: the running one may be done before it would be)."""
-        if not self._queue or len(self._running) >= self.limits.max_in_flight:
+        if not self._queue or self._in_flight >= self.limits.max_in_flight:
             return False
-        return not self._running or self._full()
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._wake.set()
+        return not self._in_flight or self._full()
 
     def _full(self) -> bool:
         return (
@@ -360,60 +358,70 @@ class Batcher:
         self._unqueue(batch)
         return batch
 
-    async def _in_executor(self, seqs: list[np.ndarray]) -> Sequence[Any]:
-        """run_batch(seqs) on a batch thread, its answer handed back through the eventfd rather than
-        run_in_executor's call_soon_threadsafe (a cheaper wake-up of the loop, on the model's core)."""
+    def _start(self, batch: list[Pending]) -> None:
+        """Run batch on a batch thread; its outcome comes back to ``_finish`` on the event loop through
+        the eventfd. No task a batch: each would cost the loop two more turns a call at light load."""
         handoff = self._handoff
         assert handoff is not None, "batches run only once start() has made the handoff"
-        done = asyncio.get_running_loop().create_future()
-
-        def work() -> None:
-            try:
-                handoff.call(_settle, done, self.run_batch(seqs), None)
-            except BaseException as e:  # whatever it is, the batch's callers get it rather than wait forever
-                handoff.call(_settle, done, None, e)
-
-        self.executor.submit(work)
-        return await done  # type: ignore[no-any-return]
-
-    async def _run(self, batch: list[Pending]) -> None:
         start = time.monotonic()
-        sharing = len(self._running)  # batches running beside this one, itself included (it is added first)
+        self._in_flight += 1
+        sharing = self._in_flight  # batches running beside this one, itself included
         for p in batch:
             p.call.started_at = start
             self._queue_seconds.observe(start - p.call.enqueued_at)
         self._batch_size.observe(len(batch))
         self._batch_tokens.observe(self._padded(batch))
+        run_batch, seqs, finish = self.run_batch, [p.ids for p in batch], self._finish
+
+        def work() -> None:
+            try:
+                results = run_batch(seqs)
+            except BaseException as e:  # whatever it is, the batch's callers get it rather than wait forever
+                handoff.call(finish, batch, start, sharing, None, e)
+            else:
+                handoff.call(finish, batch, start, sharing, results, None)
+
+        self.executor.submit(work)
+
+    def _finish(
+        self,
+        batch: list[Pending],
+        start: float,
+        sharing: int,
+        results: Sequence[Any] | None,
+        error: BaseException | None,
+    ) -> None:
+        """A batch's outcome, on the event loop: its callers' results, or its error for each of them."""
+        self._in_flight -= 1
         try:
-            results = await self._in_executor([p.ids for p in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{self.name}: {len(results)} results for a batch of {len(batch)}")
-        except Exception as e:
-            log.exception("%s batch of %d failed", self.name, len(batch))
-            self._fail(batch, e)
-            return
-        compute = time.monotonic() - start
-        tokens = sum(len(p.ids) for p in batch)
-        per_token = compute / max(1, sharing) / tokens
-        self._seconds_per_token += 0.2 * (per_token - self._seconds_per_token) if self._seconds_per_token else per_token
-        self._compute_seconds.observe(compute)
-        self._token_count.inc(tokens)
-        for p, r in zip(batch, results, strict=True):
-            call = p.call
-            if call.future.done():  # its caller went away, or another of its batches failed
-                continue
-            call.results[p.index] = r
-            call.compute_seconds = max(call.compute_seconds, compute)
-            call.left -= 1
-            if not call.left:
-                call.future.set_result(None)
-
-
-def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    """A batch's outcome on the future its run awaits (on the event loop)."""
-    if fut.done():  # its waiter was cancelled
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
+            if error is None and (results is None or len(results) != len(batch)):
+                error = RuntimeError(
+                    f"{self.name}: {0 if results is None else len(results)} results for a batch of {len(batch)}"
+                )
+            if error is not None:
+                log.error("%s batch of %d failed", self.name, len(batch), exc_info=error)
+                self._fail(batch, error)
+                return
+            assert results is not None
+            compute = time.monotonic() - start
+            tokens = sum(len(p.ids) for p in batch)
+            per_token = compute / max(1, sharing) / tokens
+            self._seconds_per_token += (
+                0.2 * (per_token - self._seconds_per_token) if self._seconds_per_token else per_token
+            )
+            self._compute_seconds.observe(compute)
+            self._token_count.inc(tokens)
+            for p, r in zip(batch, results, strict=True):
+                call = p.call
+                if call.future.done():  # its caller went away, or another of its batches failed
+                    continue
+                call.results[p.index] = r
+                call.compute_seconds = max(call.compute_seconds, compute)
+                call.left -= 1
+                if not call.left:
+                    call.future.set_result(None)
+        finally:
+            if self._queue or self._closed:  # a slot is free for what waits (or for the collector to end)
+                self._wake.set()
+            if not self._in_flight and self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)

@@ -138,6 +138,33 @@ def test_a_failed_batch_fails_its_requests_only_while_another_batch_runs_beside_
     asyncio.run(main())
 
 
+class Halt(BaseException):
+    """Not an Exception: what a runner should never raise, and its callers must still hear of."""
+
+
+def test_a_batch_with_too_few_results_or_a_base_exception_fails_its_callers_and_the_next_batch_runs() -> None:
+    def runner(batch: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if int(batch[0][0]) == 1:
+            return []
+        if int(batch[0][0]) == 2:
+            raise Halt("halted")
+        return [x * 2 for x in batch]
+
+    async def main() -> None:
+        threads = BatchThreads(1, "test-batch")
+        b = Batcher("encode", runner, BatchLimits(max_batch_size=1), threads, Metrics(), max_len=64)
+        b.start()
+        with pytest.raises(RuntimeError, match="0 results for a batch of 1"):
+            await asyncio.wait_for(b.submit(ids(3, 1)), 5)
+        with pytest.raises(Halt):
+            await asyncio.wait_for(b.submit(ids(3, 2)), 5)
+        assert (await asyncio.wait_for(b.submit(ids(3, 5)), 5)).value.tolist() == [10, 10, 10]
+        await asyncio.wait_for(b.stop(), 5)
+        threads.shutdown()
+
+    asyncio.run(main())
+
+
 def test_cancelled_and_expired_requests_never_reach_the_model() -> None:
     async def main() -> None:
         model = FakeModel()
