@@ -17,6 +17,11 @@ leaves to the model.
    of each; the server's CPU time per text.
 3. GenerateStream: 16 streams one token a message, 16 streams ``--stream-interval 4``, and one
    stream (its inter-token latency against the batch-1 step).
+   The two latencies (one stream's inter-token p50 against the batch-1 step, an idle Encode's p50
+   against the batch-1 encode) are paired: each round times the model in this process on the
+   server's core right before the same measurement over gRPC, and the figure is the median of the
+   rounds' differences, so that the machine's speed, which drifts by 10-30% over a run here, falls
+   on both sides of each difference.
 4. With ``--profile``: py-spy samples the server under the 1-text and the 16-stream loads; the
    functions where its CPU goes, by own time and by time within them.
 
@@ -34,7 +39,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +66,27 @@ FEW = (1, 2, 4)  # concurrencies below the main loads', 1 text a request: where 
 FLOOR_THREADS = 64  # the thread-pool floor server's threads: more than the loads' concurrent calls
 
 
+@contextmanager
+def on_core(core: int) -> Iterator[None]:
+    """This thread (and the threads it starts) on ``core`` alone for the length of a with-block."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def runtime_on_core(model_dir: Path) -> Runtime:
+    """The runtime as the server runs it: one intra-op thread, made on the server's core."""
+    with on_core(SERVER_CORE):
+        return Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1, spin=False))
+
+
 def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any]:
     """The runtime alone on the server's core, one intra-op thread, as the server runs it."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {SERVER_CORE})
-    try:
-        rt = Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1, spin=False))
+    with on_core(SERVER_CORE):
+        rt = runtime_on_core(model_dir)
         by_batch, cpu_ms = encode_rates(rt, tokens, seconds, (1, 8, 16, 32))
         one = np.ones((1, tokens), np.int64)
         batch1 = median_seconds(lambda: rt.encode(one, np.ones_like(one)), runs=300, warmup=0)
@@ -82,8 +103,6 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
         texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
         prompts = prompts_of(rt, 64, hi=min(64, rt.info.max_seq_len - NEW_TOKENS - 1))
         generation = {str(n): asyncio.run(generation_in_process(rt, prompts, n, 2 * seconds)) for n in (1, 16)}
-    finally:
-        os.sched_setaffinity(0, before)
     best = max(by_batch, key=lambda k: by_batch[k])
     return {
         "encode_texts_per_second_by_batch": by_batch,
@@ -252,6 +271,39 @@ def _thread_name(frame: str) -> str:
     return name.rstrip("0123456789-_ ") or name
 
 
+def paired_latency(
+    model_dir: Path, servers: dict[str, str], texts: list[str], prompts: list[str], seconds: float, rounds: int
+) -> dict[str, Any]:
+    """Each round: one stream's decode step timed in process on the server's core, then one stream
+    over gRPC against attnserve; the batch-1 encode in process, then an idle Encode against each of
+    ``servers`` (name -> address). The differences are taken within a round."""
+    rt = runtime_on_core(model_dir)
+    ids = np.ones((1, min(64, rt.info.max_seq_len)), np.int64)
+    steps: list[float] = []
+    batch1: list[float] = []
+    ones: list[dict[str, Any]] = []
+    idle: dict[str, list[float]] = {name: [] for name in servers}
+    for _ in range(rounds):
+        with on_core(SERVER_CORE):
+            steps.append(asyncio.run(generation_in_process(rt, prompts, 1, seconds))["step_p50_ms"])
+        ones.append(asyncio.run(generate_loop(servers["attnserve"], prompts, 1, seconds)))
+        with on_core(SERVER_CORE):
+            batch1.append(median_seconds(lambda: rt.encode(ids, np.ones_like(ids)), runs=300) * 1e3)
+        for name, address in servers.items():
+            idle[name].append(asyncio.run(idle_latency(address, texts[0]))["p50_ms"])
+    itl_minus_step = [one["itl_p50_ms"] - step for one, step in zip(ones, steps, strict=True)]
+    middle = sorted(range(rounds), key=lambda i: itl_minus_step[i])[rounds // 2]
+    return {
+        "step_p50_ms": steps,
+        "itl_p50_ms": [one["itl_p50_ms"] for one in ones],
+        "itl_minus_step_ms": itl_minus_step,
+        "one_stream": ones[middle],  # the round whose difference is the median
+        "batch1_p50_ms": batch1,
+        "idle_p50_ms": idle,
+        "idle_minus_batch1_ms": {name: [v - b for v, b in zip(vs, batch1, strict=True)] for name, vs in idle.items()},
+    }
+
+
 def run(
     model_dir: Path,
     seconds: float = 5.0,
@@ -284,9 +336,8 @@ def run(
                     load = encode_loop(address, texts, calls, seconds, k)
                     measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
                     runs[name].setdefault(key, []).append(measured)
-        for name, (address, _) in pids.items():
-            if name in ("attnserve", "plain"):
-                result.setdefault("idle", {})[name] = asyncio.run(idle_latency(address, texts[0]))
+        latency_of = {name: pids[name][0] for name in ("attnserve", "plain")}
+        result["paired"] = paired = paired_latency(model_dir, latency_of, texts, prompts, 2 * seconds, rounds)
         if with_profile:
             result["profile_encode"] = profile(our_pid, seconds, encode_loop(ours, texts, concurrency, seconds, 1))
         gen_seconds = 2 * seconds
@@ -294,7 +345,7 @@ def run(
             "16": asyncio.run(
                 cpu_per_unit(our_pid, generate_loop(ours, prompts, 16, gen_seconds), lambda r: r["tokens"])
             ),
-            "1": asyncio.run(generate_loop(ours, prompts, 1, gen_seconds)),
+            "1": paired["one_stream"],
         }
         if with_profile:
             result["profile_generate"] = profile(our_pid, seconds, generate_loop(ours, prompts, 16, seconds))
@@ -344,9 +395,10 @@ def run(
         "generate_16_share": gen["16"]["load"]["output_tokens_per_second"] / lim["generate_limit_16"],
         "generate_16_grouped_share": gen[f"16x{GROUPED}"]["load"]["output_tokens_per_second"]
         / lim["generate_limit_16"],
-        "single_stream_itl_minus_step_ms": gen["1"]["itl_p50_ms"] - lim["generation"]["1"]["step_p50_ms"],
-        "idle_p50_minus_batch1_ms": result["idle"]["attnserve"]["p50_ms"] - lim["encode_batch1_p50_ms"],
-        "plain_idle_p50_minus_batch1_ms": result["idle"]["plain"]["p50_ms"] - lim["encode_batch1_p50_ms"],
+        # paired within rounds (paired_latency): the medians of the rounds' differences
+        "single_stream_itl_minus_step_ms": statistics.median(result["paired"]["itl_minus_step_ms"]),
+        "idle_p50_minus_batch1_ms": statistics.median(result["paired"]["idle_minus_batch1_ms"]["attnserve"]),
+        "plain_idle_p50_minus_batch1_ms": statistics.median(result["paired"]["idle_minus_batch1_ms"]["plain"]),
         "encode_server_overhead_ms_per_text": enc["attnserve"]["1"]["server_cpu_ms_per_text"]
         - lim["encode_cpu_ms_per_text"],
         "generate_server_cpu_ms_per_token_16": gen["16"]["server_cpu_ms"],
@@ -396,8 +448,13 @@ def ceiling(model_ms: float, grpc_ms: float, limit: float) -> float:
     return min(1.0, 1e3 / (model_ms + grpc_ms) / limit)
 
 
+def signed(values: list[float], places: int, sign: str = "+") -> str:
+    """'+0.210 / +0.198 / +0.231': each round's figure."""
+    return " / ".join(f"{v:{sign}.{places}f}" for v in values)
+
+
 def table(r: dict[str, Any]) -> str:
-    lim, enc, gen, s = r["limit"], r["encode"], r["generate"], r["summary"]
+    lim, enc, gen, s, pr = r["limit"], r["encode"], r["generate"], r["summary"], r["paired"]
     g16 = lim["generation"]["16"]
     lines = [
         f"split: {r['machine']}",
@@ -442,8 +499,10 @@ def table(r: dict[str, Any]) -> str:
     )
     lines += [
         f"attnserve / plain: {ours['1']:.2f}x at 1 text a request, {ours[str(BUNDLED)]:.2f}x at "
-        f"{BUNDLED}; idle p50 - batch-1: attnserve {s['idle_p50_minus_batch1_ms']:+.2f} ms, plain "
-        f"{s['plain_idle_p50_minus_batch1_ms']:+.2f} ms",
+        f"{BUNDLED}; idle p50 - batch-1 (median of {len(pr['batch1_p50_ms'])} paired rounds): attnserve "
+        f"{s['idle_p50_minus_batch1_ms']:+.2f} ms ({signed(pr['idle_minus_batch1_ms']['attnserve'], 2)}), plain "
+        f"{s['plain_idle_p50_minus_batch1_ms']:+.2f} ms ({signed(pr['idle_minus_batch1_ms']['plain'], 2)}); "
+        f"batch-1 {signed(pr['batch1_p50_ms'], 2, '')} ms",
         f"model CPU per text {lim['encode_cpu_ms_per_text']:.3f} ms; attnserve's own, 1 text a request: "
         f"{s['encode_server_overhead_ms_per_text']:.3f} ms",
         "",
@@ -468,7 +527,9 @@ def table(r: dict[str, Any]) -> str:
         f"{one['tokens_per_message']:>11.2f}{one['gap_p50_ms']:>9.3f}"
     )
     lines.append(
-        f"single-stream ITL p50 - batch-1 step: {s['single_stream_itl_minus_step_ms']:+.3f} ms; "
+        f"single-stream ITL p50 - batch-1 step (median of {len(pr['step_p50_ms'])} paired rounds): "
+        f"{s['single_stream_itl_minus_step_ms']:+.3f} ms ({signed(pr['itl_minus_step_ms'], 3)}; steps "
+        f"{signed(pr['step_p50_ms'], 3, '')} ms); "
         f"server CPU per token at 16 streams {s['generate_server_cpu_ms_per_token_16']:.3f} ms "
         f"(the model's: {g16['model_cpu_ms_per_token']:.3f} ms)"
     )

@@ -41,6 +41,29 @@ def test_the_plain_peer_serves_what_attnserve_does_on_the_core_it_is_given(model
     assert [e.token_count for e in peer.embeddings] == [e.token_count for e in ours.embeddings]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_latencies_are_paired_with_the_models_own_time_round_by_round(model_dir: Path) -> None:
+    from bench.generate import prompts_of
+
+    prompts = prompts_of(split.runtime_on_core(model_dir), 4, hi=8)
+    with (
+        split.pinned_server(split.attnserve_cmd(model_dir)) as (ours, _),
+        split.pinned_server(split.plain_cmd(model_dir)) as (plain, _),
+    ):
+        p = split.paired_latency(model_dir, {"attnserve": ours, "plain": plain}, TEXTS, prompts, 0.3, 3)
+    assert len(p["step_p50_ms"]) == len(p["itl_p50_ms"]) == len(p["batch1_p50_ms"]) == 3
+    assert all(v > 0 for v in p["step_p50_ms"] + p["itl_p50_ms"] + p["batch1_p50_ms"])
+    # each difference is taken within its round
+    assert p["itl_minus_step_ms"] == [i - s for i, s in zip(p["itl_p50_ms"], p["step_p50_ms"], strict=True)]
+    for name in ("attnserve", "plain"):
+        idle = p["idle_p50_ms"][name]
+        assert p["idle_minus_batch1_ms"][name] == [v - b for v, b in zip(idle, p["batch1_p50_ms"], strict=True)]
+    # the one stream reported is the round whose difference is the median
+    median_round = p["itl_p50_ms"].index(p["one_stream"]["itl_p50_ms"])
+    assert p["itl_minus_step_ms"][median_round] == sorted(p["itl_minus_step_ms"])[1]
+    assert p["one_stream"]["tokens"] > 0
+
+
 def test_profile_summary_from_folded_stacks() -> None:
     folded = "\n".join(
         [
