@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -23,27 +23,17 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-class BufferedHistogram:
-    """A histogram for what the generation loop observes on every token and every step.
-
-    ``observe`` appends the value to a deque (~0.05 us; ``Histogram.observe`` takes two locks and
-    scans its buckets, a few microseconds, which one stream pays on every token). The values are
-    counted into the buckets in bulk, with numpy, once ``FOLD`` are pending and whenever the
-    registry is scraped, so a scrape sees every value observed before it. It exposes the series a
-    ``Histogram`` of the same name and buckets does (``_bucket``, ``_count``, ``_sum``), without
-    ``_created``."""
+class Tally:
+    """One series of a ``BufferedHistogram``: its pending values, bucket counts and sum."""
 
     FOLD = 4096  # pending values at most: a bound on memory between scrapes
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
-        self.name = name
-        self.documentation = documentation
-        self._bounds = np.array([*sorted(float(b) for b in buckets), float("inf")])
-        self._counts = np.zeros(len(self._bounds), np.int64)
+    def __init__(self, bounds: np.ndarray) -> None:
+        self._bounds = bounds
+        self._counts = np.zeros(len(bounds), np.int64)
         self._sum = 0.0
         self._pending: deque[float] = deque()  # append and popleft are atomic: no lock on the hot path
         self._lock = threading.Lock()  # for folding, which the observing thread and a scrape may both do
-        registry.register(self)
 
     def observe(self, value: float) -> None:
         self._pending.append(value)
@@ -62,19 +52,67 @@ class BufferedHistogram:
             self._counts += np.bincount(at, minlength=len(self._bounds))
             self._sum += float(values.sum())
 
-    def collect(self) -> Iterator[HistogramMetricFamily]:
+    def snapshot(self) -> tuple[list[int], float]:
+        """Cumulative bucket counts and the sum, every value observed so far counted."""
         self._fold()
         with self._lock:
-            cumulative, total = np.cumsum(self._counts).tolist(), self._sum
-        yield HistogramMetricFamily(
-            self.name,
-            self.documentation,
-            buckets=[(floatToGoString(b), c) for b, c in zip(self._bounds.tolist(), cumulative, strict=True)],
-            sum_value=total,
-        )
+            return np.cumsum(self._counts).tolist(), self._sum
+
+
+class BufferedHistogram:
+    """A histogram whose observations cost the observer a deque append (~0.05 us).
+
+    ``Histogram.observe`` takes two locks and scans its buckets, a few microseconds on every token
+    of a stream and every request. Here the values are counted into the buckets in bulk, with
+    numpy, once ``Tally.FOLD`` are pending and whenever the registry is scraped, so a scrape sees
+    every value observed before it. It exposes the series a ``Histogram`` of the same name, labels
+    and buckets does (``_bucket``, ``_count``, ``_sum``), without ``_created``; ``labels(...)``
+    gives a series to observe, as a ``Histogram``'s does."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = np.array([*sorted(float(b) for b in buckets), float("inf")])
+        self._series: dict[tuple[str, ...], Tally] = {}
+        self._lock = threading.Lock()
+        self._unlabelled = None if self._labelnames else self.labels()
+        registry.register(self)
+
+    def labels(self, *values: object) -> Tally:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self.name}: {len(values)} label values for labels {self._labelnames}")
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            with self._lock:
+                series = self._series.setdefault(key, Tally(self._bounds))
+        return series
+
+    def observe(self, value: float) -> None:
+        if self._unlabelled is None:
+            raise ValueError(f"{self.name} has labels {self._labelnames}: observe a series of labels(...)")
+        self._unlabelled.observe(value)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
+        bounds = [floatToGoString(b) for b in self._bounds.tolist()]
+        with self._lock:
+            series = list(self._series.items())
+        for key, tally in series:
+            cumulative, total = tally.snapshot()
+            family.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), total)
+        yield family
 
     def describe(self) -> Iterator[HistogramMetricFamily]:
-        yield HistogramMetricFamily(self.name, self.documentation)
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
 
 
 @dataclass
@@ -86,36 +124,19 @@ class Metrics:
         self.requests = Counter(
             "attnserve_requests_total", "RPCs answered, by method and status code", ["rpc", "code"], registry=r
         )
-        self.request_seconds = Histogram(
-            "attnserve_request_duration_seconds",
-            "Time from arrival to answer",
-            ["rpc"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        # every histogram is observed on a request's or a batch's path: counted in bulk (BufferedHistogram)
+        self.request_seconds = BufferedHistogram(
+            "attnserve_request_duration_seconds", "Time from arrival to answer", LATENCY_BUCKETS, r, ["rpc"]
         )
-        self.queue_seconds = Histogram(
-            "attnserve_queue_duration_seconds",
-            "Time a request waited for its batch",
-            ["graph"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.queue_seconds = BufferedHistogram(
+            "attnserve_queue_duration_seconds", "Time a request waited for its batch", LATENCY_BUCKETS, r, ["graph"]
         )
-        self.compute_seconds = Histogram(
-            "attnserve_compute_duration_seconds",
-            "Time one batch took to run",
-            ["graph"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.compute_seconds = BufferedHistogram(
+            "attnserve_compute_duration_seconds", "Time one batch took to run", LATENCY_BUCKETS, r, ["graph"]
         )
-        self.batch_size = Histogram(
-            "attnserve_batch_size", "Requests per batch", ["graph"], buckets=BATCH_BUCKETS, registry=r
-        )
-        self.batch_tokens = Histogram(
-            "attnserve_batch_padded_tokens",
-            "Tokens per batch, padding included",
-            ["graph"],
-            buckets=TOKEN_BUCKETS,
-            registry=r,
+        self.batch_size = BufferedHistogram("attnserve_batch_size", "Requests per batch", BATCH_BUCKETS, r, ["graph"])
+        self.batch_tokens = BufferedHistogram(
+            "attnserve_batch_padded_tokens", "Tokens per batch, padding included", TOKEN_BUCKETS, r, ["graph"]
         )
         self.queue_depth = Gauge("attnserve_queue_depth", "Requests waiting for a batch", ["graph"], registry=r)
         self.tokens = Counter("attnserve_tokens_total", "Real (unpadded) tokens processed", ["graph"], registry=r)
@@ -144,30 +165,23 @@ class Metrics:
         self.ready = Gauge("attnserve_ready", "1 once the model is loaded and warmed up", registry=r)
 
         # generation
-        self.gen_ttft_seconds = Histogram(
-            "attnserve_generate_time_to_first_token_seconds",
-            "Arrival to first generated token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.gen_ttft_seconds = BufferedHistogram(
+            "attnserve_generate_time_to_first_token_seconds", "Arrival to first generated token", LATENCY_BUCKETS, r
         )
-        # observed on every token and every decode step: counted in bulk (see BufferedHistogram)
         self.gen_itl_seconds = BufferedHistogram(
             "attnserve_generate_inter_token_latency_seconds",
             "Time between a sequence's consecutive tokens",
             LATENCY_BUCKETS,
             r,
         )
-        self.gen_e2e_seconds = Histogram(
-            "attnserve_generate_duration_seconds",
-            "Arrival to the end of generation",
-            buckets=(*LATENCY_BUCKETS, 30.0, 60.0),
-            registry=r,
+        self.gen_e2e_seconds = BufferedHistogram(
+            "attnserve_generate_duration_seconds", "Arrival to the end of generation", (*LATENCY_BUCKETS, 30.0, 60.0), r
         )
-        self.gen_queue_seconds = Histogram(
+        self.gen_queue_seconds = BufferedHistogram(
             "attnserve_generate_queue_duration_seconds",
             "Arrival to admission into the running batch",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            r,
         )
         self.gen_running = Gauge("attnserve_generate_running_sequences", "Sequences in the running batch", registry=r)
         self.gen_waiting = Gauge("attnserve_generate_waiting_sequences", "Requests waiting for a slot", registry=r)

@@ -1,4 +1,4 @@
-"""The buffered histogram: the series a prometheus Histogram gives, whatever the folding."""
+"""The buffered histogram: the series a prometheus Histogram gives, with or without labels, whatever the folding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from service.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, BufferedHistogram
+from service.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, BufferedHistogram, Metrics, Tally
 
 
 def exposition(registry: CollectorRegistry) -> dict[str, float]:
@@ -40,6 +40,41 @@ def test_it_exposes_what_a_histogram_exposes(buckets: tuple[float, ...]) -> None
     assert generate_latest(r1).decode().count("# HELP x doc") == generate_latest(r2).decode().count("# HELP x doc")
 
 
+def test_labelled_series_expose_what_a_labelled_histogram_exposes() -> None:
+    r1, r2 = CollectorRegistry(), CollectorRegistry()
+    real = Histogram("calls_seconds", "doc", ["rpc", "code"], buckets=LATENCY_BUCKETS, registry=r1)
+    ours = BufferedHistogram("calls_seconds", "doc", LATENCY_BUCKETS, r2, ["rpc", "code"])
+    assert exposition(r1) == exposition(r2) == {}  # no series until one is asked for
+    real.labels("Encode", "OK")
+    ours.labels("Encode", "OK")
+    rng = random.Random(3)
+    for _ in range(3000):
+        rpc, code, v = rng.choice(["Encode", "Generate"]), rng.choice(["OK", "CANCELLED"]), rng.random() * 0.02
+        real.labels(rpc, code).observe(v)
+        ours.labels(rpc, code).observe(v)
+    want, got = exposition(r1), exposition(r2)
+    assert want.keys() == got.keys() and len(want) == 4 * (len(LATENCY_BUCKETS) + 3)
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-12), name
+    assert ours.labels("Encode", "OK") is ours.labels("Encode", "OK")
+    with pytest.raises(ValueError):
+        ours.labels("Encode")
+    with pytest.raises(ValueError):
+        ours.observe(1.0)  # a labelled histogram is observed through a series
+
+
+def test_the_services_histograms_count_in_bulk_under_their_names() -> None:
+    m = Metrics()
+    m.request_seconds.labels("Encode").observe(0.003)
+    m.queue_seconds.labels("encode").observe(0.001)
+    m.gen_e2e_seconds.observe(45.0)
+    r = m.registry
+    assert r.get_sample_value("attnserve_request_duration_seconds_count", {"rpc": "Encode"}) == 1
+    assert r.get_sample_value("attnserve_queue_duration_seconds_bucket", {"graph": "encode", "le": "0.001"}) == 1
+    assert r.get_sample_value("attnserve_generate_duration_seconds_bucket", {"le": "60.0"}) == 1
+    assert r.get_sample_value("attnserve_generate_duration_seconds_bucket", {"le": "30.0"}) == 0
+
+
 def test_a_scrape_sees_every_value_observed_before_it_and_pending_values_stay_bounded() -> None:
     r = CollectorRegistry()
     h = BufferedHistogram("y_seconds", "doc", LATENCY_BUCKETS, r)
@@ -47,17 +82,17 @@ def test_a_scrape_sees_every_value_observed_before_it_and_pending_values_stay_bo
     assert r.get_sample_value("y_seconds_count") == 1
     assert r.get_sample_value("y_seconds_bucket", {"le": "0.0025"}) == 1
     assert r.get_sample_value("y_seconds_bucket", {"le": "0.001"}) == 0
-    for _ in range(3 * h.FOLD + 5):
+    for _ in range(3 * Tally.FOLD + 5):
         h.observe(0.5)
-        assert len(h._pending) < h.FOLD
-    assert r.get_sample_value("y_seconds_count") == 3 * h.FOLD + 6
-    assert r.get_sample_value("y_seconds_sum") == pytest.approx(0.002 + 0.5 * (3 * h.FOLD + 5))
+        assert len(h.labels()._pending) < Tally.FOLD
+    assert r.get_sample_value("y_seconds_count") == 3 * Tally.FOLD + 6
+    assert r.get_sample_value("y_seconds_sum") == pytest.approx(0.002 + 0.5 * (3 * Tally.FOLD + 5))
 
 
 def test_no_value_is_lost_when_scrapes_fold_beside_the_observing_thread() -> None:
     r = CollectorRegistry()
     h = BufferedHistogram("z", "doc", BATCH_BUCKETS, r)
-    n = 5 * h.FOLD + 123
+    n = 5 * Tally.FOLD + 123
     done = threading.Event()
 
     def observe() -> None:
