@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -105,12 +105,6 @@ class Result(Generic[R]):
 RunBatch = Callable[[Sequence[np.ndarray]], Sequence[Any]]
 
 
-class Submit(Protocol):
-    """Where batches run: ``BatchThreads``, or any executor."""
-
-    def submit(self, fn: Callable[[], None], /) -> Any: ...
-
-
 class BatchThreads:
     """``n`` threads that run the jobs put on one queue, in order: a batcher's batches.
 
@@ -163,7 +157,7 @@ class Batcher:
     name: str
     run_batch: RunBatch
     limits: BatchLimits
-    executor: Submit
+    threads: BatchThreads  # where its batches run
     metrics: Metrics
     max_len: int  # the longest sequence a batch may hold
     _queue: list[Pending] = field(default_factory=list)
@@ -381,7 +375,7 @@ class Batcher:
             else:
                 handoff.call(finish, batch, start, sharing, results, None)
 
-        self.executor.submit(work)
+        self.threads.submit(work)
 
     def _finish(
         self,
