@@ -61,10 +61,11 @@ def prefix_for(text: str, chars: int) -> str:
 
 
 def token_ids(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Each text's token ids, without special tokens."""
-    if len(texts) == 1:  # encode_batch hands even one text to its thread pool, where it contends with the model
-        return [tok.encode(texts[0], add_special_tokens=False).ids]
-    return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    """Each text's token ids, without special tokens. ``encode_batch_fast`` leaves out the character
+    offsets, which nothing here reads: on one core a 64-token text took 67 us against ``encode``'s 80,
+    eight 520 us against ``encode_batch``'s 618 (its thread pool included: it takes even one text,
+    and beside a busy thread on the same core one text still took 35 us against 44)."""
+    return [e.ids for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
 
 @dataclass
