@@ -119,33 +119,31 @@ def sample_row(z: np.ndarray, temperature: float, top_k: int, rng: Uniform) -> i
     """A token from one row of logits z (V,) under temperature (> 0) and top-k (0 = all): the inverse
     CDF of the kept tokens' weights, in vocabulary order, at one uniform from rng."""
     idx = kept(z, top_k)
-    if idx is not None and 0 < len(idx) <= SHORT_ROW:
-        return int(idx[_pick_short(z[idx], temperature, rng)])
     w = (z if idx is None else z[idx]).astype(np.float64)
     if not len(w):  # nothing but NaNs
         return int(np.argmax(z))
     w /= temperature
     w -= w.max()
     np.exp(w, out=w)
-    w.cumsum(out=w)  # unnormalised: the uniform is scaled instead, as in draw()
-    pick = min(int(np.count_nonzero(w <= rng.random() * w[-1])), len(w) - 1)
+    pick = _search_short(w, rng) if len(w) <= SHORT_ROW else _search(w, rng)
     return pick if idx is None else int(idx[pick])
 
 
-# Kept rows of at most this many logits are summed and searched in Python lists, not numpy arrays:
+def _search(w: np.ndarray, rng: Uniform) -> int:
+    """The index where the running sum of weights w first exceeds one uniform scaled to their total."""
+    w.cumsum(out=w)  # unnormalised: the uniform is scaled instead, as in draw()
+    return min(int(np.count_nonzero(w <= rng.random() * w[-1])), len(w) - 1)
+
+
+# Rows of at most this many weights are summed and searched in Python lists, not numpy arrays:
 # after a model step the caches are cold and each numpy call costs microseconds, so a top-k of 40
 # took 8 us less a token this way (one stream, in process).
 SHORT_ROW = 64
 
 
-def _pick_short(logits: np.ndarray, temperature: float, rng: Uniform) -> int:
-    """``sample_row``'s arithmetic on a short row: the weights in float64 by numpy, as the batch
-    computes them, then the running sum added in order as cumsum adds it, so the pick is the one
-    ``sample_rows`` makes for the same row and uniform."""
-    w = logits.astype(np.float64)
-    w /= temperature
-    w -= w.max()
-    np.exp(w, out=w)
+def _search_short(w: np.ndarray, rng: Uniform) -> int:
+    """``_search`` on a short row: the running sum added in order as cumsum adds it, so the pick is
+    the one ``_search`` and ``sample_rows`` make for the same weights and uniform."""
     cum = list(itertools.accumulate(w.tolist()))
     u = rng.random() * cum[-1]
     if u != u:  # NaN (an infinite logit): no running sum is <= it, as count_nonzero counts
