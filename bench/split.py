@@ -21,7 +21,10 @@ leaves to the model.
    against the batch-1 encode) are paired: each round times the model in this process on the
    server's core right before the same measurement over gRPC, and the figure is the median of the
    rounds' differences, so that the machine's speed, which drifts by 10-30% over a run here, falls
-   on both sides of each difference.
+   on both sides of each difference. Each difference is then taken apart in the same rounds:
+   gRPC's own share (the same measurement against a server with no model behind it), the model's
+   slowdown when the core idles between calls (the batch-1 encode timed after a pause, as an idle
+   server runs it), and what is left, the server's own.
 4. With ``--profile``: py-spy samples the server under the 1-text and the 16-stream loads; the
    functions where its CPU goes, by own time and by time within them.
 
@@ -39,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -271,37 +274,85 @@ def _thread_name(frame: str) -> str:
     return name.rstrip("0123456789-_ ") or name
 
 
+IDLE_PAUSE_S = 0.001  # between in-process batch-1 encodes timed at an idle server's pace
+
+
+def paced_median_seconds(fn: Callable[[], object], pause_s: float, runs: int) -> float:
+    """Median wall time of fn over ``runs`` calls, each after ``pause_s`` of sleep (not timed): the core
+    idles between calls, as it does between the requests of one client waiting for each answer."""
+    times = []
+    for _ in range(runs):
+        time.sleep(pause_s)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def paired_latency(
-    model_dir: Path, servers: dict[str, str], texts: list[str], prompts: list[str], seconds: float, rounds: int
+    model_dir: Path,
+    servers: dict[str, str],
+    texts: list[str],
+    prompts: list[str],
+    seconds: float,
+    rounds: int,
+    floor: str | None = None,
 ) -> dict[str, Any]:
     """Each round: one stream's decode step timed in process on the server's core, then one stream
-    over gRPC against attnserve; the batch-1 encode in process, then an idle Encode against each of
-    ``servers`` (name -> address). The differences are taken within a round."""
+    over gRPC against attnserve; the batch-1 encode in process, back to back and then at an idle
+    server's pace (a pause before each call, so the core idles between them as it does between idle
+    requests), then an idle Encode against each of ``servers`` (name -> address). With ``floor``
+    (the no-model server's address) each round also takes gRPC's own share of both latencies: an
+    idle Encode's round trip and one stream's inter-token p50 with no model behind them. The
+    differences are taken within a round."""
     rt = runtime_on_core(model_dir)
     ids = np.ones((1, min(64, rt.info.max_seq_len)), np.int64)
     steps: list[float] = []
     batch1: list[float] = []
+    paced: list[float] = []
     ones: list[dict[str, Any]] = []
     idle: dict[str, list[float]] = {name: [] for name in servers}
+    floor_idle: list[float] = []
+    floor_itl: list[float] = []
+
+    def encode() -> None:
+        rt.encode(ids, np.ones_like(ids))
+
     for _ in range(rounds):
         with on_core(SERVER_CORE):
             steps.append(asyncio.run(generation_in_process(rt, prompts, 1, seconds))["step_p50_ms"])
         ones.append(asyncio.run(generate_loop(servers["attnserve"], prompts, 1, seconds)))
         with on_core(SERVER_CORE):
-            batch1.append(median_seconds(lambda: rt.encode(ids, np.ones_like(ids)), runs=300) * 1e3)
+            batch1.append(median_seconds(encode, runs=300) * 1e3)
+            paced.append(paced_median_seconds(encode, IDLE_PAUSE_S, runs=300) * 1e3)
         for name, address in servers.items():
             idle[name].append(asyncio.run(idle_latency(address, texts[0]))["p50_ms"])
+        if floor is not None:
+            floor_idle.append(asyncio.run(idle_latency(floor, texts[0]))["p50_ms"])
+            floor_itl.append(asyncio.run(generate_loop(floor, prompts, 1, seconds / 4))["itl_p50_ms"])
     itl_minus_step = [one["itl_p50_ms"] - step for one, step in zip(ones, steps, strict=True)]
     middle = sorted(range(rounds), key=lambda i: itl_minus_step[i])[rounds // 2]
-    return {
+    result: dict[str, Any] = {
         "step_p50_ms": steps,
         "itl_p50_ms": [one["itl_p50_ms"] for one in ones],
         "itl_minus_step_ms": itl_minus_step,
         "one_stream": ones[middle],  # the round whose difference is the median
         "batch1_p50_ms": batch1,
+        "batch1_paced_p50_ms": paced,
         "idle_p50_ms": idle,
         "idle_minus_batch1_ms": {name: [v - b for v, b in zip(vs, batch1, strict=True)] for name, vs in idle.items()},
     }
+    if floor is not None:
+        # what is left of each latency once gRPC's own share and the model's (at the load's pace) are taken out
+        result |= {
+            "floor_idle_p50_ms": floor_idle,
+            "floor_itl_p50_ms": floor_itl,
+            "idle_own_ms": {
+                name: [v - p - f for v, p, f in zip(vs, paced, floor_idle, strict=True)] for name, vs in idle.items()
+            },
+            "itl_own_ms": [d - f for d, f in zip(itl_minus_step, floor_itl, strict=True)],
+        }
+    return result
 
 
 def run(
@@ -337,7 +388,10 @@ def run(
                     measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
                     runs[name].setdefault(key, []).append(measured)
         latency_of = {name: pids[name][0] for name in ("attnserve", "plain")}
-        result["paired"] = paired = paired_latency(model_dir, latency_of, texts, prompts, 2 * seconds, rounds)
+        floor, _ = stack.enter_context(floor_server(dimensions, 1, cpus={SERVER_CORE}))
+        result["paired"] = paired = paired_latency(
+            model_dir, latency_of, texts, prompts, 2 * seconds, rounds, floor=floor
+        )
         if with_profile:
             result["profile_encode"] = profile(our_pid, seconds, encode_loop(ours, texts, concurrency, seconds, 1))
         gen_seconds = 2 * seconds
@@ -399,6 +453,17 @@ def run(
         "single_stream_itl_minus_step_ms": statistics.median(result["paired"]["itl_minus_step_ms"]),
         "idle_p50_minus_batch1_ms": statistics.median(result["paired"]["idle_minus_batch1_ms"]["attnserve"]),
         "plain_idle_p50_minus_batch1_ms": statistics.median(result["paired"]["idle_minus_batch1_ms"]["plain"]),
+        # the same two differences taken apart: gRPC's own share (a server with no model), the model's
+        # slowdown at an idle server's pace, and what is left, the server's own
+        "floor_idle_p50_ms": statistics.median(result["paired"]["floor_idle_p50_ms"]),
+        "batch1_paced_minus_batch1_ms": statistics.median(
+            p - b
+            for p, b in zip(result["paired"]["batch1_paced_p50_ms"], result["paired"]["batch1_p50_ms"], strict=True)
+        ),
+        "idle_own_ms": statistics.median(result["paired"]["idle_own_ms"]["attnserve"]),
+        "plain_idle_own_ms": statistics.median(result["paired"]["idle_own_ms"]["plain"]),
+        "floor_itl_p50_ms": statistics.median(result["paired"]["floor_itl_p50_ms"]),
+        "itl_own_ms": statistics.median(result["paired"]["itl_own_ms"]),
         "encode_server_overhead_ms_per_text": enc["attnserve"]["1"]["server_cpu_ms_per_text"]
         - lim["encode_cpu_ms_per_text"],
         "generate_server_cpu_ms_per_token_16": gen["16"]["server_cpu_ms"],
@@ -503,6 +568,11 @@ def table(r: dict[str, Any]) -> str:
         f"{s['idle_p50_minus_batch1_ms']:+.2f} ms ({signed(pr['idle_minus_batch1_ms']['attnserve'], 2)}), plain "
         f"{s['plain_idle_p50_minus_batch1_ms']:+.2f} ms ({signed(pr['idle_minus_batch1_ms']['plain'], 2)}); "
         f"batch-1 {signed(pr['batch1_p50_ms'], 2, '')} ms",
+        f"  of which gRPC's round trip with no model {s['floor_idle_p50_ms']:.2f} ms "
+        f"({signed(pr['floor_idle_p50_ms'], 2, '')}), the model's batch-1 at an idle server's pace "
+        f"{s['batch1_paced_minus_batch1_ms']:+.2f} ms ({signed(pr['batch1_paced_p50_ms'], 2, '')} ms); left, the "
+        f"server's own: attnserve {s['idle_own_ms']:+.2f} ms ({signed(pr['idle_own_ms']['attnserve'], 2)}), plain "
+        f"{s['plain_idle_own_ms']:+.2f} ms ({signed(pr['idle_own_ms']['plain'], 2)})",
         f"model CPU per text {lim['encode_cpu_ms_per_text']:.3f} ms; attnserve's own, 1 text a request: "
         f"{s['encode_server_overhead_ms_per_text']:.3f} ms",
         "",
@@ -532,6 +602,11 @@ def table(r: dict[str, Any]) -> str:
         f"{signed(pr['step_p50_ms'], 3, '')} ms); "
         f"server CPU per token at 16 streams {s['generate_server_cpu_ms_per_token_16']:.3f} ms "
         f"(the model's: {g16['model_cpu_ms_per_token']:.3f} ms)"
+    )
+    lines.append(
+        f"  of which gRPC's own, one stream with no model: {s['floor_itl_p50_ms']:.3f} ms "
+        f"({signed(pr['floor_itl_p50_ms'], 3, '')}); left, the server's own: {s['itl_own_ms']:+.3f} ms "
+        f"({signed(pr['itl_own_ms'], 3)})"
     )
     fl, ft = r["floor"], r["floor_threads"]
     lines += [

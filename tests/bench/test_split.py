@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -49,10 +50,17 @@ def test_latencies_are_paired_with_the_models_own_time_round_by_round(model_dir:
     with (
         split.pinned_server(split.attnserve_cmd(model_dir)) as (ours, _),
         split.pinned_server(split.plain_cmd(model_dir)) as (plain, _),
+        split.floor_server(32, 1, cpus={split.SERVER_CORE}) as (floor, _),
     ):
-        p = split.paired_latency(model_dir, {"attnserve": ours, "plain": plain}, TEXTS, prompts, 0.3, 3)
+        p = split.paired_latency(model_dir, {"attnserve": ours, "plain": plain}, TEXTS, prompts, 0.3, 3, floor=floor)
     assert len(p["step_p50_ms"]) == len(p["itl_p50_ms"]) == len(p["batch1_p50_ms"]) == 3
-    assert all(v > 0 for v in p["step_p50_ms"] + p["itl_p50_ms"] + p["batch1_p50_ms"])
+    assert all(v > 0 for v in p["step_p50_ms"] + p["itl_p50_ms"] + p["batch1_p50_ms"] + p["batch1_paced_p50_ms"])
+    assert all(v > 0 for v in p["floor_idle_p50_ms"] + p["floor_itl_p50_ms"])
+    # taken apart within each round: gRPC's own share, the model at an idle pace, and the server's own
+    assert p["itl_own_ms"] == [d - f for d, f in zip(p["itl_minus_step_ms"], p["floor_itl_p50_ms"], strict=True)]
+    for name in ("attnserve", "plain"):
+        parts = zip(p["idle_p50_ms"][name], p["batch1_paced_p50_ms"], p["floor_idle_p50_ms"], strict=True)
+        assert p["idle_own_ms"][name] == [v - b - f for v, b, f in parts]
     # each difference is taken within its round
     assert p["itl_minus_step_ms"] == [i - s for i, s in zip(p["itl_p50_ms"], p["step_p50_ms"], strict=True)]
     for name in ("attnserve", "plain"):
@@ -105,3 +113,8 @@ def test_encode_loads_are_named_by_texts_and_calls() -> None:
     assert split.load_name("1", 32) == "1 text/32 calls"
     assert split.load_name("c1", 32) == "1 text/1 call"
     assert split.load_name("c4", 32) == "1 text/4 calls"
+
+
+def test_paced_timing_leaves_out_the_pause_and_times_the_call() -> None:
+    assert split.paced_median_seconds(lambda: None, 0.01, runs=5) < 0.005
+    assert split.paced_median_seconds(lambda: time.sleep(0.02), 0.0, runs=3) >= 0.02
