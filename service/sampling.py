@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,8 +68,8 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
 
 
-def choose(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: Uniform) -> int:
-    """The next token. logits (V,); seen: ids already in the sequence (for the repetition penalty)."""
+def choose(logits: np.ndarray, params: SamplingParams, seen: Sequence[int] | np.ndarray, rng: Uniform) -> int:
+    """The next token. logits (V,); seen: ids already in the sequence (read only for the repetition penalty)."""
     z = logits
     if params.repetition_penalty != 1.0 and len(seen):
         z = logits.astype(np.float64)
@@ -197,14 +198,14 @@ def choose_batch(
     generator, so the tokens equal what ``choose`` would pick row by row. ``seen`` is read only for
     rows with a repetition penalty."""
     if len(params) == 1:  # a lone sequence (one stream decoding): nothing to group
-        return [choose(logits[0], params[0], np.asarray(seen[0]), rngs[0])]
+        return [choose(logits[0], params[0], seen[0], rngs[0])]
     out: list[int | None] = [None] * len(params)
     groups: dict[tuple[float, int], list[int]] = {}
     for i, p in enumerate(params):
         if p.repetition_penalty == 1.0 and p.top_p >= 1.0:
             groups.setdefault((p.temperature, p.top_k), []).append(i)
         else:
-            out[i] = choose(logits[i], p, np.asarray(seen[i]), rngs[i])
+            out[i] = choose(logits[i], p, seen[i], rngs[i])
     for (temperature, top_k), rows in groups.items():
         z = logits if len(rows) == len(logits) else logits[rows]
         picks = (
