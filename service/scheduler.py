@@ -355,12 +355,18 @@ class Scheduler:
         rows = self.cache.slots if isinstance(self.cache, DeviceKVCache) else k
         ids = np.zeros((rows, 1), np.int64)
         mask = np.zeros((rows, 1), np.int64)
-        stepping = [s for s in self.running.values() if s.generated]
-        for seq in stepping:
-            ids[seq.slot, 0] = seq.generated[-1]
-            mask[seq.slot, 0] = 1
+        stepping: list[Sequence] = []
+        slots: list[int] = []
+        attention = False
+        for seq in self.running.values():  # one pass: this runs every step
+            if seq.generated:
+                stepping.append(seq)
+                slots.append(seq.slot)
+                ids[seq.slot, 0] = seq.generated[-1]
+                mask[seq.slot, 0] = 1
+                attention = attention or seq.params.return_attention
         maps: list[np.ndarray | None] = [None] * len(stepping)
-        if any(s.params.return_attention for s in stepping):
+        if attention:
             out, att = self.runtime.decode_step_with_attention(self.cache, ids, mask)
             M = self.cache.max_len
             for i, seq in enumerate(stepping):
@@ -372,7 +378,6 @@ class Scheduler:
             out = self.runtime.decode_step(self.cache, ids, mask)
         logits = out[:, 0]  # (rows, V)
         self.metrics.gen_batch_size.observe(len(stepping))
-        slots = [seq.slot for seq in stepping]
         # every row in slot order (one stream alone, or a full batch): the rows as they are, no copy
         rows_in_order = len(slots) == len(logits) and slots == list(range(len(slots)))
         return self._sample(stepping, logits if rows_in_order else logits[slots], maps)
