@@ -335,6 +335,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         closing = asyncio.create_task(self.closing.wait())
         stopping = half_closed = False
+        get: asyncio.Future[Any] | None = None
         try:
             while True:
                 if (half_closed or stopping) and counts["finished"] == counts["started"] and queue.empty():
@@ -366,6 +367,8 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         finally:
             reader.cancel()
             closing.cancel()
+            if get is not None:  # ended (a request that did not parse, the client gone) while waiting on the queue
+                get.cancel()
             for task in list(tasks):
                 task.cancel()
 

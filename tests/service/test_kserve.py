@@ -7,6 +7,8 @@ UNIMPLEMENTED with a message. tests/service/test_tritonclient.py calls it with t
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import queue
 import struct
 import threading
@@ -306,3 +308,42 @@ def test_shutdown_finishes_stream_requests_in_progress_and_ends_idle_streams(mod
     assert responses[-1].infer_response.parameters["triton_final_response"].bool_param
     assert responses[-1].infer_response.parameters["generated_tokens"].int64_param == 40
     outgoing.put(None)
+
+
+def test_a_stream_ended_by_a_malformed_message_leaves_no_task_behind(served: ServerThread) -> None:
+    """The handler ends (INVALID_ARGUMENT) while it waits on its response queue: that wait must end
+    with it, not stay pending on the server's loop (alive, or collected and reported as destroyed)."""
+    reported: list[str] = []
+    served.loop.set_exception_handler(lambda loop, context: reported.append(context["message"]))
+
+    def queue_waits() -> int:
+        async def count() -> int:
+            gc.collect()  # a pending task no longer referenced is destroyed here, and reported
+            return sum("Queue.get" in repr(t.get_coro()) for t in asyncio.all_tasks() if not t.done())
+
+        return int(served.call(count()))
+
+    outgoing: queue.Queue[bytes | None] = queue.Queue()
+    try:
+        before = queue_waits()
+        channel = grpc.insecure_channel(served.address)
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=v2.ModelStreamInferResponse.FromString,
+        )
+        outgoing.put(infer("attnserve-encode", ["the king speaks"]).SerializeToString())
+        responses = call(iter(outgoing.get, None), timeout=20)
+        assert not next(responses).error_message  # answered: the handler now waits on its queue
+        time.sleep(0.2)
+        outgoing.put(b"\xff\xff\xff")  # the next request does not parse
+        with pytest.raises(grpc.RpcError) as e:
+            next(responses)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        channel.close()
+        time.sleep(0.2)  # the handler's cleanup runs on the server's loop
+        assert queue_waits() == before
+        assert not [m for m in reported if "destroyed but it is pending" in m]
+    finally:
+        served.loop.set_exception_handler(None)
+        outgoing.put(None)
