@@ -197,8 +197,6 @@ def choose_batch(
     penalty or nucleus go through numpy together; each still draws one uniform from its own
     generator, so the tokens equal what ``choose`` would pick row by row. ``seen`` is read only for
     rows with a repetition penalty."""
-    if len(params) == 1:  # a lone sequence (one stream decoding): nothing to group
-        return [choose(logits[0], params[0], seen[0], rngs[0])]
     out: list[int | None] = [None] * len(params)
     groups: dict[tuple[float, int], list[int]] = {}
     for i, p in enumerate(params):

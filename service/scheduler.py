@@ -386,7 +386,7 @@ class Scheduler:
     def _sample(seqs: list[Sequence], logits: np.ndarray, maps: list[np.ndarray | None]) -> list[Pick]:
         """Next tokens for seqs from their logits (len(seqs), V): in one pass over the batch where the
         sampling settings allow, one by one otherwise; each sequence draws from its own generator."""
-        if len(seqs) == 1:  # one stream decoding, or one prefill: the row straight to choose, no lists
+        if len(seqs) == 1:  # one stream decoding, or one prefill: nothing to group, no lists to build
             seq, row, p = seqs[0], logits[0], seqs[0].params
             token = choose(row, p, seq.prompt + seq.generated if p.repetition_penalty != 1.0 else (), seq.rng)
             return [(seq, token, log_softmax(row) if p.logprobs else None, maps[0])]

@@ -59,6 +59,9 @@ def test_a_batch_picks_what_each_row_would() -> None:
     batch = choose_batch(logits, params, seen, [np.random.default_rng(i) for i in range(6)])
     rows = [choose(logits[i], params[i], np.asarray(seen[i], np.int64), np.random.default_rng(i)) for i in range(6)]
     assert batch == rows
+    # a batch of one row, as the seen ids come from a sequence (a list)
+    alone = [choose_batch(logits[i : i + 1], [params[i]], [seen[i]], [np.random.default_rng(i)])[0] for i in range(6)]
+    assert alone == rows
 
 
 def test_top_k_keeps_exactly_k_with_ties_lowest_index_first() -> None:
