@@ -133,6 +133,11 @@ class Sequence:
     def reserved(self) -> int:
         return len(self.prompt) + self.params.max_new_tokens
 
+    @property
+    def seen(self) -> list[int]:
+        """The ids a repetition penalty reads (none without one): the prompt and what was generated."""
+        return self.prompt + self.generated if self.params.repetition_penalty != 1.0 else []
+
 
 # a sequence, its next token, its log-probabilities, and what the step attended to (layers, positions)
 Pick = tuple[Sequence, int, "np.ndarray | None", "np.ndarray | None"]
@@ -388,12 +393,12 @@ class Scheduler:
         sampling settings allow, one by one otherwise; each sequence draws from its own generator."""
         if len(seqs) == 1:  # one stream decoding, or one prefill: nothing to group, no lists to build
             seq, row, p = seqs[0], logits[0], seqs[0].params
-            token = choose(row, p, seq.prompt + seq.generated if p.repetition_penalty != 1.0 else (), seq.rng)
+            token = choose(row, p, seq.seen, seq.rng)
             return [(seq, token, log_softmax(row) if p.logprobs else None, maps[0])]
         tokens = choose_batch(
             logits,
             [s.params for s in seqs],
-            [s.prompt + s.generated if s.params.repetition_penalty != 1.0 else [] for s in seqs],
+            [s.seen for s in seqs],
             [s.rng for s in seqs],
         )
         return [

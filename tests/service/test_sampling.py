@@ -118,3 +118,16 @@ def test_infinite_logits_pick_alike_in_a_batch_and_alone() -> None:
             alone = [sample_row(z[i], 0.9, top_k, np.random.default_rng(i)) for i in range(3)]
             assert batch == alone
             assert batch[0] in kept(z[0], top_k) and batch[1] in kept(z[1], top_k)
+
+
+def test_a_sequence_shows_the_penalty_its_prompt_and_tokens_only_when_it_has_one() -> None:
+    import random
+
+    from service.scheduler import Sequence
+
+    plain = Sequence(0, [1, 2], SamplingParams(), random.Random(0), None)
+    penalized = Sequence(1, [1, 2], SamplingParams(repetition_penalty=1.3), random.Random(0), None)
+    for seq in (plain, penalized):
+        seq.generated += [3, 3]
+    assert plain.seen == []
+    assert penalized.seen == [1, 2, 3, 3]
