@@ -18,12 +18,12 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
 
-from bench.timing import machine, server_process
+from bench.timing import accelerator, device_flags, machine, server_process
 from bench.transport import ceiling_share, cpu_per_unit, floor_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
@@ -173,8 +173,15 @@ async def idle_latency(address: str, text: str, n: int = 200) -> dict[str, Any]:
     return percentiles(lat)
 
 
-def run(model_dir: Path, tokens: int = 64, concurrency: int = 32, seconds: float = 10.0) -> dict[str, Any]:
-    rt = Runtime(model_dir, RuntimeOptions(device="cpu"))
+def run(
+    model_dir: Path,
+    tokens: int = 64,
+    concurrency: int = 32,
+    seconds: float = 10.0,
+    device: Literal["cpu", "cuda"] = "cpu",
+    variant: Literal["fp32", "fp16"] = "fp32",
+) -> dict[str, Any]:
+    rt = Runtime(model_dir, RuntimeOptions(device=device, require_cuda=device == "cuda", variant=variant))
     texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
     limit = in_process_limit(rt, tokens, seconds=min(3.0, seconds / 3))
     dimensions = rt.info.d_model
@@ -182,10 +189,13 @@ def run(model_dir: Path, tokens: int = 64, concurrency: int = 32, seconds: float
     result: dict[str, Any] = {
         "model": str(model_dir),
         "machine": machine(),
+        "device": accelerator(device),
+        "variant": variant,
         "tokens_per_text": tokens,
         "in_process": limit,
     }
-    with server_process(model_dir) as address:
+    on_device = device_flags(device, variant)
+    with server_process(model_dir, *on_device) as address:
         result["batching_on"] = {
             "closed": asyncio.run(closed_loop(address, texts, concurrency, seconds)),
             "idle": asyncio.run(idle_latency(address, texts[0])),
@@ -193,7 +203,7 @@ def run(model_dir: Path, tokens: int = 64, concurrency: int = 32, seconds: float
         rate = 0.7 * result["batching_on"]["closed"]["texts_per_second"]
         result["batching_on"]["open"] = asyncio.run(open_loop(address, texts, rate, seconds))
         result["batching_on"]["bundled"] = asyncio.run(closed_loop(address, texts, concurrency, seconds, BUNDLED))
-    with server_process(model_dir, "--max-batch-size", "1") as address:
+    with server_process(model_dir, *on_device, "--max-batch-size", "1") as address:
         result["batching_off"] = {"closed": asyncio.run(closed_loop(address, texts, concurrency, seconds))}
     floor_seconds = min(5.0, seconds)
     with floor_server(dimensions) as (address, pid):
@@ -226,7 +236,7 @@ def run(model_dir: Path, tokens: int = 64, concurrency: int = 32, seconds: float
 def table(r: dict[str, Any]) -> str:
     lim = r["in_process"]
     lines = [
-        f"encode, {r['tokens_per_text']} tokens a text, {r['machine']}",
+        f"encode, {r['tokens_per_text']} tokens a text, {r['machine']}; model on {r['device']} ({r['variant']})",
         f"in-process limit: {lim['limit_texts_per_second']:.0f} texts/s at batch {lim['best_batch']} "
         f"(batch 1: {lim['batch1_p50_ms']:.2f} ms)",
         f"{'load':<34}{'texts/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}",

@@ -21,13 +21,13 @@ import functools
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
 
 from bench.encode import WORDS
-from bench.timing import machine, server_process
+from bench.timing import accelerator, device_flags, machine, server_process
 from bench.transport import ceiling_share, cpu_per_unit, floor_server
 from export.timing import median_seconds
 from protos.attnserve.v1 import attnserve_pb2 as pb
@@ -180,25 +180,41 @@ async def open_loop(address: str, prompts: list[str], rate: float, seconds: floa
     return {"rate": rate, **result}
 
 
-def run(model_dir: Path, seconds: float = 15.0) -> dict[str, Any]:
-    rt = Runtime(model_dir, RuntimeOptions(device="cpu"))
+def run(
+    model_dir: Path,
+    seconds: float = 15.0,
+    device: Literal["cpu", "cuda"] = "cpu",
+    variant: Literal["fp32", "fp16"] = "fp32",
+) -> dict[str, Any]:
+    rt = Runtime(model_dir, RuntimeOptions(device=device, require_cuda=device == "cuda", variant=variant))
     prompts = prompts_of(rt, 64, hi=min(64, rt.info.max_seq_len - NEW_TOKENS - 1))
     result: dict[str, Any] = {
         "model": str(model_dir),
         "machine": machine(),
+        "device": accelerator(device),
+        "variant": variant,
         "new_tokens": NEW_TOKENS,
         "in_process": in_process(rt),
     }
     dimensions = rt.info.d_model
     del rt
-    with server_process(model_dir) as address:
+    on_device = device_flags(device, variant)
+    with server_process(model_dir, *on_device) as address:
         one = asyncio.run(closed_loop(address, prompts, 1, seconds))
         sixteen = asyncio.run(closed_loop(address, prompts, 16, seconds))
         rate = 0.7 * sixteen["requests_per_second"]
         opened = asyncio.run(open_loop(address, prompts, rate, seconds))
-    with server_process(model_dir, "--stream-interval", str(GROUPED)) as address:  # fewer, fuller messages
+    with server_process(model_dir, *on_device, "--stream-interval", str(GROUPED)) as address:  # fewer, fuller messages
         grouped = asyncio.run(closed_loop(address, prompts, 16, seconds))
-    result["server"] = {"closed_1": one, "closed_16": sixteen, "open": opened, "closed_16_grouped": grouped}
+    with server_process(model_dir, *on_device, "--max-running-sequences", "1") as address:  # batching off
+        unbatched = asyncio.run(closed_loop(address, prompts, 16, seconds))
+    result["server"] = {
+        "closed_1": one,
+        "closed_16": sixteen,
+        "open": opened,
+        "closed_16_grouped": grouped,
+        "closed_16_batching_off": unbatched,
+    }
     result["transport"] = {}
     for interval in (1, GROUPED):
         with floor_server(dimensions, interval) as (address, pid):
@@ -207,6 +223,7 @@ def run(model_dir: Path, seconds: float = 15.0) -> dict[str, Any]:
     limit, model_ms = result["in_process"]["limit_tokens_per_second_16"], result["in_process"]["cpu_ms_per_token_16"]
     result["summary"] = {
         "streams16_over_one": sixteen["output_tokens_per_second"] / one["output_tokens_per_second"],
+        "batching_gain": sixteen["output_tokens_per_second"] / unbatched["output_tokens_per_second"],
         "streams16_share_of_limit": sixteen["output_tokens_per_second"]
         / result["in_process"]["limit_tokens_per_second_16"],
         "streams16_grouped_share_of_limit": grouped["output_tokens_per_second"]
@@ -225,7 +242,8 @@ def run(model_dir: Path, seconds: float = 15.0) -> dict[str, Any]:
 def table(r: dict[str, Any]) -> str:
     ip = r["in_process"]
     lines = [
-        f"generate, {r['new_tokens']} new tokens, prompts of 8-64 tokens, {r['machine']}",
+        f"generate, {r['new_tokens']} new tokens, prompts of 8-64 tokens, {r['machine']}; "
+        f"model on {r['device']} ({r['variant']})",
         f"in process: decode step {ip['decode_step_ms']['1']:.3f} ms at batch 1, {ip['decode_step_ms']['16']:.3f} ms "
         f"at batch 16 (limit {ip['limit_tokens_per_second_16']:.0f} tokens/s)",
         "128 new tokens, cached vs recomputed for every token: "
@@ -242,6 +260,7 @@ def table(r: dict[str, Any]) -> str:
         ("closed, 16 streams", s["closed_16"]),
         (f"open, Poisson {s['open']['rate']:.1f}/s", s["open"]),
         (f"closed, 16 streams, {GROUPED} a message", s["closed_16_grouped"]),
+        ("closed, 16 streams, batching off", s["closed_16_batching_off"]),
     ]
     for name, row in rows:
         lines.append(
@@ -250,7 +269,8 @@ def table(r: dict[str, Any]) -> str:
         )
     m = r["summary"]
     lines.append(
-        f"16 streams / 1 stream: {m['streams16_over_one']:.1f}x; 16 streams / limit: "
+        f"16 streams / 1 stream: {m['streams16_over_one']:.1f}x; batching gain: {m['batching_gain']:.1f}x; "
+        f"16 streams / limit: "
         f"{m['streams16_share_of_limit'] * 100:.0f}% ({m['streams16_grouped_share_of_limit'] * 100:.0f}% with "
         f"{GROUPED} tokens a message)"
     )

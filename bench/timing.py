@@ -23,6 +23,27 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {name or 'cpu'}"
 
 
+def accelerator(device: str, device_id: int = 0) -> str:
+    """What runs the model: "cpu", or the CUDA device's name and driver as nvidia-smi gives them."""
+    if device != "cuda":
+        return "cpu"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--id={device_id}", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    name, _, driver = out.partition(",")
+    return f"cuda {device_id}: {name.strip()}, driver {driver.strip()}" if out else f"cuda {device_id}"
+
+
+def device_flags(device: str, variant: str) -> tuple[str, ...]:
+    """The serve flags that put a benchmark's server on ``device`` with ``variant``'s graphs (CUDA required)."""
+    flags = ("--device", device, "--variant", variant)
+    return (*flags, "--require-cuda") if device == "cuda" else flags
+
+
 def start_server(
     model_dir: Path, *flags: str, env: dict[str, str] | None = None, cpus: set[int] | None = None
 ) -> tuple[subprocess.Popen[str], int]:

@@ -61,13 +61,12 @@ class ServerThread:
 
 def config(model_dir: Path, **kw: Any) -> ServerConfig:
     return ServerConfig(
-        **{"drain_delay_seconds": 0.0, **kw},
+        **{"drain_delay_seconds": 0.0, "device": "cpu", **kw},
         model_dir=model_dir,
         host="127.0.0.1",
         port=0,
         metrics_host="127.0.0.1",
         metrics_port=0,
-        device="cpu",
     )
 
 
