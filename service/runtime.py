@@ -567,17 +567,18 @@ class Runtime:
         io.bind_cpu_input("attention_mask", cache.attention_mask(new_mask))
         for name, ptr, shape in cache.layer_views(cache.current, cache.shape):
             io.bind_input(f"past_{name}", "cuda", dev, np.float32, shape, ptr)
+        # get_outputs() lists the outputs in the order they were bound: the host ones first
+        io.bind_output("logits", "cpu")
+        if graph == "decoder_attn":
+            io.bind_output("attentions", "cpu")
         new_shape = [*cache.shape[:4], input_ids.shape[1], cache.shape[5]]
         new = ort.OrtValue.ortvalue_from_shape_and_type(new_shape, np.float32, "cuda", dev)
         for name, ptr, shape in cache.layer_views(new, new_shape):
             io.bind_output(f"new_{name}", "cuda", dev, np.float32, shape, ptr)
-        io.bind_output("logits", "cpu")
-        if graph == "decoder_attn":
-            io.bind_output("attentions", "cpu")
         self.sessions[graph].run_with_iobinding(io)
         outputs = io.get_outputs()
         logits = outputs[0].numpy()
-        attentions = outputs[-1].numpy() if graph == "decoder_attn" else None
+        attentions = outputs[1].numpy() if graph == "decoder_attn" else None
 
         write = self.sessions["kv_write"].io_binding()
         write.bind_ortvalue_input("cache", cache.current)
