@@ -16,7 +16,7 @@ import torch
 from export import onnx_export
 from export.graphs import export_decoder_step, step_graph_problem
 from export.onnx_export import ExportError, export_model
-from export.parity import TOLERANCE, check_parity
+from export.parity import TOLERANCE, _diff, check_parity
 from model.config import ModelConfig
 from model.train import load_checkpoint
 from model.transformer import Transformer
@@ -112,6 +112,25 @@ def test_parity_check_catches_a_different_model(tiny_checkpoint: Path, model_dir
         model.blocks[0].mlp.fc.weight.add_(0.05)
     result = check_parity(model, Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False)))
     assert not result["encode_hidden"]["ok"] and not result["decoder_logits"]["ok"]
+
+
+def test_a_relative_bound_scales_with_the_reference_and_still_catches_a_different_model(
+    tiny_checkpoint: Path, model_dir: Path
+) -> None:
+    """fp16's bound: the tolerance times the reference's largest magnitude, never below the tolerance."""
+    ref = np.array([10.0, -40.0])
+    within = _diff(ref + 0.15, ref, 5e-3, relative=True)
+    assert within["ok"] and within["bound"] == pytest.approx(0.2) and within["max_abs_diff"] == pytest.approx(0.15)
+    assert not _diff(ref + 0.25, ref, 5e-3, relative=True)["ok"]
+    assert not _diff(np.array([0.5]) + 0.01, np.array([0.5]), 5e-3, relative=True)["ok"]  # bound 5e-3, not 2.5e-3
+    model, _, _ = load_checkpoint(tiny_checkpoint / "checkpoint.pt")
+    rt = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    same = check_parity(model, rt, tolerance=5e-3, relative=True)
+    assert same["relative"] and all(same[k]["ok"] and "bound" in same[k] for k in ("decoder_logits", "cached_decoding"))
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight.add_(0.05)
+    off = check_parity(model, rt, tolerance=5e-3, relative=True)
+    assert not off["encode_hidden"]["ok"] and not off["decoder_logits"]["ok"]
 
 
 def test_failed_parity_fails_the_export_and_publishes_nothing(
