@@ -228,7 +228,7 @@ def train(
         assert saved == cfg, f"checkpoint in {out_dir} was trained with another config: {saved}"
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["sampler"])
+        gen.set_state(state["sampler"].cpu())  # map_location took it to the device; the sampler lives on the CPU
         step, elapsed = state["step"], state["elapsed"]
         history = state["history"]
         total_steps = steps or state["total_steps"]
