@@ -385,6 +385,9 @@ class Runtime:
             cuda_opts: dict[str, Any] = {
                 "device_id": self.options.device_id,
                 "arena_extend_strategy": "kSameAsRequested",
+                # fp32 graphs in fp32: TF32 matmuls (the provider's default) moved the logits by ~1e-3 on an
+                # H100 and greedy decoding off the CPU's tokens; the fp16 variant is the fast path
+                "use_tf32": 0,
             }
             if self.options.cuda_mem_limit_bytes:
                 cuda_opts["gpu_mem_limit"] = self.options.cuda_mem_limit_bytes

@@ -95,5 +95,8 @@ def test_concurrent_streams_on_cuda_each_get_their_own_tokens(
         return await asyncio.gather(*(stream(address, p) for p in prompts))
 
     want, got = asyncio.run(all_of(on_cpu.address)), asyncio.run(all_of(st.address))
-    same = 16 if variant == "fp32" else 4
-    assert [g[:same] for g in got] == [w[:same] for w in want]
+    if variant == "fp32":
+        assert got == want
+    else:  # fp16 may take the other of two near-equal logits; a stream given another's tokens would miss most
+        agree = [g == w for gs, ws in zip(got, want, strict=True) for g, w in zip(gs[:4], ws[:4], strict=True)]
+        assert sum(agree) >= 0.9 * len(agree), (got, want)

@@ -52,6 +52,19 @@ def test_cuda_requested_without_a_gpu_falls_back_with_one_warning(
     assert len(warnings) == 1 and "CUDA" in warnings[0].getMessage()
 
 
+def test_cuda_sessions_ask_for_fp32_arithmetic(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA provider's options as a session is made with them: TF32 off, so fp32 graphs agree with the CPU."""
+    import service.runtime as runtime
+
+    rt = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    asked: list[Any] = []
+    monkeypatch.setattr(runtime.ort, "InferenceSession", lambda path, so, providers: asked.append(providers))
+    rt._session("encode", want_cuda=True)
+    (name, opts), fallback = asked[0]
+    assert name == "CUDAExecutionProvider" and fallback == "CPUExecutionProvider"
+    assert opts["use_tf32"] == 0 and opts["device_id"] == 0
+
+
 @no_cuda
 def test_cuda_required_without_a_gpu_fails_at_start(model_dir: Path) -> None:
     with pytest.raises(CudaUnavailableError, match="CUDA required"):
