@@ -258,6 +258,8 @@ def test_device_cache_steps_equal_the_host_cache(model_dir: Path, rt: Runtime) -
     for _ in range(5):
         tok = ids[:, :1]
         np.testing.assert_allclose(
-            gpu.decode_step(dev, tok, np.ones((2, 1))), rt.decode_step(host, tok, np.ones((2, 1))), atol=1e-3
+            gpu.decode_step(dev, tok, np.ones((2, 1), np.int64)),
+            rt.decode_step(host, tok, np.ones((2, 1), np.int64)),
+            atol=1e-3,
         )
     assert dev.lengths.tolist() == host.lengths.tolist() == [11, 15]
