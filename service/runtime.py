@@ -383,12 +383,13 @@ class Runtime:
         providers: list[Any] = [CPU]
         if want_cuda:
             cuda_opts: dict[str, Any] = {
-                "device_id": self.options.device_id,
                 "arena_extend_strategy": "kSameAsRequested",
                 # fp32 graphs in fp32: TF32 matmuls (the provider's default) moved the logits by ~1e-3 on an
                 # H100 and greedy decoding off the CPU's tokens; the fp16 variant is the fast path
                 "use_tf32": 0,
             }
+            if self.options.device_id:  # 0 is the provider's default; naming it draws a warning from each
+                cuda_opts["device_id"] = self.options.device_id  # session (no plugin EP device registered for it)
             if self.options.cuda_mem_limit_bytes:
                 cuda_opts["gpu_mem_limit"] = self.options.cuda_mem_limit_bytes
             providers = [(CUDA, cuda_opts), CPU]
