@@ -175,17 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--tokens", type=int, default=64, help="tokens per text (default 64)")
     be.add_argument("--concurrency", type=int, default=32, help="closed-loop concurrency (default 32)")
     be.add_argument("--seconds", type=float, default=10.0, help="duration of each load (default 10)")
-    be.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)")
-    be.add_argument("--variant", choices=["fp32", "fp16"], default="fp32", help="which graphs (default fp32)")
     be.add_argument("--json", type=Path, help="also write the figures here")
     be.set_defaults(func=_bench)
     bg = bsub.add_parser("generate", help="streaming generation load against the in-process decode limit")
     bg.add_argument("--model-dir", type=Path, required=True)
     bg.add_argument("--seconds", type=float, default=15.0, help="duration of each load (default 15)")
-    bg.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)")
-    bg.add_argument("--variant", choices=["fp32", "fp16"], default="fp32", help="which graphs (default fp32)")
     bg.add_argument("--json", type=Path, help="also write the figures here")
     bg.set_defaults(func=_bench)
+    for on_device in (be, bg):
+        on_device.add_argument(
+            "--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)"
+        )
+        on_device.add_argument(
+            "--variant", choices=["fp32", "fp16"], default="fp32", help="which graphs (default fp32)"
+        )
     bs = bsub.add_parser("split", help="the server on one core, its load on the other, against the 1-core limit")
     bs.add_argument("--model-dir", type=Path, required=True)
     bs.add_argument("--seconds", type=float, default=5.0, help="duration of each encode load (default 5)")
