@@ -23,7 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from bench.timing import start_server
+from bench.timing import device_flags, start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from tests.reliability.conftest import SERVING, health
@@ -70,8 +70,15 @@ def test_calls_accepted_just_before_sigterm_are_served_or_refused_never_cut_off(
         assert codes == {grpc.StatusCode.OK: 80}
 
 
-def test_sigterm_under_mixed_load_loses_nothing(model_dir: Path, stopped_later: list[subprocess.Popen[str]]) -> None:
-    proc, port = start_server(model_dir, "--drain-delay-seconds", "0", "--max-queue-delay-ms", "50")
+ON_EITHER = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+
+
+@ON_EITHER
+def test_sigterm_under_mixed_load_loses_nothing(
+    model_dir: Path, stopped_later: list[subprocess.Popen[str]], device: str
+) -> None:
+    flags = device_flags(device, "fp32")
+    proc, port = start_server(model_dir, *flags, "--drain-delay-seconds", "0", "--max-queue-delay-ms", "50")
     stopped_later.append(proc)
     stub = pb_grpc.AttnServeStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     gen = pb.GenerateRequest(prompt="The king", max_new_tokens=40, temperature=0.0)
@@ -184,12 +191,17 @@ def test_a_flood_is_refused_at_once_and_nothing_is_cut_off(model_dir: Path) -> N
         st.stop()
 
 
-def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path) -> None:
-    st = ServerThread(config(model_dir, max_waiting_sequences=128)).start()
+@ON_EITHER
+def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path, device: str) -> None:
+    """Slots freed by cancelled streams (on CUDA, slots of the cache on the device) are reused cleanly:
+    the same seeded request generates the same tokens after the storm as before it."""
+    st = ServerThread(config(model_dir, max_waiting_sequences=128, device=device, require_cuda=device == "cuda"))
+    st.start()
     try:
         stub = st.stub()
         rng = random.Random(0)
         request = pb.GenerateRequest(prompt="The king", max_new_tokens=50, temperature=0.8, seed=1)
+        before = [t.token_id for t in stub.Generate(request, timeout=30).tokens]
 
         def storm(i: int) -> None:
             call = stub.GenerateStream(request, timeout=60)
@@ -214,7 +226,7 @@ def test_a_cancellation_storm_leaves_nothing_behind(model_dir: Path) -> None:
             time.sleep(0.05)
         assert not st.server.scheduler.running and not st.server.scheduler.waiting  # type: ignore[union-attr]
         whole = stub.Generate(request, timeout=30)
-        assert whole.usage.generated_tokens >= 1 and health(st.address) == SERVING
+        assert [t.token_id for t in whole.tokens] == before and health(st.address) == SERVING
     finally:
         st.stop()
 
