@@ -82,7 +82,10 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: Sequence[int] | np.
         return sample_row(z, params.temperature, params.top_k, rng)
     idx = kept(z, params.top_k)
     z = (z if idx is None else z[idx]).astype(np.float64) / params.temperature
-    p = np.exp(z - z.max())  # unnormalised: the draw below scales the uniform instead
+    top = z.max()
+    if top in INFINITE:
+        return outright(z) if idx is None else int(idx[outright(z)])
+    p = np.exp(z - top)  # unnormalised: the draw below scales the uniform instead
     order = np.argsort(-p, kind="stable")
     cum = np.cumsum(p[order]) / p.sum()
     keep = order[: int(np.searchsorted(cum, params.top_p) + 1)]  # the smallest set reaching top_p
@@ -116,6 +119,15 @@ def kept(z: np.ndarray, top_k: int) -> np.ndarray | None:
     return idx
 
 
+INFINITE = (np.inf, -np.inf)
+
+
+def outright(w: np.ndarray) -> int:
+    """The pick from weights whose largest is infinite (an fp16 logit that overflowed, say): the first
+    +inf, which outweighs every finite logit, or where all are -inf and no distribution is left, the first."""
+    return int(np.argmax(w))
+
+
 def sample_row(z: np.ndarray, temperature: float, top_k: int, rng: Uniform) -> int:
     """A token from one row of logits z (V,) under temperature (> 0) and top-k (0 = all): the inverse
     CDF of the kept tokens' weights, in vocabulary order, at one uniform from rng."""
@@ -124,9 +136,13 @@ def sample_row(z: np.ndarray, temperature: float, top_k: int, rng: Uniform) -> i
     if not len(w):  # nothing but NaNs
         return int(np.argmax(z))
     w /= temperature
-    w -= w.max()
-    np.exp(w, out=w)
-    pick = _search_short(w, rng) if len(w) <= SHORT_ROW else _search(w, rng)
+    top = w.max()
+    if top in INFINITE:
+        pick = outright(w)
+    else:
+        w -= top
+        np.exp(w, out=w)
+        pick = _search_short(w, rng) if len(w) <= SHORT_ROW else _search(w, rng)
     return pick if idx is None else int(idx[pick])
 
 
@@ -172,15 +188,18 @@ def sample_rows(z: np.ndarray, temperature: float, top_k: int, rngs: list[Unifor
     picked = kept_rows(z, top_k) if limited and n > ROW_BY_ROW else None
     if n <= ROW_BY_ROW or (limited and picked is None):
         return [sample_row(row, temperature, top_k, rng) for row, rng in zip(z, rngs, strict=True)]
-    idx, z = picked if picked is not None else (None, z)
+    idx, kept_z = picked if picked is not None else (None, z)
     # in place on one float64 copy: this runs every decode step, and each numpy call costs microseconds
-    cum = z.astype(np.float64)
+    cum = kept_z.astype(np.float64)
     cum /= temperature
-    cum -= cum.max(axis=1, keepdims=True)
+    top = cum.max(axis=1, keepdims=True)
+    if not np.isfinite(top).all():  # an infinite or NaN logit: those rows' own handling, row by row
+        return [sample_row(row, temperature, top_k, rng) for row, rng in zip(z, rngs, strict=True)]
+    cum -= top
     np.exp(cum, out=cum)
     cum.cumsum(axis=1, out=cum)
     u = np.array([r.random() for r in rngs]) * cum[:, -1]
-    picks = np.minimum(np.count_nonzero(cum <= u[:, None], axis=1), z.shape[1] - 1)
+    picks = np.minimum(np.count_nonzero(cum <= u[:, None], axis=1), kept_z.shape[1] - 1)
     return (picks if idx is None else idx[np.arange(n), picks]).tolist()  # type: ignore[no-any-return]
 
 

@@ -106,18 +106,33 @@ def test_parameter_problems_name_the_field() -> None:
 
 
 def test_infinite_logits_pick_alike_in_a_batch_and_alone() -> None:
-    """A short kept row is weighed in Python lists, the batch in numpy: rows with infinities (whose
-    weights come out NaN) still get the same token both ways."""
+    """An infinite logit (an fp16 logit that overflowed, say) outweighs every finite one: it is the pick,
+    the first of several, in a batch and alone, and no inf - inf turns the weights into NaN on the way."""
     rng = np.random.default_rng(4)
     z = (rng.standard_normal((3, 100)) * 2).astype(np.float32)
     z[0, 7] = np.inf
-    z[1, [3, 9]] = np.inf  # no ties at the k-th value: the batch goes through numpy together
-    with np.errstate(invalid="ignore"):  # inf - inf
-        for top_k in (10, 40, 70):
+    z[1, [3, 9]] = np.inf  # no ties at the k-th value: the batch gets as far as numpy together
+    with np.errstate(all="raise"):
+        for top_k in (0, 10, 40, 70):
             batch = sample_rows(z, 0.9, top_k, [np.random.default_rng(i) for i in range(3)])
             alone = [sample_row(z[i], 0.9, top_k, np.random.default_rng(i)) for i in range(3)]
-            assert batch == alone
-            assert batch[0] in kept(z[0], top_k) and batch[1] in kept(z[1], top_k)
+            assert batch == alone and batch[:2] == [7, 3]
+
+
+def test_an_infinite_logit_is_chosen_under_every_setting_and_all_minus_infinity_still_gives_a_token() -> None:
+    up = np.zeros(50, np.float32)
+    up[17] = np.inf
+    down = np.full(50, -np.inf, np.float32)
+    with np.errstate(all="raise"):
+        for temperature in (0.0, 0.7, 1.0):
+            for top_k in (0, 5):
+                for top_p in (1.0, 0.9):
+                    for penalty in (1.0, 1.3):
+                        params = SamplingParams(
+                            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty
+                        )
+                        assert choose(up, params, [17, 2], np.random.default_rng(0)) == 17
+                        assert 0 <= choose(down, params, [1], np.random.default_rng(0)) < 50
 
 
 def test_a_sequence_shows_the_penalty_its_prompt_and_tokens_only_when_it_has_one() -> None:
