@@ -163,7 +163,7 @@ def _search_short(w: np.ndarray, rng: Uniform) -> int:
     the one ``_search`` and ``sample_rows`` make for the same weights and uniform."""
     cum = list(itertools.accumulate(w.tolist()))
     u = rng.random() * cum[-1]
-    if u != u:  # NaN (an infinite logit): no running sum is <= it, as count_nonzero counts
+    if u != u:  # NaN (a NaN logit; infinite ones are picked before): no running sum is <= it, as count_nonzero counts
         return 0
     return min(bisect.bisect_right(cum, u), len(cum) - 1)  # sums <= u: cum never decreases
 
