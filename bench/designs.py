@@ -39,11 +39,12 @@ import numpy as np
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.batcher import BatchLimits
-from service.engine import Engine, token_ids
+from service.engine import Engine
 from service.errors import DeadlineExceeded, InvalidInput, status_for
 from service.metrics import Metrics
 from service.runtime import Runtime, RuntimeOptions, pad_right
 from service.servicer import AttnServeServicer, RequestLimits
+from service.tokens import TextTokenizer
 
 DESIGNS = ("bridge", "threaded")
 NO_DEADLINE = 86400.0  # seconds: what grpc's thread-pool server says is left of a call without a deadline exceeds this
@@ -166,6 +167,7 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
         self.runtime = runtime
         self.checks = AttnServeServicer(metrics, RequestLimits())  # the same input checks, messages and metrics
         self.batcher = ThreadBatcher(runtime, metrics)
+        self.token_ids = TextTokenizer(runtime.tokenizer)
 
     def Encode(self, request: pb.EncodeRequest, context: grpc.ServicerContext) -> pb.EncodeResponse:
         start = time.monotonic()
@@ -174,7 +176,7 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
                 raise InvalidInput("texts: at least one text is required")
             self.checks._check_texts(request.texts, "texts")
             limit, cut = self.runtime.info.max_seq_len, request.truncation == pb.TRUNCATION_END
-            ids = token_ids(self.runtime.tokenizer, request.texts)
+            ids = self.token_ids(request.texts)
             for i, x in enumerate(ids):
                 if len(x) > limit and not cut:
                     raise InvalidInput(f"texts[{i}]: {len(x)} tokens exceed the model's context of {limit}")
