@@ -38,7 +38,8 @@ class ServerConfig:
     ort_spin: bool = False  # ONNX Runtime threads spinning between runs starve the event loop
     step_threads: int = 1  # generation's CPU decode steps: one thread, woken for nothing (0 = intra_op_threads)
     max_batch_size: int = 32
-    max_batch_tokens: int = 8192
+    # padded tokens a batch holds; 0: chosen for the device the model runs on (see batch_limits)
+    max_batch_tokens: int = 0
     max_queue_delay_ms: float = 0.0  # 0: take what is queued when the model is free (see service.batcher)
     max_queue_size: int = 1024  # texts waiting per graph; beyond it, RESOURCE_EXHAUSTED at once
     max_queue_tokens: int = 65536  # their tokens, summed
@@ -103,12 +104,13 @@ class ServerConfig:
             step_threads=self.step_threads,
         )
 
-    def batch_limits(self) -> BatchLimits:
-        from service.batcher import BatchLimits
+    def batch_limits(self, cuda: bool = False) -> BatchLimits:
+        """The batchers' limits for a model on CUDA, or on the CPU."""
+        from service.batcher import BatchLimits, default_batch_tokens
 
         return BatchLimits(
             max_batch_size=self.max_batch_size,
-            max_batch_tokens=self.max_batch_tokens,
+            max_batch_tokens=self.max_batch_tokens or default_batch_tokens(cuda),
             max_queue_delay_s=self.max_queue_delay_ms / 1000.0,
             max_queue_size=self.max_queue_size,
             max_queue_tokens=self.max_queue_tokens,

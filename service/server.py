@@ -41,7 +41,7 @@ from service.guard import CallGuard
 from service.kserve import SERVICE_NAME as INFERENCE_NAME
 from service.kserve import InferenceServicer
 from service.metrics import Metrics
-from service.runtime import Runtime
+from service.runtime import CUDA, Runtime
 from service.scheduler import Scheduler
 from service.servicer import AttnServeServicer
 
@@ -185,7 +185,7 @@ class Server:
 
         # Load and warm up off the event loop: health answers NOT_SERVING meanwhile.
         runtime = await asyncio.get_running_loop().run_in_executor(None, Runtime, cfg.model_dir, cfg.runtime_options())
-        self.engine = Engine(runtime, cfg.batch_limits(), self.metrics, cfg.batch_nice)
+        self.engine = Engine(runtime, cfg.batch_limits(runtime.provider == CUDA), self.metrics, cfg.batch_nice)
         self.engine.start()
         self.scheduler = Scheduler(runtime, cfg.generation_limits(), self.metrics)
         self.scheduler.on_death = self._generation_died

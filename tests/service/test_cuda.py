@@ -12,6 +12,7 @@ import pytest
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service.batcher import CUDA_BATCH_TOKENS
 from service.client import decode_probabilities
 from tests.service.conftest import ServerThread, config
 from tests.service.test_server import TEXTS, metrics
@@ -42,6 +43,7 @@ def test_the_model_runs_on_cuda_and_says_so(on_cuda: tuple[ServerThread, str]) -
     st, _ = on_cuda
     info = st.stub().GetModelInfo(pb.GetModelInfoRequest())
     assert info.execution_provider == "CUDAExecutionProvider"
+    assert info.limits.max_batch_tokens == CUDA_BATCH_TOKENS  # the default, chosen for the device
     m = metrics(st)
     assert m[("attnserve_execution_provider", (("provider", "CUDAExecutionProvider"),))] == 1
 

@@ -17,6 +17,7 @@ import pytest
 from bench.timing import start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service.batcher import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS
 from service.config import ServerConfig
 
 
@@ -82,6 +83,14 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     assert ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCHES_IN_FLIGHT": "1"}).batch_limits().max_in_flight == 1
     with pytest.raises(ValueError, match="batch limits"):
         ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCHES_IN_FLIGHT": "0"})
+    # padded tokens a batch holds: chosen for the device unless set
+    assert cfg.max_batch_tokens == 0
+    assert cfg.batch_limits().max_batch_tokens == CPU_BATCH_TOKENS
+    assert cfg.batch_limits(cuda=True).max_batch_tokens == CUDA_BATCH_TOKENS > CPU_BATCH_TOKENS
+    chosen = ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCH_TOKENS": "1024"})
+    assert chosen.batch_limits().max_batch_tokens == chosen.batch_limits(cuda=True).max_batch_tokens == 1024
+    with pytest.raises(ValueError, match="batch limits"):
+        ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCH_TOKENS": "-1"})
 
 
 def test_command_line_client(process: tuple[subprocess.Popen[str], int], tmp_path: Path) -> None:
