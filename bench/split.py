@@ -63,8 +63,10 @@ from service.sampling import SamplingParams
 from service.scheduler import GenerationLimits, Scheduler
 
 SERVER_CORE, LOAD_CORE = 1, 0
+LONG = "long"  # the encode load of texts as long as the model's context, 1 a request
 BUNDLED = 8
 GROUPED = 4
+LONG_BATCHES = (1, 2, 4, 8, 16, 32)
 FEW = (1, 2, 4)  # concurrencies below the main loads', 1 text a request: where there is little to batch
 FLOOR_THREADS = 64  # the thread-pool floor server's threads: more than the loads' concurrent calls
 
@@ -104,6 +106,10 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
 
             steps[b] = median_seconds(step, runs=300)
         texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
+        # texts that fill the model's context, where the batch's size costs the model most on a CPU
+        long_tokens = rt.info.max_seq_len
+        long_by_batch, _ = encode_rates(rt, long_tokens, seconds, LONG_BATCHES)
+        long_texts = texts_of(rt, long_tokens, 32, seed=1)
         prompts = prompts_of(rt, 64, hi=min(64, rt.info.max_seq_len - NEW_TOKENS - 1))
         generation = {str(n): asyncio.run(generation_in_process(rt, prompts, n, 2 * seconds)) for n in (1, 16)}
     best = max(by_batch, key=lambda k: by_batch[k])
@@ -117,7 +123,11 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
         "generation": generation,
         # the model's own time per token on the 16-stream load, and its batch-1 step on the 1-stream load
         "generate_limit_16": generation["16"]["limit_tokens_per_second"],
+        "long_tokens": long_tokens,
+        "encode_long_by_batch": long_by_batch,
+        "encode_long_limit": max(long_by_batch.values()),
         "texts": texts,
+        "long_texts": long_texts,
         "prompts": prompts,
         "dimensions": rt.info.d_model,
     }
@@ -366,6 +376,7 @@ def run(
     os.sched_setaffinity(0, {LOAD_CORE})  # the load generator's core, and this process's from now on
     limit = limit_on_core(model_dir, 64, min(2.0, seconds))
     texts, prompts, dimensions = limit.pop("texts"), limit.pop("prompts"), limit.pop("dimensions")
+    long_texts = limit.pop("long_texts")
     result: dict[str, Any] = {
         "model": str(model_dir),
         "machine": f"{machine()}; server on core {SERVER_CORE}, load on core {LOAD_CORE}",
@@ -376,15 +387,19 @@ def run(
     if designs:
         servers |= {name: design_cmd(model_dir, name) for name in DESIGNS}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in servers}
-    # each encode load by key: (concurrent calls, texts a request)
-    loads = {str(k): (concurrency, k) for k in (1, BUNDLED)} | {f"c{c}": (c, 1) for c in FEW}
+    # each encode load by key: (concurrent calls, texts a request, the texts)
+    loads = (
+        {str(k): (concurrency, k, texts) for k in (1, BUNDLED)}
+        | {f"c{c}": (c, 1, texts) for c in FEW}
+        | {LONG: (concurrency, 1, long_texts)}
+    )
     with ExitStack() as stack:
         pids = {name: stack.enter_context(pinned_server(cmd)) for name, cmd in servers.items()}
         ours, our_pid = pids["attnserve"]
         for _ in range(rounds):
             for name, (address, pid) in pids.items():
-                for key, (calls, k) in loads.items():
-                    load = encode_loop(address, texts, calls, seconds, k)
+                for key, (calls, k, some) in loads.items():
+                    load = encode_loop(address, some, calls, seconds, k)
                     measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
                     runs[name].setdefault(key, []).append(measured)
         latency_of = {name: pids[name][0] for name in ("attnserve", "plain")}
@@ -446,6 +461,8 @@ def run(
         "encode_8_share": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
         "plain_1_share": enc["plain"]["1"]["texts_per_second"] / lim["encode_limit"],
         "plain_8_share": enc["plain"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
+        "encode_long_share": enc["attnserve"][LONG]["texts_per_second"] / lim["encode_long_limit"],
+        "plain_long_share": enc["plain"][LONG]["texts_per_second"] / lim["encode_long_limit"],
         "generate_16_share": gen["16"]["load"]["output_tokens_per_second"] / lim["generate_limit_16"],
         "generate_16_grouped_share": gen[f"16x{GROUPED}"]["load"]["output_tokens_per_second"]
         / lim["generate_limit_16"],
@@ -503,7 +520,10 @@ def run(
 
 
 def load_name(key: str, concurrency: int) -> str:
-    """'8' -> '8 texts/32 calls', 'c2' -> '1 text/2 calls' (the keys of the encode loads)."""
+    """'8' -> '8 texts/32 calls', 'c2' -> '1 text/2 calls', 'long' -> '1 long text/32 calls' (the keys of
+    the encode loads)."""
+    if key == LONG:
+        return f"1 long text/{concurrency} calls"
     calls, texts = (int(key[1:]), 1) if key.startswith("c") else (concurrency, int(key))
     return f"{texts} text{'s' if texts > 1 else ''}/{calls} call{'s' if calls > 1 else ''}"
 
@@ -548,6 +568,14 @@ def table(r: dict[str, Any]) -> str:
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['server_cpu_ms_per_text']:>12.3f}ms"
             )
     ours = s["over_plain"]["attnserve"]
+    lines.append(
+        f"encode, {lim['long_tokens']}-token texts, 1 a request, {r['concurrency']} concurrent: limit "
+        f"{lim['encode_long_limit']:.0f} texts/s (by batch: "
+        + ", ".join(f"{b}: {v:.0f}" for b, v in lim["encode_long_by_batch"].items())
+        + f"); attnserve {enc['attnserve'][LONG]['texts_per_second']:.0f} ({s['encode_long_share'] * 100:.0f}%), "
+        f"plain {enc['plain'][LONG]['texts_per_second']:.0f} ({s['plain_long_share'] * 100:.0f}%): "
+        f"{ours[LONG]:.2f}x"
+    )
     if len(enc) > 2:  # the other designs ran too: each against the plain peer at every load
         keys = list(ours)
         lines.append(

@@ -113,6 +113,7 @@ def test_encode_loads_are_named_by_texts_and_calls() -> None:
     assert split.load_name("1", 32) == "1 text/32 calls"
     assert split.load_name("c1", 32) == "1 text/1 call"
     assert split.load_name("c4", 32) == "1 text/4 calls"
+    assert split.load_name(split.LONG, 32) == "1 long text/32 calls"
 
 
 def test_paced_timing_leaves_out_the_pause_and_times_the_call() -> None:
