@@ -33,7 +33,8 @@ from service.tokens import TextTokenizer
 log = logging.getLogger(__name__)
 
 # Requests with less text than this are tokenized on the event loop: the hop to a thread would cost
-# more than the ~2 ms of tokenizing. Longer ones go to the tokenizer's thread.
+# more than tokenizing it (2 KiB on one core: ~0.14 ms ASCII, ~0.6 ms other text). Longer ones go to
+# the tokenizer's thread.
 INLINE_CHARS = 2048
 
 
