@@ -55,14 +55,16 @@ R = TypeVar("R")
 DEADLINE_HEADROOM = 0.75
 
 # Padded tokens a batch holds by default. On the CPU a model's throughput peaks at a few hundred tokens
-# a batch and falls beyond (cache-bound: the default model on one core, texts of 256 tokens, 124-131
-# texts/s at batches of 256-512 tokens, 98-103 at 8,192); on a GPU it grows with the batch.
-CPU_BATCH_TOKENS = 512
+# a batch for each thread that runs it and falls beyond (cache-bound: the default model on one core,
+# texts of 256 tokens, 124-131 texts/s at batches of 256-512 tokens, 98-103 at 8,192; on two threads
+# 142 at 512, 158 at 1,024, 157-164 at 2,048); on a GPU it grows with the batch.
+CPU_BATCH_TOKENS = 512  # a thread
 CUDA_BATCH_TOKENS = 8192
 
 
-def default_batch_tokens(cuda: bool) -> int:
-    return CUDA_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS
+def default_batch_tokens(cuda: bool, threads: int = 1) -> int:
+    """The padded tokens a batch holds by default: on CUDA, or on the CPU with ``threads`` intra-op threads."""
+    return CUDA_BATCH_TOKENS if cuda else min(CUDA_BATCH_TOKENS, CPU_BATCH_TOKENS * max(1, threads))
 
 
 @dataclass(frozen=True)

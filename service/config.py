@@ -104,13 +104,13 @@ class ServerConfig:
             step_threads=self.step_threads,
         )
 
-    def batch_limits(self, cuda: bool = False) -> BatchLimits:
-        """The batchers' limits for a model on CUDA, or on the CPU."""
+    def batch_limits(self, cuda: bool = False, threads: int = 1) -> BatchLimits:
+        """The batchers' limits for a model on CUDA, or on the CPU with ``threads`` intra-op threads."""
         from service.batcher import BatchLimits, default_batch_tokens
 
         return BatchLimits(
             max_batch_size=self.max_batch_size,
-            max_batch_tokens=self.max_batch_tokens or default_batch_tokens(cuda),
+            max_batch_tokens=self.max_batch_tokens or default_batch_tokens(cuda, threads),
             max_queue_delay_s=self.max_queue_delay_ms / 1000.0,
             max_queue_size=self.max_queue_size,
             max_queue_tokens=self.max_queue_tokens,

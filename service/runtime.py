@@ -21,6 +21,7 @@ import functools
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -347,6 +348,14 @@ class Runtime:
                 )
         log.info("model %s %s loaded from %s on %s", self.info.name, self.info.version, self.model_dir, self.provider)
         self.warmup_seconds = self.warmup() if self.options.warmup else 0.0
+
+    @property
+    def cpu_threads(self) -> int:
+        """The intra-op threads a graph on the CPU runs on: as set, else one for each core this process
+        may use (ONNX Runtime takes one per physical core; near enough for sizing batches)."""
+        if self.options.intra_op_threads:
+            return self.options.intra_op_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     @functools.cached_property
     def token_text(self) -> list[str]:

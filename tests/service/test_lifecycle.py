@@ -86,9 +86,11 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     # padded tokens a batch holds: chosen for the device unless set
     assert cfg.max_batch_tokens == 0
     assert cfg.batch_limits().max_batch_tokens == CPU_BATCH_TOKENS
+    assert cfg.batch_limits(threads=2).max_batch_tokens == 2 * CPU_BATCH_TOKENS  # a few hundred a thread
+    assert cfg.batch_limits(threads=1000).max_batch_tokens == CUDA_BATCH_TOKENS  # and no more than on a GPU
     assert cfg.batch_limits(cuda=True).max_batch_tokens == CUDA_BATCH_TOKENS > CPU_BATCH_TOKENS
     chosen = ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCH_TOKENS": "1024"})
-    assert chosen.batch_limits().max_batch_tokens == chosen.batch_limits(cuda=True).max_batch_tokens == 1024
+    assert chosen.batch_limits(threads=4).max_batch_tokens == chosen.batch_limits(cuda=True).max_batch_tokens == 1024
     with pytest.raises(ValueError, match="batch limits"):
         ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCH_TOKENS": "-1"})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -267,3 +268,8 @@ def test_device_cache_steps_equal_the_host_cache(model_dir: Path, rt: Runtime) -
             atol=1e-3,
         )
     assert dev.lengths.tolist() == host.lengths.tolist() == [11, 15]
+
+
+def test_cpu_threads_are_as_set_else_one_a_usable_core(rt: Runtime, model_dir: Path) -> None:
+    assert rt.cpu_threads == len(os.sched_getaffinity(0))
+    assert Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=3, warmup=False)).cpu_threads == 3
