@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
-from service.tokens import ASCII_SPLIT, MAX_PIECE_CHARS, TextTokenizer, splits_like_gpt2
+from service.tokens import ASCII_SPLIT, MAX_NEW_PIECES, MAX_PIECE_CHARS, TextTokenizer, splits_like_gpt2
 
 TEXTS = [
     "the king speaks",
@@ -100,8 +100,20 @@ def test_long_pieces_are_not_kept(model_dir: Path) -> None:
     tok = tokenizer(model_dir, True)
     ids = TextTokenizer(tok)
     text = "word " + "9" * (MAX_PIECE_CHARS + 1) + " " * 100 + "end"
-    assert ids([text]) == own(tok, [text])
+    for _ in range(3):
+        assert ids([text]) == own(tok, [text])
     assert all(len(p) <= MAX_PIECE_CHARS for p in ids.pieces) and " word" not in ids.pieces and "word" in ids.pieces
+
+
+def test_a_text_of_many_new_pieces_goes_to_the_tokenizer_whole_having_added_a_few(model_dir: Path) -> None:
+    tok = tokenizer(model_dir, True)
+    ids = TextTokenizer(tok)
+    text = "alpha beta gamma delta epsilon zeta"  # six pieces
+    want = own(tok, [text])
+    for n in range(1, 5):
+        assert ids([text]) == want
+        assert len(ids.pieces) == min(6, n * MAX_NEW_PIECES)
+    assert set(ids.pieces) == {"alpha", " beta", " gamma", " delta", " epsilon", " zeta"}
 
 
 def test_a_tokenizer_split_otherwise_is_asked_for_every_text(model_dir: Path) -> None:
