@@ -302,6 +302,11 @@ class DeviceKVCache(KVCache):
         raise TypeError("a device cache is appended to on the device, by Runtime.decode_step")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Runtime:
     """The exported graphs of one model directory, on one execution provider."""
 
@@ -353,9 +358,7 @@ class Runtime:
     def cpu_threads(self) -> int:
         """The intra-op threads a graph on the CPU runs on: as set, else one for each core this process
         may use (ONNX Runtime takes one per physical core; near enough for sizing batches)."""
-        if self.options.intra_op_threads:
-            return self.options.intra_op_threads
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.options.intra_op_threads or usable_cores()
 
     @functools.cached_property
     def token_text(self) -> list[str]:
