@@ -17,6 +17,10 @@ leaves to the model.
    of each; the server's CPU time per text.
 3. GenerateStream: 16 streams one token a message, 16 streams ``--stream-interval 4``, and one
    stream (its inter-token latency against the batch-1 step).
+   Shares are paired too: each round times every load's limit in this process right before the
+   servers run that load (the encode rate at the limit's batch size; the streaming load run by the
+   scheduler in process), and gRPC alone (a server with no model) runs the same loads in the same
+   rounds; a share, and the most gRPC alone allows, is the median of the rounds' own.
    The two latencies (one stream's inter-token p50 against the batch-1 step, an idle Encode's p50
    against the batch-1 encode) are paired: each round times the model in this process on the
    server's core right before the same measurement over gRPC, and the figure is the median of the
@@ -69,6 +73,8 @@ GROUPED = 4
 LONG_BATCHES = (1, 2, 4, 8, 16, 32)
 FEW = (1, 2, 4)  # concurrencies below the main loads', 1 text a request: where there is little to batch
 FLOOR_THREADS = 64  # the thread-pool floor server's threads: more than the loads' concurrent calls
+TOKENS = 64  # the encode loads' texts, but for the long ones
+LIMIT_SECONDS = 1.0  # each round's in-process limit for a load, timed right before the servers run it
 
 
 @contextmanager
@@ -101,7 +107,7 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
             tok = np.ones((b, 1), np.int64)
 
             def step(cache: Any = cache, tok: np.ndarray = tok) -> None:
-                cache.lengths[:] = 64
+                cache.lengths[:] = min(64, rt.info.max_seq_len - 1)
                 rt.decode_step(cache, tok, tok)
 
             steps[b] = median_seconds(step, runs=300)
@@ -110,7 +116,7 @@ def limit_on_core(model_dir: Path, tokens: int, seconds: float) -> dict[str, Any
         long_tokens = rt.info.max_seq_len
         long_by_batch, _ = encode_rates(rt, long_tokens, seconds, LONG_BATCHES)
         long_texts = texts_of(rt, long_tokens, 32, seed=1)
-        prompts = prompts_of(rt, 64, hi=min(64, rt.info.max_seq_len - NEW_TOKENS - 1))
+        prompts = prompts_of(rt, 64, hi=max(8, min(64, rt.info.max_seq_len - NEW_TOKENS - 1)))
         generation = {str(n): asyncio.run(generation_in_process(rt, prompts, n, 2 * seconds)) for n in (1, 16)}
     best = max(by_batch, key=lambda k: by_batch[k])
     return {
@@ -365,6 +371,40 @@ def paired_latency(
     return result
 
 
+def texts_made(r: dict[str, Any]) -> float:
+    return float(r["texts"])
+
+
+def tokens_made(r: dict[str, Any]) -> float:
+    return float(r["tokens"])
+
+
+def by_cpu(r: dict[str, Any]) -> float:
+    return float(r["server_cpu_ms"])
+
+
+def rates_of(rounds: list[dict[str, Any]], name: str) -> list[float]:
+    """Each round's rate (``cpu_per_unit``'s results): texts_per_second or output_tokens_per_second."""
+    return [float(r["load"][name]) for r in rounds]
+
+
+def share(rates: list[float], limits: list[float]) -> float:
+    """The median of the rounds' shares: each round's rate against the limit timed in that round."""
+    return statistics.median(r / lim for r, lim in zip(rates, limits, strict=True))
+
+
+def middle(rounds: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
+    """The round whose value is the median (the lower of the two middle ones for an even count)."""
+    return sorted(rounds, key=value)[(len(rounds) - 1) // 2]
+
+
+def round_limit(rt: Runtime, tokens: int, batch: int, seconds: float) -> dict[str, float]:
+    """The runtime's encode rate and CPU a text at one batch size, timed on the server's core now."""
+    with on_core(SERVER_CORE):
+        by_batch, cpu_ms = encode_rates(rt, tokens, seconds, (batch,))
+    return {"texts_per_second": by_batch[batch], "cpu_ms_per_text": cpu_ms[batch]}
+
+
 def run(
     model_dir: Path,
     seconds: float = 5.0,
@@ -374,7 +414,7 @@ def run(
     designs: bool = False,
 ) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CORE})  # the load generator's core, and this process's from now on
-    limit = limit_on_core(model_dir, 64, min(2.0, seconds))
+    limit = limit_on_core(model_dir, TOKENS, min(2.0, seconds))
     texts, prompts, dimensions = limit.pop("texts"), limit.pop("prompts"), limit.pop("dimensions")
     long_texts = limit.pop("long_texts")
     result: dict[str, Any] = {
@@ -387,59 +427,112 @@ def run(
     if designs:
         servers |= {name: design_cmd(model_dir, name) for name in DESIGNS}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in servers}
-    # each encode load by key: (concurrent calls, texts a request, the texts)
+    # each encode load by key: (concurrent calls, texts a request, the texts, (their tokens, the limit's batch))
+    short = (TOKENS, limit["encode_best_batch"])
+    long = (limit["long_tokens"], max(limit["encode_long_by_batch"], key=lambda b: limit["encode_long_by_batch"][b]))
     loads = (
-        {str(k): (concurrency, k, texts) for k in (1, BUNDLED)}
-        | {f"c{c}": (c, 1, texts) for c in FEW}
-        | {LONG: (concurrency, 1, long_texts)}
+        {str(k): (concurrency, k, texts, short) for k in (1, BUNDLED)}
+        | {f"c{c}": (c, 1, texts, short) for c in FEW}
+        | {LONG: (concurrency, 1, long_texts, long)}
     )
+    rt = runtime_on_core(model_dir)
+    gen_seconds = 2 * seconds
+    limits: dict[str, list[dict[str, float]]] = {key: [] for key in loads}
+    gen_limits: list[dict[str, Any]] = []
+    streaming: dict[str, list[dict[str, Any]]] = {"16": [], f"16x{GROUPED}": []}
+    # gRPC alone on the server's core, a server with no model (grpc.aio, and grpc's thread-pool server)
+    floor_runs: dict[str, dict[str, list[dict[str, Any]]]] = {"aio": {}, "threads": {}}
     with ExitStack() as stack:
         pids = {name: stack.enter_context(pinned_server(cmd)) for name, cmd in servers.items()}
         ours, our_pid = pids["attnserve"]
+        streamers = {
+            "16": pids["attnserve"],
+            f"16x{GROUPED}": stack.enter_context(
+                pinned_server(attnserve_cmd(model_dir, "--stream-interval", str(GROUPED)))
+            ),
+        }
+        floors = {
+            "aio": stack.enter_context(floor_server(dimensions, 1, cpus={SERVER_CORE})),
+            "threads": stack.enter_context(floor_server(dimensions, 1, cpus={SERVER_CORE}, threads=FLOOR_THREADS)),
+        }
+        floor_grouped = stack.enter_context(floor_server(dimensions, GROUPED, cpus={SERVER_CORE}))
+        # every round times each load's limit in this process right before the servers run that load,
+        # so that a share is a rate against the model's speed in the same minute: this machine's speed
+        # drifts by 10-30% over a run, and a limit timed once at the start misread every later share
         for _ in range(rounds):
-            for name, (address, pid) in pids.items():
-                for key, (calls, k, some) in loads.items():
+            for key, (calls, k, some, (tokens, batch)) in loads.items():
+                limits[key].append(round_limit(rt, tokens, batch, LIMIT_SECONDS))
+                for name, (address, pid) in pids.items():
                     load = encode_loop(address, some, calls, seconds, k)
-                    measured = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
-                    runs[name].setdefault(key, []).append(measured)
+                    runs[name].setdefault(key, []).append(asyncio.run(cpu_per_unit(pid, load, texts_made)))
+                if key in ("1", str(BUNDLED)):
+                    for name, (address, pid) in floors.items():
+                        load = encode_loop(address, some, calls, seconds, k)
+                        floor_runs[name].setdefault(key, []).append(asyncio.run(cpu_per_unit(pid, load, texts_made)))
+            with on_core(SERVER_CORE):
+                gen_limits.append(asyncio.run(generation_in_process(rt, prompts, 16, gen_seconds)))
+            for key, (address, pid) in streamers.items():
+                load = generate_loop(address, prompts, 16, gen_seconds)
+                streaming[key].append(asyncio.run(cpu_per_unit(pid, load, tokens_made)))
+            for name, (address, pid), key in (
+                ("aio", floors["aio"], "16"),
+                ("threads", floors["threads"], "16"),
+                ("aio", floor_grouped, f"16x{GROUPED}"),
+            ):
+                load = generate_loop(address, prompts, 16, seconds)
+                floor_runs[name].setdefault(key, []).append(asyncio.run(cpu_per_unit(pid, load, tokens_made)))
         latency_of = {name: pids[name][0] for name in ("attnserve", "plain")}
-        floor, _ = stack.enter_context(floor_server(dimensions, 1, cpus={SERVER_CORE}))
         result["paired"] = paired = paired_latency(
-            model_dir, latency_of, texts, prompts, 2 * seconds, rounds, floor=floor
+            model_dir, latency_of, texts, prompts, 2 * seconds, rounds, floor=floors["aio"][0]
         )
         if with_profile:
             result["profile_encode"] = profile(our_pid, seconds, encode_loop(ours, texts, concurrency, seconds, 1))
-        gen_seconds = 2 * seconds
-        result["generate"] = {
-            "16": asyncio.run(
-                cpu_per_unit(our_pid, generate_loop(ours, prompts, 16, gen_seconds), lambda r: r["tokens"])
-            ),
-            "1": paired["one_stream"],
-        }
-        if with_profile:
             result["profile_generate"] = profile(our_pid, seconds, generate_loop(ours, prompts, 16, seconds))
-    # gRPC alone on the server's core: the same loads against a server with no model behind it
-    result["floor"] = {}
-    for interval in (1, GROUPED):
-        with floor_server(dimensions, interval, cpus={SERVER_CORE}) as (address, pid):
-            if interval == 1:
-                for k in (1, BUNDLED):
-                    load = encode_loop(address, texts, concurrency, seconds, k)
-                    result["floor"][f"encode_{k}"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
-            load = generate_loop(address, prompts, 16, seconds)
-            result["floor"][f"generate_16x{interval}"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["tokens"]))
-    # the same on grpc's thread-pool server: what that transport would leave to the model
-    result["floor_threads"] = {}
-    with floor_server(dimensions, 1, cpus={SERVER_CORE}, threads=FLOOR_THREADS) as (address, pid):
-        for k in (1, BUNDLED):
-            load = encode_loop(address, texts, concurrency, seconds, k)
-            result["floor_threads"][f"encode_{k}"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["texts"]))
-        load = generate_loop(address, prompts, 16, seconds)
-        result["floor_threads"]["generate_16x1"] = asyncio.run(cpu_per_unit(pid, load, lambda r: r["tokens"]))
-    with pinned_server(attnserve_cmd(model_dir, "--stream-interval", str(GROUPED))) as (address, pid):
-        result["generate"][f"16x{GROUPED}"] = asyncio.run(
-            cpu_per_unit(pid, generate_loop(address, prompts, 16, gen_seconds), lambda r: r["tokens"])
-        )
+    result["round_limits"] = {key: [v["texts_per_second"] for v in vs] for key, vs in limits.items()}
+    result["round_limits"]["generate_16"] = [g["limit_tokens_per_second"] for g in gen_limits]
+    result["shares"] = {
+        name: {key: share(rates_of(rs, "texts_per_second"), result["round_limits"][key]) for key, rs in by_k.items()}
+        for name, by_k in runs.items()
+    }
+    gen_limit = result["round_limits"]["generate_16"]
+    result["shares"]["generate"] = {
+        key: share(rates_of(rs, "output_tokens_per_second"), gen_limit) for key, rs in streaming.items()
+    }
+    # the most one core allows, round by round: a unit costs the model's CPU and gRPC's alone (the floor)
+    result["ceilings"] = {
+        name: {
+            key: statistics.median(
+                ceiling(lim["cpu_ms_per_text"], f["server_cpu_ms"], lim["texts_per_second"])
+                for lim, f in zip(limits[key], by_k[key], strict=True)
+            )
+            for key in ("1", str(BUNDLED))
+        }
+        | {
+            key: statistics.median(
+                ceiling(g["model_cpu_ms_per_token"], f["server_cpu_ms"], g["limit_tokens_per_second"])
+                for g, f in zip(gen_limits, by_k[key], strict=True)
+            )
+            for key in by_k
+            if key.startswith("16")
+        }
+        for name, by_k in floor_runs.items()
+    }
+    result["generation_rounds"] = gen_limits
+    result["generate"] = {
+        key: middle(rs, lambda r: r["load"]["output_tokens_per_second"]) for key, rs in streaming.items()
+    }
+    result["generate"]["1"] = paired["one_stream"]
+    result["floor"] = {
+        "encode_1": middle(floor_runs["aio"]["1"], by_cpu),
+        f"encode_{BUNDLED}": middle(floor_runs["aio"][str(BUNDLED)], by_cpu),
+        "generate_16x1": middle(floor_runs["aio"]["16"], by_cpu),
+        f"generate_16x{GROUPED}": middle(floor_runs["aio"][f"16x{GROUPED}"], by_cpu),
+    }
+    result["floor_threads"] = {
+        "encode_1": middle(floor_runs["threads"]["1"], by_cpu),
+        f"encode_{BUNDLED}": middle(floor_runs["threads"][str(BUNDLED)], by_cpu),
+        "generate_16x1": middle(floor_runs["threads"]["16"], by_cpu),
+    }
     result["encode"] = {
         name: {
             k: {
@@ -454,18 +547,22 @@ def run(
         }
         for name, by_k in runs.items()
     }
-    enc, gen, lim, fl = result["encode"], result["generate"], limit, result["floor"]
-    model_ms_per_token = lim["generation"]["16"]["model_cpu_ms_per_token"]
+    enc, gen, lim = result["encode"], result["generate"], limit
+    sh, ceil = result["shares"], result["ceilings"]
+    g16 = middle(gen_limits, lambda g: g["limit_tokens_per_second"])
     result["summary"] = {
-        "encode_1_share": enc["attnserve"]["1"]["texts_per_second"] / lim["encode_limit"],
-        "encode_8_share": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
-        "plain_1_share": enc["plain"]["1"]["texts_per_second"] / lim["encode_limit"],
-        "plain_8_share": enc["plain"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
-        "encode_long_share": enc["attnserve"][LONG]["texts_per_second"] / lim["encode_long_limit"],
-        "plain_long_share": enc["plain"][LONG]["texts_per_second"] / lim["encode_long_limit"],
-        "generate_16_share": gen["16"]["load"]["output_tokens_per_second"] / lim["generate_limit_16"],
-        "generate_16_grouped_share": gen[f"16x{GROUPED}"]["load"]["output_tokens_per_second"]
-        / lim["generate_limit_16"],
+        # each a median of the rounds' shares, every round against the limit timed in it
+        "encode_1_share": sh["attnserve"]["1"],
+        "encode_8_share": sh["attnserve"][str(BUNDLED)],
+        "plain_1_share": sh["plain"]["1"],
+        "plain_8_share": sh["plain"][str(BUNDLED)],
+        "encode_long_share": sh["attnserve"][LONG],
+        "plain_long_share": sh["plain"][LONG],
+        "generate_16_share": sh["generate"]["16"],
+        "generate_16_grouped_share": sh["generate"][f"16x{GROUPED}"],
+        # the start's limit, timed once before every round: what the shares read against it
+        "encode_1_share_of_start_limit": enc["attnserve"]["1"]["texts_per_second"] / lim["encode_limit"],
+        "encode_8_share_of_start_limit": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
         # paired within rounds (paired_latency): the medians of the rounds' differences
         "single_stream_itl_minus_step_ms": statistics.median(result["paired"]["itl_minus_step_ms"]),
         "idle_p50_minus_batch1_ms": statistics.median(result["paired"]["idle_minus_batch1_ms"]["attnserve"]),
@@ -484,34 +581,22 @@ def run(
         "encode_server_overhead_ms_per_text": enc["attnserve"]["1"]["server_cpu_ms_per_text"]
         - lim["encode_cpu_ms_per_text"],
         "generate_server_cpu_ms_per_token_16": gen["16"]["server_cpu_ms"],
+        "generate_model_cpu_ms_per_token_16": g16["model_cpu_ms_per_token"],
         # the most one core allows when each unit costs the model's CPU and gRPC's alone (the floor)
-        "ceiling_encode_1": ceiling(
-            lim["encode_cpu_ms_per_text"], fl["encode_1"]["server_cpu_ms"], lim["encode_limit"]
+        "ceiling_encode_1": ceil["aio"]["1"],
+        "ceiling_encode_8": ceil["aio"][str(BUNDLED)],
+        "ceiling_generate_16": ceil["aio"]["16"],
+        "ceiling_generate_16_grouped": ceil["aio"][f"16x{GROUPED}"],
+        "scheduler_in_process_share": statistics.median(
+            g["scheduler_tokens_per_second"] / g["limit_tokens_per_second"] for g in gen_limits
         ),
-        "ceiling_encode_8": ceiling(
-            lim["encode_cpu_ms_per_text"], fl[f"encode_{BUNDLED}"]["server_cpu_ms"], lim["encode_limit"]
-        ),
-        "ceiling_generate_16": ceiling(
-            model_ms_per_token, fl["generate_16x1"]["server_cpu_ms"], lim["generate_limit_16"]
-        ),
-        "ceiling_generate_16_grouped": ceiling(
-            model_ms_per_token, fl[f"generate_16x{GROUPED}"]["server_cpu_ms"], lim["generate_limit_16"]
-        ),
-        "scheduler_in_process_share": lim["generation"]["16"]["scheduler_tokens_per_second"] / lim["generate_limit_16"],
-        "ceiling_threads_encode_1": ceiling(
-            lim["encode_cpu_ms_per_text"], result["floor_threads"]["encode_1"]["server_cpu_ms"], lim["encode_limit"]
-        ),
-        "ceiling_threads_encode_8": ceiling(
-            lim["encode_cpu_ms_per_text"],
-            result["floor_threads"][f"encode_{BUNDLED}"]["server_cpu_ms"],
-            lim["encode_limit"],
-        ),
-        "ceiling_threads_generate_16": ceiling(
-            model_ms_per_token, result["floor_threads"]["generate_16x1"]["server_cpu_ms"], lim["generate_limit_16"]
-        ),
-        # every server measured / plain, at every encode load ("1", "8": 32 calls; "c1", "c2", "c4": 1 text)
+        "ceiling_threads_encode_1": ceil["threads"]["1"],
+        "ceiling_threads_encode_8": ceil["threads"][str(BUNDLED)],
+        "ceiling_threads_generate_16": ceil["threads"]["16"],
+        # every server measured / plain, at every encode load ("1", "8": 32 calls; "c1", "c2", "c4": 1 text):
+        # the median of the rounds' ratios, the two measured within seconds of each other
         "over_plain": {
-            name: {k: enc[name][k]["texts_per_second"] / enc["plain"][k]["texts_per_second"] for k in loads}
+            name: {k: share(enc[name][k]["rounds"], enc["plain"][k]["rounds"]) for k in loads}
             for name in servers
             if name != "plain"
         },
@@ -541,6 +626,8 @@ def signed(values: list[float], places: int, sign: str = "+") -> str:
 def table(r: dict[str, Any]) -> str:
     lim, enc, gen, s, pr = r["limit"], r["encode"], r["generate"], r["summary"], r["paired"]
     g16 = lim["generation"]["16"]
+    rl = r["round_limits"]
+    g16_ms = [g["model_cpu_ms_per_token"] for g in r["generation_rounds"]]
     lines = [
         f"split: {r['machine']}",
         f"limit on the server's core (1 thread): encode {lim['encode_limit']:.0f} texts/s at batch "
@@ -554,6 +641,13 @@ def table(r: dict[str, Any]) -> str:
         f"{lim['generation']['1']['step_p50_ms']:.3f} ms ({lim['step_at_64_ms']['1']:.3f} ms with 64 cached); "
         f"the scheduler alone, without gRPC, makes {g16['scheduler_tokens_per_second']:.0f} tokens/s "
         f"({s['scheduler_in_process_share'] * 100:.0f}%)",
+        "each round's limit, timed in process right before its load (every share below is the median of "
+        f"the rounds' shares against these): 64-token texts at batch {lim['encode_best_batch']} "
+        f"{signed(rl['1'], 0, '')} texts/s before 1 text a request, {signed(rl[str(BUNDLED)], 0, '')} before "
+        f"{BUNDLED}; {lim['long_tokens']}-token texts {signed(rl[LONG], 0, '')}; 16 streams "
+        f"{signed(rl['generate_16'], 0, '')} tokens/s (the model {signed(g16_ms, 3, '')} ms of CPU a token)",
+        f"attnserve against the start's limit alone: {s['encode_1_share_of_start_limit'] * 100:.0f}% at 1 text a "
+        f"request, {s['encode_8_share_of_start_limit'] * 100:.0f}% at {BUNDLED}",
         "",
         f"{'encode, 64-token texts, 32 concurrent':<44}{'texts/s':>9}{'share':>8}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'srv CPU/text':>14}",
@@ -564,7 +658,7 @@ def table(r: dict[str, Any]) -> str:
             label = f"{name}, {k} text{'s' if k != '1' else ''} a request"
             lines.append(
                 f"{label:<44}{row['texts_per_second']:>9.0f}"
-                f"{row['texts_per_second'] / lim['encode_limit'] * 100:>7.0f}%"
+                f"{r['shares'][name][k] * 100:>7.0f}%"
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['server_cpu_ms_per_text']:>12.3f}ms"
             )
     ours = s["over_plain"]["attnserve"]
@@ -614,7 +708,7 @@ def table(r: dict[str, Any]) -> str:
         row = gen[key]["load"]
         lines.append(
             f"{label:<44}{row['output_tokens_per_second']:>9.0f}"
-            f"{row['output_tokens_per_second'] / lim['generate_limit_16'] * 100:>7.0f}%"
+            f"{r['shares']['generate'][key] * 100:>7.0f}%"
             f"{row['itl_p50_ms']:>9.3f}{row['itl_p99_ms']:>9.3f}"
             f"{row['tokens_per_message']:>11.2f}{row['gap_p50_ms']:>9.3f}"
         )
@@ -629,7 +723,7 @@ def table(r: dict[str, Any]) -> str:
         f"{s['single_stream_itl_minus_step_ms']:+.3f} ms ({signed(pr['itl_minus_step_ms'], 3)}; steps "
         f"{signed(pr['step_p50_ms'], 3, '')} ms); "
         f"server CPU per token at 16 streams {s['generate_server_cpu_ms_per_token_16']:.3f} ms "
-        f"(the model's: {g16['model_cpu_ms_per_token']:.3f} ms)"
+        f"(the model's: {s['generate_model_cpu_ms_per_token_16']:.3f} ms)"
     )
     lines.append(
         f"  of which gRPC's own, one stream with no model: {s['floor_itl_p50_ms']:.3f} ms "

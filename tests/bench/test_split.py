@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -119,3 +120,45 @@ def test_encode_loads_are_named_by_texts_and_calls() -> None:
 def test_paced_timing_leaves_out_the_pause_and_times_the_call() -> None:
     assert split.paced_median_seconds(lambda: None, 0.01, runs=5) < 0.005
     assert split.paced_median_seconds(lambda: time.sleep(0.02), 0.0, runs=3) >= 0.02
+
+
+def test_a_share_is_the_median_of_each_rounds_rate_against_its_own_limit() -> None:
+    # a round in a slow minute reads a low rate and a low limit alike: its share is as the others'
+    rates, limits = [100.0, 50.0, 80.0], [200.0, 100.0, 100.0]
+    assert split.share(rates, limits) == pytest.approx(0.5)
+    # against one limit for every round the slow minute would read as the server's
+    assert statistics.median(rates) / statistics.median(limits) == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        split.share([1.0, 2.0], [1.0])
+
+
+def test_the_middle_round_is_the_one_with_the_median_value() -> None:
+    rounds = [{"v": 3.0}, {"v": 1.0}, {"v": 2.0}]
+    assert split.middle(rounds, lambda r: r["v"]) == {"v": 2.0}
+    assert split.middle(rounds[:2], lambda r: r["v"]) == {"v": 1.0}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_a_whole_run_pairs_every_share_with_its_rounds_limit(model_dir: Path) -> None:
+    before = os.sched_getaffinity(0)
+    try:
+        r = split.run(model_dir, seconds=0.2, rounds=2, concurrency=4)
+    finally:
+        os.sched_setaffinity(0, before)
+    loads = ("1", "8", "c1", "c2", "c4", split.LONG)
+    assert set(r["round_limits"]) == {*loads, "generate_16"}
+    assert all(len(v) == 2 and min(v) > 0 for v in r["round_limits"].values())
+    for name in ("attnserve", "plain"):
+        for key in loads:
+            rates = r["encode"][name][key]["rounds"]
+            assert r["shares"][name][key] == split.share(rates, r["round_limits"][key])
+    assert 0 < r["summary"]["encode_8_share"] == r["shares"]["attnserve"]["8"]
+    ours, plain = r["encode"]["attnserve"]["c1"]["rounds"], r["encode"]["plain"]["c1"]["rounds"]
+    assert r["summary"]["over_plain"]["attnserve"]["c1"] == split.share(ours, plain)  # round by round
+    assert 0 < r["summary"]["generate_16_share"] == r["shares"]["generate"]["16"]
+    for key in ("ceiling_encode_1", "ceiling_encode_8", "ceiling_generate_16", "ceiling_threads_encode_1"):
+        assert 0 < r["summary"][key] <= 1
+    assert r["generate"]["16"]["load"]["output_tokens_per_second"] > 0
+    assert r["generate"]["1"]["tokens"] > 0
+    text = split.table(r)
+    assert "each round's limit" in text and "16 streams, 1 token a message" in text
