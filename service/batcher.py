@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -183,6 +185,9 @@ class Batcher:
     # what the queue ahead of a new request will cost. 0 until a batch has run: nothing is shed before.
     _seconds_per_token: float = 0.0
     _handoff: Handoff | None = None  # batch results back onto the event loop
+    # at most the earliest deadline among the queued sequences (inf: none has one): until it passes,
+    # no queued request can have expired, and the queue is not scanned for them
+    _earliest_deadline: float = math.inf
 
     def __post_init__(self) -> None:
         # this graph's series, looked up once rather than on every request
@@ -255,6 +260,8 @@ class Batcher:
         call.future.add_done_callback(functools.partial(self._forget, items))
         self._queue.extend(items)
         self._tokens += tokens
+        if deadline is not None and deadline < self._earliest_deadline:
+            self._earliest_deadline = deadline
         self._depth.set(len(self._queue))
         if self._ready():  # the collector has something to do now (each wake-up costs it a turn of the loop)
             self._wake.set()
@@ -284,8 +291,12 @@ class Batcher:
                 self.metrics.dropped.labels(self.name, "cancelled").inc(len(left))
 
     def _unqueue(self, items: Sequence[Pending]) -> None:
-        gone = {id(p) for p in items}
-        self._queue = [p for p in self._queue if id(p) not in gone]
+        n = len(items)
+        if n <= len(self._queue) and all(a is b for a, b in zip(self._queue[:n], items, strict=True)):
+            del self._queue[:n]  # the head of the queue, as a batch of equal lengths mostly is
+        else:
+            gone = {id(p) for p in items}
+            self._queue = [p for p in self._queue if id(p) not in gone]
         for p in items:
             p.queued = False
             self._tokens -= len(p.ids)
@@ -339,28 +350,46 @@ class Batcher:
 
     def _take(self) -> list[Pending]:
         """The oldest live request, then the live ones closest to it in length, within both budgets.
-        Requests whose deadline has passed fail here, before the model sees them."""
+        Requests whose deadline has passed fail here, before the model sees them.
+
+        This runs once a batch over a queue that may hold hundreds of sequences, so it reads no more
+        of it than it must: the queue is scanned for expired deadlines only once the earliest one
+        queued may have passed; those as long as the oldest are taken first, in queue order (where
+        sorting by closeness of length, then age, puts them), and the rest are sorted only when
+        those leave room; the scan ends once nothing more could fit."""
         now = time.monotonic()
-        expired = [p for p in self._queue if p.call.deadline is not None and now >= p.call.deadline]
-        if expired:
-            self._unqueue(expired)
-            self.metrics.dropped.labels(self.name, "deadline").inc(len(expired))
-            self._fail(expired, DeadlineExceeded("deadline passed while the request was queued"))
+        if now >= self._earliest_deadline:
+            expired = [p for p in self._queue if p.call.deadline is not None and now >= p.call.deadline]
+            if expired:
+                self._unqueue(expired)
+                self.metrics.dropped.labels(self.name, "deadline").inc(len(expired))
+                self._fail(expired, DeadlineExceeded("deadline passed while the request was queued"))
+            deadlines = [p.call.deadline for p in self._queue if p.call.deadline is not None]
+            self._earliest_deadline = min(deadlines, default=math.inf)
         live = self._queue
         if not live:
             return []
-        first, rest = live[0], live[1:]
-        rest_by_fit = sorted(rest, key=lambda p: (abs(len(p.ids) - len(first.ids)), p.call.enqueued_at))
+        size, budget = self.limits.max_batch_size, self.limits.max_batch_tokens
+        first = live[0]
         batch = [first]
-        longest = len(first.ids)
-        for p in rest_by_fit:
-            if len(batch) >= self.limits.max_batch_size:
-                break
-            new_longest = max(longest, len(p.ids))
-            if new_longest * (len(batch) + 1) > self.limits.max_batch_tokens:
-                continue
-            batch.append(p)
-            longest = new_longest
+        longest = length = len(first.ids)
+        others = []
+        for p in itertools.islice(live, 1, None):
+            if len(batch) >= size or longest * (len(batch) + 1) > budget:
+                break  # full: no sequence could join, however short
+            if len(p.ids) == length:
+                batch.append(p)
+            else:
+                others.append(p)
+        else:
+            for p in sorted(others, key=lambda p: (abs(len(p.ids) - length), p.call.enqueued_at)):
+                if len(batch) >= size or longest * (len(batch) + 1) > budget:
+                    break
+                new_longest = max(longest, len(p.ids))
+                if new_longest * (len(batch) + 1) > budget:
+                    continue
+                batch.append(p)
+                longest = new_longest
         self._unqueue(batch)
         return batch
 

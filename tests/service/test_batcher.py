@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatchLimits, BatchThreads
+from service.batcher import Batcher, BatchLimits, BatchThreads, Call, Pending
 from service.engine import Engine
 from service.errors import DeadlineExceeded, Overloaded
 from service.metrics import Metrics
@@ -387,3 +388,69 @@ def test_batches_in_flight_are_at_most_the_cores_the_process_may_use(model_dir: 
     assert one.encoder.limits.max_in_flight == one.attender.limits.max_in_flight == 1
     if len(before) >= 2:
         assert Engine(runtime, BatchLimits(max_in_flight=2), Metrics()).encoder.limits.max_in_flight == 2
+
+
+def reference_take(queue: list[Pending], size: int, budget: int) -> list[Pending]:
+    """The batch as the collector chose it first: every queued sequence sorted by closeness of length
+    to the oldest, then age, and taken in that order where it fits both budgets."""
+    first, rest = queue[0], queue[1:]
+    batch, longest = [first], len(first.ids)
+    for p in sorted(rest, key=lambda p: (abs(len(p.ids) - len(first.ids)), p.call.enqueued_at)):
+        if len(batch) >= size:
+            break
+        if max(longest, len(p.ids)) * (len(batch) + 1) > budget:
+            continue
+        batch.append(p)
+        longest = max(longest, len(p.ids))
+    return batch
+
+
+def test_a_batch_is_the_oldest_then_the_closest_in_length_within_both_budgets_for_any_queue() -> None:
+    rng = random.Random(0)
+    loop = asyncio.new_event_loop()
+    threads = BatchThreads(1, "test-take")
+    try:
+        for _ in range(600):
+            size, budget = rng.choice([1, 2, 3, 8, 32]), rng.choice([8, 16, 64, 100, 512])
+            b = Batcher("encode", FakeModel(), BatchLimits(size, budget), threads, Metrics(), max_len=64)
+            t = 0.0
+            for _ in range(rng.randint(1, 60)):  # requests of 1-4 sequences, some enqueued at the same instant
+                n = rng.randint(1, 4)
+                t += rng.choice([0.0, 0.001])
+                call = Call(loop.create_future(), t, None, [None] * n, n)
+                b._queue.extend(Pending(ids(rng.choice([3, 8, 8, 8, 9, 16, 33, 64])), call, i) for i in range(n))
+            while b._queue:
+                before = list(b._queue)
+                want = reference_take(before, size, budget)
+                got = b._take()
+                assert [id(p) for p in got] == [id(p) for p in want]
+                taken = {id(p) for p in got}
+                assert [id(p) for p in b._queue] == [id(p) for p in before if id(p) not in taken]  # order kept
+    finally:
+        threads.shutdown()
+        loop.close()
+
+
+def test_an_expired_request_is_failed_wherever_it_waits_in_the_queue() -> None:
+    async def main() -> None:
+        b = make(FakeModel(), max_batch_size=1, max_in_flight=1)
+        now = time.monotonic()
+        a = b.enqueue([ids(4)], now + 0.05)
+        c = b.enqueue([ids(4)], now + 0.1)
+        d = b.enqueue([ids(4)], None)
+        assert b._take() == a  # nothing has expired: the oldest
+        await asyncio.sleep(0.12)
+        assert b._take() == d  # the earliest deadline left with a's batch; c's passed in the queue all the same
+        with pytest.raises(DeadlineExceeded, match="queued"):
+            await c[0].call.future
+        # a later request with an earlier deadline than any queued: found too
+        e = b.enqueue([ids(4)], time.monotonic() + 10)
+        f = b.enqueue([ids(4)], time.monotonic() + 0.01)
+        await asyncio.sleep(0.02)
+        assert b._take() == e
+        with pytest.raises(DeadlineExceeded, match="queued"):
+            await f[0].call.future
+        assert b.depth == 0
+        b.threads.shutdown()
+
+    asyncio.run(main())
