@@ -17,10 +17,11 @@ leaves to the model.
    of each; the server's CPU time per text.
 3. GenerateStream: 16 streams one token a message, 16 streams ``--stream-interval 4``, and one
    stream (its inter-token latency against the batch-1 step).
-   Shares are paired too: each round times every load's limit in this process right before the
-   servers run that load (the encode rate at the limit's batch size; the streaming load run by the
-   scheduler in process), and gRPC alone (a server with no model) runs the same loads in the same
-   rounds; a share, and the most gRPC alone allows, is the median of the rounds' own.
+   Shares are paired too: every measurement of a server stands between two timings of its load's
+   limit in this process (the encode rate at the limit's batch size; the streaming load run by the
+   scheduler in process), one before and one after, and is taken against their mean; gRPC alone (a
+   server with no model) runs the same loads in the same rounds; a share, and the most gRPC alone
+   allows, is the median of the rounds' own.
    The two latencies (one stream's inter-token p50 against the batch-1 step, an idle Encode's p50
    against the batch-1 encode) are paired: each round times the model in this process on the
    server's core right before the same measurement over gRPC, and the figure is the median of the
@@ -48,6 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +76,7 @@ LONG_BATCHES = (1, 2, 4, 8, 16, 32)
 FEW = (1, 2, 4)  # concurrencies below the main loads', 1 text a request: where there is little to batch
 FLOOR_THREADS = 64  # the thread-pool floor server's threads: more than the loads' concurrent calls
 TOKENS = 64  # the encode loads' texts, but for the long ones
-LIMIT_SECONDS = 1.0  # each round's in-process limit for a load, timed right before the servers run it
+LIMIT_SECONDS = 1.0  # the in-process limit for a load, timed before and after each server runs it
 
 
 @contextmanager
@@ -399,10 +401,48 @@ def middle(rounds: list[dict[str, Any]], value: Callable[[dict[str, Any]], float
 
 
 def round_limit(rt: Runtime, tokens: int, batch: int, seconds: float) -> dict[str, float]:
-    """The runtime's encode rate and CPU a text at one batch size, timed on the server's core now."""
+    """The runtime's encode rate (texts/s) and CPU a text (ms) at one batch size, timed on the server's core now."""
     with on_core(SERVER_CORE):
         by_batch, cpu_ms = encode_rates(rt, tokens, seconds, (batch,))
-    return {"texts_per_second": by_batch[batch], "cpu_ms_per_text": cpu_ms[batch]}
+    return {"per_second": by_batch[batch], "cpu_ms": cpu_ms[batch]}
+
+
+def generation_limit(rt: Runtime, prompts: list[str], seconds: float) -> dict[str, float]:
+    """The 16-stream load's limit (tokens/s) and the model's CPU a token (ms), timed on the server's core
+    now, and the share of it the scheduler alone makes in process."""
+    with on_core(SERVER_CORE):
+        g = asyncio.run(generation_in_process(rt, prompts, 16, seconds))
+    return {
+        "per_second": g["limit_tokens_per_second"],
+        "cpu_ms": g["model_cpu_ms_per_token"],
+        "scheduler_share": g["scheduler_tokens_per_second"] / g["limit_tokens_per_second"],
+    }
+
+
+def measured(pid: int, load: Callable[[], Any], units: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
+    """``cpu_per_unit`` of the server ``pid`` under a load made now by ``load()``."""
+    return asyncio.run(cpu_per_unit(pid, load(), units))
+
+
+Measure = tuple[Callable[[], dict[str, Any]], list[dict[str, Any]]]  # a measurement, and where its result goes
+
+
+def bracketed(time_limit: Callable[[], dict[str, float]], measures: list[Measure]) -> list[dict[str, float]]:
+    """Each measurement between two timings of the limit, the first before it and the second after,
+    and given their mean as its ``limit``: the timings chain, one after each measurement serving the
+    next. Returns the timings, in order."""
+    chain = [time_limit()]
+    for measure, into in measures:
+        result = measure()
+        chain.append(time_limit())
+        result["limit"] = {k: (chain[-2][k] + chain[-1][k]) / 2 for k in chain[-1]}
+        into.append(result)
+    return chain
+
+
+def share_of_limit(rounds: list[dict[str, Any]], rate: str) -> float:
+    """The median of the rounds' rates against the limit each was measured between."""
+    return share(rates_of(rounds, rate), [r["limit"]["per_second"] for r in rounds])
 
 
 def run(
@@ -412,6 +452,7 @@ def run(
     concurrency: int = 32,
     with_profile: bool = False,
     designs: bool = False,
+    limit_seconds: float = LIMIT_SECONDS,
 ) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CORE})  # the load generator's core, and this process's from now on
     limit = limit_on_core(model_dir, TOKENS, min(2.0, seconds))
@@ -437,8 +478,7 @@ def run(
     )
     rt = runtime_on_core(model_dir)
     gen_seconds = 2 * seconds
-    limits: dict[str, list[dict[str, float]]] = {key: [] for key in loads}
-    gen_limits: list[dict[str, Any]] = []
+    chains: dict[str, list[list[dict[str, float]]]] = {key: [] for key in [*loads, "generate"]}
     streaming: dict[str, list[dict[str, Any]]] = {"16": [], f"16x{GROUPED}": []}
     # gRPC alone on the server's core, a server with no model (grpc.aio, and grpc's thread-pool server)
     floor_runs: dict[str, dict[str, list[dict[str, Any]]]] = {"aio": {}, "threads": {}}
@@ -456,31 +496,37 @@ def run(
             "threads": stack.enter_context(floor_server(dimensions, 1, cpus={SERVER_CORE}, threads=FLOOR_THREADS)),
         }
         floor_grouped = stack.enter_context(floor_server(dimensions, GROUPED, cpus={SERVER_CORE}))
-        # every round times each load's limit in this process right before the servers run that load,
-        # so that a share is a rate against the model's speed in the same minute: this machine's speed
-        # drifts by 10-30% over a run, and a limit timed once at the start misread every later share
+        # every measurement stands between two timings of its load's limit in this process, and its
+        # share is against their mean: this machine's speed drifts by 10-30% over a run and moves
+        # within a minute, and a limit timed once at the start misread every later share
         for _ in range(rounds):
             for key, (calls, k, some, (tokens, batch)) in loads.items():
-                limits[key].append(round_limit(rt, tokens, batch, LIMIT_SECONDS))
-                for name, (address, pid) in pids.items():
-                    load = encode_loop(address, some, calls, seconds, k)
-                    runs[name].setdefault(key, []).append(asyncio.run(cpu_per_unit(pid, load, texts_made)))
+                servers_here = [(runs[name], address, pid) for name, (address, pid) in pids.items()]
                 if key in ("1", str(BUNDLED)):
-                    for name, (address, pid) in floors.items():
-                        load = encode_loop(address, some, calls, seconds, k)
-                        floor_runs[name].setdefault(key, []).append(asyncio.run(cpu_per_unit(pid, load, texts_made)))
-            with on_core(SERVER_CORE):
-                gen_limits.append(asyncio.run(generation_in_process(rt, prompts, 16, gen_seconds)))
-            for key, (address, pid) in streamers.items():
-                load = generate_loop(address, prompts, 16, gen_seconds)
-                streaming[key].append(asyncio.run(cpu_per_unit(pid, load, tokens_made)))
+                    servers_here += [(floor_runs[name], address, pid) for name, (address, pid) in floors.items()]
+                measures: list[Measure] = [
+                    (
+                        partial(measured, pid, partial(encode_loop, address, some, calls, seconds, k), texts_made),
+                        into.setdefault(key, []),
+                    )
+                    for into, address, pid in servers_here
+                ]
+                chains[key].append(bracketed(partial(round_limit, rt, tokens, batch, limit_seconds), measures))
+            measures = [
+                (
+                    partial(measured, pid, partial(generate_loop, address, prompts, 16, gen_seconds), tokens_made),
+                    streaming[key],
+                )
+                for key, (address, pid) in streamers.items()
+            ]
             for name, (address, pid), key in (
                 ("aio", floors["aio"], "16"),
                 ("threads", floors["threads"], "16"),
                 ("aio", floor_grouped, f"16x{GROUPED}"),
             ):
-                load = generate_loop(address, prompts, 16, seconds)
-                floor_runs[name].setdefault(key, []).append(asyncio.run(cpu_per_unit(pid, load, tokens_made)))
+                load = partial(generate_loop, address, prompts, 16, seconds)
+                measures.append((partial(measured, pid, load, tokens_made), floor_runs[name].setdefault(key, [])))
+            chains["generate"].append(bracketed(partial(generation_limit, rt, prompts, seconds), measures))
         latency_of = {name: pids[name][0] for name in ("attnserve", "plain")}
         result["paired"] = paired = paired_latency(
             model_dir, latency_of, texts, prompts, 2 * seconds, rounds, floor=floors["aio"][0]
@@ -488,36 +534,23 @@ def run(
         if with_profile:
             result["profile_encode"] = profile(our_pid, seconds, encode_loop(ours, texts, concurrency, seconds, 1))
             result["profile_generate"] = profile(our_pid, seconds, generate_loop(ours, prompts, 16, seconds))
-    result["round_limits"] = {key: [v["texts_per_second"] for v in vs] for key, vs in limits.items()}
-    result["round_limits"]["generate_16"] = [g["limit_tokens_per_second"] for g in gen_limits]
+    result["limit_chains"] = chains
     result["shares"] = {
-        name: {key: share(rates_of(rs, "texts_per_second"), result["round_limits"][key]) for key, rs in by_k.items()}
-        for name, by_k in runs.items()
+        name: {key: share_of_limit(rs, "texts_per_second") for key, rs in by_k.items()} for name, by_k in runs.items()
     }
-    gen_limit = result["round_limits"]["generate_16"]
     result["shares"]["generate"] = {
-        key: share(rates_of(rs, "output_tokens_per_second"), gen_limit) for key, rs in streaming.items()
+        key: share_of_limit(rs, "output_tokens_per_second") for key, rs in streaming.items()
     }
     # the most one core allows, round by round: a unit costs the model's CPU and gRPC's alone (the floor)
     result["ceilings"] = {
         name: {
             key: statistics.median(
-                ceiling(lim["cpu_ms_per_text"], f["server_cpu_ms"], lim["texts_per_second"])
-                for lim, f in zip(limits[key], by_k[key], strict=True)
+                ceiling(f["limit"]["cpu_ms"], f["server_cpu_ms"], f["limit"]["per_second"]) for f in fs
             )
-            for key in ("1", str(BUNDLED))
-        }
-        | {
-            key: statistics.median(
-                ceiling(g["model_cpu_ms_per_token"], f["server_cpu_ms"], g["limit_tokens_per_second"])
-                for g, f in zip(gen_limits, by_k[key], strict=True)
-            )
-            for key in by_k
-            if key.startswith("16")
+            for key, fs in by_k.items()
         }
         for name, by_k in floor_runs.items()
     }
-    result["generation_rounds"] = gen_limits
     result["generate"] = {
         key: middle(rs, lambda r: r["load"]["output_tokens_per_second"]) for key, rs in streaming.items()
     }
@@ -549,9 +582,9 @@ def run(
     }
     enc, gen, lim = result["encode"], result["generate"], limit
     sh, ceil = result["shares"], result["ceilings"]
-    g16 = middle(gen_limits, lambda g: g["limit_tokens_per_second"])
+    gen_timings = [g for chain in chains["generate"] for g in chain]
     result["summary"] = {
-        # each a median of the rounds' shares, every round against the limit timed in it
+        # each a median of the rounds' shares, each against the limit timed around its measurement
         "encode_1_share": sh["attnserve"]["1"],
         "encode_8_share": sh["attnserve"][str(BUNDLED)],
         "plain_1_share": sh["plain"]["1"],
@@ -581,15 +614,13 @@ def run(
         "encode_server_overhead_ms_per_text": enc["attnserve"]["1"]["server_cpu_ms_per_text"]
         - lim["encode_cpu_ms_per_text"],
         "generate_server_cpu_ms_per_token_16": gen["16"]["server_cpu_ms"],
-        "generate_model_cpu_ms_per_token_16": g16["model_cpu_ms_per_token"],
+        "generate_model_cpu_ms_per_token_16": statistics.median(g["cpu_ms"] for g in gen_timings),
         # the most one core allows when each unit costs the model's CPU and gRPC's alone (the floor)
         "ceiling_encode_1": ceil["aio"]["1"],
         "ceiling_encode_8": ceil["aio"][str(BUNDLED)],
         "ceiling_generate_16": ceil["aio"]["16"],
         "ceiling_generate_16_grouped": ceil["aio"][f"16x{GROUPED}"],
-        "scheduler_in_process_share": statistics.median(
-            g["scheduler_tokens_per_second"] / g["limit_tokens_per_second"] for g in gen_limits
-        ),
+        "scheduler_in_process_share": statistics.median(g["scheduler_share"] for g in gen_timings),
         "ceiling_threads_encode_1": ceil["threads"]["1"],
         "ceiling_threads_encode_8": ceil["threads"][str(BUNDLED)],
         "ceiling_threads_generate_16": ceil["threads"]["16"],
@@ -626,8 +657,9 @@ def signed(values: list[float], places: int, sign: str = "+") -> str:
 def table(r: dict[str, Any]) -> str:
     lim, enc, gen, s, pr = r["limit"], r["encode"], r["generate"], r["summary"], r["paired"]
     g16 = lim["generation"]["16"]
-    rl = r["round_limits"]
-    g16_ms = [g["model_cpu_ms_per_token"] for g in r["generation_rounds"]]
+    timed = {key: [t["per_second"] for chain in chains for t in chain] for key, chains in r["limit_chains"].items()}
+    short = timed["1"] + timed[str(BUNDLED)] + [v for k in FEW for v in timed[f"c{k}"]]
+    model_ms = [t["cpu_ms"] for chain in r["limit_chains"]["generate"] for t in chain]
     lines = [
         f"split: {r['machine']}",
         f"limit on the server's core (1 thread): encode {lim['encode_limit']:.0f} texts/s at batch "
@@ -640,12 +672,13 @@ def table(r: dict[str, Any]) -> str:
         f"cached), so 16 streams' limit is {lim['generate_limit_16']:.0f} tokens/s; one stream's step p50 "
         f"{lim['generation']['1']['step_p50_ms']:.3f} ms ({lim['step_at_64_ms']['1']:.3f} ms with 64 cached); "
         f"the scheduler alone, without gRPC, makes {g16['scheduler_tokens_per_second']:.0f} tokens/s "
-        f"({s['scheduler_in_process_share'] * 100:.0f}%)",
-        "each round's limit, timed in process right before its load (every share below is the median of "
-        f"the rounds' shares against these): 64-token texts at batch {lim['encode_best_batch']} "
-        f"{signed(rl['1'], 0, '')} texts/s before 1 text a request, {signed(rl[str(BUNDLED)], 0, '')} before "
-        f"{BUNDLED}; {lim['long_tokens']}-token texts {signed(rl[LONG], 0, '')}; 16 streams "
-        f"{signed(rl['generate_16'], 0, '')} tokens/s (the model {signed(g16_ms, 3, '')} ms of CPU a token)",
+        f"({g16['scheduler_tokens_per_second'] / lim['generate_limit_16'] * 100:.0f}%)",
+        "the limit timed in process before and after every measurement (each share below is the median of the "
+        f"rounds' shares, each against the mean of the two timings around it): 64-token texts at batch "
+        f"{lim['encode_best_batch']} {min(short):.0f}-{max(short):.0f} texts/s; {lim['long_tokens']}-token texts "
+        f"{min(timed[LONG]):.0f}-{max(timed[LONG]):.0f}; 16 streams {min(timed['generate']):.0f}-"
+        f"{max(timed['generate']):.0f} tokens/s (the model {min(model_ms):.3f}-{max(model_ms):.3f} ms of CPU a "
+        f"token; the scheduler alone makes {s['scheduler_in_process_share'] * 100:.0f}% of it)",
         f"attnserve against the start's limit alone: {s['encode_1_share_of_start_limit'] * 100:.0f}% at 1 text a "
         f"request, {s['encode_8_share_of_start_limit'] * 100:.0f}% at {BUNDLED}",
         "",

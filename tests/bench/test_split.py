@@ -6,7 +6,9 @@ import asyncio
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -132,6 +134,26 @@ def test_a_share_is_the_median_of_each_rounds_rate_against_its_own_limit() -> No
         split.share([1.0, 2.0], [1.0])
 
 
+def test_each_measurement_is_taken_against_the_limit_timed_before_and_after_it() -> None:
+    timings = iter([{"per_second": v, "cpu_ms": 1000 / v} for v in (100.0, 80.0, 120.0)])
+    made: list[dict[str, Any]] = []
+    order: list[str] = []
+
+    def measure(tag: str) -> dict[str, Any]:
+        order.append(tag)
+        return {"tag": tag}
+
+    chain = split.bracketed(lambda: next(timings), [(partial(measure, "a"), made), (partial(measure, "b"), made)])
+    assert [t["per_second"] for t in chain] == [100.0, 80.0, 120.0]  # one before, one after each
+    assert order == ["a", "b"] and [m["tag"] for m in made] == ["a", "b"]
+    assert made[0]["limit"]["per_second"] == 90.0 and made[1]["limit"]["per_second"] == 100.0
+    assert made[0]["limit"]["cpu_ms"] == pytest.approx((10.0 + 12.5) / 2)
+    assert split.share_of_limit(
+        [{"load": {"r": 45.0}, "limit": {"per_second": 90.0}}, {"load": {"r": 80.0}, "limit": {"per_second": 100.0}}],
+        "r",
+    ) == pytest.approx((0.5 + 0.8) / 2)
+
+
 def test_the_middle_round_is_the_one_with_the_median_value() -> None:
     rounds = [{"v": 3.0}, {"v": 1.0}, {"v": 2.0}]
     assert split.middle(rounds, lambda r: r["v"]) == {"v": 2.0}
@@ -142,16 +164,27 @@ def test_the_middle_round_is_the_one_with_the_median_value() -> None:
 def test_a_whole_run_pairs_every_share_with_its_rounds_limit(model_dir: Path) -> None:
     before = os.sched_getaffinity(0)
     try:
-        r = split.run(model_dir, seconds=0.2, rounds=2, concurrency=4)
+        r = split.run(model_dir, seconds=0.2, rounds=2, concurrency=4, limit_seconds=0.1)
     finally:
         os.sched_setaffinity(0, before)
     loads = ("1", "8", "c1", "c2", "c4", split.LONG)
-    assert set(r["round_limits"]) == {*loads, "generate_16"}
-    assert all(len(v) == 2 and min(v) > 0 for v in r["round_limits"].values())
+    assert set(r["limit_chains"]) == {*loads, "generate"}
+    # per round: a timing before the first measurement and one after each (two servers; two floors at 1 and 8)
+    assert [len(c) for c in r["limit_chains"]["8"]] == [5, 5] and [len(c) for c in r["limit_chains"]["c1"]] == [3, 3]
+    assert [len(c) for c in r["limit_chains"]["generate"]] == [6, 6]  # two streaming servers, three floor loads
     for name in ("attnserve", "plain"):
         for key in loads:
             rates = r["encode"][name][key]["rounds"]
-            assert r["shares"][name][key] == split.share(rates, r["round_limits"][key])
+            assert len(rates) == 2
+            assert r["shares"][name][key] > 0
+    # the share is against the limit timed around that very measurement
+    first = r["limit_chains"]["1"][0]
+    ours = r["encode"]["attnserve"]["1"]["rounds"][0] / ((first[0]["per_second"] + first[1]["per_second"]) / 2)
+    again = r["encode"]["attnserve"]["1"]["rounds"][1]
+    second = r["limit_chains"]["1"][1]
+    assert r["shares"]["attnserve"]["1"] == pytest.approx(
+        statistics.median([ours, again / ((second[0]["per_second"] + second[1]["per_second"]) / 2)])
+    )
     assert 0 < r["summary"]["encode_8_share"] == r["shares"]["attnserve"]["8"]
     ours, plain = r["encode"]["attnserve"]["c1"]["rounds"], r["encode"]["plain"]["c1"]["rounds"]
     assert r["summary"]["over_plain"]["attnserve"]["c1"] == split.share(ours, plain)  # round by round
@@ -161,4 +194,4 @@ def test_a_whole_run_pairs_every_share_with_its_rounds_limit(model_dir: Path) ->
     assert r["generate"]["16"]["load"]["output_tokens_per_second"] > 0
     assert r["generate"]["1"]["tokens"] > 0
     text = split.table(r)
-    assert "each round's limit" in text and "16 streams, 1 token a message" in text
+    assert "before and after every measurement" in text and "16 streams, 1 token a message" in text
