@@ -372,16 +372,17 @@ class Batcher:
         size, budget = self.limits.max_batch_size, self.limits.max_batch_tokens
         first = live[0]
         batch = [first]
-        longest = length = len(first.ids)
+        length = len(first.ids)
         others = []
         for p in itertools.islice(live, 1, None):
-            if len(batch) >= size or longest * (len(batch) + 1) > budget:
+            if len(batch) >= size or length * (len(batch) + 1) > budget:
                 break  # full: no sequence could join, however short
             if len(p.ids) == length:
                 batch.append(p)
             else:
                 others.append(p)
         else:
+            longest = length
             for p in sorted(others, key=lambda p: (abs(len(p.ids) - length), p.call.enqueued_at)):
                 if len(batch) >= size or longest * (len(batch) + 1) > budget:
                     break
