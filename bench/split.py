@@ -391,7 +391,8 @@ def rates_of(rounds: list[dict[str, Any]], name: str) -> list[float]:
 
 
 def share(rates: list[float], limits: list[float]) -> float:
-    """The median of the rounds' shares: each round's rate against the limit timed in that round."""
+    """The median of the rounds' ratios: each round's rate over what it is paired with in that round
+    (the limit timed around it, or the plain peer's rate)."""
     return statistics.median(r / lim for r, lim in zip(rates, limits, strict=True))
 
 
