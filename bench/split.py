@@ -556,17 +556,17 @@ def run(
         key: middle(rs, lambda r: r["load"]["output_tokens_per_second"]) for key, rs in streaming.items()
     }
     result["generate"]["1"] = paired["one_stream"]
-    result["floor"] = {
-        "encode_1": middle(floor_runs["aio"]["1"], by_cpu),
-        f"encode_{BUNDLED}": middle(floor_runs["aio"][str(BUNDLED)], by_cpu),
-        "generate_16x1": middle(floor_runs["aio"]["16"], by_cpu),
-        f"generate_16x{GROUPED}": middle(floor_runs["aio"][f"16x{GROUPED}"], by_cpu),
+    # gRPC alone, the round of median cost for each load it ran (the thread-pool server ran no grouped streams)
+    named = {
+        "1": "encode_1",
+        str(BUNDLED): f"encode_{BUNDLED}",
+        "16": "generate_16x1",
+        f"16x{GROUPED}": f"generate_16x{GROUPED}",
     }
-    result["floor_threads"] = {
-        "encode_1": middle(floor_runs["threads"]["1"], by_cpu),
-        f"encode_{BUNDLED}": middle(floor_runs["threads"][str(BUNDLED)], by_cpu),
-        "generate_16x1": middle(floor_runs["threads"]["16"], by_cpu),
-    }
+    result["floor"], result["floor_threads"] = (
+        {named[key]: middle(fs, by_cpu) for key, fs in floor_runs[transport].items()}
+        for transport in ("aio", "threads")
+    )
     result["encode"] = {
         name: {
             k: {
