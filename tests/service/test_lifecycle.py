@@ -86,7 +86,7 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     # padded tokens a batch holds: chosen for the device unless set
     assert cfg.max_batch_tokens == 0
     assert cfg.batch_limits().max_batch_tokens == CPU_BATCH_TOKENS
-    assert cfg.batch_limits(threads=2).max_batch_tokens == 2 * CPU_BATCH_TOKENS  # a few hundred a thread
+    assert cfg.batch_limits(threads=2).max_batch_tokens == 2 * CPU_BATCH_TOKENS  # about a thousand a thread
     assert cfg.batch_limits(threads=1000).max_batch_tokens == CUDA_BATCH_TOKENS  # and no more than on a GPU
     assert cfg.batch_limits(cuda=True).max_batch_tokens == CUDA_BATCH_TOKENS > CPU_BATCH_TOKENS
     chosen = ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCH_TOKENS": "1024"})
