@@ -675,7 +675,7 @@ def table(r: dict[str, Any]) -> str:
         f"the scheduler alone, without gRPC, makes {g16['scheduler_tokens_per_second']:.0f} tokens/s "
         f"({g16['scheduler_tokens_per_second'] / lim['generate_limit_16'] * 100:.0f}%)",
         "the limit timed in process before and after every measurement (each share below is the median of the "
-        f"rounds' shares, each against the mean of the two timings around it): 64-token texts at batch "
+        f"rounds' shares, each against the mean of the two timings around it): {TOKENS}-token texts at batch "
         f"{lim['encode_best_batch']} {min(short):.0f}-{max(short):.0f} texts/s; {lim['long_tokens']}-token texts "
         f"{min(timed[LONG]):.0f}-{max(timed[LONG]):.0f}; 16 streams {min(timed['generate']):.0f}-"
         f"{max(timed['generate']):.0f} tokens/s (the model {min(model_ms):.3f}-{max(model_ms):.3f} ms of CPU a "

@@ -57,11 +57,11 @@ R = TypeVar("R")
 DEADLINE_HEADROOM = 0.75
 
 # Padded tokens a batch holds by default. On the CPU a model's throughput peaks between a few hundred
-# and a thousand tokens a batch for each thread that runs it and falls beyond (cache-bound: the default model on one
-# core, texts of 256 tokens, 124-131 texts/s at batches of 256-512 tokens, 98-103 at 8,192; on two
-# threads 142 at 512, 158 at 1,024, 157-164 at 2,048). Over gRPC on one core, 1,024 served 2-3% more
-# than 512 at 64-token texts and level or better at 256 (a batch's dispatch and answer shared by twice
-# the texts), 2,048 and 4,096 less at 256 (README). On a GPU it grows with the batch.
+# and a thousand tokens a batch for each thread that runs it and falls beyond (cache-bound: the
+# default model on one core, texts of 256 tokens, 124-131 texts/s at batches of 256-512 tokens, 98-103
+# at 8,192; on two threads 142 at 512, 158 at 1,024, 157-164 at 2,048). Over gRPC on one core, 1,024
+# served 2-3% more than 512 at 64-token texts and level or better at 256 (a batch's dispatch and
+# answer shared by twice the texts), 2,048 and 4,096 less at 256 (README). On a GPU it grows with the batch.
 CPU_BATCH_TOKENS = 1024  # a thread
 CUDA_BATCH_TOKENS = 8192
 
