@@ -9,10 +9,10 @@ two put the thread-pool server in front of the model and differ in what stands b
   asyncio batcher) on an event loop of its own thread; each call's thread hands its request to
   that loop and waits for the answer. The least change to attnserve: four thread hops a call.
 * ``threaded``: no event loop. The call's thread validates, tokenizes, and queues its texts on
-  a batcher made of a lock, a condition and one batch thread; the batch thread forms batches up
-  to ``max_batch_size`` texts from what is queued when the model is free (as attnserve's
-  batcher does), runs them and wakes the callers: two hops a call. A call that goes away or
-  whose deadline passes leaves the queue before its batch forms.
+  a batcher made of a lock, a condition and one batch thread; the batch thread forms batches
+  within attnserve's ``max_batch_size`` and ``max_batch_tokens`` from what is queued when the
+  model is free (as attnserve's batcher does), runs them and wakes the callers: two hops a
+  call. A call that goes away or whose deadline passes leaves the queue before its batch forms.
 
 Both keep what a caller sees: the servicer's input checks and their INVALID_ARGUMENT messages,
 requests, latency, batch size and compute time in the real metrics. They serve Encode only:
@@ -108,9 +108,11 @@ class Waiting:
 class ThreadBatcher:
     """A queue under a lock and one thread that runs what is queued whenever the model is free."""
 
-    def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int = 32) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics, limits: BatchLimits | None = None) -> None:
         self.runtime = runtime
-        self.max_batch_size = max_batch_size
+        limits = limits or BatchLimits()  # attnserve's own: 32 texts, 1,024 padded tokens on one CPU thread
+        self.max_batch_size = limits.max_batch_size
+        self.max_batch_tokens = limits.max_batch_tokens
         self.queue: deque[Waiting] = deque()
         self.ready = threading.Condition()
         self.batch_size = metrics.batch_size.labels("encode")
@@ -129,12 +131,18 @@ class ThreadBatcher:
             while not self.queue:
                 self.ready.wait()
             batch: list[Waiting] = []
-            texts = 0
-            while self.queue and (not batch or texts + len(self.queue[0].ids) <= self.max_batch_size):
-                w = self.queue.popleft()
+            texts = longest = 0
+            while self.queue:
+                w = self.queue[0]
+                if not w.gone and batch:  # a call's texts stay together; it joins while both limits hold
+                    wider = max(longest, max(len(x) for x in w.ids))
+                    if texts + len(w.ids) > self.max_batch_size or (texts + len(w.ids)) * wider > self.max_batch_tokens:
+                        break
+                self.queue.popleft()
                 if not w.gone:
                     batch.append(w)
                     texts += len(w.ids)
+                    longest = max(longest, max(len(x) for x in w.ids))
         return batch
 
     def _run(self) -> None:
