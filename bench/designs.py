@@ -134,15 +134,15 @@ class ThreadBatcher:
             texts = longest = 0
             while self.queue:
                 w = self.queue[0]
-                if not w.gone and batch:  # a call's texts stay together; it joins while both limits hold
-                    wider = max(longest, max(len(x) for x in w.ids))
-                    if texts + len(w.ids) > self.max_batch_size or (texts + len(w.ids)) * wider > self.max_batch_tokens:
-                        break
+                wider = max(longest, *(len(x) for x in w.ids))
+                more = texts + len(w.ids)  # a call's texts stay together; it joins while both limits hold
+                if batch and not w.gone and (more > self.max_batch_size or more * wider > self.max_batch_tokens):
+                    break
                 self.queue.popleft()
                 if not w.gone:
                     batch.append(w)
                     texts += len(w.ids)
-                    longest = max(longest, max(len(x) for x in w.ids))
+                    longest = wider
         return batch
 
     def _run(self) -> None:
