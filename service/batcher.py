@@ -284,7 +284,9 @@ class Batcher:
             self._earliest_deadline = deadline
         self._depth.set(len(self._queue))
         if self._inline(items):
-            self._start(self._take(), inline=True)
+            batch = self._take()  # all of items, unless their deadline has just passed
+            if batch:
+                self._start(batch, inline=True)
         elif self._ready():  # the collector has something to do now (each wake-up costs it a turn of the loop)
             self._wake.set()
         return items

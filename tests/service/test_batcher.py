@@ -124,6 +124,10 @@ def test_a_lone_short_request_runs_on_the_event_loop_and_every_other_on_a_batch_
         with pytest.raises(RuntimeError, match="poison"):  # a failure inline reaches its caller, and no other
             await one(POISON)
         assert ran_on[-1] == loop and await one(3) == 6
+        late = b.enqueue([ids(3, 9)], time.monotonic() - 1)  # its deadline passed after admission
+        with pytest.raises(DeadlineExceeded, match="queued"):
+            await b.wait(late)
+        assert len(ran_on) == 4  # the model never saw it
         lone = False
         assert await one(4) == 8 and ran_on[-1] == "test-batch-0"
         lone = True
