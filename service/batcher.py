@@ -136,6 +136,10 @@ class Result(Generic[R]):
 RunBatch = Callable[[Sequence[np.ndarray]], Sequence[Any]]
 
 
+def _call(fn: Callable[..., None], *args: Any) -> None:
+    fn(*args)
+
+
 class BatchThreads:
     """``n`` threads that run the jobs put on one queue, in order: a batcher's batches.
 
@@ -447,24 +451,18 @@ class Batcher:
         self._batch_tokens.observe(self._padded(batch))
         run_batch, seqs, finish = self.run_batch, [p.ids for p in batch], self._finish
 
-        if inline:
-            try:
-                results = run_batch(seqs)
-            except Exception as e:
-                finish(batch, start, sharing, None, e)
-            else:
-                finish(batch, start, sharing, results, None)
-            return
-
-        def work() -> None:
+        def work(deliver: Callable[..., None] = handoff.call) -> None:
             try:
                 results = run_batch(seqs)
             except BaseException as e:  # whatever it is, the batch's callers get it rather than wait forever
-                handoff.call(finish, batch, start, sharing, None, e)
+                deliver(finish, batch, start, sharing, None, e)
             else:
-                handoff.call(finish, batch, start, sharing, results, None)
+                deliver(finish, batch, start, sharing, results, None)
 
-        self.threads.submit(work)
+        if inline:
+            work(_call)
+        else:
+            self.threads.submit(work)
 
     def _finish(
         self,
