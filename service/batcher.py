@@ -21,11 +21,6 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
 * The batch runs on a batch thread (``BatchThreads``) so the event loop never blocks; its results
   come back through an eventfd and are set only on futures that are still waiting, and an
   exception reaches every future of its batch and no other.
-* A request that comes alone, while calls come one at a time (``alone``, from the server's call
-  guard), and whose batch is expected to take at most ``inline_s`` (3 ms) runs at once on the event
-  loop: at one call there is nothing to batch, and the collector's wake-up and the hop to a batch
-  thread and back cost ~0.1 ms of a batch-1 encode's ~1.5 ms on one core. The loop is held that
-  long; a call arriving meanwhile is read afterwards and, overlapping, ends the run of lone calls.
 * Up to ``max_in_flight`` batches run at once (2 by default). A second batch starts beside a
   running one only when a full batch is queued: then the model has work while the first one's
   results go back to their callers. A part-filled batch waits for the running one to finish and
@@ -76,12 +71,6 @@ def default_batch_tokens(cuda: bool, threads: int = 1) -> int:
     return CUDA_BATCH_TOKENS if cuda else min(CUDA_BATCH_TOKENS, CPU_BATCH_TOKENS * max(1, threads))
 
 
-# A request alone in the server whose batch is expected to take at most this long runs on the event
-# loop: the hop to a batch thread and back, and the collector's wake-up, cost ~0.1 ms of a batch-1
-# encode's ~1.5 ms on one core; a health check or a new call arriving meanwhile waits at most this long.
-INLINE_SECONDS = 0.003
-
-
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch_size: int = 32
@@ -90,17 +79,13 @@ class BatchLimits:
     max_queue_size: int = 1024  # sequences (texts) waiting
     max_queue_tokens: int = 65536  # their tokens, summed
     max_in_flight: int = 2  # batches running at once
-    # a lone request's batch expected to take at most this long runs on the event loop, not a batch thread
-    # (see Batcher.alone); 0: never
-    inline_s: float = INLINE_SECONDS
 
     def __post_init__(self) -> None:
         sizes = (self.max_batch_size, self.max_batch_tokens, self.max_queue_size, self.max_queue_tokens)
         if min(*sizes, self.max_in_flight) < 1:
             raise ValueError(f"batch limits must be positive: {self}")
-        for name in ("max_queue_delay_s", "inline_s"):
-            if not 0 <= getattr(self, name) < float("inf"):  # also refuses nan
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.max_queue_delay_s < float("inf"):  # also refuses nan
+            raise ValueError(f"max_queue_delay_s must be a finite number >= 0, got {self.max_queue_delay_s}")
 
 
 @dataclass
@@ -134,10 +119,6 @@ class Result(Generic[R]):
 
 
 RunBatch = Callable[[Sequence[np.ndarray]], Sequence[Any]]
-
-
-def _call(fn: Callable[..., None], *args: Any) -> None:
-    fn(*args)
 
 
 class BatchThreads:
@@ -195,9 +176,6 @@ class Batcher:
     threads: BatchThreads  # where its batches run
     metrics: Metrics
     max_len: int  # the longest sequence a batch may hold
-    # whether the request being queued is the only call the server has in progress: then a small batch of
-    # it alone runs at once on the event loop (see limits.inline_s). None: batches always run on threads.
-    alone: Callable[[], bool] | None = None
     _queue: list[Pending] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -287,26 +265,9 @@ class Batcher:
         if deadline is not None and deadline < self._earliest_deadline:
             self._earliest_deadline = deadline
         self._depth.set(len(self._queue))
-        if self._inline(items):
-            batch = self._take()  # all of items, unless their deadline has just passed
-            if batch:
-                self._start(batch, inline=True)
-        elif self._ready():  # the collector has something to do now (each wake-up costs it a turn of the loop)
+        if self._ready():  # the collector has something to do now (each wake-up costs it a turn of the loop)
             self._wake.set()
         return items
-
-    def _inline(self, items: list[Pending]) -> bool:
-        """Whether to run these items, the whole queue, on the event loop now: nothing else is queued or
-        running, the batch is expected to be short, and the server has no other call in progress (whose
-        work, or a stream's next token, it would hold up)."""
-        return (
-            self.alone is not None
-            and not self._in_flight
-            and len(self._queue) == len(items)
-            and self.limits.max_queue_delay_s == 0
-            and 0 < self._seconds_per_token * len(items) * max(len(p.ids) for p in items) <= self.limits.inline_s
-            and self.alone()
-        )
 
     async def wait(self, items: Sequence[Pending]) -> list[Result[Any]]:
         """The results of enqueued items (one request's). Cancelled here when the caller goes away: its
@@ -435,10 +396,9 @@ class Batcher:
         self._unqueue(batch)
         return batch
 
-    def _start(self, batch: list[Pending], inline: bool = False) -> None:
+    def _start(self, batch: list[Pending]) -> None:
         """Run batch on a batch thread; its outcome comes back to ``_finish`` on the event loop through
-        the eventfd. No task a batch: each would cost the loop two more turns a call at light load.
-        ``inline``: run it here, on the event loop, and finish it before returning."""
+        the eventfd. No task a batch: each would cost the loop two more turns a call at light load."""
         handoff = self._handoff
         assert handoff is not None, "batches run only once start() has made the handoff"
         start = time.monotonic()
@@ -451,18 +411,15 @@ class Batcher:
         self._batch_tokens.observe(self._padded(batch))
         run_batch, seqs, finish = self.run_batch, [p.ids for p in batch], self._finish
 
-        def work(deliver: Callable[..., None] = handoff.call) -> None:
+        def work() -> None:
             try:
                 results = run_batch(seqs)
             except BaseException as e:  # whatever it is, the batch's callers get it rather than wait forever
-                deliver(finish, batch, start, sharing, None, e)
+                handoff.call(finish, batch, start, sharing, None, e)
             else:
-                deliver(finish, batch, start, sharing, results, None)
+                handoff.call(finish, batch, start, sharing, results, None)
 
-        if inline:
-            work(_call)
-        else:
-            self.threads.submit(work)
+        self.threads.submit(work)
 
     def _finish(
         self,

@@ -44,8 +44,6 @@ class ServerConfig:
     max_queue_size: int = 1024  # texts waiting per graph; beyond it, RESOURCE_EXHAUSTED at once
     max_queue_tokens: int = 65536  # their tokens, summed
     max_batches_in_flight: int = 2  # per batcher: the next batch starts while the last one's results go out
-    # a call alone in the server whose batch should take at most this long runs it on the event loop (0: never)
-    inline_batch_ms: float = 3.0
     max_texts_per_request: int = 64
     max_text_bytes: int = 256 * 1024  # one text; only a prefix of a text longer than the context is tokenized
     max_request_bytes: int = 1024 * 1024  # all texts of one request (also bounds a request message's size)
@@ -117,7 +115,6 @@ class ServerConfig:
             max_queue_size=self.max_queue_size,
             max_queue_tokens=self.max_queue_tokens,
             max_in_flight=self.max_batches_in_flight,
-            inline_s=self.inline_batch_ms / 1000.0,
         )
 
     def generation_limits(self) -> GenerationLimits:

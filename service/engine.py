@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -77,14 +77,7 @@ class AttentionMap:
 
 
 class Engine:
-    def __init__(
-        self,
-        runtime: Runtime,
-        limits: BatchLimits,
-        metrics: Metrics,
-        batch_nice: int = 0,
-        alone: Callable[[], bool] | None = None,
-    ) -> None:
+    def __init__(self, runtime: Runtime, limits: BatchLimits, metrics: Metrics, batch_nice: int = 0) -> None:
         self.runtime = runtime
         # A second batch beside a running one helps only on a core of its own: on the same core it
         # time-slices with the first and both run slower (server on one core, 8 texts a request:
@@ -101,10 +94,8 @@ class Engine:
             for graph in ("encode", "attention")
         )
         max_len = runtime.info.max_seq_len
-        self.encoder = Batcher("encode", self._run_encode, limits, self.encode_threads, metrics, max_len, alone)
-        self.attender = Batcher(
-            "attention", self._run_attention, limits, self.attention_threads, metrics, max_len, alone
-        )
+        self.encoder = Batcher("encode", self._run_encode, limits, self.encode_threads, metrics, max_len)
+        self.attender = Batcher("attention", self._run_attention, limits, self.attention_threads, metrics, max_len)
         self.tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnserve-tokenize")
         tok = runtime.tokenizer
         self.token_ids = TextTokenizer(tok)

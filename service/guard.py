@@ -72,11 +72,6 @@ def enum_problem(msg: Message, prefix: str = "") -> str | None:
 
 STREAM_OPENS = object()  # what _check is given for a stream that opens, before any request
 
-# Calls come one at a time once this many in a row found the server idle and ended with no other call arriving
-# meanwhile; then every PROBE_EVERY-th of them is still served the way concurrent calls are (see ``alone``).
-LONE_STREAK = 4
-PROBE_EVERY = 16
-
 
 class CallGuard(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, admitted: tuple[str, ...], max_concurrent: int) -> None:
@@ -91,8 +86,6 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._lone = False  # the one call in progress found the server idle, and no other has come since
-        self.lone_streak = 0  # calls in a row that came and went alone
 
     async def intercept_service(
         self,
@@ -107,15 +100,6 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 return handler
             wrapped = self._handlers[method] = self._wrap(method, handler)
         return wrapped
-
-    def alone(self) -> bool:
-        """Whether the call in progress is the only one and calls have been coming one at a time, so
-        that its work may hold the event loop briefly (``service.batcher``) with nothing else waiting.
-
-        While a call holds the loop, the next ones cannot be read, so every call would seem to come
-        alone: every ``PROBE_EVERY``-th is therefore not told so, and if another call arrives while
-        it is served the streak ends."""
-        return self.in_flight == 1 and self.lone_streak >= LONE_STREAK and self.lone_streak % PROBE_EVERY != 0
 
     async def drained(self, quiet: float, timeout: float) -> bool:
         """Wait until no admitted call is in flight and none has arrived for ``quiet`` seconds;
@@ -221,11 +205,6 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 message = f"{self.in_flight} calls in progress, the limit; retry later"
         if code is None:
             if admit:
-                if self.in_flight:
-                    self._lone = False
-                    self.lone_streak = 0
-                else:
-                    self._lone = True
                 self.in_flight += 1
                 self.metrics.in_flight.set(self.in_flight)
                 self._idle.clear()
@@ -239,6 +218,4 @@ class CallGuard(grpc.aio.ServerInterceptor):
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
             if self.in_flight == 0:
-                if self._lone:
-                    self.lone_streak += 1
                 self._idle.set()

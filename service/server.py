@@ -186,8 +186,7 @@ class Server:
         # Load and warm up off the event loop: health answers NOT_SERVING meanwhile.
         runtime = await asyncio.get_running_loop().run_in_executor(None, Runtime, cfg.model_dir, cfg.runtime_options())
         limits = cfg.batch_limits(runtime.provider == CUDA, runtime.cpu_threads)
-        # a call alone in the server may have its small batch run on the event loop (service.batcher)
-        self.engine = Engine(runtime, limits, self.metrics, cfg.batch_nice, self.guard.alone)
+        self.engine = Engine(runtime, limits, self.metrics, cfg.batch_nice)
         self.engine.start()
         self.scheduler = Scheduler(runtime, cfg.generation_limits(), self.metrics)
         self.scheduler.on_death = self._generation_died

@@ -101,56 +101,6 @@ def test_each_request_gets_its_own_result_and_batches_form_under_load() -> None:
     asyncio.run(main())
 
 
-def test_a_lone_short_request_runs_on_the_event_loop_and_every_other_on_a_batch_thread() -> None:
-    async def main() -> None:
-        ran_on: list[str] = []
-        model = FakeModel()
-
-        def run(batch: Sequence[np.ndarray]) -> list[np.ndarray]:
-            ran_on.append(threading.current_thread().name)
-            return model(batch)
-
-        lone = True
-        bl = BatchLimits(inline_s=1.0)
-        b = Batcher("encode", run, bl, BatchThreads(1, "test-batch"), Metrics(), 64, lambda: lone)
-        b.start()
-        loop = threading.current_thread().name
-
-        async def one(v: int, n: int = 3) -> int:
-            return int((await b.submit(ids(n, v))).value[0])
-
-        assert await one(1) == 2 and ran_on == ["test-batch-0"]  # no batch timed yet: no estimate to go by
-        assert await one(2) == 4 and ran_on[-1] == loop
-        with pytest.raises(RuntimeError, match="poison"):  # a failure inline reaches its caller, and no other
-            await one(POISON)
-        assert ran_on[-1] == loop and await one(3) == 6
-        late = b.enqueue([ids(3, 9)], time.monotonic() - 1)  # its deadline passed after admission
-        with pytest.raises(DeadlineExceeded, match="queued"):
-            await b.wait(late)
-        assert len(ran_on) == 4  # the model never saw it
-        lone = False
-        assert await one(4) == 8 and ran_on[-1] == "test-batch-0"
-        lone = True
-        b.limits = BatchLimits(inline_s=1e-9)  # longer than that: on the thread
-        assert await one(5) == 10 and ran_on[-1] == "test-batch-0"
-        b.limits = BatchLimits(inline_s=1.0, max_queue_delay_s=0.001)  # waiting for company: on the thread
-        assert await one(6) == 12 and ran_on[-1] == "test-batch-0"
-        b.limits = bl
-        model.gate.clear()  # a batch running: the next request joins the queue, however lone its call
-        lone = False
-        held = asyncio.ensure_future(one(7))
-        await asyncio.sleep(0.05)
-        lone = True
-        queued = asyncio.ensure_future(one(8))
-        await asyncio.sleep(0.05)
-        assert not queued.done()
-        model.gate.set()
-        assert await asyncio.gather(held, queued) == [14, 16] and ran_on[-2:] == ["test-batch-0"] * 2
-        await b.stop()
-
-    asyncio.run(main())
-
-
 def test_batches_respect_the_token_budget_and_group_similar_lengths() -> None:
     async def main() -> None:
         model = FakeModel()

@@ -93,10 +93,6 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     assert chosen.batch_limits(threads=4).max_batch_tokens == chosen.batch_limits(cuda=True).max_batch_tokens == 1024
     with pytest.raises(ValueError, match="batch limits"):
         ServerConfig.from_sources(None, {"ATTNSERVE_MAX_BATCH_TOKENS": "-1"})
-    assert cfg.batch_limits().inline_s == 0.003  # a lone call's batch of up to 3 ms runs on the event loop
-    assert ServerConfig.from_sources(None, {"ATTNSERVE_INLINE_BATCH_MS": "0"}).batch_limits().inline_s == 0
-    with pytest.raises(ValueError, match="inline_s"):
-        ServerConfig.from_sources(None, {"ATTNSERVE_INLINE_BATCH_MS": "-1"})
 
 
 def test_command_line_client(process: tuple[subprocess.Popen[str], int], tmp_path: Path) -> None:

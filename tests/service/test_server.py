@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import threading
 import time
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -20,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from service.batcher import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS
 from service.client import decode_probabilities
-from service.guard import LONE_STREAK, PROBE_EVERY
 from service.runtime import Runtime, RuntimeOptions
 from tests.service.conftest import ServerThread, config
 
@@ -94,41 +90,6 @@ def test_concurrent_requests_of_mixed_lengths_each_get_their_own_answer(served: 
     key = ("attnserve_batch_size_count", (("graph", "encode"),))
     batches = after[key] - before.get(key, 0)
     assert batches < len(texts)  # they were batched
-
-
-def test_calls_one_at_a_time_run_on_the_event_loop_and_a_burst_after_them_is_batched(
-    served: ServerThread, rt: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A call alone in the server has its batch run on the event loop, without the hop to a batch thread
-    and back; calls that overlap are batched on the batch thread, also right after a run of lone calls,
-    while which the event loop could not read the calls that came."""
-    assert served.server.engine is not None
-    encoder = served.server.engine.encoder
-    ran: list[tuple[bool, int]] = []  # (on the event loop, batch size)
-    run_batch = encoder.run_batch
-
-    def recording(batch: Sequence[np.ndarray]) -> Sequence[Any]:
-        ran.append((threading.current_thread() is served.thread, len(batch)))
-        return run_batch(batch)
-
-    monkeypatch.setattr(encoder, "run_batch", recording)
-    stub = served.stub()
-    for text in TEXTS * 3:  # one at a time
-        np.testing.assert_allclose(
-            stub.Encode(pb.EncodeRequest(texts=[text])).embeddings[0].values, alone(rt, text)[0], atol=1e-5
-        )
-    assert sum(on_loop for on_loop, _ in ran) >= len(TEXTS) * 3 - LONE_STREAK - 1  # a probe among them at most
-
-    ran.clear()
-    rng = np.random.default_rng(1)
-    words = "the king queen fool ghost love sir night crown sword moon rose grave sea heart fate".split()
-    texts = [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(48)]
-    futures = [stub.Encode.future(pb.EncodeRequest(texts=[t])) for t in texts]
-    for t, f in zip(texts, futures, strict=True):
-        np.testing.assert_allclose(f.result().embeddings[0].values, alone(rt, t)[0], atol=1e-5)
-    on_loop = [n for on, n in ran if on]
-    assert len(on_loop) <= PROBE_EVERY and set(on_loop) <= {1}
-    assert len(ran) < len(texts)  # the rest were batched
 
 
 def test_bad_inputs_get_invalid_argument_naming_the_field(served: ServerThread) -> None:
