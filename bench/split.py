@@ -288,7 +288,10 @@ def _function(frame: str) -> str:
 
 
 def _thread_name(frame: str) -> str:
-    name = frame.split("(")[0].strip().strip('"')
+    """py-spy's thread frame, 'thread (8929): MainThread' (0.4) or 'thread (0x1) "MainThread"', -> its
+    name, a trailing number left off so that a pool's threads count together ('batch-1' -> 'batch')."""
+    _, _, rest = frame.partition(")")
+    name = rest.lstrip(":").strip().strip('"') or frame
     return name.rstrip("0123456789-_ ") or name
 
 

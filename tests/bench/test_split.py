@@ -88,6 +88,20 @@ def test_profile_summary_from_folded_stacks() -> None:
     assert s["own"][0] == ("servicer.handle", 0.6)
     assert dict(s["inclusive"])["runner.run"] == pytest.approx(0.9)
     assert dict(s["inclusive"])["runtime.encode"] == pytest.approx(0.4)
+    assert dict(s["threads"]) == {"MainThread": 0.6, "batch": 0.4}
+
+
+def test_profile_summary_names_threads_as_py_spy_0_4_writes_them() -> None:
+    folded = "\n".join(
+        [
+            "thread (8929): MainThread;run (a/runner.py:10);handle (service/servicer.py:120) 3",
+            "thread (8939): attnserve-encode-0;encode (service/runtime.py:400) 2",
+            "thread (8940): attnserve-encode-1;encode (service/runtime.py:400) 2",
+            "thread (8941): attnserve-scheduler;step (service/scheduler.py:380) 1",
+        ]
+    )
+    threads = dict(split.summarize(folded)["threads"])
+    assert threads == {"MainThread": 0.375, "attnserve-encode": 0.5, "attnserve-scheduler": 0.125}
 
 
 def test_ceiling_is_the_share_one_core_allows() -> None:
