@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -139,6 +139,8 @@ class Sequence:
         return self.prompt + self.generated if self.params.repetition_penalty != 1.0 else []
 
 
+S = TypeVar("S", bound=Sequence)
+
 # a sequence, its next token, its log-probabilities, and what the step attended to (layers, positions)
 Pick = tuple[Sequence, int, "np.ndarray | None", "np.ndarray | None"]
 
@@ -197,15 +199,8 @@ class Scheduler:
         the tokens are held and handed over with the ``Done``, which costs the event loop one wake-up
         rather than one a token. Leaving early cancels the sequence."""
         self.admit()
-        rng = random.Random(params.seed)  # None: seeded from the system's entropy
-        seq = Sequence(next(self._ids), prompt, params, rng, deadline)
-        seq.interval = self.limits.stream_interval if stream else 0
-        with self._lock:
-            if len(self.waiting) >= self.limits.max_waiting:
-                raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
-            self.waiting.append(seq)
-            self.metrics.gen_waiting.set(len(self.waiting))
-        self._wake.set()
+        seq = self._sequence(Sequence, prompt, params, deadline, stream)
+        self._enqueue(seq)
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -225,6 +220,22 @@ class Scheduler:
         finally:
             seq.cancelled = True  # no-op once done; otherwise the loop drops it before the next step
             self._wake.set()
+
+    def _sequence(
+        self, kind: type[S], prompt: list[int], params: SamplingParams, deadline: float | None, stream: bool
+    ) -> S:
+        rng = random.Random(params.seed)  # None: seeded from the system's entropy
+        seq = kind(next(self._ids), prompt, params, rng, deadline)
+        seq.interval = self.limits.stream_interval if stream else 0
+        return seq
+
+    def _enqueue(self, seq: Sequence) -> None:
+        with self._lock:
+            if len(self.waiting) >= self.limits.max_waiting:
+                raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
+            self.waiting.append(seq)
+            self.metrics.gen_waiting.set(len(self.waiting))
+        self._wake.set()
 
     @staticmethod
     def _deliver(outbox: list[tuple[Sequence, Event | BaseException]]) -> None:

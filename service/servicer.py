@@ -26,7 +26,7 @@ from service.engine import Embedded, Engine
 from service.errors import InvalidInput, ModelNotReady, status_for
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
-from service.scheduler import Finish, Scheduler, Token
+from service.scheduler import Event, Finish, Scheduler, Token
 
 log = logging.getLogger(__name__)
 
@@ -301,11 +301,20 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
     async def _generation(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
         scheduler = self._scheduler()
-        info = scheduler.runtime.info
+        self.admit_generation(request, scheduler)
+        ((ids, _),) = await self._engine().fit([request.prompt], False, ["prompt"])
+        return ids, self.sampling(request, scheduler, ids)
+
+    def admit_generation(self, request: pb.GenerateRequest, scheduler: Scheduler) -> None:
+        """The checks before a prompt is tokenized: its size, its stop sequences', and room in the queue."""
         self._check_texts([request.prompt], "prompt", repeated=False)
         self._check_texts(request.stop, "stop")
         scheduler.admit()  # refused now, untokenized, when the queue is full
-        ((ids, _),) = await self._engine().fit([request.prompt], False, ["prompt"])
+
+    @staticmethod
+    def sampling(request: pb.GenerateRequest, scheduler: Scheduler, ids: list[int]) -> SamplingParams:
+        """The request's sampling parameters for the prompt ``ids``; InvalidInput naming what is wrong."""
+        info = scheduler.runtime.info
         if len(ids) >= info.max_seq_len:
             raise InvalidInput(f"prompt: {len(ids)} tokens leave no room in the model's context of {info.max_seq_len}")
         params = SamplingParams(
@@ -326,7 +335,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             problems.append("return_attention: this model directory has no decoder_attn graph")
         if problems:
             raise InvalidInput("; ".join(problems))
-        return ids, params
+        return params
 
     def _scheduler(self) -> Scheduler:
         self._engine()
@@ -345,6 +354,21 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             out.attention.extend(
                 pb.LayerAttention(layer=layer, positions=pos, weights=w) for layer, pos, w in t.attention
             )
+
+    @classmethod
+    def stream_message(cls, group: list[Event], token_text: list[str]) -> pb.GenerateStreamResponse:
+        """One message a group: stream_interval tokens (1 by default), more for a client that lags."""
+        msg = pb.GenerateStreamResponse()
+        for event in group:
+            if isinstance(event, Token):
+                msg.text += event.text
+                if event.id >= 0:
+                    cls._token(event, token_text, msg.tokens)
+            else:
+                msg.finish_reason = FINISH[event.finish]
+                msg.usage.prompt_tokens = event.prompt_tokens
+                msg.usage.generated_tokens = event.generated_tokens
+        return msg
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def handle() -> pb.GenerateResponse:
@@ -388,18 +412,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         code = grpc.StatusCode.OK
         try:
             async for group in scheduler.generate(ids, params, self._deadline(context)):
-                # one message per group: stream_interval tokens (1 by default), more for a client that lags
-                msg = pb.GenerateStreamResponse()
-                for event in group:
-                    if isinstance(event, Token):
-                        msg.text += event.text
-                        if event.id >= 0:
-                            self._token(event, token_text, msg.tokens)
-                    else:
-                        msg.finish_reason = FINISH[event.finish]
-                        msg.usage.prompt_tokens = event.prompt_tokens
-                        msg.usage.generated_tokens = event.generated_tokens
-                yield msg
+                yield self.stream_message(group, token_text)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
