@@ -14,11 +14,17 @@ two put the thread-pool server in front of the model and differ in what stands b
   model is free (as attnserve's batcher does), runs them and wakes the callers: two hops a
   call. A call that goes away or whose deadline passes leaves the queue before its batch forms.
 
+The threaded design also serves GenerateStream: attnserve's scheduler (the same continuous
+batching, sampling and stop rules) on its own thread with no event loop behind it, each step's
+tokens handed straight to the callers' threads, one wake-up a stream a step where grpc.aio
+needs one wake-up of the loop for all of them.
+
 Both keep what a caller sees: the servicer's input checks and their INVALID_ARGUMENT messages,
-requests, latency, batch size and compute time in the real metrics. They serve Encode only:
-prototypes for a measurement, not servers to deploy.
+requests, latency, batch size and compute time in the real metrics. They serve Encode (and the
+threaded one GenerateStream) only: prototypes for a measurement, not servers to deploy.
 
     python -m bench.designs --design threaded|bridge --model-dir DIR --port 0 [--workers 64]
+        [--stream-interval N]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +50,8 @@ from service.engine import Engine
 from service.errors import DeadlineExceeded, InvalidInput, status_for
 from service.metrics import Metrics
 from service.runtime import Runtime, RuntimeOptions, pad_right
+from service.sampling import SamplingParams
+from service.scheduler import Done, Event, GenerationLimits, Scheduler, Sequence
 from service.servicer import AttnServeServicer, RequestLimits
 from service.tokens import TextTokenizer
 
@@ -168,14 +177,73 @@ class ThreadBatcher:
                 w.done.set()
 
 
+@dataclass
+class ThreadSequence(Sequence):
+    """A sequence whose caller waits in a thread of its own for what each step hands it."""
+
+    arrived: deque[Event | BaseException] = field(default_factory=deque)  # appended by the loop, taken by the caller
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class ThreadScheduler(Scheduler):
+    """attnserve's scheduler with no event loop behind it: each step's tokens go straight to the
+    callers' threads, one wake-up a stream a step (on grpc.aio one wake-up of the loop serves them all)."""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="attnserve-scheduler", daemon=True)
+        self._thread.start()
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        woken: dict[int, ThreadSequence] = {}
+        for seq, event in outbox:
+            assert isinstance(seq, ThreadSequence)
+            seq.arrived.append(event)
+            woken[seq.id] = seq
+        for seq in woken.values():
+            seq.ready.set()
+
+    def stream(
+        self, prompt: list[int], params: SamplingParams, deadline: float | None, context: grpc.ServicerContext
+    ) -> Iterator[list[Event]]:
+        """As ``Scheduler.generate`` streams, for a caller's thread; a caller that goes away cancels it."""
+        self.admit()
+        seq = self._sequence(ThreadSequence, prompt, params, deadline, stream=True)
+        self._enqueue(seq)
+
+        def gone() -> None:
+            seq.cancelled = True
+            self._wake.set()
+
+        context.add_callback(gone)
+        try:
+            while True:
+                while not seq.arrived:
+                    seq.ready.wait()
+                    seq.ready.clear()  # then look again: what came before the clear is in arrived
+                group: list[Event] = []
+                while seq.arrived:
+                    event = seq.arrived.popleft()
+                    if isinstance(event, BaseException):
+                        raise event
+                    group.append(event)
+                yield group
+                if isinstance(group[-1], Done):
+                    return
+        finally:
+            gone()  # no-op once done; otherwise the loop drops it before the next step
+
+
 class ThreadedServicer(pb_grpc.AttnServeServicer):
     """No event loop: the call's own thread validates, tokenizes, queues and answers."""
 
-    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics, stream_interval: int = 1) -> None:
         self.runtime = runtime
         self.checks = AttnServeServicer(metrics, RequestLimits())  # the same input checks, messages and metrics
         self.batcher = ThreadBatcher(runtime, metrics)
         self.token_ids = TextTokenizer(runtime.tokenizer)
+        self.scheduler = ThreadScheduler(runtime, GenerationLimits(stream_interval=stream_interval), metrics)
+        self.scheduler.start()
 
     def Encode(self, request: pb.EncodeRequest, context: grpc.ServicerContext) -> pb.EncodeResponse:
         start = time.monotonic()
@@ -208,11 +276,35 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return response(vectors, [len(x) for x in ids], truncated)
 
+    def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            self.checks.admit_generation(request, self.scheduler)
+            (ids,) = self.token_ids([request.prompt])
+            params = self.checks.sampling(request, self.scheduler, ids)
+            left = context.time_remaining()
+            deadline = start + left if left < NO_DEADLINE else None
+            for group in self.scheduler.stream(ids, params, deadline, context):
+                yield self.checks.stream_message(group, self.runtime.token_text)
+        except GeneratorExit:  # the client went away
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            code = status_for(e)[0]
+            abort(context, e)
+        finally:
+            self.checks._observe("GenerateStream", code, start)
 
-def serve(design: str, model_dir: Path, port: int, workers: int) -> None:
+
+def serve(design: str, model_dir: Path, port: int, workers: int, stream_interval: int = 1) -> None:
     runtime = Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1, spin=False))
     metrics = Metrics()
-    servicer = BridgeServicer(runtime, metrics) if design == "bridge" else ThreadedServicer(runtime, metrics)
+    servicer = (
+        BridgeServicer(runtime, metrics) if design == "bridge" else ThreadedServicer(runtime, metrics, stream_interval)
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     pb_grpc.add_AttnServeServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -228,8 +320,9 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--workers", type=int, default=64, help="the thread-pool server's threads: calls served at once")
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens a GenerateStream message (threaded design)")
     args = p.parse_args()
-    serve(args.design, args.model_dir, args.port, args.workers)
+    serve(args.design, args.model_dir, args.port, args.workers, args.stream_interval)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The Encode designs measured beside attnserve answer what attnserve answers, errors included."""
+"""The designs measured beside attnserve answer what attnserve answers, errors included."""
 
 from __future__ import annotations
 
@@ -70,3 +70,50 @@ def test_a_design_answers_as_attnserve_does(
         np.testing.assert_allclose(
             [e.values for e in r.embeddings], [e.values for e in ok[0].embeddings], rtol=1e-5, atol=1e-5
         )
+
+
+GENERATIONS = [
+    pb.GenerateRequest(prompt="the king", max_new_tokens=12, seed=7, temperature=0.8, top_k=20),
+    pb.GenerateRequest(prompt="my lord", max_new_tokens=9, stop=["e"], logprobs=True, top_logprobs=2),
+]
+REFUSED_GENERATIONS = [
+    pb.GenerateRequest(prompt=""),
+    pb.GenerateRequest(prompt="a", temperature=-1.0),
+    pb.GenerateRequest(prompt=LONG),
+]
+
+
+def streamed(stub: pb_grpc.AttnServeStub) -> tuple[list[list[pb.GenerateStreamResponse]], list[grpc.StatusCode]]:
+    ok = [list(stub.GenerateStream(r)) for r in GENERATIONS]
+    codes = []
+    for r in REFUSED_GENERATIONS:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateStream(r))
+        codes.append(err.value.code())
+    return ok, codes
+
+
+def test_the_threaded_design_streams_as_attnserve_does(model_dir: Path) -> None:
+    served = ServerThread(config(model_dir)).start()
+    try:
+        expected_ok, expected_codes = streamed(served.stub())
+    finally:
+        served.stop()
+    with running(design_cmd(model_dir, "threaded")) as (address, _), grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.AttnServeStub(channel)
+        ok, codes = streamed(stub)
+        # a stream its client leaves frees its place: the next ones run to their end
+        left = stub.GenerateStream(pb.GenerateRequest(prompt="the king", max_new_tokens=200))
+        next(left)
+        left.cancel()
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda _: list(stub.GenerateStream(GENERATIONS[0])), range(16)))
+    assert codes == expected_codes == [grpc.StatusCode.INVALID_ARGUMENT] * len(REFUSED_GENERATIONS)
+    for got, want in zip(ok, expected_ok, strict=True):
+        assert "".join(m.text for m in got) == "".join(m.text for m in want)
+        assert [t.token_id for m in got for t in m.tokens] == [t.token_id for m in want for t in m.tokens]
+        assert (got[-1].finish_reason, got[-1].usage) == (want[-1].finish_reason, want[-1].usage)
+    assert ok[1][-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert all(len(m.tokens[0].top_logprobs) == 2 for m in ok[1] if m.tokens)
+    for messages in together:  # batched with others, each stream is what it is alone
+        assert [t.token_id for m in messages for t in m.tokens] == [t.token_id for m in ok[0] for t in m.tokens]
