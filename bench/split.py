@@ -74,6 +74,7 @@ BUNDLED = 8
 GROUPED = 4
 LONG_BATCHES = (1, 2, 4, 8, 16, 32)
 FEW = (1, 2, 4)  # concurrencies below the main loads', 1 text a request: where there is little to batch
+STREAMING_DESIGN = "threaded"  # the design that also serves GenerateStream (bench/designs.py)
 FLOOR_THREADS = 64  # the thread-pool floor server's threads: more than the loads' concurrent calls
 TOKENS = 64  # the encode loads' texts, but for the long ones
 LIMIT_SECONDS = 1.0  # the in-process limit for a load, timed before and after each server runs it
@@ -205,8 +206,8 @@ def attnserve_cmd(model_dir: Path, *flags: str) -> list[str]:
     return serve_args(model_dir, "--intra-op-threads", "1", *flags)
 
 
-def design_cmd(model_dir: Path, design: str) -> list[str]:
-    return ["-m", "bench.designs", "--design", design, "--model-dir", str(model_dir)]
+def design_cmd(model_dir: Path, design: str, *flags: str) -> list[str]:
+    return ["-m", "bench.designs", "--design", design, "--model-dir", str(model_dir), *flags]
 
 
 def plain_cmd(model_dir: Path) -> list[str]:
@@ -483,7 +484,11 @@ def run(
     rt = runtime_on_core(model_dir)
     gen_seconds = 2 * seconds
     chains: dict[str, list[list[dict[str, float]]]] = {key: [] for key in [*loads, "generate"]}
-    streaming: dict[str, list[dict[str, Any]]] = {"16": [], f"16x{GROUPED}": []}
+    # by load: attnserve's at 1 and GROUPED tokens a message, and with designs the threaded design's too
+    stream_keys = ["16", f"16x{GROUPED}"]
+    if designs:
+        stream_keys += [f"{STREAMING_DESIGN}/{key}" for key in stream_keys]
+    streaming: dict[str, list[dict[str, Any]]] = {key: [] for key in stream_keys}
     # gRPC alone on the server's core, a server with no model (grpc.aio, and grpc's thread-pool server)
     floor_runs: dict[str, dict[str, list[dict[str, Any]]]] = {"aio": {}, "threads": {}}
     with ExitStack() as stack:
@@ -495,6 +500,11 @@ def run(
                 pinned_server(attnserve_cmd(model_dir, "--stream-interval", str(GROUPED)))
             ),
         }
+        if designs:
+            streamers[f"{STREAMING_DESIGN}/16"] = pids[STREAMING_DESIGN]
+            streamers[f"{STREAMING_DESIGN}/16x{GROUPED}"] = stack.enter_context(
+                pinned_server(design_cmd(model_dir, STREAMING_DESIGN, "--stream-interval", str(GROUPED)))
+            )
         floors = {
             "aio": stack.enter_context(floor_server(dimensions, 1, cpus={SERVER_CORE})),
             "threads": stack.enter_context(floor_server(dimensions, 1, cpus={SERVER_CORE}, threads=FLOOR_THREADS)),
@@ -597,6 +607,9 @@ def run(
         "plain_long_share": sh["plain"][LONG],
         "generate_16_share": sh["generate"]["16"],
         "generate_16_grouped_share": sh["generate"][f"16x{GROUPED}"],
+        # the threaded design's streams, where it ran (None where not)
+        "threaded_generate_16_share": sh["generate"].get(f"{STREAMING_DESIGN}/16"),
+        "threaded_generate_16_grouped_share": sh["generate"].get(f"{STREAMING_DESIGN}/16x{GROUPED}"),
         # the start's limit, timed once before every round: what the shares read against it
         "encode_1_share_of_start_limit": enc["attnserve"]["1"]["texts_per_second"] / lim["encode_limit"],
         "encode_8_share_of_start_limit": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],
@@ -738,10 +751,11 @@ def table(r: dict[str, Any]) -> str:
         f"{'GenerateStream, 128 new tokens':<44}{'tokens/s':>9}{'share':>8}{'ITL p50':>9}{'ITL p99':>9}"
         f"{'tokens/msg':>11}{'gap p50':>9}",
     ]
-    for key, label in (
-        ("16", "16 streams, 1 token a message"),
-        (f"16x{GROUPED}", f"16 streams, --stream-interval {GROUPED}"),
-    ):
+    for key in r["shares"]["generate"]:
+        name, _, load = key.rpartition("/")
+        label = f"{name + ', ' if name else ''}16 streams, " + (
+            f"--stream-interval {GROUPED}" if load == f"16x{GROUPED}" else "1 token a message"
+        )
         row = gen[key]["load"]
         lines.append(
             f"{label:<44}{row['output_tokens_per_second']:>9.0f}"

@@ -175,17 +175,21 @@ def test_the_middle_round_is_the_one_with_the_median_value() -> None:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
-def test_a_whole_run_pairs_every_share_with_its_rounds_limit(model_dir: Path) -> None:
+@pytest.mark.parametrize("designs", [False, True], ids=["servers", "with-designs"])
+def test_a_whole_run_pairs_every_share_with_its_rounds_limit(model_dir: Path, designs: bool) -> None:
     before = os.sched_getaffinity(0)
     try:
-        r = split.run(model_dir, seconds=0.2, rounds=2, concurrency=4, limit_seconds=0.1)
+        r = split.run(model_dir, seconds=0.2, rounds=2, concurrency=4, limit_seconds=0.1, designs=designs)
     finally:
         os.sched_setaffinity(0, before)
     loads = ("1", "8", "c1", "c2", "c4", split.LONG)
     assert set(r["limit_chains"]) == {*loads, "generate"}
-    # per round: a timing before the first measurement and one after each (two servers; two floors at 1 and 8)
-    assert [len(c) for c in r["limit_chains"]["8"]] == [5, 5] and [len(c) for c in r["limit_chains"]["c1"]] == [3, 3]
-    assert [len(c) for c in r["limit_chains"]["generate"]] == [6, 6]  # two streaming servers, three floor loads
+    servers = 4 if designs else 2  # attnserve and the plain peer, with designs the bridge and threaded ones
+    streamers = 4 if designs else 2  # attnserve at 1 and 4 tokens a message, with designs the threaded design too
+    # per round: a timing before the first measurement and one after each (the servers; two floors at 1 and 8)
+    assert [len(c) for c in r["limit_chains"]["8"]] == [servers + 3] * 2
+    assert [len(c) for c in r["limit_chains"]["c1"]] == [servers + 1] * 2
+    assert [len(c) for c in r["limit_chains"]["generate"]] == [streamers + 4] * 2  # and three floor loads
     for name in ("attnserve", "plain"):
         for key in loads:
             rates = r["encode"][name][key]["rounds"]
@@ -209,3 +213,9 @@ def test_a_whole_run_pairs_every_share_with_its_rounds_limit(model_dir: Path) ->
     assert r["generate"]["1"]["tokens"] > 0
     text = split.table(r)
     assert "before and after every measurement" in text and "16 streams, 1 token a message" in text
+    threaded = (r["summary"]["threaded_generate_16_share"], r["summary"]["threaded_generate_16_grouped_share"])
+    if designs:
+        assert all(x > 0 for x in threaded) and threaded[0] == r["shares"]["generate"]["threaded/16"]
+        assert "threaded, 16 streams, 1 token a message" in text and "threaded, 16 streams, --stream-interval 4" in text
+    else:
+        assert threaded == (None, None) and "threaded" not in text
