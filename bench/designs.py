@@ -1,4 +1,4 @@
-"""Two other designs of the Encode path, measured beside attnserve by ``bench split --designs``.
+"""Other designs of the serving path, measured beside attnserve by ``bench split --designs``.
 
 attnserve serves on grpc.aio: each call is a task on one event loop, its batch runs in an
 executor thread and comes back through the loop. On one core gRPC alone costs 0.31 ms a call
@@ -19,11 +19,20 @@ batching, sampling and stop rules) on its own thread with no event loop behind i
 tokens handed straight to the callers' threads, one wake-up a stream a step where grpc.aio
 needs one wake-up of the loop for all of them.
 
-Both keep what a caller sees: the servicer's input checks and their INVALID_ARGUMENT messages,
-requests, latency, batch size and compute time in the real metrics. They serve Encode (and the
-threaded one GenerateStream) only: prototypes for a measurement, not servers to deploy.
+A third keeps attnserve whole and changes only the transport in front of it:
 
-    python -m bench.designs --design threaded|bridge --model-dir DIR --port 0 [--workers 64]
+* ``grpclib``: grpclib, a gRPC server written in Python on asyncio (HTTP/2 framing by h2), in front
+  of attnserve's own call guard, servicer, batchers and scheduler, all on one event loop as
+  attnserve runs them. No gRPC threads: the loop reads and writes the sockets itself, where
+  grpc.aio's poller thread wakes the loop for every completion, and a stream message is written
+  without waiting for one. With no model it costs a fifth to a third less than grpc.aio a call
+  and a third to two fifths less a stream message on one core (bench/REPORT.md).
+
+All keep what a caller sees: the servicer's input checks and their INVALID_ARGUMENT messages,
+requests, latency, batch size and compute time in the real metrics. They serve Encode (and the
+threaded and grpclib ones GenerateStream) only: prototypes for a measurement, not servers to deploy.
+
+    python -m bench.designs --design threaded|bridge|grpclib --model-dir DIR --port 0 [--workers 64]
         [--stream-interval N]
 """
 
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 import threading
 import time
@@ -39,6 +49,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -46,16 +57,20 @@ import numpy as np
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.batcher import BatchLimits
+from service.config import ServerConfig
 from service.engine import Engine
 from service.errors import DeadlineExceeded, InvalidInput, status_for
+from service.guard import CallGuard
 from service.metrics import Metrics
 from service.runtime import Runtime, RuntimeOptions, pad_right
 from service.sampling import SamplingParams
 from service.scheduler import Done, Event, GenerationLimits, Scheduler, Sequence
+from service.server import SERVICE_NAME
 from service.servicer import AttnServeServicer, RequestLimits
 from service.tokens import TextTokenizer
 
-DESIGNS = ("bridge", "threaded")
+DESIGNS = ("bridge", "threaded", "grpclib")
+STREAMING_DESIGNS = ("threaded", "grpclib")  # those that also serve GenerateStream
 NO_DEADLINE = 86400.0  # seconds: what grpc's thread-pool server says is left of a call without a deadline exceeds this
 
 
@@ -299,7 +314,92 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
             self.checks._observe("GenerateStream", code, start)
 
 
+class CallOnLoop:
+    """What attnserve's guard and servicer ask of a call, for a call that grpclib serves."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def time_remaining(self) -> float | None:
+        deadline = self.stream.deadline
+        return None if deadline is None else deadline.time_remaining()
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        from grpclib.const import Status
+        from grpclib.exceptions import GRPCError
+
+        raise GRPCError(Status(code.value[0]), message)
+
+
+class GrpclibFront:
+    """grpclib's handlers for Encode and GenerateStream, each going through attnserve's guard (checks,
+    admission, calls in flight) to attnserve's servicer, as grpc.aio's interceptor and handlers do."""
+
+    def __init__(self, servicer: AttnServeServicer, guard: CallGuard) -> None:
+        self.servicer = servicer
+        self.guard = guard
+
+    def __mapping__(self) -> dict[str, Any]:
+        from grpclib.const import Cardinality, Handler
+
+        service = f"/{SERVICE_NAME}"
+        return {
+            f"{service}/Encode": Handler(self.encode, Cardinality.UNARY_UNARY, pb.EncodeRequest, pb.EncodeResponse),
+            f"{service}/GenerateStream": Handler(
+                self.generate_stream, Cardinality.UNARY_STREAM, pb.GenerateRequest, pb.GenerateStreamResponse
+            ),
+        }
+
+    async def encode(self, stream: Any) -> None:
+        request = await stream.recv_message()
+        call = CallOnLoop(stream)
+        await self.guard._check("Encode", request, call, True)
+        try:
+            answer = await self.servicer.Encode(request, call)  # type: ignore[arg-type]
+        finally:
+            self.guard._leave(True)
+        await stream.send_message(answer)
+
+    async def generate_stream(self, stream: Any) -> None:
+        request = await stream.recv_message()
+        call = CallOnLoop(stream)
+        await self.guard._check("GenerateStream", request, call, True)
+        try:
+            async for message in self.servicer.GenerateStream(request, call):  # type: ignore[arg-type]
+                await stream.send_message(message)
+        finally:
+            self.guard._leave(True)
+
+
+async def serve_grpclib(model_dir: Path, port: int, stream_interval: int) -> None:
+    """attnserve's engine, scheduler, guard and servicer, set up as ``service.server`` sets them up,
+    behind grpclib's server instead of grpc.aio's."""
+    from grpclib.server import Server as GrpclibServer
+
+    config = ServerConfig(model_dir=model_dir, device="cpu", intra_op_threads=1, stream_interval=stream_interval)
+    runtime = Runtime(model_dir, config.runtime_options())
+    metrics = Metrics()
+    servicer = AttnServeServicer(metrics, config.request_limits())
+    guard = CallGuard(metrics, (SERVICE_NAME,), config.max_concurrent_calls)
+    engine = Engine(runtime, config.batch_limits(False, runtime.cpu_threads), metrics, config.batch_nice)
+    engine.start()
+    scheduler = Scheduler(runtime, config.generation_limits(), metrics)
+    scheduler.start()
+    servicer.attach(engine, scheduler)
+    sock = socket.create_server(("127.0.0.1", port))
+    server = GrpclibServer([GrpclibFront(servicer, guard)])
+    await server.start(sock=sock)
+    sys.stderr.write(f"gRPC on 127.0.0.1:{sock.getsockname()[1]}\nserving the grpclib design\n")
+    sys.stderr.flush()
+    await server.wait_closed()
+
+
 def serve(design: str, model_dir: Path, port: int, workers: int, stream_interval: int = 1) -> None:
+    if design == "grpclib":
+        asyncio.run(serve_grpclib(model_dir, port, stream_interval))
+        return
     runtime = Runtime(model_dir, RuntimeOptions(device="cpu", intra_op_threads=1, spin=False))
     metrics = Metrics()
     servicer = (
@@ -320,7 +420,7 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--workers", type=int, default=64, help="the thread-pool server's threads: calls served at once")
-    p.add_argument("--stream-interval", type=int, default=1, help="tokens a GenerateStream message (threaded design)")
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens a GenerateStream message")
     args = p.parse_args()
     serve(args.design, args.model_dir, args.port, args.workers, args.stream_interval)
 

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.designs import DESIGNS
+from bench.designs import DESIGNS, STREAMING_DESIGNS
 from bench.encode import closed_loop as encode_loop
 from bench.encode import encode_rates, idle_latency, texts_of
 from bench.generate import NEW_TOKENS, prompts_of
@@ -74,7 +74,6 @@ BUNDLED = 8
 GROUPED = 4
 LONG_BATCHES = (1, 2, 4, 8, 16, 32)
 FEW = (1, 2, 4)  # concurrencies below the main loads', 1 text a request: where there is little to batch
-STREAMING_DESIGN = "threaded"  # the design that also serves GenerateStream (bench/designs.py)
 FLOOR_THREADS = 64  # the thread-pool floor server's threads: more than the loads' concurrent calls
 TOKENS = 64  # the encode loads' texts, but for the long ones
 LIMIT_SECONDS = 1.0  # the in-process limit for a load, timed before and after each server runs it
@@ -484,10 +483,10 @@ def run(
     rt = runtime_on_core(model_dir)
     gen_seconds = 2 * seconds
     chains: dict[str, list[list[dict[str, float]]]] = {key: [] for key in [*loads, "generate"]}
-    # by load: attnserve's at 1 and GROUPED tokens a message, and with designs the threaded design's too
+    # by load: attnserve's at 1 and GROUPED tokens a message, and with designs those of the designs that stream
     stream_keys = ["16", f"16x{GROUPED}"]
     if designs:
-        stream_keys += [f"{STREAMING_DESIGN}/{key}" for key in stream_keys]
+        stream_keys += [f"{design}/{key}" for design in STREAMING_DESIGNS for key in stream_keys]
     streaming: dict[str, list[dict[str, Any]]] = {key: [] for key in stream_keys}
     # gRPC alone on the server's core, a server with no model (grpc.aio, and grpc's thread-pool server)
     floor_runs: dict[str, dict[str, list[dict[str, Any]]]] = {"aio": {}, "threads": {}}
@@ -500,10 +499,10 @@ def run(
                 pinned_server(attnserve_cmd(model_dir, "--stream-interval", str(GROUPED)))
             ),
         }
-        if designs:
-            streamers[f"{STREAMING_DESIGN}/16"] = pids[STREAMING_DESIGN]
-            streamers[f"{STREAMING_DESIGN}/16x{GROUPED}"] = stack.enter_context(
-                pinned_server(design_cmd(model_dir, STREAMING_DESIGN, "--stream-interval", str(GROUPED)))
+        for design in STREAMING_DESIGNS if designs else ():
+            streamers[f"{design}/16"] = pids[design]
+            streamers[f"{design}/16x{GROUPED}"] = stack.enter_context(
+                pinned_server(design_cmd(model_dir, design, "--stream-interval", str(GROUPED)))
             )
         floors = {
             "aio": stack.enter_context(floor_server(dimensions, 1, cpus={SERVER_CORE})),
@@ -607,9 +606,12 @@ def run(
         "plain_long_share": sh["plain"][LONG],
         "generate_16_share": sh["generate"]["16"],
         "generate_16_grouped_share": sh["generate"][f"16x{GROUPED}"],
-        # the threaded design's streams, where it ran (None where not)
-        "threaded_generate_16_share": sh["generate"].get(f"{STREAMING_DESIGN}/16"),
-        "threaded_generate_16_grouped_share": sh["generate"].get(f"{STREAMING_DESIGN}/16x{GROUPED}"),
+        # the streaming designs' streams, where they ran (None where not)
+        **{
+            f"{design}_generate_16{grouped}_share": sh["generate"].get(f"{design}/16{load}")
+            for design in STREAMING_DESIGNS
+            for grouped, load in (("", ""), ("_grouped", f"x{GROUPED}"))
+        },
         # the start's limit, timed once before every round: what the shares read against it
         "encode_1_share_of_start_limit": enc["attnserve"]["1"]["texts_per_second"] / lim["encode_limit"],
         "encode_8_share_of_start_limit": enc["attnserve"][str(BUNDLED)]["texts_per_second"] / lim["encode_limit"],

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--concurrency", type=int, default=32, help="closed-loop concurrency (default 32)")
     bs.add_argument("--profile", dest="with_profile", action="store_true", help="sample the server with py-spy")
     bs.add_argument(
-        "--designs", action="store_true", help="also the Encode designs on grpc's thread-pool server (bench.designs)"
+        "--designs", action="store_true", help="also the other designs: bench.designs (thread-pool server, grpclib)"
     )
     bs.add_argument("--json", type=Path, help="also write the figures here")
     bs.set_defaults(func=_bench)

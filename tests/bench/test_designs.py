@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.designs import DESIGNS
+from bench.designs import DESIGNS, STREAMING_DESIGNS
 from bench.split import design_cmd
 from bench.timing import running
 from protos.attnserve.v1 import attnserve_pb2 as pb
@@ -93,13 +93,23 @@ def streamed(stub: pb_grpc.AttnServeStub) -> tuple[list[list[pb.GenerateStreamRe
     return ok, codes
 
 
-def test_the_threaded_design_streams_as_attnserve_does(model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def attnserve_streams(model_dir: Path) -> tuple[list[list[pb.GenerateStreamResponse]], list[grpc.StatusCode]]:
     served = ServerThread(config(model_dir)).start()
     try:
-        expected_ok, expected_codes = streamed(served.stub())
+        return streamed(served.stub())
     finally:
         served.stop()
-    with running(design_cmd(model_dir, "threaded")) as (address, _), grpc.insecure_channel(address) as channel:
+
+
+@pytest.mark.parametrize("design", STREAMING_DESIGNS)
+def test_a_design_streams_as_attnserve_does(
+    design: str,
+    model_dir: Path,
+    attnserve_streams: tuple[list[list[pb.GenerateStreamResponse]], list[grpc.StatusCode]],
+) -> None:
+    expected_ok, expected_codes = attnserve_streams
+    with running(design_cmd(model_dir, design)) as (address, _), grpc.insecure_channel(address) as channel:
         stub = pb_grpc.AttnServeStub(channel)
         ok, codes = streamed(stub)
         # a stream its client leaves frees its place: the next ones run to their end

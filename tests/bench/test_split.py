@@ -184,8 +184,8 @@ def test_a_whole_run_pairs_every_share_with_its_rounds_limit(model_dir: Path, de
         os.sched_setaffinity(0, before)
     loads = ("1", "8", "c1", "c2", "c4", split.LONG)
     assert set(r["limit_chains"]) == {*loads, "generate"}
-    servers = 4 if designs else 2  # attnserve and the plain peer, with designs the bridge and threaded ones
-    streamers = 4 if designs else 2  # attnserve at 1 and 4 tokens a message, with designs the threaded design too
+    servers = 5 if designs else 2  # attnserve and the plain peer, with designs the bridge, threaded and grpclib ones
+    streamers = 6 if designs else 2  # attnserve at 1 and 4 tokens a message, with designs the two streaming designs too
     # per round: a timing before the first measurement and one after each (the servers; two floors at 1 and 8)
     assert [len(c) for c in r["limit_chains"]["8"]] == [servers + 3] * 2
     assert [len(c) for c in r["limit_chains"]["c1"]] == [servers + 1] * 2
@@ -213,9 +213,11 @@ def test_a_whole_run_pairs_every_share_with_its_rounds_limit(model_dir: Path, de
     assert r["generate"]["1"]["tokens"] > 0
     text = split.table(r)
     assert "before and after every measurement" in text and "16 streams, 1 token a message" in text
-    threaded = (r["summary"]["threaded_generate_16_share"], r["summary"]["threaded_generate_16_grouped_share"])
-    if designs:
-        assert all(x > 0 for x in threaded) and threaded[0] == r["shares"]["generate"]["threaded/16"]
-        assert "threaded, 16 streams, 1 token a message" in text and "threaded, 16 streams, --stream-interval 4" in text
-    else:
-        assert threaded == (None, None) and "threaded" not in text
+    for design in ("threaded", "grpclib"):
+        streams = (r["summary"][f"{design}_generate_16_share"], r["summary"][f"{design}_generate_16_grouped_share"])
+        if designs:
+            assert all(x > 0 for x in streams) and streams[0] == r["shares"]["generate"][f"{design}/16"]
+            assert f"{design}, 16 streams, 1 token a message" in text
+            assert f"{design}, 16 streams, --stream-interval 4" in text
+        else:
+            assert streams == (None, None) and design not in text
