@@ -388,7 +388,10 @@ async def serve_grpclib(model_dir: Path, port: int, stream_interval: int) -> Non
     scheduler = Scheduler(runtime, config.generation_limits(), metrics)
     scheduler.start()
     servicer.attach(engine, scheduler)
-    sock = socket.create_server(("127.0.0.1", port))
+    # made with its protocol named: asyncio and grpclib turn Nagle's algorithm off only on sockets that say
+    # IPPROTO_TCP, and with it on, a call's frames wait for the client's delayed acknowledgement (40 ms)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", port))
     server = GrpclibServer([GrpclibFront(servicer, guard)])
     await server.start(sock=sock)
     sys.stderr.write(f"gRPC on 127.0.0.1:{sock.getsockname()[1]}\nserving the grpclib design\n")
