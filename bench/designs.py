@@ -334,12 +334,16 @@ class CallOnLoop:
 
 
 class GrpclibFront:
-    """grpclib's handlers for Encode and GenerateStream, each going through attnserve's guard (checks,
-    admission, calls in flight) to attnserve's servicer, as grpc.aio's interceptor and handlers do."""
+    """grpclib's handlers for Encode and GenerateStream, each run through the wrappers attnserve's guard
+    puts around grpc.aio's handlers (checks, admission, calls in flight), then attnserve's servicer."""
 
     def __init__(self, servicer: AttnServeServicer, guard: CallGuard) -> None:
-        self.servicer = servicer
-        self.guard = guard
+        self.encode_call = guard._wrap(
+            f"/{SERVICE_NAME}/Encode", grpc.unary_unary_rpc_method_handler(servicer.Encode)
+        ).unary_unary
+        self.stream_call = guard._wrap(
+            f"/{SERVICE_NAME}/GenerateStream", grpc.unary_stream_rpc_method_handler(servicer.GenerateStream)
+        ).unary_stream
 
     def __mapping__(self) -> dict[str, Any]:
         from grpclib.const import Cardinality, Handler
@@ -354,23 +358,12 @@ class GrpclibFront:
 
     async def encode(self, stream: Any) -> None:
         request = await stream.recv_message()
-        call = CallOnLoop(stream)
-        await self.guard._check("Encode", request, call, True)
-        try:
-            answer = await self.servicer.Encode(request, call)  # type: ignore[arg-type]
-        finally:
-            self.guard._leave(True)
-        await stream.send_message(answer)
+        await stream.send_message(await self.encode_call(request, CallOnLoop(stream)))
 
     async def generate_stream(self, stream: Any) -> None:
         request = await stream.recv_message()
-        call = CallOnLoop(stream)
-        await self.guard._check("GenerateStream", request, call, True)
-        try:
-            async for message in self.servicer.GenerateStream(request, call):  # type: ignore[arg-type]
-                await stream.send_message(message)
-        finally:
-            self.guard._leave(True)
+        async for message in self.stream_call(request, CallOnLoop(stream)):
+            await stream.send_message(message)
 
 
 async def serve_grpclib(model_dir: Path, port: int, stream_interval: int) -> None:
