@@ -137,15 +137,30 @@ def _cached_decoding(
     return out | {"steps": steps}
 
 
-def step_graph_agreement(rt: Runtime, tolerance: float) -> dict[str, Any]:
+def step_graph_agreement(rt: Runtime, reference: Runtime, floor: float) -> dict[str, Any]:
     """Cached greedy decoding with steps through decoder_step against steps through the decoder graph,
-    on one runtime: the check for a variant (int8) that has no PyTorch twin to compare with."""
+    on one runtime: the check for a variant (int8) that has no PyTorch twin to compare with.
+
+    Both graphs are fed the decoder graph's own greedy tokens, and the step graph may differ from it
+    by at most what the variant differs from ``reference`` (fp32) on the same tokens, or ``floor``.
+    Dynamic int8 quantizes each activation tensor on the fly; the two graphs' arithmetic order can
+    move one activation across a quantization step, and from then on every logit differs by about a
+    step's worth (0.16 in one default model, whose int8 decoder was 0.43 from fp32): noise of the
+    variant's own size, where a step graph that decodes wrongly is off by the logits' whole scale.
+    The step graph's own greedy picks are reported beside, and do not decide ``ok``."""
     prompts, steps = _prompts(rt)
-    fused_tokens, fused = _runtime_greedy(rt, prompts, steps, fused=True)
-    plain_tokens, plain = _runtime_greedy(rt, prompts, steps, fused=False)
+    tokens, plain = _runtime_greedy(rt, prompts, steps, fused=False)
+    picks, fused = _runtime_greedy(rt, prompts, steps, fused=True, forced=tokens)
+    _, want = _runtime_greedy(reference, prompts, steps, fused=False, forced=tokens)
     diff = float(np.max(np.abs(fused - plain)))
-    equal = fused_tokens == plain_tokens
-    return {"max_abs_diff": diff, "tokens_equal": equal, "ok": equal and diff <= tolerance, "steps": steps}
+    bound = max(float(np.max(np.abs(plain - want))), floor)
+    return {
+        "max_abs_diff": diff,
+        "bound": bound,
+        "picks_agree": int(np.sum(np.array(picks) == np.array(tokens))),
+        "ok": diff <= bound,
+        "steps": steps,
+    }
 
 
 def decoder_bits_per_byte(rt: Runtime, windows: list[np.ndarray], batch: int = 32) -> float:

@@ -16,7 +16,7 @@ import torch
 from export import onnx_export
 from export.graphs import export_decoder_step, step_graph_problem
 from export.onnx_export import ExportError, export_model
-from export.parity import TOLERANCE, _diff, check_parity
+from export.parity import TOLERANCE, _diff, check_parity, step_graph_agreement
 from model.config import ModelConfig
 from model.train import load_checkpoint
 from model.transformer import Transformer
@@ -95,7 +95,23 @@ def test_int8_variant_reports_its_loss_and_speed(export_report: dict[str, Any]) 
     assert 0 < q["val_bits_per_byte_fp32"] < 8 and q["eval_tokens"] > 0
     assert q["speed_ms"]["int8"]["decode_step"] > 0
     steps = q["step_graph_vs_decoder"]  # generation's int8 step graph against the graph measured above
-    assert steps["ok"] and steps["tokens_equal"] and steps["max_abs_diff"] <= 1e-3
+    assert steps["ok"] and steps["max_abs_diff"] <= steps["bound"] and steps["bound"] >= 1e-3
+    assert 0 <= steps["picks_agree"] <= 2 * steps["steps"]
+
+
+def test_int8_step_check_refuses_a_step_graph_that_decodes_wrongly(model_dir: Path) -> None:
+    int8 = Runtime(model_dir, RuntimeOptions(device="cpu", variant="int8", warmup=False))
+    fp32 = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    assert step_graph_agreement(int8, fp32, 1e-3)["ok"]
+    decode_step = int8.decode_step
+
+    def off_by_one(cache: Any, ids: np.ndarray, mask: np.ndarray, fused: bool = True) -> np.ndarray:
+        logits = decode_step(cache, ids, mask, fused)
+        return np.roll(logits, 1, axis=-1) if fused and ids.shape[1] == 1 else logits  # each logit one id off
+
+    int8.decode_step = off_by_one  # type: ignore[method-assign]
+    wrong = step_graph_agreement(int8, fp32, 1e-3)
+    assert not wrong["ok"] and wrong["max_abs_diff"] > wrong["bound"]
 
 
 def test_fp16_variant_says_whether_it_was_checked(export_report: dict[str, Any]) -> None:
