@@ -66,7 +66,7 @@ from service.runtime import Runtime, RuntimeOptions, pad_right
 from service.sampling import SamplingParams
 from service.scheduler import Done, Event, GenerationLimits, Scheduler, Sequence
 from service.server import SERVICE_NAME
-from service.servicer import AttnServeServicer, RequestLimits
+from service.servicer import AttnServeServicer, RequestLimits, add_embeddings
 from service.tokens import TextTokenizer
 
 DESIGNS = ("bridge", "threaded", "grpclib")
@@ -75,13 +75,9 @@ NO_DEADLINE = 86400.0  # seconds: what grpc's thread-pool server says is left of
 
 
 def response(vectors: np.ndarray, counts: list[int], truncated: list[bool]) -> pb.EncodeResponse:
-    return pb.EncodeResponse(
-        embeddings=[
-            pb.Embedding(values=v.tolist(), token_count=n, truncated=cut)
-            for v, n, cut in zip(vectors, counts, truncated, strict=True)
-        ],
-        dimensions=vectors.shape[1],
-    )
+    out = pb.EncodeResponse(dimensions=vectors.shape[1])
+    add_embeddings(out.embeddings, vectors, counts, truncated)  # as attnserve's servicer builds them
+    return out
 
 
 def abort(context: grpc.ServicerContext, e: Exception) -> None:

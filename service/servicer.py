@@ -8,15 +8,17 @@ generic message (the details go to the log, never to the client).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import platform
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import grpc
+import numpy as np
 import onnxruntime
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
@@ -70,6 +72,23 @@ def public_config(raw: dict[str, Any]) -> dict[str, Any]:
     if isinstance(raw.get("training"), dict):
         out["training"] = {k: v for k, v in raw["training"].items() if k in ("steps", "train_seq_len")}
     return out
+
+
+@functools.cache
+def _values_prefix(dimensions: int) -> bytes:
+    """What precedes an Embedding's values on the wire: their field's tag and byte length, as protobuf
+    itself writes them for a vector of ``dimensions`` floats (packed, the only field set)."""
+    return pb.Embedding(values=[0.0] * dimensions).SerializeToString()[: -4 * dimensions]
+
+
+def add_embeddings(into: Any, vectors: np.ndarray, token_counts: Sequence[int], truncated: Sequence[bool]) -> None:
+    """An Embedding in ``into`` (a repeated field) for each row of ``vectors`` (N, d): its values parsed
+    from the row's float32 bytes, which protobuf copies at once, where a list of Python floats is
+    converted one number at a time (8 embeddings of 128: 16 against 39 us on one core)."""
+    prefix = _values_prefix(vectors.shape[1])
+    add = into.add
+    for row, count, cut in zip(vectors.astype("<f4", copy=False), token_counts, truncated, strict=True):
+        add(token_count=count, truncated=cut).MergeFromString(prefix + row.tobytes())
 
 
 class AttnServeServicer(pb_grpc.AttnServeServicer):
@@ -167,14 +186,10 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             start = time.monotonic()
             done = await self.encode(request, self._deadline(context))
             out = done.output
-            return pb.EncodeResponse(
-                embeddings=[
-                    pb.Embedding(values=v.tolist(), token_count=n_tok, truncated=cut)
-                    for v, n_tok, cut in zip(out.vectors, out.token_counts, done.truncated, strict=True)
-                ],
-                dimensions=out.vectors.shape[1],
-                timings=self._timings(out.queue_seconds, out.compute_seconds, start),
-            )
+            response = pb.EncodeResponse(dimensions=out.vectors.shape[1])
+            add_embeddings(response.embeddings, out.vectors, out.token_counts, done.truncated)
+            response.timings.CopyFrom(self._timings(out.queue_seconds, out.compute_seconds, start))
+            return response
 
         return await self._call("Encode", context, handle)
 

@@ -18,6 +18,7 @@ from protos.attnserve.v1 import attnserve_pb2 as pb
 from service.batcher import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS
 from service.client import decode_probabilities
 from service.runtime import Runtime, RuntimeOptions
+from service.servicer import add_embeddings
 from tests.service.conftest import ServerThread, config
 
 TEXTS = ["Good sir", "The king speaks of the crown, and the queen weeps for her grave.", "a", "My lord laughs at"]
@@ -54,6 +55,26 @@ def test_encode_equals_the_runtime_alone(served: ServerThread, rt: Runtime) -> N
         want = alone(rt, text)[1]
         np.testing.assert_allclose(e.values, want / np.linalg.norm(want), atol=1e-5)
     assert r.timings.compute_seconds > 0 and r.timings.total_seconds >= r.timings.queue_seconds
+
+
+@pytest.mark.parametrize("dimensions", [1, 31, 32, 33, 128, 4096])  # the values' byte length as 1, 2 and 3 varint bytes
+def test_embeddings_from_bytes_equal_protobufs_own(dimensions: int) -> None:
+    rng = np.random.default_rng(dimensions)
+    vectors = rng.standard_normal((3, dimensions)).astype(np.float32)
+    vectors[0, 0] = np.nan
+    vectors[1, -1] = -np.inf
+    vectors[2, 0] = -0.0
+    vectors[2, -1] = np.float32(1e-45)  # subnormal
+    got = pb.EncodeResponse()
+    add_embeddings(got.embeddings, vectors, [5, 0, 64], [False, True, False])
+    want = pb.EncodeResponse(
+        embeddings=[
+            pb.Embedding(values=v.tolist(), token_count=n, truncated=cut)
+            for v, n, cut in zip(vectors, [5, 0, 64], [False, True, False], strict=True)
+        ]
+    )
+    assert got.SerializeToString() == want.SerializeToString()  # bit for bit, NaN and -0.0 included
+    assert got.embeddings[1].truncated and list(got.embeddings[1].values)[-1] == -np.inf
 
 
 def test_attention_map_equals_the_runtime_alone(served: ServerThread, rt: Runtime) -> None:
