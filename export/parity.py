@@ -145,7 +145,7 @@ def step_graph_agreement(rt: Runtime, reference: Runtime, floor: float) -> dict[
     by at most what the variant differs from ``reference`` (fp32) on the same tokens, or ``floor``.
     Dynamic int8 quantizes each activation tensor on the fly; the two graphs' arithmetic order can
     move one activation across a quantization step, and from then on every logit differs by about a
-    step's worth (0.16 in one default model, whose int8 decoder was 0.43 from fp32): noise of the
+    step's worth (0.16 in one default model, whose int8 decoder was 0.41 from fp32): noise of the
     variant's own size, where a step graph that decodes wrongly is off by the logits' whole scale.
     The step graph's own greedy picks are reported beside, and do not decide ``ok``."""
     prompts, steps = _prompts(rt)
