@@ -114,6 +114,28 @@ def test_int8_step_check_refuses_a_step_graph_that_decodes_wrongly(model_dir: Pa
     assert not wrong["ok"] and wrong["max_abs_diff"] > wrong["bound"]
 
 
+def test_int8_step_check_passes_a_step_graph_within_int8s_own_error(model_dir: Path) -> None:
+    """As when one activation crosses a quantization step: from some step on, every logit moves a little."""
+    int8 = Runtime(model_dir, RuntimeOptions(device="cpu", variant="int8", warmup=False))
+    fp32 = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    bound = step_graph_agreement(int8, fp32, 1e-3)["bound"]
+    decode_step = int8.decode_step
+    steps = 0
+
+    def flipped(cache: Any, ids: np.ndarray, mask: np.ndarray, fused: bool = True) -> np.ndarray:
+        nonlocal steps
+        logits = decode_step(cache, ids, mask, fused)
+        if fused and ids.shape[1] == 1:
+            steps += 1
+            if steps > 20:
+                logits = logits + np.float32(bound / 2) * np.sign(np.sin(np.arange(logits.shape[-1])))
+        return logits
+
+    int8.decode_step = flipped  # type: ignore[method-assign]
+    moved = step_graph_agreement(int8, fp32, 1e-3)
+    assert moved["ok"] and bound / 4 < moved["max_abs_diff"] <= moved["bound"]
+
+
 def test_fp16_variant_says_whether_it_was_checked(export_report: dict[str, Any]) -> None:
     f = export_report["fp16"]
     if f["checked"]:
