@@ -13,14 +13,18 @@ from pathlib import Path
 
 
 def machine() -> str:
-    """What the figures were measured on: architecture, cores and the processor's model name."""
+    """What the figures were measured on: architecture, cores, the processor's model name, and the
+    interpreter that ran the servers and the loads, with where it is installed (its build, and with it
+    how fast Python code runs, depends on where it came from: a distribution's or an official image's
+    build is optimized with profiles and link-time optimization, a default pyenv build is not)."""
     name = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{platform.machine()}, {os.cpu_count()} cores, {name or 'cpu'}"
+    python = f"{platform.python_implementation()} {platform.python_version()} ({sys.base_prefix})"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {name or 'cpu'}; {python}"
 
 
 def accelerator(device: str, device_id: int = 0) -> str:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import platform
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench.timing import accelerator, device_flags
+from bench.timing import accelerator, device_flags, machine
 from service.cli import build_parser
+
+
+def test_the_machine_names_its_cores_and_the_interpreter_that_ran_the_figures() -> None:
+    named = machine()
+    assert f"{os.cpu_count()} cores" in named
+    # the interpreter's build moves the server's own cost: its version and where it is installed
+    assert named.endswith(f"; CPython {platform.python_version()} ({sys.base_prefix})")
 
 
 def test_the_cpu_is_named_as_such() -> None:
