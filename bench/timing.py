@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,13 +66,36 @@ def serve_args(model_dir: Path, *flags: str) -> list[str]:
             "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--device", "cpu", *flags]  # fmt: skip
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def child_setup(cpus: set[int] | None) -> Callable[[], None]:
+    """What a server's process does before it runs: it is told to stop (SIGTERM) when the thread that
+    started it ends (the main thread, in the benchmarks and tests: so when their process ends, however
+    it ends; a benchmark stopped by ``timeout`` or killed left every server it had started running,
+    pinned to the server's core, under the next run), and with ``cpus`` it runs on those cores only."""
+    parent = os.getpid()
+
+    def setup() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # ended before the line above: nobody is left to stop it
+                os._exit(1)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 def launch(
     args: list[str], env: dict[str, str] | None = None, cpus: set[int] | None = None
 ) -> tuple[subprocess.Popen[str], int]:
     """``python ARGS``, a server that logs "gRPC on HOST:PORT" and then "serving ..." on stderr;
     returns once it serves, with its port."""
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
+    proc = subprocess.Popen(
+        [sys.executable, *args], stderr=subprocess.PIPE, text=True, env=env, preexec_fn=child_setup(cpus)
+    )
     assert proc.stderr is not None
     port = 0
     for line in proc.stderr:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,39 @@ def test_the_benchmarks_take_a_device_and_a_variant() -> None:
         assert (args.device, args.variant) == ("cuda", "fp16")
         with pytest.raises(SystemExit):
             build_parser().parse_args(["bench", bench, "--model-dir", "m", "--device", "tpu"])
+
+
+PARENT = """
+import time
+from bench.transport import floor_server
+with floor_server(8) as (address, pid):
+    print(pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def gone(pid: int) -> bool:
+    """Ended: no such process, or one that has ended and waits to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl's parent-death signal is Linux's")
+def test_a_server_ends_when_the_process_that_started_it_is_killed() -> None:
+    root = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        assert parent.stdout is not None
+        server = int(parent.stdout.readline())
+        assert not gone(server)
+        parent.send_signal(signal.SIGKILL)  # no finally, no with-block's exit: only the kernel can tell it
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while not gone(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(server)
+    finally:
+        parent.kill()
