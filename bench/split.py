@@ -26,7 +26,11 @@ leaves to the model.
    against the batch-1 encode) are paired: each round times the model in this process on the
    server's core right before the same measurement over gRPC, and the figure is the median of the
    rounds' differences, so that the machine's speed, which drifts by 10-30% over a run here, falls
-   on both sides of each difference. Each difference is then taken apart in the same rounds:
+   on both sides of each difference. The idle Encode, the noisiest figure and a cheap one, has
+   four rounds for each of the stream's, and in each the servers (attnserve, the plain peer, the
+   no-model server) take their turns in an order rotated from round to round, so that none is
+   always measured first or last, where a drift of the machine's would fall on it alone.
+   Each difference is then taken apart in the same rounds:
    gRPC's own share (the same measurement against a server with no model behind it), the model's
    slowdown when the core idles between calls (the batch-1 encode timed after a pause, as an idle
    server runs it), and what is left, the server's own.
@@ -310,6 +314,17 @@ def paced_median_seconds(fn: Callable[[], object], pause_s: float, runs: int) ->
     return statistics.median(times)
 
 
+def rotated(names: list[str], round_: int) -> list[str]:
+    """The order the servers are measured in, round by round: each takes every place in turn, forwards
+    and backwards, so that a drift of the machine's speed falls on none more than on the others."""
+    k = round_ % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if (round_ // len(names)) % 2 else order
+
+
+IDLE_ROUNDS = 4  # idle rounds for each latency round: an idle Encode is the noisiest figure, and cheap
+
+
 def paired_latency(
     model_dir: Path,
     servers: dict[str, str],
@@ -318,14 +333,17 @@ def paired_latency(
     seconds: float,
     rounds: int,
     floor: str | None = None,
+    idle_rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Each round: one stream's decode step timed in process on the server's core, then one stream
-    over gRPC against attnserve; the batch-1 encode in process, back to back and then at an idle
+    """``rounds`` rounds of one stream: its decode step timed in process on the server's core, then
+    one stream over gRPC against attnserve. Then ``idle_rounds`` (``IDLE_ROUNDS`` a round unless
+    given) of an idle Encode: the batch-1 encode in process, back to back and then at an idle
     server's pace (a pause before each call, so the core idles between them as it does between idle
-    requests), then an idle Encode against each of ``servers`` (name -> address). With ``floor``
-    (the no-model server's address) each round also takes gRPC's own share of both latencies: an
-    idle Encode's round trip and one stream's inter-token p50 with no model behind them. The
-    differences are taken within a round."""
+    requests), then an idle Encode against each of ``servers`` (name -> address), in an order
+    rotated from round to round. With ``floor`` (the no-model server's address) each round also takes
+    gRPC's own share of its latency: one stream's inter-token p50, and an idle Encode's round trip
+    (in the rotation with the servers), with no model behind them. The differences are taken within
+    a round."""
     rt = runtime_on_core(model_dir)
     ids = np.ones((1, min(64, rt.info.max_seq_len)), np.int64)
     steps: list[float] = []
@@ -343,14 +361,18 @@ def paired_latency(
         with on_core(SERVER_CORE):
             steps.append(asyncio.run(generation_in_process(rt, prompts, 1, seconds))["step_p50_ms"])
         ones.append(asyncio.run(generate_loop(servers["attnserve"], prompts, 1, seconds)))
+        if floor is not None:
+            floor_itl.append(asyncio.run(generate_loop(floor, prompts, 1, seconds / 4))["itl_p50_ms"])
+    idle_at = {name: (address, idle[name]) for name, address in servers.items()}
+    if floor is not None:
+        idle_at[""] = (floor, floor_idle)
+    for r in range(IDLE_ROUNDS * rounds if idle_rounds is None else idle_rounds):
         with on_core(SERVER_CORE):
             batch1.append(median_seconds(encode, runs=300) * 1e3)
             paced.append(paced_median_seconds(encode, IDLE_PAUSE_S, runs=300) * 1e3)
-        for name, address in servers.items():
-            idle[name].append(asyncio.run(idle_latency(address, texts[0]))["p50_ms"])
-        if floor is not None:
-            floor_idle.append(asyncio.run(idle_latency(floor, texts[0]))["p50_ms"])
-            floor_itl.append(asyncio.run(generate_loop(floor, prompts, 1, seconds / 4))["itl_p50_ms"])
+        for name in rotated(list(idle_at), r):
+            address, into = idle_at[name]
+            into.append(asyncio.run(idle_latency(address, texts[0]))["p50_ms"])
     itl_minus_step = [one["itl_p50_ms"] - step for one, step in zip(ones, steps, strict=True)]
     middle = sorted(range(rounds), key=lambda i: itl_minus_step[i])[rounds // 2]
     result: dict[str, Any] = {
@@ -596,6 +618,7 @@ def run(
     enc, gen, lim = result["encode"], result["generate"], limit
     sh, ceil = result["shares"], result["ceilings"]
     gen_timings = [g for chain in chains["generate"] for g in chain]
+    idle_apart = idle_minus_plain(result["paired"])
     result["summary"] = {
         # each a median of the rounds' shares, each against the limit timed around its measurement
         "encode_1_share": sh["attnserve"]["1"],
@@ -628,6 +651,9 @@ def run(
         ),
         "idle_own_ms": statistics.median(result["paired"]["idle_own_ms"]["attnserve"]),
         "plain_idle_own_ms": statistics.median(result["paired"]["idle_own_ms"]["plain"]),
+        # the two servers side by side, round by round (their order rotated)
+        "idle_minus_plain_ms": statistics.median(idle_apart),
+        "idle_under_plain_rounds": sum(d < 0 for d in idle_apart),
         "floor_itl_p50_ms": statistics.median(result["paired"]["floor_itl_p50_ms"]),
         "itl_own_ms": statistics.median(result["paired"]["itl_own_ms"]),
         "encode_server_overhead_ms_per_text": enc["attnserve"]["1"]["server_cpu_ms_per_text"]
@@ -666,6 +692,16 @@ def load_name(key: str, concurrency: int) -> str:
 def ceiling(model_ms: float, grpc_ms: float, limit: float) -> float:
     """The share of ``limit`` one core reaches when a unit costs ``model_ms`` plus ``grpc_ms`` of CPU."""
     return min(1.0, 1e3 / (model_ms + grpc_ms) / limit)
+
+
+def idle_minus_plain(paired: dict[str, Any]) -> list[float]:
+    """Each idle round's attnserve p50 less the plain peer's."""
+    return [a - p for a, p in zip(paired["idle_p50_ms"]["attnserve"], paired["idle_p50_ms"]["plain"], strict=True)]
+
+
+def span(values: list[float], places: int, sign: str = "+") -> str:
+    """'+0.13 to +1.33': the least and the most of the rounds' figures."""
+    return f"{min(values):{sign}.{places}f} to {max(values):{sign}.{places}f}"
 
 
 def signed(values: list[float], places: int, sign: str = "+") -> str:
@@ -738,15 +774,17 @@ def table(r: dict[str, Any]) -> str:
     )
     lines += [
         f"attnserve / plain: {ours['1']:.2f}x at 1 text a request, {ours[str(BUNDLED)]:.2f}x at "
-        f"{BUNDLED}; idle p50 - batch-1 (median of {len(pr['batch1_p50_ms'])} paired rounds): attnserve "
-        f"{s['idle_p50_minus_batch1_ms']:+.2f} ms ({signed(pr['idle_minus_batch1_ms']['attnserve'], 2)}), plain "
-        f"{s['plain_idle_p50_minus_batch1_ms']:+.2f} ms ({signed(pr['idle_minus_batch1_ms']['plain'], 2)}); "
-        f"batch-1 {signed(pr['batch1_p50_ms'], 2, '')} ms",
+        f"{BUNDLED}; idle p50 - batch-1 (median of {len(pr['batch1_p50_ms'])} paired rounds, the servers' order "
+        f"rotated): attnserve {s['idle_p50_minus_batch1_ms']:+.2f} ms "
+        f"({span(pr['idle_minus_batch1_ms']['attnserve'], 2)}), plain {s['plain_idle_p50_minus_batch1_ms']:+.2f} ms "
+        f"({span(pr['idle_minus_batch1_ms']['plain'], 2)}); "
+        f"batch-1 {span(pr['batch1_p50_ms'], 2, '')} ms; attnserve - plain {s['idle_minus_plain_ms']:+.2f} ms, "
+        f"under it in {s['idle_under_plain_rounds']} of {len(pr['batch1_p50_ms'])} rounds",
         f"  of which gRPC's round trip with no model {s['floor_idle_p50_ms']:.2f} ms "
-        f"({signed(pr['floor_idle_p50_ms'], 2, '')}), the model's batch-1 at an idle server's pace "
-        f"{s['batch1_paced_minus_batch1_ms']:+.2f} ms ({signed(pr['batch1_paced_p50_ms'], 2, '')} ms); left, the "
-        f"server's own: attnserve {s['idle_own_ms']:+.2f} ms ({signed(pr['idle_own_ms']['attnserve'], 2)}), plain "
-        f"{s['plain_idle_own_ms']:+.2f} ms ({signed(pr['idle_own_ms']['plain'], 2)})",
+        f"({span(pr['floor_idle_p50_ms'], 2, '')}), the model's batch-1 at an idle server's pace "
+        f"{s['batch1_paced_minus_batch1_ms']:+.2f} ms ({span(pr['batch1_paced_p50_ms'], 2, '')} ms); left, the "
+        f"server's own: attnserve {s['idle_own_ms']:+.2f} ms ({span(pr['idle_own_ms']['attnserve'], 2)}), plain "
+        f"{s['plain_idle_own_ms']:+.2f} ms ({span(pr['idle_own_ms']['plain'], 2)})",
         f"model CPU per text {lim['encode_cpu_ms_per_text']:.3f} ms; attnserve's own, 1 text a request: "
         f"{s['encode_server_overhead_ms_per_text']:.3f} ms",
         "",

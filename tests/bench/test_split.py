@@ -6,6 +6,7 @@ import asyncio
 import os
 import statistics
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,12 @@ def test_latencies_are_paired_with_the_models_own_time_round_by_round(model_dir:
         split.pinned_server(split.plain_cmd(model_dir)) as (plain, _),
         split.floor_server(32, 1, cpus={split.SERVER_CORE}) as (floor, _),
     ):
-        p = split.paired_latency(model_dir, {"attnserve": ours, "plain": plain}, TEXTS, prompts, 0.3, 3, floor=floor)
-    assert len(p["step_p50_ms"]) == len(p["itl_p50_ms"]) == len(p["batch1_p50_ms"]) == 3
+        servers = {"attnserve": ours, "plain": plain}
+        p = split.paired_latency(model_dir, servers, TEXTS, prompts, 0.3, 3, floor=floor, idle_rounds=4)
+    assert len(p["step_p50_ms"]) == len(p["itl_p50_ms"]) == len(p["floor_itl_p50_ms"]) == 3
+    # the idle Encode has rounds of its own, with the model timed in each
+    assert len(p["batch1_p50_ms"]) == len(p["batch1_paced_p50_ms"]) == len(p["floor_idle_p50_ms"]) == 4
+    assert len(p["idle_p50_ms"]["attnserve"]) == len(p["idle_p50_ms"]["plain"]) == 4
     assert all(v > 0 for v in p["step_p50_ms"] + p["itl_p50_ms"] + p["batch1_p50_ms"] + p["batch1_paced_p50_ms"])
     assert all(v > 0 for v in p["floor_idle_p50_ms"] + p["floor_itl_p50_ms"])
     # taken apart within each round: gRPC's own share, the model at an idle pace, and the server's own
@@ -73,6 +78,17 @@ def test_latencies_are_paired_with_the_models_own_time_round_by_round(model_dir:
     median_round = p["itl_p50_ms"].index(p["one_stream"]["itl_p50_ms"])
     assert p["itl_minus_step_ms"][median_round] == sorted(p["itl_minus_step_ms"])[1]
     assert p["one_stream"]["tokens"] > 0
+
+
+def test_each_server_takes_every_place_in_the_idle_rounds_order() -> None:
+    names = ["attnserve", "plain", ""]
+    orders = [split.rotated(names, r) for r in range(2 * len(names))]
+    assert all(sorted(order) == sorted(names) for order in orders)
+    for name in names:
+        # first, middle and last, each twice over six rounds
+        assert Counter(order.index(name) for order in orders) == {0: 2, 1: 2, 2: 2}
+    # and not the same order twice
+    assert len({tuple(order) for order in orders}) == len(orders)
 
 
 def test_profile_summary_from_folded_stacks() -> None:
