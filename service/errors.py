@@ -46,8 +46,19 @@ class DeadlineExceeded(ServiceError):
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
+# The most characters of a status message. gRPC sends it in a trailer, percent-encoded (a character
+# outside printable ASCII takes up to 12 bytes), and clients refuse trailers over 8-16 KiB: a message
+# that echoed a long input (a model name, a list of out-of-range values) reached the client as
+# RESOURCE_EXHAUSTED "Stream removed", not as the error it was. 512 characters stay under 8 KiB.
+MAX_MESSAGE_CHARS = 512
+
+
+def bounded(message: str) -> str:
+    """message, cut to MAX_MESSAGE_CHARS with an ellipsis where it is longer."""
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "\u2026"
+
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
+        return exc.code, bounded(str(exc))
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

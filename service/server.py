@@ -37,6 +37,7 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.config import ServerConfig
 from service.engine import Engine
+from service.errors import bounded
 from service.guard import CallGuard
 from service.kserve import SERVICE_NAME as INFERENCE_NAME
 from service.kserve import InferenceServicer
@@ -69,7 +70,7 @@ class NotServed(grpc.GenericRpcHandler):
         async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"{name} is not served by attnserve; the Open Inference Protocol methods served are "
+                f"{bounded(name)} is not served by attnserve; the Open Inference Protocol methods served are "
                 "ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and ModelStreamInfer",
             )
             return b""

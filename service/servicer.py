@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -72,6 +73,13 @@ def public_config(raw: dict[str, Any]) -> dict[str, Any]:
     if isinstance(raw.get("training"), dict):
         out["training"] = {k: v for k, v in raw["training"].items() if k in ("steps", "train_seq_len")}
     return out
+
+
+def some(values: Sequence[int], shown: int = 5) -> str:
+    """'[7, 9]', or '[7, 9, 12, 14, 20] and 95 more': the first few of values, for a message that
+    names what was wrong without echoing a request's whole list back."""
+    more = f" and {len(values) - shown} more" if len(values) > shown else ""
+    return f"{list(values[:shown])}{more}"
 
 
 @functools.cache
@@ -213,7 +221,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 raise InvalidInput("token_ids.ids: must not be empty")
             bad = [i for i in ids if i >= info.vocab_size]
             if bad:
-                raise InvalidInput(f"token_ids.ids: {bad[:5]} not below vocab_size {info.vocab_size}")
+                raise InvalidInput(f"token_ids.ids: {some(bad)} not below vocab_size {info.vocab_size}")
             cut = len(ids) > info.max_seq_len
             if cut and not truncate:
                 raise InvalidInput(
@@ -255,9 +263,10 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             return list(range(count))
         bad = [v for v in values if v >= count]
         if bad:
-            raise InvalidInput(f"{field}: {bad} out of range; the model has {count} (0 to {count - 1})")
+            raise InvalidInput(f"{field}: {some(bad)} out of range; the model has {count} (0 to {count - 1})")
         if len(set(values)) != len(values):
-            raise InvalidInput(f"{field}: repeated values in {values}")
+            repeated = sorted(v for v, n in Counter(values).items() if n > 1)
+            raise InvalidInput(f"{field}: {some(repeated)} repeated; give each at most once")
         return values
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

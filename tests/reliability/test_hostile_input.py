@@ -258,6 +258,31 @@ def test_inputs_over_the_byte_limits_are_refused_naming_the_limit(guarded: Serve
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_long_lists_of_bad_values_are_named_in_a_message_that_reaches_the_client(guarded: ServerThread) -> None:
+    """A message that echoed every bad value outgrew the trailer it travels in, and the client got
+    RESOURCE_EXHAUSTED "Stream removed" instead of the error."""
+    stub = guarded.stub()
+    many = 100_000
+    cases = [
+        (
+            pb.AttentionMapRequest(text="hi", layers=[999] * many),
+            f"layers: [999, 999, 999, 999, 999] and {many - 5} more",
+        ),
+        (
+            pb.AttentionMapRequest(text="hi", heads=list(range(50, 50 + many))),
+            f"heads: [50, 51, 52, 53, 54] and {many - 5}",
+        ),
+        (pb.AttentionMapRequest(text="hi", layers=[1, 0] * (many // 2)), "layers: [0, 1] repeated"),
+        (pb.AttentionMapRequest(token_ids=pb.TokenIds(ids=[10**9] * many)), "token_ids.ids: [1000000000,"),
+    ]
+    for request, needle in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.AttentionMap(request, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert e.value.details().startswith(needle), e.value.details()
+    assert health(guarded.address) == SERVING
+
+
 def test_large_inputs_within_the_limits_are_served_while_health_answers(guarded: ServerThread) -> None:
     """Texts at the byte limit, truncated or tokenized whole, with health checks of a 1 s deadline meanwhile."""
     stub = guarded.stub()

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from service.kserve import MODELS, PARAMETERS, join_bytes
+from service.errors import MAX_MESSAGE_CHARS
+from service.kserve import ENCODE, MODELS, PARAMETERS, join_bytes
 from tests.reliability.conftest import ALLOWED, SERVING, health
 from tests.service.conftest import ServerThread
 
@@ -127,3 +128,33 @@ def test_fuzzed_streams_report_errors_in_the_stream(guarded: ServerThread) -> No
 
     check()
     assert health(guarded.address, timeout=1.0) == SERVING
+
+
+def test_a_long_name_echoed_in_an_error_reaches_the_client_cut_short(guarded: ServerThread) -> None:
+    """Errors that name what the request gave (its model, input or parameter) stay within what a
+    trailer carries, with the field still named."""
+    stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(guarded.address))
+    long = "\u00e9" * 50_000  # two bytes of UTF-8, six percent-encoded, each
+    text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"hi")
+    cases = [
+        (v2.ModelInferRequest(model_name=long), grpc.StatusCode.NOT_FOUND, "model_name: no model"),
+        (
+            v2.ModelInferRequest(model_name=ENCODE, inputs=[v2.ModelInferRequest.InferInputTensor(name=long)]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "inputs[0].name",
+        ),
+        (
+            v2.ModelInferRequest(
+                model_name=ENCODE, inputs=[text], parameters={long: v2.InferParameter(bool_param=True)}
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "parameters.",
+        ),
+    ]
+    for request, code, needle in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=10)
+        assert e.value.code() == code, e.value.details()
+        assert e.value.details().startswith(needle) and len(e.value.details()) <= MAX_MESSAGE_CHARS
+    assert health(guarded.address) == SERVING

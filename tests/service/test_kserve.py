@@ -259,6 +259,11 @@ def test_methods_not_served_say_so(served: ServerThread) -> None:
         call(b"", timeout=5)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "RepositoryIndex is not served" in e.value.details() and "ModelInfer" in e.value.details()
+    # a long name, within what the server reads of a path, is named cut short, in a trailer the client reads
+    with pytest.raises(grpc.RpcError) as e:
+        channel.unary_unary("/inference.GRPCInferenceService/" + "\u00e9" * 3000)(b"", timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert e.value.details().startswith("\u00e9" * 100) and "ModelInfer" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         v2_grpc.GRPCInferenceServiceStub(channel).ModelReady(v2.ModelReadyRequest(name="gpt"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
