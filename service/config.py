@@ -59,6 +59,14 @@ class ServerConfig:
     # to see it), then new calls are refused with UNAVAILABLE and those in progress get grace_seconds
     drain_delay_seconds: float = 2.0
     grace_seconds: float = 20.0
+    # HTTP/2 pings find the clients that vanished without closing their connection (a host gone, a
+    # network cut, a NAT that forgot it): one that does not answer within keepalive_timeout_seconds is
+    # closed and its calls are cancelled, giving back their places (0: no pings; gRPC's own is 2 hours)
+    keepalive_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 10.0
+    # connections are closed (GOAWAY, their calls given grace_seconds) after this long, so that clients
+    # reconnect and spread over the replicas behind a connection-level load balancer (0: never)
+    max_connection_age_seconds: float = 0.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # given: clients must present a certificate signed by it (mutual TLS)
@@ -76,6 +84,10 @@ class ServerConfig:
             raise ValueError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
         if self.grace_seconds < 0 or self.drain_delay_seconds < 0:
             raise ValueError("grace_seconds and drain_delay_seconds must be >= 0")
+        if self.keepalive_seconds < 0 or self.keepalive_timeout_seconds <= 0 or self.max_connection_age_seconds < 0:
+            raise ValueError(
+                "keepalive_seconds and max_connection_age_seconds must be >= 0, keepalive_timeout_seconds > 0"
+            )
         if not 0 <= self.batch_nice <= 19:
             raise ValueError(f"batch_nice must be in 0..19, got {self.batch_nice}")
         if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1:

@@ -53,6 +53,39 @@ HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME, INFERENCE_NAME)  # the names health answers for
 
 
+# The most often a client's own keepalive pings are accepted: gRPC's clients ping at most every 10 s
+# (grpc-java and grpc-go raise anything lower to it); a server's default, 5 minutes, closes the
+# connection of a client that pings more often than that with "too_many_pings".
+CLIENT_PING_SECONDS = 10
+NEVER_MS = 2**31 - 1  # what gRPC reads as "not at all" for its millisecond settings
+
+
+def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's channel arguments for the server's connections: keepalive pings, the client pings it
+    accepts, and the connections' age (see ServerConfig)."""
+
+    def ms(seconds: float) -> int:
+        return min(NEVER_MS, round(seconds * 1000))
+
+    def ms_or_never(seconds: float) -> int:  # 0: not at all
+        return ms(seconds) if seconds > 0 else NEVER_MS
+
+    return [
+        ("grpc.keepalive_time_ms", ms_or_never(cfg.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(cfg.keepalive_timeout_seconds)),
+        # what gRPC's transport waits for a ping's answer since it sends keepalives as plain pings: 1 minute
+        # unless told (a client gone quiet was found out after keepalive_seconds plus a minute, not plus 10 s)
+        ("grpc.http2.ping_timeout_ms", ms(cfg.keepalive_timeout_seconds)),
+        # idle connections too, and with no limit on pings between data frames: a connection whose
+        # client vanished while it was idle holds a descriptor until it is found out
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_SECONDS * 1000),
+        ("grpc.max_connection_age_ms", ms_or_never(cfg.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", ms(cfg.grace_seconds)),
+    ]
+
+
 class NotServed(grpc.GenericRpcHandler):
     """The methods of a service that this server does not implement (Triton's model repository,
     shared memory, statistics and settings RPCs), answered UNIMPLEMENTED with a message that says
@@ -154,6 +187,7 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             # a request's texts are bounded by max_request_bytes: a larger message is refused before it is parsed
             ("grpc.max_receive_message_length", cfg.max_request_bytes + 64 * 1024),
+            *connection_options(cfg),
         ]
         server = grpc.aio.server(options=options, interceptors=[self.guard])
         self._server = server

@@ -151,6 +151,8 @@ def test_ports_probes_and_grace_period_agree_with_the_server() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == cfg.port, probe
     assert pod["terminationGracePeriodSeconds"] > cfg.drain_delay_seconds + cfg.grace_seconds
+    # vanished clients are found out, and connections are recycled so that new replicas get calls
+    assert cfg.keepalive_seconds > 0 and cfg.max_connection_age_seconds > 0
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["runAsNonRoot"]

@@ -1,0 +1,147 @@
+"""Connections that go wrong below gRPC: a client that vanishes without closing its connection, and
+connections recycled by age so that clients spread over replicas.
+
+Between the client and the server runs a TCP relay that forwards bytes both ways until it is frozen;
+frozen, it keeps both connections open and forwards nothing, as a client host that lost power or a
+network cut looks from the server.
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_predict_v2_pb2 as v2
+from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from service.config import ServerConfig
+from service.server import CLIENT_PING_SECONDS, NEVER_MS, connection_options
+from tests.reliability.conftest import SERVING, health
+from tests.service.conftest import ServerThread, config
+
+
+class Relay:
+    """Forwards every connection made to ``port`` to ``target`` until ``freeze()``."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.frozen = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.accepted += 1
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while not self.frozen.is_set():
+                ready, _, _ = select.select([a, b], [], [], 0.05)
+                if self.frozen.is_set():
+                    return
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    (b if s is a else a).sendall(data)
+        except OSError:
+            return
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def pinged(model_dir: Path) -> Iterator[ServerThread]:
+    st = ServerThread(config(model_dir, keepalive_seconds=0.5, keepalive_timeout_seconds=0.5)).start()
+    yield st
+    st.stop()
+
+
+def test_a_client_that_vanishes_mid_call_gives_its_place_back(pinged: ServerThread) -> None:
+    """A v2 stream holds one of the server's places from the moment it opens. Its client goes quiet
+    without closing the connection: the keepalive ping finds it out and the call is cancelled (with
+    gRPC's own settings it would hold the place for as long as TCP took to notice, hours)."""
+    relay = Relay(("127.0.0.1", pinged.server.port))
+    requests: queue.SimpleQueue[v2.ModelInferRequest | None] = queue.SimpleQueue()
+    channel = grpc.insecure_channel(f"127.0.0.1:{relay.port}")
+    try:
+        call = v2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests.get, None))
+        guard = pinged.server.guard
+        assert wait_for(lambda: guard.in_flight == 1, 10)
+        relay.freeze()
+        time.sleep(0.2)
+        assert guard.in_flight == 1  # not at once: only once a ping goes unanswered
+        assert wait_for(lambda: guard.in_flight == 0, 10), "the vanished client's call still holds its place"
+        assert health(pinged.address) == SERVING
+        served = pb_grpc.AttnServeStub(grpc.insecure_channel(pinged.address)).Encode(pb.EncodeRequest(texts=["hi"]))
+        assert len(served.embeddings) == 1
+    finally:
+        requests.put(None)
+        call.cancel()
+        channel.close()
+        relay.close()
+
+
+def test_connections_are_closed_after_their_age_and_clients_reconnect(model_dir: Path) -> None:
+    st = ServerThread(config(model_dir, max_connection_age_seconds=0.5, grace_seconds=1.0)).start()
+    relay = Relay(("127.0.0.1", st.server.port))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+            stub = pb_grpc.AttnServeStub(channel)
+            for _ in range(3):
+                assert len(stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
+                time.sleep(1.0)
+        assert relay.accepted >= 2  # the server closed the first connection; the channel made another
+    finally:
+        relay.close()
+        st.stop()
+
+
+def test_connection_settings_as_grpc_reads_them() -> None:
+    options = dict(connection_options(ServerConfig(keepalive_seconds=30, keepalive_timeout_seconds=10)))
+    assert options["grpc.keepalive_time_ms"] == 30_000
+    # the ping's answer is awaited as long as the keepalive's, not gRPC's minute
+    assert options["grpc.keepalive_timeout_ms"] == options["grpc.http2.ping_timeout_ms"] == 10_000
+    # clients that ping as often as gRPC's clients may are not turned away
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == CLIENT_PING_SECONDS * 1000 == 10_000
+    assert options["grpc.max_connection_age_ms"] == NEVER_MS  # by default connections live on
+    off = dict(connection_options(ServerConfig(keepalive_seconds=0, max_connection_age_seconds=300, grace_seconds=20)))
+    assert off["grpc.keepalive_time_ms"] == NEVER_MS
+    assert off["grpc.max_connection_age_ms"] == 300_000 and off["grpc.max_connection_age_grace_ms"] == 20_000
+    for bad in ({"keepalive_seconds": -1}, {"keepalive_timeout_seconds": 0}, {"max_connection_age_seconds": -5}):
+        with pytest.raises(ValueError, match=r"keepalive_seconds and max_connection_age_seconds must be >= 0"):
+            ServerConfig(**bad)  # type: ignore[arg-type]
