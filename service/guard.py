@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -70,6 +71,18 @@ def enum_problem(msg: Message, prefix: str = "") -> str | None:
     return None
 
 
+def declared(method: str) -> bool:
+    """Whether ``/service/Method`` is an RPC of a service the protobuf runtime knows. Only those keep
+    their wrapped handler: a handler that answers any name (the v2 service's catch-all, UNIMPLEMENTED)
+    would otherwise keep one for every name a client makes up, 5,000 for 5,000 calls, without bound."""
+    service, _, rpc = method.lstrip("/").rpartition("/")
+    try:
+        descriptor_pool.Default().FindServiceByName(service).FindMethodByName(rpc)
+    except KeyError:
+        return False
+    return True
+
+
 STREAM_OPENS = object()  # what _check is given for a stream that opens, before any request
 
 
@@ -98,7 +111,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
                 return handler
-            wrapped = self._handlers[method] = self._wrap(method, handler)
+            wrapped = self._wrap(method, handler)
+            if declared(method):
+                self._handlers[method] = wrapped
         return wrapped
 
     async def drained(self, quiet: float, timeout: float) -> bool:

@@ -283,6 +283,22 @@ def test_long_lists_of_bad_values_are_named_in_a_message_that_reaches_the_client
     assert health(guarded.address) == SERVING
 
 
+def test_made_up_method_names_leave_nothing_behind(guarded: ServerThread) -> None:
+    """The v2 service answers any method name UNIMPLEMENTED; the guard keeps a wrapped handler only
+    for the methods the API declares, or a client could grow it by one a name, without bound."""
+    channel = grpc.insecure_channel(guarded.address)
+    guarded.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10)
+    kept = guarded.server.guard._handlers
+    assert "/attnserve.v1.AttnServe/Encode" in kept  # a declared method keeps its handler
+    before = len(kept)
+    for i in range(300):
+        with pytest.raises(grpc.RpcError) as e:
+            channel.unary_unary(f"/inference.GRPCInferenceService/Made{i}")(b"", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert len(kept) == before
+    assert health(guarded.address) == SERVING
+
+
 def test_large_inputs_within_the_limits_are_served_while_health_answers(guarded: ServerThread) -> None:
     """Texts at the byte limit, truncated or tokenized whole, with health checks of a 1 s deadline meanwhile."""
     stub = guarded.stub()
