@@ -48,6 +48,9 @@ class ServerConfig:
     max_text_bytes: int = 256 * 1024  # one text; only a prefix of a text longer than the context is tokenized
     max_request_bytes: int = 1024 * 1024  # all texts of one request (also bounds a request message's size)
     max_concurrent_calls: int = 256  # calls in progress; beyond it, RESOURCE_EXHAUSTED at once
+    # health's Watch and reflection's streams open at once (each holds memory while its client keeps
+    # it): beyond it, RESOURCE_EXHAUSTED; health's Check is answered whatever
+    max_probe_streams: int = 1024
     batch_nice: int = 10  # Encode/AttentionMap batch threads run this much below the event loop (0: same)
     max_running_sequences: int = 16  # generation: sequences decoded together
     max_cached_tokens: int = 4096  # generation: prompt + max_new_tokens reserved by running sequences, summed
@@ -90,8 +93,8 @@ class ServerConfig:
             )
         if not 0 <= self.batch_nice <= 19:
             raise ValueError(f"batch_nice must be in 0..19, got {self.batch_nice}")
-        if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1:
-            raise ValueError("max_message_bytes must be >= 1024 and max_concurrent_calls >= 1")
+        if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1 or self.max_probe_streams < 1:
+            raise ValueError("max_message_bytes must be >= 1024, max_concurrent_calls and max_probe_streams >= 1")
         self.runtime_options()  # validates device and variant
         self.batch_limits()
         self.generation_limits()

@@ -13,7 +13,9 @@ A gRPC server interceptor, so that one place covers every method of every servic
   counts the calls in flight, so shutdown can wait for them.
 
 Health and reflection are never refused for load or shutdown: a probe must be answered
-whatever the server is doing.
+whatever the server is doing. Only their streams (health's Watch, reflection's), which stay open
+and hold memory for as long as the client keeps them, are bounded: at most ``max_streams`` at
+once, beyond that RESOURCE_EXHAUSTED; a health Check is always answered.
 """
 
 from __future__ import annotations
@@ -87,13 +89,15 @@ STREAM_OPENS = object()  # what _check is given for a stream that opens, before 
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, admitted: tuple[str, ...], max_concurrent: int) -> None:
+    def __init__(self, metrics: Metrics, admitted: tuple[str, ...], max_concurrent: int, max_streams: int) -> None:
         self.metrics = metrics
         # full service names (all their methods) or method paths (/service/Method) whose calls are
         # bounded and drained
         self.admitted = admitted
         self.max_concurrent = max_concurrent
         self.in_flight = 0
+        self.max_streams = max_streams
+        self.streams_open = 0  # health's and reflection's, which are not admitted
         self.refusing: str | None = None  # a reason, once the server drains
         self.last_arrival = time.monotonic()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -139,6 +143,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, rpc = method.lstrip("/").rpartition("/")
         admit = service in self.admitted or f"/{service}/{rpc}" in self.admitted
+        watch = not admit and handler.response_streaming  # a probe's stream: bounded apart (above)
         parse = handler.request_deserializer
         if parse is not None:
             descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
@@ -156,12 +161,12 @@ class CallGuard(grpc.aio.ServerInterceptor):
                         yield request
 
                 # a stream counts as one call, admitted when it opens (its requests meet the queues' own bounds)
-                await self._check(rpc, STREAM_OPENS, context, admit)
+                await self._check(rpc, STREAM_OPENS, context, admit, watch)
                 try:
                     async for message in inner_bidi(checked(), context):
                         yield message
                 finally:
-                    self._leave(admit)
+                    self._leave(admit, watch)
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi, request_deserializer=parse, response_serializer=handler.response_serializer
@@ -172,19 +177,19 @@ class CallGuard(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await self._check(rpc, request, context, admit)
+                await self._check(rpc, request, context, admit, watch)
                 try:
                     async for message in inner_stream(request, context):
                         yield message
                 finally:
-                    self._leave(admit)
+                    self._leave(admit, watch)
 
             async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
-                await self._check(rpc, request, context, admit)
+                await self._check(rpc, request, context, admit, watch)
                 try:
                     await inner_stream(request, context)  # it writes with context.write (health's Watch)
                 finally:
-                    self._leave(admit)
+                    self._leave(admit, watch)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream if inspect.isasyncgenfunction(inner_stream) else writer,
@@ -204,7 +209,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
             unary, request_deserializer=parse, response_serializer=handler.response_serializer
         )
 
-    async def _check(self, rpc: str, request: Any, context: grpc.aio.ServicerContext, admit: bool) -> None:
+    async def _check(
+        self, rpc: str, request: Any, context: grpc.aio.ServicerContext, admit: bool, watch: bool = False
+    ) -> None:
         """Refuse the call (abort raises) or count it in."""
         code, message = None, ""
         if isinstance(request, Malformed):
@@ -218,17 +225,27 @@ class CallGuard(grpc.aio.ServerInterceptor):
             elif self.in_flight >= self.max_concurrent:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 message = f"{self.in_flight} calls in progress, the limit; retry later"
+        elif watch and self.streams_open >= self.max_streams:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            message = (
+                f"{self.streams_open} health and reflection streams open, the limit; "
+                "close one, or ask health's Check, which is always answered"
+            )
         if code is None:
             if admit:
                 self.in_flight += 1
                 self.metrics.in_flight.set(self.in_flight)
                 self._idle.clear()
+            elif watch:
+                self.streams_open += 1
             return
-        if admit or code == grpc.StatusCode.INVALID_ARGUMENT:
+        if admit or watch or code == grpc.StatusCode.INVALID_ARGUMENT:
             self.metrics.requests.labels(rpc, code.name).inc()
         await context.abort(code, message)
 
-    def _leave(self, admit: bool) -> None:
+    def _leave(self, admit: bool, watch: bool = False) -> None:
+        if watch:
+            self.streams_open -= 1
         if admit:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)

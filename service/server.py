@@ -167,7 +167,7 @@ class Server:
         self.inference = InferenceServicer(self.servicer, lambda: self.serving)
         self.serving = False  # the model is loaded and the server takes calls
         admitted = (SERVICE_NAME, f"/{INFERENCE_NAME}/ModelInfer", f"/{INFERENCE_NAME}/ModelStreamInfer")
-        self.guard = CallGuard(self.metrics, admitted, config.max_concurrent_calls)
+        self.guard = CallGuard(self.metrics, admitted, config.max_concurrent_calls, config.max_probe_streams)
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None

@@ -10,20 +10,21 @@ import concurrent.futures
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from tests.reliability.conftest import ALLOWED, SERVING, health
-from tests.service.conftest import ServerThread
+from tests.service.conftest import ServerThread, config
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AttnServe"]
 METHODS = {m.name: m for m in SERVICE.methods}
@@ -381,3 +382,34 @@ def test_health_is_never_refused_for_load(guarded: ServerThread) -> None:
         assert health(guarded.address) == health_pb2.HealthCheckResponse.SERVING
     finally:
         guard.max_concurrent = bound
+
+
+def test_health_and_reflection_streams_are_bounded_and_check_is_still_answered(model_dir: Path) -> None:
+    """A Watch or reflection stream stays open for as long as its client keeps it, and holds memory
+    meanwhile (~20 KB each in the server: 3,400 Watches took 71 MB), so they are bounded apart from
+    the model's calls."""
+    st = ServerThread(config(model_dir, max_probe_streams=3)).start()
+    channel = grpc.insecure_channel(st.address)
+    watch = health_pb2_grpc.HealthStub(channel).Watch
+    try:
+        open_ = [watch(health_pb2.HealthCheckRequest()) for _ in range(3)]
+        assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in open_)
+        with pytest.raises(grpc.RpcError) as e:
+            next(watch(health_pb2.HealthCheckRequest(), timeout=10))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Check" in e.value.details()
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+        with pytest.raises(grpc.RpcError) as e:
+            list(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert health(st.address) == SERVING  # Check, whatever streams are open
+        served = st.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10)  # and the model's calls
+        assert len(served.embeddings) == 1
+        open_.pop().cancel()  # a stream that ends gives its place back
+        deadline = time.monotonic() + 10
+        while st.server.guard.streams_open > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert next(watch(health_pb2.HealthCheckRequest(), timeout=10)).status == health_pb2.HealthCheckResponse.SERVING
+        for w in open_:
+            w.cancel()
+    finally:
+        st.stop()
