@@ -231,6 +231,12 @@ class _Finished:
 
 FINISHED = _Finished()
 
+# A stream's requests taken and not yet answered in full. Beyond it the stream reads no more requests
+# until one's responses have gone out, and HTTP/2's flow control holds the client back: a client that
+# sent requests and read no responses had the server serve them all and keep every answer, 4,456
+# embeddings in 3 s and without end. Twice a batch: a client pipelining on one stream loses nothing.
+STREAM_REQUESTS_IN_PROGRESS = 64
+
 
 class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, native: AttnServeServicer, ready: Callable[[], bool]) -> None:
@@ -297,8 +303,10 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, requests: AsyncIterator[v2.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[v2.ModelStreamInferResponse]:
         """Each request served as it arrives, its responses sent as they come; a request that fails
-        gets a response with error_message and the stream goes on. When the server stops taking
-        calls, the requests in progress finish and the stream ends with UNAVAILABLE."""
+        gets a response with error_message and the stream goes on. At most
+        STREAM_REQUESTS_IN_PROGRESS requests are served at once; the next is read once one is
+        answered. When the server stops taking calls, the requests in progress finish and the stream
+        ends with UNAVAILABLE."""
         deadline = self.native._deadline(context)
         queue: asyncio.Queue[v2.ModelStreamInferResponse | _Finished | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
@@ -323,9 +331,16 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 queue.put_nowait(FINISHED)
 
         counts = {"started": 0, "finished": 0}
+        room = asyncio.Semaphore(STREAM_REQUESTS_IN_PROGRESS)  # taken for a request, given back once it is answered
 
         async def read() -> None:
-            async for request in requests:
+            pending = aiter(requests)
+            while True:
+                await room.acquire()
+                try:
+                    request = await anext(pending)
+                except StopAsyncIteration:
+                    break
                 counts["started"] += 1
                 task = asyncio.create_task(serve_one(request))
                 tasks.add(task)
@@ -362,6 +377,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                     half_closed = True
                 elif isinstance(item, _Finished):
                     counts["finished"] += 1
+                    room.release()
                 else:
                     yield item
         finally:

@@ -7,6 +7,7 @@ on unary calls and on streams alike; health SERVING throughout.
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 import grpc
@@ -158,3 +159,40 @@ def test_a_long_name_echoed_in_an_error_reaches_the_client_cut_short(guarded: Se
         assert e.value.code() == code, e.value.details()
         assert e.value.details().startswith(needle) and len(e.value.details()) <= MAX_MESSAGE_CHARS
     assert health(guarded.address) == SERVING
+
+
+def test_a_stream_whose_client_reads_nothing_stops_taking_requests(guarded: ServerThread) -> None:
+    """A client that sends requests on a v2 stream and reads no responses: once what its connection
+    holds is full, the server serves no more of them (before, it served all it was sent and kept every
+    answer, without end), and the server goes on serving others."""
+    text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[16])
+    text.contents.bytes_contents.extend([b"hello there"] * 16)  # 16 embeddings an answer: the windows fill sooner
+    request = v2.ModelInferRequest(model_name=ENCODE, inputs=[text])
+    sent = 0
+
+    def requests() -> Any:
+        nonlocal sent
+        for _ in range(200_000):
+            sent += 1
+            yield request
+
+    def served() -> float:
+        samples = (s for m in guarded.server.metrics.requests.collect() for s in m.samples)
+        return sum(s.value for s in samples if s.labels.get("rpc") == "ModelStreamInfer" and s.name.endswith("_total"))
+
+    stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(guarded.address))
+    before = served()
+    call = stub.ModelStreamInfer(requests())  # its responses are never read
+    try:
+        last, since, end = served(), time.monotonic(), time.monotonic() + 30
+        while time.monotonic() - since < 2.0 and time.monotonic() < end:
+            time.sleep(0.1)
+            if (now := served()) != last:
+                last, since = now, time.monotonic()
+        assert time.monotonic() - since >= 2.0, f"still serving: {last - before:.0f} requests of {sent} sent"
+        assert last - before < sent
+        assert health(guarded.address) == SERVING
+        responses = list(stub.ModelStreamInfer(iter([request] * 3), timeout=10))  # another stream, unhindered
+        assert len(responses) == 3 and not any(r.error_message for r in responses)
+    finally:
+        call.cancel()
