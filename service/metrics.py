@@ -7,15 +7,19 @@ small fixed set of values (RPC names, status codes, graph names), never a per-re
 from __future__ import annotations
 
 import platform
+import socket
 import sys
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, make_wsgi_app
 from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -210,7 +214,56 @@ class Metrics:
         for reason in ("length", "stop", "end_of_text", "context_full", "cancelled", "deadline", "error"):
             self.gen_finished.labels(reason)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> object:
-        """Expose /metrics over HTTP; returns the server (``.shutdown()`` stops it)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> ScrapeServer:
+        """Expose /metrics over HTTP on a thread of its own; returns the server (``.shutdown()`` stops it)."""
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+        class On(ScrapeServer):  # IPv4 or IPv6, as the address is
+            address_family = family
+
+        server = make_server(addr, port, make_wsgi_app(self.registry), On, handler_class=QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server
+
+
+# A scrape connection that sends nothing for this long is closed. prometheus_client's own server
+# waits for ever, with a thread a connection: 300 connections that sent half a request held 300
+# threads in the serving process, and past ~160 the port took seconds to accept a new one.
+SCRAPE_IDLE_SECONDS = 10.0
+SCRAPE_CONNECTIONS = 32  # served at once; one more is closed at once (Prometheus keeps one a target)
+
+
+class QuietHandler(WSGIRequestHandler):
+    """A scrape's request, read within SCRAPE_IDLE_SECONDS, and not logged."""
+
+    timeout = SCRAPE_IDLE_SECONDS
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class ScrapeServer(ThreadingWSGIServer):
+    """prometheus_client's threaded server, with at most SCRAPE_CONNECTIONS connections served at once
+    and a longer listen backlog than socketserver's 5."""
+
+    request_queue_size = 128
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.slots = threading.BoundedSemaphore(SCRAPE_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: closed at once, no thread started
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()

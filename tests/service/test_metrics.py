@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import random
+import socket
 import threading
+import time
+from urllib.request import urlopen
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from service import metrics as metrics_module
 from service.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, BufferedHistogram, Metrics, Tally
 
 
@@ -110,3 +114,32 @@ def test_no_value_is_lost_when_scrapes_fold_beside_the_observing_thread() -> Non
     assert r.get_sample_value("z_count") == n
     assert r.get_sample_value("z_bucket", {"le": "1.0"}) == sum(1 for i in range(n) if i % 40 <= 1)
     assert r.get_sample_value("z_sum") == sum(float(i % 40) for i in range(n))
+
+
+def test_the_scrape_port_closes_idle_connections_and_bounds_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections that send half a request held a thread each, for ever, in the serving process."""
+    monkeypatch.setattr(metrics_module, "SCRAPE_CONNECTIONS", 4)
+    monkeypatch.setattr(metrics_module.QuietHandler, "timeout", 0.5)
+    server = Metrics().serve(0, "127.0.0.1")
+    port = server.server_port
+    threads = threading.active_count()
+    idle = []
+    try:
+        for _ in range(40):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and nothing more
+            idle.append(s)
+        time.sleep(0.2)
+        assert threading.active_count() <= threads + 4  # one a connection served, four at most
+        for s in idle:  # each is closed: the ones over the bound at once, the rest once idle too long
+            s.settimeout(5)
+            assert s.recv(1) == b""
+        deadline = time.monotonic() + 5
+        while threading.active_count() > threads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "attnserve_requests_total" in body  # and scrapes are served as before
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
