@@ -234,7 +234,8 @@ FINISHED = _Finished()
 # A stream's requests taken and not yet answered in full. Beyond it the stream reads no more requests
 # until one's responses have gone out, and HTTP/2's flow control holds the client back: a client that
 # sent requests and read no responses had the server serve them all and keep every answer, 4,456
-# embeddings in 3 s and without end. Twice a batch: a client pipelining on one stream loses nothing.
+# embeddings in 3 s and without end. Twice the default batch: a client pipelining on one stream still
+# fills batches.
 STREAM_REQUESTS_IN_PROGRESS = 64
 
 

@@ -230,7 +230,7 @@ class Metrics:
 # waits for ever, with a thread a connection: 300 connections that sent half a request held 300
 # threads in the serving process, and past ~160 the port took seconds to accept a new one.
 SCRAPE_IDLE_SECONDS = 10.0
-SCRAPE_CONNECTIONS = 32  # served at once; one more is closed at once (Prometheus keeps one a target)
+SCRAPE_CONNECTIONS = 32  # served at once; one more is closed at once (a Prometheus scrapes a target on one)
 
 
 class QuietHandler(WSGIRequestHandler):
