@@ -47,6 +47,8 @@ class ServerConfig:
     max_texts_per_request: int = 64
     max_text_bytes: int = 256 * 1024  # one text; only a prefix of a text longer than the context is tokenized
     max_request_bytes: int = 1024 * 1024  # all texts of one request (also bounds a request message's size)
+    # attention maps being computed or sent, all calls together; beyond it, RESOURCE_EXHAUSTED at once
+    max_attention_bytes: int = 128 * 1024 * 1024
     max_concurrent_calls: int = 256  # calls in progress; beyond it, RESOURCE_EXHAUSTED at once
     # health's Watch and reflection's streams open at once (each holds memory while its client keeps
     # it): beyond it, RESOURCE_EXHAUSTED; health's Check is answered whatever
@@ -103,7 +105,9 @@ class ServerConfig:
     def request_limits(self) -> RequestLimits:
         from service.servicer import RequestLimits
 
-        return RequestLimits(self.max_texts_per_request, self.max_text_bytes, self.max_request_bytes)
+        return RequestLimits(
+            self.max_texts_per_request, self.max_text_bytes, self.max_request_bytes, self.max_attention_bytes
+        )
 
     def runtime_options(self) -> RuntimeOptions:
         from service.runtime import RuntimeOptions

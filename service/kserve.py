@@ -225,11 +225,17 @@ class Outputs:
 # --- the service ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class _Finished:
-    """Put on a stream's queue when one of its requests has had its last response."""
+    """Put on a stream's queue when one of its requests has had its last response, with what gives
+    back what the request held (its attention map's bytes) once those responses have gone out."""
 
+    releases: list[Callable[[], None]]
 
-FINISHED = _Finished()
+    def release(self) -> None:
+        for give_back in self.releases:
+            give_back()
+
 
 # A stream's requests taken and not yet answered in full. Beyond it the stream reads no more requests
 # until one's responses have gone out, and HTTP/2's flow control holds the client back: a client that
@@ -294,8 +300,12 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     # inference
 
     async def ModelInfer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        def hold(release: Callable[[], None]) -> None:  # until the answer is handed over, or the call gone
+            context.add_done_callback(lambda _: release())
+
         async def handle() -> v2.ModelInferResponse:
-            responses = [r async for r in self._infer(request, self.native._deadline(context), stream=False)]
+            deadline = self.native._deadline(context)
+            responses = [r async for r in self._infer(request, deadline, stream=False, hold=hold)]
             return responses[-1]
 
         return await self.native._call("ModelInfer", context, handle)
@@ -312,13 +322,16 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         queue: asyncio.Queue[v2.ModelStreamInferResponse | _Finished | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
+        ended = False  # the stream: what its requests hold is given back at once, not through the queue
+
         async def serve_one(request: v2.ModelInferRequest) -> None:
             start = time.monotonic()
             code = grpc.StatusCode.OK
+            held: list[Callable[[], None]] = []
             try:
                 if self.closing.is_set():
                     raise ModelNotReady("server is shutting down; retry on another replica")
-                async for response in self._infer(request, deadline, stream=True):
+                async for response in self._infer(request, deadline, stream=True, hold=held.append):
                     await queue.put(v2.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -329,7 +342,11 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 await queue.put(v2.ModelStreamInferResponse(error_message=message, infer_response=error))
             finally:
                 self.native._observe("ModelStreamInfer", code, start)
-                queue.put_nowait(FINISHED)
+                finished = _Finished(held)
+                if ended:
+                    finished.release()
+                else:
+                    queue.put_nowait(finished)
 
         counts = {"started": 0, "finished": 0}
         room = asyncio.Semaphore(STREAM_REQUESTS_IN_PROGRESS)  # taken for a request, given back once it is answered
@@ -378,20 +395,33 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                     half_closed = True
                 elif isinstance(item, _Finished):
                     counts["finished"] += 1
+                    item.release()  # its responses have gone out
                     room.release()
                 else:
                     yield item
         finally:
+            ended = True
             reader.cancel()
             closing.cancel()
             if get is not None:  # ended (a request that did not parse, the client gone) while waiting on the queue
+                if get.done() and not get.cancelled() and isinstance(item := get.result(), _Finished):
+                    item.release()
                 get.cancel()
             for task in list(tasks):
-                task.cancel()
+                task.cancel()  # each gives back what it holds as it ends (ended is set)
+            while not queue.empty():  # what finished and was never sent
+                if isinstance(item := queue.get_nowait(), _Finished):
+                    item.release()
 
     async def _infer(
-        self, request: v2.ModelInferRequest, deadline: float | None, stream: bool
+        self,
+        request: v2.ModelInferRequest,
+        deadline: float | None,
+        stream: bool,
+        hold: Callable[[Callable[[], None]], None],
     ) -> AsyncIterator[v2.ModelInferResponse]:
+        """The request's responses; ``hold`` is given what gives back what the request holds (an
+        attention map's bytes), for the caller to call once the responses are sent."""
         model, version = self._model(request.model_name, request.model_version)
         _, available = self._signature(model)
         outputs = Outputs(request, model, available)
@@ -418,6 +448,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             (text,) = read_texts(request, model, one=True)
             truncation = choice(params, "truncation", TRUNCATION, pb.TRUNCATION_ERROR)
             att = await self.native.attention_map(pb.AttentionMapRequest(text=text, truncation=truncation), deadline)
+            hold(att.release)
             tokens = self.native._engine().token_strings(att.ids)
             yield outputs.fill(response(truncated=att.truncated), {"ATTENTION": att.output.probs, "TOKENS": tokens})
             return

@@ -26,7 +26,7 @@ from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
-from service.errors import InvalidInput, ModelNotReady, status_for
+from service.errors import InvalidInput, ModelNotReady, Overloaded, status_for
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
 from service.scheduler import Event, Finish, Scheduler, Token
@@ -43,10 +43,46 @@ class RequestLimits:
     max_texts_per_request: int = 64
     max_text_bytes: int = 256 * 1024  # one text (UTF-8); beyond the context only a prefix is tokenized anyway
     max_request_bytes: int = 1024 * 1024  # all texts of one request together
+    # attention maps computed and not yet sent, all calls together (see AttentionBudget)
+    max_attention_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if min(self.max_texts_per_request, self.max_text_bytes, self.max_request_bytes) < 1:
+        limits = (self.max_texts_per_request, self.max_text_bytes, self.max_request_bytes, self.max_attention_bytes)
+        if min(limits) < 1:
             raise ValueError(f"request limits must be positive: {self}")
+
+
+class AttentionBudget:
+    """The bytes of attention maps taken for calls in progress, up to a limit: taken before a map is
+    computed, given back when its call has ended (its answer handed to gRPC, or the call gone).
+    Beyond the limit a call is refused at once; one call is always let through, whatever its size.
+    A map is held several times over on its way out (the array, its bytes, the message, gRPC's copy):
+    a burst of 256 calls for 3 MB maps whose clients read nothing took the server to 2.6 GB, past the
+    2 GiB its Kubernetes manifest allows, and to 0.55 GB with the default limit. What gRPC's transport
+    still holds for a client that reads nothing, once the call has ended here, is not counted: it goes
+    when the connection does (keepalive, max_connection_age) or the call's deadline passes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> Callable[[], None]:
+        """Hold n bytes (Overloaded where they do not fit); returns what gives them back, once."""
+        if self.held and self.held + n > self.limit:
+            raise Overloaded(
+                f"{self.held / 2**20:.0f} MiB of attention maps are being computed or sent, and "
+                f"{n / 2**20:.1f} MiB more would pass the limit of {self.limit / 2**20:.0f} MiB; retry later"
+            )
+        self.held += n
+        given = False
+
+        def give_back() -> None:
+            nonlocal given
+            if not given:
+                given = True
+                self.held -= n
+
+        return give_back
 
 
 @dataclass(frozen=True)
@@ -62,6 +98,7 @@ class Attended:
     layers: list[int]
     heads: list[int]
     truncated: bool
+    release: Callable[[], None]  # gives its bytes back to the AttentionBudget: call once the answer is sent
 
 
 # What a client may know of the model directory's config.json: the model, not where it was made.
@@ -106,6 +143,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self.engine: Engine | None = None  # set once the model is loaded and warmed up
         self.scheduler: Scheduler | None = None
         self.max_concurrent_calls = 0  # told by the server, for GetModelInfo
+        self.attention_budget = AttentionBudget(limits.max_attention_bytes)
 
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -230,8 +268,14 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 )
             ids = ids[: info.max_seq_len]
             engine.attender.admit(1, deadline)
-        out = await engine.attention(ids, layers, heads, deadline)
-        return Attended(out, ids, layers, heads, cut)
+        itemsize = 2 if request.precision == pb.PRECISION_FP16 else 4
+        release = self.attention_budget.take(len(layers) * len(heads) * len(ids) ** 2 * itemsize)
+        try:
+            out = await engine.attention(ids, layers, heads, deadline)
+        except BaseException:
+            release()
+            raise
+        return Attended(out, ids, layers, heads, cut, release)
 
     async def AttentionMap(
         self, request: pb.AttentionMapRequest, context: grpc.aio.ServicerContext
@@ -239,9 +283,10 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         async def handle() -> pb.AttentionMapResponse:
             start = time.monotonic()
             done = await self.attention_map(request, self._deadline(context))
+            context.add_done_callback(lambda _: done.release())  # once the answer is handed over, or the call gone
             out = done.output
             fp16 = request.precision == pb.PRECISION_FP16
-            packed = out.probs.astype("<f2" if fp16 else "<f4").tobytes()
+            packed = np.asarray(out.probs, "<f2" if fp16 else "<f4").tobytes()  # no copy where it is <f4 already
             return pb.AttentionMapResponse(
                 tokens=self._engine().token_strings(done.ids),
                 token_ids=done.ids,

@@ -413,3 +413,30 @@ def test_health_and_reflection_streams_are_bounded_and_check_is_still_answered(m
             w.cancel()
     finally:
         st.stop()
+
+
+def test_a_burst_of_attention_maps_is_bounded_in_bytes(model_dir: Path) -> None:
+    """Maps being computed or sent are held several times over (array, bytes, message); past the
+    budget a call is refused at once, one always passes, and every map's bytes come back."""
+    st = ServerThread(config(model_dir, max_attention_bytes=1)).start()
+    try:
+        stub = st.stub()
+        request = pb.AttentionMapRequest(text="the king speaks to the court " * 20, truncation=pb.TRUNCATION_END)
+        calls = [stub.AttentionMap.future(request, timeout=30) for _ in range(32)]
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "attention maps" in e.details()
+                codes.append(e.code())
+        assert grpc.StatusCode.OK in codes and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        budget = st.server.servicer.attention_budget
+        deadline = time.monotonic() + 5
+        while budget.held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert budget.held == 0
+        assert len(stub.AttentionMap(request, timeout=10).probabilities) > 0  # and the next call is served
+    finally:
+        st.stop()

@@ -8,6 +8,7 @@ UNIMPLEMENTED with a message. tests/service/test_tritonclient.py calls it with t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import queue
 import struct
@@ -160,6 +161,22 @@ def test_a_stream_serves_many_requests_and_reports_each_failure(v2_stub: v2_grpc
     assert [(r.infer_response.id, r.error_message.split(":")[0]) for r in errors] == [("req2", "model_name")]
     ids = [r.infer_response.id for r in responses if not r.error_message]
     assert ids.count("req0") == 1 and ids.count("req3") == 1 and 1 <= ids.count("req1") <= 3
+
+
+def test_attention_maps_give_their_bytes_back_on_either_protocol(
+    v2_stub: v2_grpc.GRPCInferenceServiceStub, served: ServerThread
+) -> None:
+    budget = served.server.servicer.attention_budget
+    served.stub().AttentionMap(pb.AttentionMapRequest(text="the king"))
+    v2_stub.ModelInfer(infer("attnserve-attention", ["the king"]))
+    list(v2_stub.ModelStreamInfer(iter([infer("attnserve-attention", ["the king"])] * 3)))
+    # a stream that ends (its deadline passed) before its answers are sent gives them back too
+    with contextlib.suppress(grpc.RpcError):
+        list(v2_stub.ModelStreamInfer(iter([infer("attnserve-attention", ["the king"])] * 3), timeout=0.005))
+    deadline = time.monotonic() + 5
+    while budget.held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert budget.held == 0
 
 
 def test_empty_final_response_when_asked(v2_stub: v2_grpc.GRPCInferenceServiceStub) -> None:
