@@ -357,6 +357,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     max_running_sequences=gen.max_running,
                     max_waiting_sequences=gen.max_waiting,
                     max_stop_sequences=MAX_STOP_SEQUENCES,
+                    max_attention_bytes=self.limits.max_attention_bytes,
                 ),
                 build=pb.BuildInfo(
                     attnserve_version=_version(),

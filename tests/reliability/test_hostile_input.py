@@ -216,6 +216,7 @@ def test_every_limit_in_force_is_reported(guarded: ServerThread) -> None:
     assert limits.max_running_sequences == cfg.max_running_sequences
     assert limits.max_waiting_sequences == cfg.max_waiting_sequences
     assert limits.max_stop_sequences == 8
+    assert limits.max_attention_bytes == cfg.max_attention_bytes
     unset = [f.name for f in pb.Limits.DESCRIPTOR.fields if getattr(limits, f.name) == 0]
     assert not unset, f"limits reported as 0: {unset}"
 

@@ -258,7 +258,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_seq_len", "max_texts_per_request", "max_batch_size", "max_batch_tokens", "max_new_tokens", "max_queue_size", "max_queue_tokens", "max_text_bytes", "max_request_bytes", "max_concurrent_calls", "max_running_sequences", "max_waiting_sequences", "max_stop_sequences")
+    __slots__ = ("max_seq_len", "max_texts_per_request", "max_batch_size", "max_batch_tokens", "max_new_tokens", "max_queue_size", "max_queue_tokens", "max_text_bytes", "max_request_bytes", "max_concurrent_calls", "max_running_sequences", "max_waiting_sequences", "max_stop_sequences", "max_attention_bytes")
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,7 @@ class Limits(_message.Message):
     MAX_RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTENTION_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_seq_len: int
     max_texts_per_request: int
     max_batch_size: int
@@ -285,7 +286,8 @@ class Limits(_message.Message):
     max_running_sequences: int
     max_waiting_sequences: int
     max_stop_sequences: int
-    def __init__(self, max_seq_len: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., max_running_sequences: _Optional[int] = ..., max_waiting_sequences: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ...) -> None: ...
+    max_attention_bytes: int
+    def __init__(self, max_seq_len: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., max_running_sequences: _Optional[int] = ..., max_waiting_sequences: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_attention_bytes: _Optional[int] = ...) -> None: ...
 
 class BuildInfo(_message.Message):
     __slots__ = ("attnserve_version", "onnxruntime_version", "grpc_version", "python_version")
