@@ -421,7 +421,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         hold: Callable[[Callable[[], None]], None],
     ) -> AsyncIterator[v2.ModelInferResponse]:
         """The request's responses; ``hold`` is given what gives back what the request holds (an
-        attention map's bytes), for the caller to call once the responses are sent."""
+        attention map's bytes), for the caller to call once the responses are handed over."""
         model, version = self._model(request.model_name, request.model_version)
         _, available = self._signature(model)
         outputs = Outputs(request, model, available)

@@ -43,7 +43,7 @@ class RequestLimits:
     max_texts_per_request: int = 64
     max_text_bytes: int = 256 * 1024  # one text (UTF-8); beyond the context only a prefix is tokenized anyway
     max_request_bytes: int = 1024 * 1024  # all texts of one request together
-    # attention maps computed and not yet sent, all calls together (see AttentionBudget)
+    # attention maps being computed or handed over, all calls together (see AttentionBudget)
     max_attention_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -98,7 +98,7 @@ class Attended:
     layers: list[int]
     heads: list[int]
     truncated: bool
-    release: Callable[[], None]  # gives its bytes back to the AttentionBudget: call once the answer is sent
+    release: Callable[[], None]  # gives its bytes back to the AttentionBudget: call once the answer is handed over
 
 
 # What a client may know of the model directory's config.json: the model, not where it was made.
