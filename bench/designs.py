@@ -322,6 +322,11 @@ class CallOnLoop:
         deadline = self.stream.deadline
         return None if deadline is None else deadline.time_remaining()
 
+    async def read(self) -> Any:
+        """The call's request (the guard reads it, as it does from grpc.aio's calls)."""
+        message = await self.stream.recv_message()
+        return grpc.aio.EOF if message is None else message
+
     async def abort(self, code: grpc.StatusCode, message: str) -> None:
         from grpclib.const import Status
         from grpclib.exceptions import GRPCError
@@ -334,12 +339,13 @@ class GrpclibFront:
     puts around grpc.aio's handlers (checks, admission, calls in flight), then attnserve's servicer."""
 
     def __init__(self, servicer: AttnServeServicer, guard: CallGuard) -> None:
+        # the guard hands grpc these as taking a stream of requests, and reads the one request itself
         self.encode_call = guard._wrap(
             f"/{SERVICE_NAME}/Encode", grpc.unary_unary_rpc_method_handler(servicer.Encode)
-        ).unary_unary
+        ).stream_unary
         self.stream_call = guard._wrap(
             f"/{SERVICE_NAME}/GenerateStream", grpc.unary_stream_rpc_method_handler(servicer.GenerateStream)
-        ).unary_stream
+        ).stream_stream
 
     def __mapping__(self) -> dict[str, Any]:
         from grpclib.const import Cardinality, Handler
@@ -353,12 +359,10 @@ class GrpclibFront:
         }
 
     async def encode(self, stream: Any) -> None:
-        request = await stream.recv_message()
-        await stream.send_message(await self.encode_call(request, CallOnLoop(stream)))
+        await stream.send_message(await self.encode_call(None, CallOnLoop(stream)))
 
     async def generate_stream(self, stream: Any) -> None:
-        request = await stream.recv_message()
-        async for message in self.stream_call(request, CallOnLoop(stream)):
+        async for message in self.stream_call(None, CallOnLoop(stream)):
             await stream.send_message(message)
 
 

@@ -5,22 +5,33 @@ A gRPC server interceptor, so that one place covers every method of every servic
 * Request bytes that do not parse (truncated, garbage, invalid UTF-8 in a string field) are
   answered INVALID_ARGUMENT with a plain message. Left to grpc, a failing deserializer
   becomes UNKNOWN with the exception's class in the message.
+* A call to a method that takes one request, ended before one whole message arrived (the client
+  half-closed with none sent, or mid-message), is answered INVALID_ARGUMENT. grpc.aio reads such a
+  request itself and, finding none, returns without a status: the call was never answered, and held
+  ~14 KB in the server until its connection closed, outside every bound here. So the guard hands
+  grpc those methods as taking a stream of requests, and reads the one request itself. (gRPC's
+  status table names UNIMPLEMENTED for a wrong number of requests; the method is there, and what is
+  wrong is the request, as with bytes that do not parse.)
 * Enum fields are proto3 open enums: any number parses. A value the schema does not name is
   refused here, for every request message alike, naming the field.
 * Admission, for the services given as ``admitted`` (the model's, not health or reflection):
   at most ``max_concurrent`` calls at once, beyond that RESOURCE_EXHAUSTED at once; while
   the server drains for shutdown, UNAVAILABLE (which clients retry elsewhere). The guard
-  counts the calls in flight, so shutdown can wait for them.
+  counts the calls in flight, so shutdown can wait for them. A call counts from the moment it
+  opens, before its request is read, so calls opened with nothing sent on them are bounded too.
 
 Health and reflection are never refused for load or shutdown: a probe must be answered
 whatever the server is doing. Only their streams (health's Watch, reflection's), which stay open
 and hold memory for as long as the client keeps them, are bounded: at most ``max_streams`` at
-once, beyond that RESOURCE_EXHAUSTED; a health Check is always answered.
+once, beyond that RESOURCE_EXHAUSTED. A health Check sent whole is always answered; of the
+Checks whose requests have not come, at most ``max_streams`` wait, the one waiting longest
+refused to make room.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -85,7 +96,13 @@ def declared(method: str) -> bool:
     return True
 
 
-STREAM_OPENS = object()  # what _check is given for a stream that opens, before any request
+EOF = grpc.aio.EOF
+NO_REQUEST = Malformed("no request message: the call ended before one whole message arrived")
+
+# what a call counts against from the moment it opens (CallGuard._open)
+ADMITTED = "admitted"  # the model's calls: max_concurrent
+STREAM = "stream"  # health's Watch and reflection's streams: max_streams
+CHECK = "check"  # health's Check: answered once its request is read; those waiting for it, max_streams
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
@@ -98,6 +115,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.in_flight = 0
         self.max_streams = max_streams
         self.streams_open = 0  # health's and reflection's, which are not admitted
+        self._checks_waiting: dict[grpc.aio.ServicerContext, None] = {}  # for their requests, oldest first
+        self._giving_up: set[asyncio.Task[None]] = set()
         self.refusing: str | None = None  # a reason, once the server drains
         self.last_arrival = time.monotonic()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -142,8 +161,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, rpc = method.lstrip("/").rpartition("/")
-        admit = service in self.admitted or f"/{service}/{rpc}" in self.admitted
-        watch = not admit and handler.response_streaming  # a probe's stream: bounded apart (above)
+        if service in self.admitted or f"/{service}/{rpc}" in self.admitted:
+            kind = ADMITTED
+        else:  # a probe's stream or its Check: bounded apart (above)
+            kind = STREAM if handler.response_streaming else CHECK
         parse = handler.request_deserializer
         if parse is not None:
             descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
@@ -154,100 +175,137 @@ class CallGuard(grpc.aio.ServerInterceptor):
             async def bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async def checked() -> AsyncIterator[Any]:
                     async for request in requests:
-                        if isinstance(request, Malformed):
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
-                        if isinstance(request, Message) and (problem := enum_problem(request)):
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                        await self._check(rpc, request, context)
                         yield request
 
-                # a stream counts as one call, admitted when it opens (its requests meet the queues' own bounds)
-                await self._check(rpc, STREAM_OPENS, context, admit, watch)
+                # a stream counts as one call (its requests meet the queues' own bounds)
+                await self._open(rpc, context, kind)
                 try:
                     async for message in inner_bidi(checked(), context):
                         yield message
                 finally:
-                    self._leave(admit, watch)
+                    self._leave(kind)
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi, request_deserializer=parse, response_serializer=handler.response_serializer
             )
         if handler.request_streaming:  # client streaming: no such method here; left as grpc made it
             return handler
+        # The methods that take one request are handed to grpc as taking a stream of them, and read
+        # their one request here (see the module's docstring).
         if handler.response_streaming:
             inner_stream = handler.unary_stream
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await self._check(rpc, request, context, admit, watch)
+            async def stream(_: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                request = await self._request(rpc, context, kind)
                 try:
                     async for message in inner_stream(request, context):
                         yield message
                 finally:
-                    self._leave(admit, watch)
+                    self._leave(kind)
 
-            async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
-                await self._check(rpc, request, context, admit, watch)
+            async def writer(_: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+                request = await self._request(rpc, context, kind)
                 try:
                     await inner_stream(request, context)  # it writes with context.write (health's Watch)
                 finally:
-                    self._leave(admit, watch)
+                    self._leave(kind)
 
-            return grpc.unary_stream_rpc_method_handler(
+            return grpc.stream_stream_rpc_method_handler(
                 stream if inspect.isasyncgenfunction(inner_stream) else writer,
                 request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         inner = handler.unary_unary
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self._check(rpc, request, context, admit)
+        async def unary(_: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            request = await self._request(rpc, context, kind)
             try:
                 return await inner(request, context)
             finally:
-                self._leave(admit)
+                self._leave(kind)
 
-        return grpc.unary_unary_rpc_method_handler(
+        return grpc.stream_unary_rpc_method_handler(
             unary, request_deserializer=parse, response_serializer=handler.response_serializer
         )
 
-    async def _check(
-        self, rpc: str, request: Any, context: grpc.aio.ServicerContext, admit: bool, watch: bool = False
-    ) -> None:
-        """Refuse the call (abort raises) or count it in."""
-        code, message = None, ""
+    async def _request(self, rpc: str, context: grpc.aio.ServicerContext, kind: str) -> Any:
+        """Count the call in (or refuse it), then read its one request and check it; a refusal
+        raises (abort). Once it returns, the caller leaves. A second message, were a client to send
+        one, is left unread, as grpc's own path for such methods leaves it."""
+        await self._open(rpc, context, kind)
+        try:
+            request = await (self._check_request(context) if kind is CHECK else context.read())
+            await self._check(rpc, NO_REQUEST if request is EOF else request, context)
+        except BaseException:
+            self._leave(kind)
+            raise
+        return request
+
+    async def _check(self, rpc: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a request that is not a valid message, or that holds an enum value its schema does not name."""
         if isinstance(request, Malformed):
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, request.why
+            await self._refuse(rpc, context, grpc.StatusCode.INVALID_ARGUMENT, request.why)
         elif isinstance(request, Message) and (problem := enum_problem(request)):
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, problem
-        elif admit:
+            await self._refuse(rpc, context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    async def _open(self, rpc: str, context: grpc.aio.ServicerContext, kind: str) -> None:
+        """Count a call in as it opens, before its request is read, or refuse it. A call waiting for
+        its request holds its place meanwhile, so calls that clients open and send nothing on are
+        bounded as all others are."""
+        if kind is ADMITTED:
             self.last_arrival = time.monotonic()
             if self.refusing is not None:
-                code, message = grpc.StatusCode.UNAVAILABLE, self.refusing
-            elif self.in_flight >= self.max_concurrent:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
+            if self.in_flight >= self.max_concurrent:
                 message = f"{self.in_flight} calls in progress, the limit; retry later"
-        elif watch and self.streams_open >= self.max_streams:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            message = (
-                f"{self.streams_open} health and reflection streams open, the limit; "
-                "close one, or ask health's Check, which is always answered"
-            )
-        if code is None:
-            if admit:
-                self.in_flight += 1
-                self.metrics.in_flight.set(self.in_flight)
-                self._idle.clear()
-            elif watch:
-                self.streams_open += 1
-            return
-        if admit or watch or code == grpc.StatusCode.INVALID_ARGUMENT:
-            self.metrics.requests.labels(rpc, code.name).inc()
+                await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            self.in_flight += 1
+            self.metrics.in_flight.set(self.in_flight)
+            self._idle.clear()
+        elif kind is STREAM:
+            if self.streams_open >= self.max_streams:
+                message = (
+                    f"{self.streams_open} health and reflection streams open, the limit; "
+                    "close one, or ask health's Check, which is always answered"
+                )
+                await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            self.streams_open += 1
+
+    async def _check_request(self, context: grpc.aio.ServicerContext) -> Any:
+        """A health Check's request. A Check is answered as soon as its request is read, so only
+        Checks whose requests do not come add up: at most ``max_streams`` of them wait, and past
+        that the one waiting longest is refused, never the one that opens. A Check whose request
+        comes is answered whatever others are waiting."""
+        waiting = self._checks_waiting
+        if len(waiting) >= self.max_streams:
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            task = asyncio.get_running_loop().create_task(self._give_up(oldest, len(waiting) + 1))
+            self._giving_up.add(task)
+            task.add_done_callback(self._giving_up.discard)
+        waiting[context] = None
+        try:
+            return await context.read()
+        finally:
+            waiting.pop(context, None)
+
+    async def _give_up(self, context: grpc.aio.ServicerContext, waiting: int) -> None:
+        """Answer a Check still waiting for its request; its own read then ends, and its task with it."""
+        message = f"{waiting} health checks waiting for their requests, the limit; this one waited longest"
+        self.metrics.requests.labels("Check", grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+        with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    async def _refuse(self, rpc: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        self.metrics.requests.labels(rpc, code.name).inc()
         await context.abort(code, message)
 
-    def _leave(self, admit: bool, watch: bool = False) -> None:
-        if watch:
-            self.streams_open -= 1
-        if admit:
+    def _leave(self, kind: str) -> None:
+        if kind is ADMITTED:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
             if self.in_flight == 0:
                 self._idle.set()
+        elif kind is STREAM:
+            self.streams_open -= 1

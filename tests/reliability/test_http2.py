@@ -1,0 +1,175 @@
+"""Calls made frame by frame, as no gRPC client makes them but any peer can: a call that ends before
+its request arrived, one cut mid-message, calls opened and left with nothing sent.
+
+Each is answered, with a client error, and none is held outside the server's bounds.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from tests.reliability.conftest import SERVING, health
+from tests.service.conftest import ServerThread, config
+
+
+class Peer:
+    """One HTTP/2 connection to the server, spoken with h2: streams opened and data sent as told."""
+
+    def __init__(self, address: str) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.h2.initiate_connection()
+        self.statuses: dict[int, tuple[int, str]] = {}  # stream: grpc-status, grpc-message
+        self._flush()
+
+    def open(self, path: str, data: bytes | None = None, end: bool = False) -> int:
+        """A call's headers, then ``data`` if given; ``end`` half-closes it. The stream's id."""
+        sid = self.h2.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "attnserve"),
+                   ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+        self.h2.send_headers(sid, headers, end_stream=end and data is None)
+        if data is not None:
+            self.h2.send_data(sid, data, end_stream=end)
+        self._flush()
+        return sid
+
+    def answered(self, streams: set[int], timeout: float = 10) -> dict[int, tuple[int, str]]:
+        """Read until every stream in ``streams`` has its status, or ``timeout`` passes."""
+        end = time.monotonic() + timeout
+        while not streams <= self.statuses.keys() and time.monotonic() < end:
+            self.sock.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    headers = dict(event.headers)
+                    if "grpc-status" in headers:
+                        self.statuses[event.stream_id] = (int(headers["grpc-status"]), headers.get("grpc-message", ""))
+                elif isinstance(event, h2.events.DataReceived):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self._flush()
+        return {s: self.statuses[s] for s in streams if s in self.statuses}
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _flush(self) -> None:
+        self.sock.sendall(self.h2.data_to_send())
+
+
+def framed(message: bytes) -> bytes:
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+ENCODE = "/attnserve.v1.AttnServe/Encode"
+CHECK = "/grpc.health.v1.Health/Check"
+
+
+@pytest.fixture(scope="module")
+def served(model_dir: Path) -> Iterator[ServerThread]:
+    st = ServerThread(config(model_dir, max_concurrent_calls=4, max_probe_streams=3)).start()
+    yield st
+    st.stop()
+
+
+def wait_for(condition: object, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while not condition() and time.monotonic() < end:  # type: ignore[operator]
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ENCODE,
+        "/attnserve.v1.AttnServe/GenerateStream",  # one request, a stream of answers
+        "/inference.GRPCInferenceService/ModelInfer",
+        CHECK,
+        "/grpc.health.v1.Health/Watch",
+    ],
+)
+@pytest.mark.parametrize(
+    "body",
+    [None, b"", b"\0\0\0", framed(pb.EncodeRequest(texts=["hello"]).SerializeToString())[:-3]],
+    ids=["no data", "empty data", "a cut prefix", "a cut message"],
+)
+def test_a_call_that_ends_before_its_request_came_is_answered(
+    served: ServerThread, path: str, body: bytes | None
+) -> None:
+    """grpc.aio reads the request of such methods itself and, finding none, returns without a
+    status: the call was never answered, and held its memory until the connection closed."""
+    peer = Peer(served.address)
+    try:
+        sid = peer.open(path, body, end=True)
+        code, message = peer.answered({sid})[sid]
+        assert code == INVALID_ARGUMENT and message.startswith("no request message")
+    finally:
+        peer.close()
+    wait_for(lambda: served.server.guard.in_flight == 0)  # its place given back as the call ends
+    assert served.server.guard.in_flight == 0
+    assert health(served.address) == SERVING
+
+
+def test_calls_opened_with_nothing_sent_hold_their_places_and_give_them_back(served: ServerThread) -> None:
+    """A call waiting for its request counts against max_concurrent_calls (4 here) like any other,
+    so calls a client opens and sends nothing on cannot pile up outside it."""
+    guard = served.server.guard
+    peer = Peer(served.address)
+    try:
+        held = [peer.open(ENCODE) for _ in range(4)]
+        wait_for(lambda: guard.in_flight == 4)
+        assert guard.in_flight == 4
+        over = {peer.open(ENCODE), peer.open(ENCODE)}
+        answers = peer.answered(over)
+        assert {code for code, _ in answers.values()} == {RESOURCE_EXHAUSTED}, answers
+        with pytest.raises(grpc.RpcError) as e:
+            served.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert health(served.address) == SERVING
+        assert not peer.answered(set(held), timeout=0.2)  # still waiting: nothing was sent on them
+    finally:
+        peer.close()
+    wait_for(lambda: guard.in_flight == 0)  # the connection closed: every place is back
+    assert guard.in_flight == 0
+    assert len(served.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
+
+
+def test_health_checks_whose_requests_never_come_are_bounded_and_a_sent_check_is_answered(
+    served: ServerThread,
+) -> None:
+    """Checks are answered as soon as their requests are read, so only those whose requests never
+    come add up: past max_probe_streams (3 here) the one waiting longest is refused, never the one
+    that opens, and a Check sent whole is answered whatever waits."""
+    guard = served.server.guard
+    peer = Peer(served.address)
+    try:
+        opened = [peer.open(CHECK) for _ in range(5)]
+        answers = peer.answered(set(opened[:2]))
+        assert [answers[s][0] for s in opened[:2]] == [RESOURCE_EXHAUSTED] * 2
+        assert "waited longest" in answers[opened[0]][1]
+        assert not peer.answered(set(opened[2:]), timeout=0.2)
+        assert len(guard._checks_waiting) == 3
+        assert health(served.address) == SERVING  # a Check sent whole, on a connection of its own
+        whole = peer.open(CHECK, framed(b""), end=True)  # and on the same connection as those waiting
+        assert peer.answered({whole})[whole][0] == 0
+    finally:
+        peer.close()
+    wait_for(lambda: not guard._checks_waiting)
+    assert not guard._checks_waiting
