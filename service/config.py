@@ -70,6 +70,10 @@ class ServerConfig:
     # closed and its calls are cancelled, giving back their places (0: no pings; gRPC's own is 2 hours)
     keepalive_seconds: float = 30.0
     keepalive_timeout_seconds: float = 10.0
+    # a connection that has not finished its handshake (TLS's, and HTTP/2's preface and settings) in
+    # this long is closed: clients send theirs at once, and gRPC's own wait, 2 minutes, let a peer
+    # that opened connections and sent nothing hold a descriptor each for that long
+    handshake_timeout_seconds: float = 10.0
     # connections are closed (GOAWAY, their calls given grace_seconds) after this long, so that clients
     # reconnect and spread over the replicas behind a connection-level load balancer (0: never)
     max_connection_age_seconds: float = 0.0
@@ -94,6 +98,8 @@ class ServerConfig:
             raise ValueError(
                 "keepalive_seconds and max_connection_age_seconds must be >= 0, keepalive_timeout_seconds > 0"
             )
+        if self.handshake_timeout_seconds <= 0:
+            raise ValueError(f"handshake_timeout_seconds must be > 0, got {self.handshake_timeout_seconds}")
         if not 0 <= self.batch_nice <= 19:
             raise ValueError(f"batch_nice must be in 0..19, got {self.batch_nice}")
         if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1 or self.max_probe_streams < 1:

@@ -62,7 +62,7 @@ NEVER_MS = 2**31 - 1  # what gRPC reads as "not at all" for its millisecond sett
 
 def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     """gRPC's channel arguments for the server's connections: keepalive pings, the client pings it
-    accepts, and the connections' age (see ServerConfig)."""
+    accepts, the connections' age and how long a handshake may take (see ServerConfig)."""
 
     def ms(seconds: float) -> int:
         return min(NEVER_MS, round(seconds * 1000))
@@ -82,6 +82,7 @@ def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_SECONDS * 1000),
         ("grpc.max_connection_age_ms", ms_or_never(cfg.max_connection_age_seconds)),
+        ("grpc.server_handshake_timeout_ms", ms(cfg.handshake_timeout_seconds)),
         ("grpc.max_connection_age_grace_ms", ms(cfg.grace_seconds)),
     ]
 

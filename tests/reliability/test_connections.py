@@ -1,5 +1,6 @@
-"""Connections that go wrong below gRPC: a client that vanishes without closing its connection, and
-connections recycled by age so that clients spread over replicas.
+"""Connections that go wrong below gRPC: a client that vanishes without closing its connection, a peer
+that opens connections and sends nothing on them, and connections recycled by age so that clients
+spread over replicas.
 
 Between the client and the server runs a TCP relay that forwards bytes both ways until it is frozen;
 frozen, it keeps both connections open and forwards nothing, as a client host that lost power or a
@@ -116,6 +117,23 @@ def test_a_client_that_vanishes_mid_call_gives_its_place_back(pinged: ServerThre
         relay.close()
 
 
+def test_connections_that_send_no_handshake_are_closed_after_the_handshake_timeout(model_dir: Path) -> None:
+    """Clients send HTTP/2's preface and settings at once; gRPC's own wait for them is two minutes,
+    for which a peer that opened connections and sent nothing held a descriptor each."""
+    st = ServerThread(config(model_dir, handshake_timeout_seconds=0.5)).start()
+    try:
+        for sent in (b"", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"):  # nothing; the preface without settings
+            with socket.create_connection(("127.0.0.1", st.server.port), timeout=10) as sock:
+                sock.sendall(sent)
+                start = time.monotonic()
+                while sock.recv(4096):  # the server's own settings, then the end of the connection
+                    pass
+                assert time.monotonic() - start < 5
+        assert health(st.address) == SERVING  # a client that sends its handshake is served as ever
+    finally:
+        st.stop()
+
+
 def test_connections_are_closed_after_their_age_and_clients_reconnect(model_dir: Path) -> None:
     st = ServerThread(config(model_dir, max_connection_age_seconds=0.5, grace_seconds=1.0)).start()
     relay = Relay(("127.0.0.1", st.server.port))
@@ -139,9 +157,12 @@ def test_connection_settings_as_grpc_reads_them() -> None:
     # clients that ping as often as gRPC's clients may are not turned away
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == CLIENT_PING_SECONDS * 1000 == 10_000
     assert options["grpc.max_connection_age_ms"] == NEVER_MS  # by default connections live on
+    assert options["grpc.server_handshake_timeout_ms"] == 10_000  # not gRPC's two minutes
     off = dict(connection_options(ServerConfig(keepalive_seconds=0, max_connection_age_seconds=300, grace_seconds=20)))
     assert off["grpc.keepalive_time_ms"] == NEVER_MS
     assert off["grpc.max_connection_age_ms"] == 300_000 and off["grpc.max_connection_age_grace_ms"] == 20_000
     for bad in ({"keepalive_seconds": -1}, {"keepalive_timeout_seconds": 0}, {"max_connection_age_seconds": -5}):
         with pytest.raises(ValueError, match=r"keepalive_seconds and max_connection_age_seconds must be >= 0"):
             ServerConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="handshake_timeout_seconds must be > 0"):
+        ServerConfig(handshake_timeout_seconds=0)
