@@ -25,7 +25,8 @@ whatever the server is doing. Only their streams (health's Watch, reflection's),
 and hold memory for as long as the client keeps them, are bounded: at most ``max_streams`` at
 once, beyond that RESOURCE_EXHAUSTED. A health Check sent whole is always answered; of the
 Checks whose requests have not come, at most ``max_streams`` wait, the one waiting longest
-refused to make room.
+refused to make room. And their requests, which a stream holds as long as it is open, are at
+most PROBE_REQUEST_BYTES each (INVALID_ARGUMENT beyond).
 """
 
 from __future__ import annotations
@@ -57,14 +58,24 @@ class Malformed:
         self.why = why
 
 
-def tolerant(parse: Callable[[bytes], Any], name: str) -> Callable[[bytes], Any]:
+def tolerant(parse: Callable[[bytes], Any], name: str, max_bytes: int = 0) -> Callable[[bytes], Any]:
+    """``parse``, with bytes that do not parse (or, given ``max_bytes``, more bytes than that) made Malformed."""
+
     def deserialize(data: bytes) -> Any:
         try:
             return parse(data)
         except Exception:  # DecodeError, and whatever else a parser may raise on hostile bytes
             return Malformed(f"request is not a valid {name} message ({len(data)} bytes)")
 
-    return deserialize
+    if not max_bytes:
+        return deserialize
+
+    def bounded(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return Malformed(f"a {name} is at most {max_bytes} bytes here; this one is {len(data)}")
+        return deserialize(data)
+
+    return bounded
 
 
 def enum_problem(msg: Message, prefix: str = "") -> str | None:
@@ -98,6 +109,11 @@ def declared(method: str) -> bool:
 
 EOF = grpc.aio.EOF
 NO_REQUEST = Malformed("no request message: the call ended before one whole message arrived")
+
+# Health's and reflection's requests name a service, a file or a symbol: a few dozen bytes. Held by
+# every stream open, they are bounded apart from the model's (max_request_bytes, 1 MiB): 200 health
+# Watches naming 1 MB services each held 0.6 GB of the server's memory.
+PROBE_REQUEST_BYTES = 4096
 
 # what a call counts against from the moment it opens (CallGuard._open)
 ADMITTED = "admitted"  # the model's calls: max_concurrent
@@ -168,7 +184,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         parse = handler.request_deserializer
         if parse is not None:
             descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
-            parse = tolerant(parse, descriptor.full_name if descriptor is not None else rpc)
+            bound = 0 if kind is ADMITTED else PROBE_REQUEST_BYTES
+            parse = tolerant(parse, descriptor.full_name if descriptor is not None else rpc, bound)
         if handler.request_streaming and handler.response_streaming:  # reflection, ModelStreamInfer
             inner_bidi = handler.stream_stream
 

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
+from service.guard import PROBE_REQUEST_BYTES
 from tests.reliability.conftest import ALLOWED, SERVING, health
 from tests.service.conftest import ServerThread, config
 
@@ -414,6 +415,30 @@ def test_health_and_reflection_streams_are_bounded_and_check_is_still_answered(m
             w.cancel()
     finally:
         st.stop()
+
+
+def test_health_and_reflection_requests_are_bounded_in_bytes(guarded: ServerThread) -> None:
+    """A Watch holds its request for as long as it is open: 200 naming 1 MB services held 0.6 GB of
+    the server's memory. Their requests are bounded apart from the model's (1 MiB)."""
+    channel = grpc.insecure_channel(guarded.address)
+    health_stub = health_pb2_grpc.HealthStub(channel)
+    long_name = health_pb2.HealthCheckRequest(service="x" * (PROBE_REQUEST_BYTES + 1))
+    for ask in (health_stub.Check, lambda r, timeout: next(health_stub.Watch(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as e:
+            ask(long_name, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"grpc.health.v1.HealthCheckRequest is at most {PROBE_REQUEST_BYTES} bytes" in e.value.details()
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+    with pytest.raises(grpc.RpcError) as e:
+        list(reflect(iter([reflection_pb2.ServerReflectionRequest(file_by_filename="f" * 5000)]), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    deadline = time.monotonic() + 10  # the refused streams give their places back
+    while guarded.server.guard.streams_open and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert guarded.server.guard.streams_open == 0
+    named = health_pb2.HealthCheckRequest(service="attnserve.v1.AttnServe")  # a name as services have them
+    assert health_stub.Check(named, timeout=10).status == SERVING
+    assert health(guarded.address) == SERVING
 
 
 def test_a_burst_of_attention_maps_is_bounded_in_bytes(model_dir: Path) -> None:
