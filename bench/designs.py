@@ -293,11 +293,11 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
         start = time.monotonic()
         code = grpc.StatusCode.OK
         try:
-            self.checks.admit_generation(request, self.scheduler)
-            (ids,) = self.token_ids([request.prompt])
-            params = self.checks.sampling(request, self.scheduler, ids)
             left = context.time_remaining()
             deadline = start + left if left < NO_DEADLINE else None
+            self.checks.admit_generation(request, self.scheduler, deadline)
+            (ids,) = self.token_ids([request.prompt])
+            params = self.checks.sampling(request, self.scheduler, ids)
             for group in self.scheduler.stream(ids, params, deadline, context):
                 yield self.checks.stream_message(group, self.runtime.token_text)
         except GeneratorExit:  # the client went away

@@ -5,7 +5,9 @@ Its capacity is measured first (closed loop, ``texts_per_request`` texts a reque
 open loop of Poisson arrivals at ``overload`` times that rate, each call with a ``deadline``,
 while a prober checks health every 100 ms with a 1 s deadline. Reported: every status code
 seen, goodput (calls answered OK, all within their deadline) against capacity, how fast
-refusals came, and the latency of accepted calls.
+refusals came, and the latency of accepted calls. The same for Generate (``generate``): a
+prompt of a few words, up to ``max_new_tokens`` tokens, greedy, each call with its own
+``generate_deadline``.
 
 Soak: mixed traffic (encode, attention maps, unary and streamed generation, streams cancelled
 part-way, invalid requests) for ``soak_seconds``, sampling the server's resident memory,
@@ -23,6 +25,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,29 @@ def _proc_status(pid: int) -> dict[str, int]:
     return {"rss_kib": fields["VmRSS"], "threads": fields["Threads"], "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
-async def _capacity(stub: pb_grpc.AttnServeStub, texts: list[str], per_request: int, seconds: float) -> float:
+# the k-th call of a load, made on a stub with a deadline (seconds, or None)
+Call = Callable[[pb_grpc.AttnServeStub, int, float | None], Awaitable[Any]]
+
+
+def encode_calls(texts: list[str], per_request: int) -> Call:
+    requests = [pb.EncodeRequest(texts=[texts[(k + j) % len(texts)] for j in range(per_request)]) for k in range(64)]
+    return lambda stub, k, timeout: stub.Encode(requests[k % len(requests)], timeout=timeout)
+
+
+# 32 prompts of a few words, each its own
+PROMPTS = tuple(
+    f"{subject} {verb} the"
+    for subject in ("The king", "A fool", "My lord", "Good sir", "The night", "Her father", "This house", "Our queen")
+    for verb in ("speaks to", "waits for", "laughs at", "looks upon")
+)
+
+
+def generate_calls(max_new_tokens: int) -> Call:
+    requests = [pb.GenerateRequest(prompt=p, max_new_tokens=max_new_tokens) for p in PROMPTS]
+    return lambda stub, k, timeout: stub.Generate(requests[k % len(requests)], timeout=timeout)
+
+
+async def _capacity(stub: pb_grpc.AttnServeStub, call: Call, seconds: float) -> float:
     """Requests a second the server completes under a closed loop of 32."""
     done = 0
     stop_at = time.perf_counter() + seconds
@@ -61,7 +86,7 @@ async def _capacity(stub: pb_grpc.AttnServeStub, texts: list[str], per_request: 
         nonlocal done
         k = i
         while time.perf_counter() < stop_at:
-            await stub.Encode(pb.EncodeRequest(texts=[texts[(k + j) % len(texts)] for j in range(per_request)]))
+            await call(stub, k, None)
             done += 1
             k += 7
 
@@ -70,9 +95,7 @@ async def _capacity(stub: pb_grpc.AttnServeStub, texts: list[str], per_request: 
     return done / (time.perf_counter() - start)
 
 
-async def _overload(
-    address: str, texts: list[str], per_request: int, rate: float, seconds: float, deadline: float
-) -> dict[str, Any]:
+async def _overload(address: str, call: Call, rate: float, seconds: float, deadline: float) -> dict[str, Any]:
     rng = random.Random(0)
     codes: collections.Counter[str] = collections.Counter()
     ok_latency: list[float] = []
@@ -83,14 +106,11 @@ async def _overload(
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         check = health_pb2_grpc.HealthStub(channel).Check
-        requests = [
-            pb.EncodeRequest(texts=[texts[(k + j) % len(texts)] for j in range(per_request)]) for k in range(64)
-        ]
 
         async def one(k: int) -> None:
             t = time.perf_counter()
             try:
-                await stub.Encode(requests[k % len(requests)], timeout=deadline)
+                await call(stub, k, deadline)
                 codes["OK"] += 1
                 ok_latency.append(time.perf_counter() - t)
             except grpc.aio.AioRpcError as e:
@@ -137,11 +157,22 @@ async def _overload(
 
 
 def overload(
-    model_dir: Path, seconds: float, factor: float, per_request: int, deadline: float, tokens: int = 64
+    model_dir: Path,
+    seconds: float,
+    factor: float,
+    per_request: int,
+    deadline: float,
+    tokens: int = 64,
+    max_new_tokens: int = 0,
 ) -> dict[str, Any]:
-    rt = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
-    texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
-    del rt
+    """Encode calls of ``per_request`` texts of ``tokens`` tokens or, with ``max_new_tokens``,
+    Generate calls of up to that many tokens."""
+    if max_new_tokens:
+        call = generate_calls(max_new_tokens)
+    else:
+        rt = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+        call = encode_calls(texts_of(rt, min(tokens, rt.info.max_seq_len), 64), per_request)
+        del rt
     proc, port = start_server(model_dir, "--intra-op-threads", "1", cpus={SERVER_CPU})
     assert proc.stderr is not None
     _drain(proc.stderr)
@@ -150,8 +181,8 @@ def overload(
 
         async def both() -> dict[str, Any]:
             async with grpc.aio.insecure_channel(address) as channel:
-                capacity = await _capacity(pb_grpc.AttnServeStub(channel), texts, per_request, max(5.0, seconds / 2))
-            result = await _overload(address, texts, per_request, factor * capacity, seconds, deadline)
+                capacity = await _capacity(pb_grpc.AttnServeStub(channel), call, max(5.0, seconds / 2))
+            result = await _overload(address, call, factor * capacity, seconds, deadline)
             return {"capacity_per_second": capacity, **result}
 
         r = asyncio.run(both())
@@ -159,7 +190,11 @@ def overload(
         proc.terminate()
         proc.wait(60)
     r["goodput_share_of_capacity"] = r["goodput_per_second"] / r["capacity_per_second"]
-    r.update(factor=factor, texts_per_request=per_request, deadline_seconds=deadline, tokens_per_text=tokens)
+    r.update(factor=factor, deadline_seconds=deadline)
+    if max_new_tokens:
+        r.update(max_new_tokens=max_new_tokens)
+    else:
+        r.update(texts_per_request=per_request, tokens_per_text=tokens)
     return r
 
 
@@ -237,12 +272,18 @@ def run(
     overload_factor: float = 3.0,
     texts_per_request: int = 16,
     deadline: float = 2.0,
+    max_new_tokens: int = 64,
+    generate_deadline: float = 0.5,
     soak_seconds: float = 600.0,
 ) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CPU})  # the load generator's core; the server gets the other
     result: dict[str, Any] = {"model": str(model_dir), "machine": machine()}
     if part in ("all", "overload"):
         result["overload"] = overload(model_dir, seconds, overload_factor, texts_per_request, deadline)
+    if part in ("all", "generate"):
+        result["generate_overload"] = overload(
+            model_dir, seconds, overload_factor, 1, generate_deadline, max_new_tokens=max_new_tokens
+        )
     if part in ("all", "soak"):
         result["soak"] = soak(model_dir, soak_seconds)
     return result
@@ -250,11 +291,15 @@ def run(
 
 def table(r: dict[str, Any]) -> str:
     lines = [f"reliability, {r['machine']}; server on core {SERVER_CPU}, load generator on core {LOAD_CPU}"]
-    if o := r.get("overload"):
+    for o in (r[key] for key in ("overload", "generate_overload") if key in r):
         acc, ref = o.get("accepted", {}), o.get("refused", {})
+        what = (
+            f"Generate, up to {o['max_new_tokens']} tokens"
+            if "max_new_tokens" in o
+            else f"Encode, {o['texts_per_request']} texts a request ({o['tokens_per_text']} tokens each)"
+        )
         lines += [
-            f"overload: {o['factor']:.0f}x capacity, {o['texts_per_request']} texts a request "
-            f"({o['tokens_per_text']} tokens each), {o['deadline_seconds']:.0f} s deadlines",
+            f"overload: {o['factor']:.0f}x capacity, {what}, {o['deadline_seconds']:g} s deadlines",
             f"  capacity {o['capacity_per_second']:.0f} req/s; offered {o['offered_per_second']:.0f} req/s, "
             f"{o['sent']} calls",
             f"  codes: {', '.join(f'{k} {v}' for k, v in sorted(o['codes'].items()))}",

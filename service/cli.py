@@ -202,11 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     bs.set_defaults(func=_bench)
     bl = bsub.add_parser("reliability", help="overload at a multiple of capacity, and a soak of mixed traffic")
     bl.add_argument("--model-dir", type=Path, required=True)
-    bl.add_argument("--part", choices=["all", "overload", "soak"], default="all")
+    bl.add_argument("--part", choices=["all", "overload", "generate", "soak"], default="all")
     bl.add_argument("--seconds", type=float, default=15.0, help="duration of the overload (default 15)")
     bl.add_argument("--overload-factor", type=float, default=3.0, help="offered load / capacity (default 3)")
     bl.add_argument("--texts-per-request", type=int, default=16, help="texts in each overload call (default 16)")
     bl.add_argument("--deadline", type=float, default=2.0, help="each overload call's deadline, s (default 2)")
+    bl.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens a Generate overload call asks for (default 64)"
+    )
+    bl.add_argument(
+        "--generate-deadline", type=float, default=0.5, help="each Generate overload call's deadline, s (default 0.5)"
+    )
     bl.add_argument("--soak-seconds", type=float, default=600.0, help="duration of the soak (default 600)")
     bl.add_argument("--json", type=Path, help="also write the figures here")
     bl.set_defaults(func=_bench)

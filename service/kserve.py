@@ -453,7 +453,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             yield outputs.fill(response(truncated=att.truncated), {"ATTENTION": att.output.probs, "TOKENS": tokens})
             return
         (prompt,) = read_texts(request, model, one=True)
-        ids, sampling = await self.native._generation(generate_request(prompt, params))
+        ids, sampling = await self.native._generation(generate_request(prompt, params), deadline)
         # as Triton's decoupled models: the last response is marked final, or, when the client asks
         # for it, an empty response after the last one is
         empty_final = stream and request.parameters["triton_enable_empty_final_response"].bool_param

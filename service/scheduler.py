@@ -13,6 +13,12 @@ One loop owns the running batch. Each iteration:
 So a request joins between two steps and never waits for the batch to drain, and a caller
 who goes away stops costing compute within one step.
 
+A request is refused at once, before its prompt is tokenized, when ``max_waiting`` wait already,
+or when it would wait for a slot and that wait and its own run, estimated from running averages
+of the sequences that ended before it, would take more than ``DEADLINE_HEADROOM`` of the time
+left before its deadline: under overload, what is accepted finishes in time, and what could not
+is refused while it can still go elsewhere, rather than expiring in the queue or part-way through.
+
 Whatever fails in an iteration fails the sequences it was working on, and the loop goes on:
 a model step or a prefill fails its own sequences, handing one sequence its token fails that
 sequence, and anything else fails every sequence then known. Should the loop end all the same,
@@ -43,6 +49,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from service.batcher import DEADLINE_HEADROOM
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from service.handoff import Handoff
 from service.metrics import Metrics
@@ -165,6 +172,11 @@ class Scheduler:
         self.eot = runtime.info.eot_token_id
         self.max_len = runtime.info.max_seq_len
         self.token_text = runtime.token_text
+        # what admission estimates from, from the sequences that ended as they should (the loop writes
+        # them, callers read them; 0 until the first): a running sequence's seconds a token, and the
+        # tokens a sequence generates before it ends (running averages)
+        self._seconds_per_token = 0.0
+        self._tokens_per_sequence = 0.0
 
     def start(self) -> None:
         self._handoff = Handoff(asyncio.get_running_loop())
@@ -182,14 +194,38 @@ class Scheduler:
 
     # --- callers (event loop thread) -------------------------------------------------------------
 
-    def admit(self) -> None:
-        """Refuse at once, before the prompt is tokenized, what could not be queued now."""
+    def admit(self, deadline: float | None = None, max_new_tokens: int = 1) -> None:
+        """Refuse at once, before the prompt is tokenized, what could not be queued now, or what
+        would wait so long for a slot that it could not be done before its deadline."""
         if self.dead:
             raise ModelNotReady("generation is unavailable on this server; retry on another replica")
         if self._closed:
             raise ModelNotReady("server is shutting down")
         if len(self.waiting) >= self.limits.max_waiting:
             raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
+        if deadline is None:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the deadline had passed when the request arrived")
+        done_in = self.expected_seconds(max_new_tokens)
+        if done_in is not None and done_in > DEADLINE_HEADROOM * left:
+            raise Overloaded(
+                f"generation: a sequence arriving now would be done in about {done_in:.3f}s, more than the "
+                f"{left:.3f}s left before the deadline allows; retry later or elsewhere"
+            )
+
+    def expected_seconds(self, max_new_tokens: int) -> float | None:
+        """Seconds until a sequence of up to ``max_new_tokens`` tokens, arriving now, would be done: its
+        wait for a slot, then its own run (an estimate). None when it would not wait (a slot is free and
+        nothing waits for one): a call is then let try whatever its deadline, as on an idle server."""
+        waiting, running = len(self.waiting), len(self.running)
+        if not waiting and running < self.limits.max_running:
+            return None
+        per_token, tokens = self._seconds_per_token, self._tokens_per_sequence
+        # a running sequence ends about every per_token * tokens / running seconds, and each
+        # sequence waiting takes the slot it leaves; this one takes the one after them
+        return (waiting + 1) * per_token * tokens / max(running, 1) + per_token * min(max_new_tokens, tokens)
 
     async def generate(
         self, prompt: list[int], params: SamplingParams, deadline: float | None, stream: bool = True
@@ -518,8 +554,19 @@ class Scheduler:
         self.running.pop(seq.slot, None)
         self.cache.free(seq.slot)
         self.metrics.gen_running.set(len(self.running))
+        if error is None and finish is not Finish.CANCELLED and seq.generated:
+            self._learn(time.monotonic() - seq.admitted_at, len(seq.generated))
         self._end(seq, finish, error)
         seq.slot = -1
+
+    def _learn(self, seconds: float, tokens: int) -> None:
+        """Fold a sequence that ended as it should into the averages admission estimates from."""
+        per_token = seconds / tokens
+        if not self._tokens_per_sequence:
+            self._seconds_per_token, self._tokens_per_sequence = per_token, float(tokens)
+            return
+        self._seconds_per_token += 0.1 * (per_token - self._seconds_per_token)
+        self._tokens_per_sequence += 0.1 * (tokens - self._tokens_per_sequence)
 
     def _end(self, seq: Sequence, finish: Finish, error: BaseException | None = None) -> None:
         self._release(seq)

@@ -369,17 +369,21 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
         return await self._call("GetModelInfo", context, handle)
 
-    async def _generation(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+    async def _generation(
+        self, request: pb.GenerateRequest, deadline: float | None
+    ) -> tuple[list[int], SamplingParams]:
         scheduler = self._scheduler()
-        self.admit_generation(request, scheduler)
+        self.admit_generation(request, scheduler, deadline)
         ((ids, _),) = await self._engine().fit([request.prompt], False, ["prompt"])
         return ids, self.sampling(request, scheduler, ids)
 
-    def admit_generation(self, request: pb.GenerateRequest, scheduler: Scheduler) -> None:
-        """The checks before a prompt is tokenized: its size, its stop sequences', and room in the queue."""
+    def admit_generation(self, request: pb.GenerateRequest, scheduler: Scheduler, deadline: float | None) -> None:
+        """The checks before a prompt is tokenized: its size, its stop sequences', room in the queue
+        and time before its deadline."""
         self._check_texts([request.prompt], "prompt", repeated=False)
         self._check_texts(request.stop, "stop")
-        scheduler.admit()  # refused now, untokenized, when the queue is full
+        # refused now, untokenized, when the queue is full or would outlast the deadline
+        scheduler.admit(deadline, max(1, min(request.max_new_tokens, scheduler.limits.max_new_tokens)))
 
     @staticmethod
     def sampling(request: pb.GenerateRequest, scheduler: Scheduler, ids: list[int]) -> SamplingParams:
@@ -443,11 +447,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def handle() -> pb.GenerateResponse:
             start = time.monotonic()
-            ids, params = await self._generation(request)
+            deadline = self._deadline(context)
+            ids, params = await self._generation(request, deadline)
             scheduler = self._scheduler()
             token_text = self._engine().token_text
             reply = pb.GenerateResponse()
-            async for group in scheduler.generate(ids, params, self._deadline(context), stream=False):
+            async for group in scheduler.generate(ids, params, deadline, stream=False):
                 for event in group:
                     if isinstance(event, Token):
                         if event.id >= 0:
@@ -470,8 +475,9 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         # validate before the first message, so a bad request fails as a status, not mid-stream
         start = time.monotonic()
+        deadline = self._deadline(context)
         try:
-            ids, params = await self._generation(request)
+            ids, params = await self._generation(request, deadline)
             scheduler = self._scheduler()
             token_text = self._engine().token_text
         except Exception as e:
@@ -481,7 +487,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             raise
         code = grpc.StatusCode.OK
         try:
-            async for group in scheduler.generate(ids, params, self._deadline(context)):
+            async for group in scheduler.generate(ids, params, deadline):
                 yield self.stream_message(group, token_text)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
