@@ -52,7 +52,8 @@ class ServerConfig:
     max_concurrent_calls: int = 256  # calls in progress; beyond it, RESOURCE_EXHAUSTED at once
     # health's Watch and reflection's streams open at once (each holds memory while its client keeps
     # it): beyond it, RESOURCE_EXHAUSTED; health's Check is answered whatever. Also, apart, health
-    # Checks whose requests have not come: beyond it, the one waiting longest is refused
+    # Checks (and the v2 service's liveness, readiness and metadata calls) whose requests have not
+    # come: beyond it, the one waiting longest is refused
     max_probe_streams: int = 1024
     batch_nice: int = 10  # Encode/AttentionMap batch threads run this much below the event loop (0: same)
     max_running_sequences: int = 16  # generation: sequences decoded together

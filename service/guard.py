@@ -20,13 +20,14 @@ A gRPC server interceptor, so that one place covers every method of every servic
   counts the calls in flight, so shutdown can wait for them. A call counts from the moment it
   opens, before its request is read, so calls opened with nothing sent on them are bounded too.
 
-Health and reflection are never refused for load or shutdown: a probe must be answered
-whatever the server is doing. Only their streams (health's Watch, reflection's), which stay open
-and hold memory for as long as the client keeps them, are bounded: at most ``max_streams`` at
-once, beyond that RESOURCE_EXHAUSTED. A health Check sent whole is always answered; of the
-Checks whose requests have not come, at most ``max_streams`` wait, the one waiting longest
-refused to make room. And their requests, which a stream holds as long as it is open, are at
-most PROBE_REQUEST_BYTES each (INVALID_ARGUMENT beyond).
+Health and reflection (and the v2 service's liveness, readiness and metadata calls) are never
+refused for load or shutdown: a probe must be answered whatever the server is doing. Only their
+streams (health's Watch, reflection's), which stay open and hold memory for as long as the
+client keeps them, are bounded: at most ``max_streams`` at once, beyond that RESOURCE_EXHAUSTED.
+A health Check sent whole is always answered; of the probes' calls whose requests have not come,
+at most ``max_streams`` wait, the one waiting longest refused to make room. And their requests,
+which a stream holds for as long as it is open, are at most PROBE_REQUEST_BYTES each
+(INVALID_ARGUMENT beyond).
 """
 
 from __future__ import annotations
@@ -110,15 +111,18 @@ def declared(method: str) -> bool:
 EOF = grpc.aio.EOF
 NO_REQUEST = Malformed("no request message: the call ended before one whole message arrived")
 
-# Health's and reflection's requests name a service, a file or a symbol: a few dozen bytes. Held by
-# every stream open, they are bounded apart from the model's (max_request_bytes, 1 MiB): 200 health
-# Watches naming 1 MB services each held 0.6 GB of the server's memory.
+# Probes' requests (health's, reflection's, the v2 service's liveness, readiness and metadata calls')
+# name a service, a model, a file or a symbol: a few dozen bytes. Held by every stream open, they are
+# bounded apart from the model's (max_request_bytes, 1 MiB): 200 health Watches naming 1 MB services
+# each held 0.6 GB of the server's memory.
 PROBE_REQUEST_BYTES = 4096
 
 # what a call counts against from the moment it opens (CallGuard._open)
 ADMITTED = "admitted"  # the model's calls: max_concurrent
 STREAM = "stream"  # health's Watch and reflection's streams: max_streams
-CHECK = "check"  # health's Check: answered once its request is read; those waiting for it, max_streams
+# a probe's call of one request and one answer (health's Check; the v2 service's liveness, readiness
+# and metadata), answered once its request is read: those waiting for their requests, max_streams
+PROBE = "probe"
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
@@ -131,7 +135,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.in_flight = 0
         self.max_streams = max_streams
         self.streams_open = 0  # health's and reflection's, which are not admitted
-        self._checks_waiting: dict[grpc.aio.ServicerContext, None] = {}  # for their requests, oldest first
+        self._probes_waiting: dict[grpc.aio.ServicerContext, None] = {}  # for their requests, oldest first
         self._giving_up: set[asyncio.Task[None]] = set()
         self.refusing: str | None = None  # a reason, once the server drains
         self.last_arrival = time.monotonic()
@@ -180,7 +184,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if service in self.admitted or f"/{service}/{rpc}" in self.admitted:
             kind = ADMITTED
         else:  # a probe's stream or its Check: bounded apart (above)
-            kind = STREAM if handler.response_streaming else CHECK
+            kind = STREAM if handler.response_streaming else PROBE
         parse = handler.request_deserializer
         if parse is not None:
             descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
@@ -252,7 +256,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         one, is left unread, as grpc's own path for such methods leaves it."""
         await self._open(rpc, context, kind)
         try:
-            request = await (self._check_request(context) if kind is CHECK else context.read())
+            request = await (self._probe_request(rpc, context) if kind is PROBE else context.read())
             await self._check(rpc, NO_REQUEST if request is EOF else request, context)
         except BaseException:
             self._leave(kind)
@@ -289,16 +293,16 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
             self.streams_open += 1
 
-    async def _check_request(self, context: grpc.aio.ServicerContext) -> Any:
-        """A health Check's request. A Check is answered as soon as its request is read, so only
-        Checks whose requests do not come add up: at most ``max_streams`` of them wait, and past
-        that the one waiting longest is refused, never the one that opens. A Check whose request
-        comes is answered whatever others are waiting."""
-        waiting = self._checks_waiting
+    async def _probe_request(self, rpc: str, context: grpc.aio.ServicerContext) -> Any:
+        """A probe's request (PROBE). A probe is answered as soon as its request is read, so only the
+        calls whose requests do not come add up: at most ``max_streams`` of them wait, and past that
+        the one waiting longest is refused, never the one that opens. A probe whose request comes is
+        answered whatever others are waiting."""
+        waiting = self._probes_waiting
         if len(waiting) >= self.max_streams:
             oldest = next(iter(waiting))
             del waiting[oldest]
-            task = asyncio.get_running_loop().create_task(self._give_up(oldest, len(waiting) + 1))
+            task = asyncio.get_running_loop().create_task(self._give_up(rpc, oldest, len(waiting) + 1))
             self._giving_up.add(task)
             task.add_done_callback(self._giving_up.discard)
         waiting[context] = None
@@ -307,12 +311,17 @@ class CallGuard(grpc.aio.ServerInterceptor):
         finally:
             waiting.pop(context, None)
 
-    async def _give_up(self, context: grpc.aio.ServicerContext, waiting: int) -> None:
-        """Answer a Check still waiting for its request; its own read then ends, and its task with it."""
-        message = f"{waiting} health checks waiting for their requests, the limit; this one waited longest"
-        self.metrics.requests.labels("Check", grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+    async def _give_up(self, rpc: str, context: grpc.aio.ServicerContext, waiting: int) -> None:
+        """Answer a probe still waiting for its request; its own read then ends, and its task with it."""
+        message = f"{waiting} probe calls waiting for their requests, the limit; this one waited longest"
+        self.metrics.requests.labels(rpc, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
         with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    @property
+    def probes_waiting(self) -> int:
+        """Probe calls (PROBE) opened whose requests have not come."""
+        return len(self._probes_waiting)
 
     async def _refuse(self, rpc: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.metrics.requests.labels(rpc, code.name).inc()

@@ -165,11 +165,11 @@ def test_health_checks_whose_requests_never_come_are_bounded_and_a_sent_check_is
         assert [answers[s][0] for s in opened[:2]] == [RESOURCE_EXHAUSTED] * 2
         assert "waited longest" in answers[opened[0]][1]
         assert not peer.answered(set(opened[2:]), timeout=0.2)
-        assert len(guard._checks_waiting) == 3
+        assert guard.probes_waiting == 3
         assert health(served.address) == SERVING  # a Check sent whole, on a connection of its own
         whole = peer.open(CHECK, framed(b""), end=True)  # and on the same connection as those waiting
         assert peer.answered({whole})[whole][0] == 0
     finally:
         peer.close()
-    wait_for(lambda: not guard._checks_waiting)
-    assert not guard._checks_waiting
+    wait_for(lambda: not guard.probes_waiting)
+    assert not guard.probes_waiting
