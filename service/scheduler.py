@@ -217,15 +217,19 @@ class Scheduler:
 
     def expected_seconds(self, max_new_tokens: int) -> float | None:
         """Seconds until a sequence of up to ``max_new_tokens`` tokens, arriving now, would be done: its
-        wait for a slot, then its own run (an estimate). None when it would not wait (a slot is free and
-        nothing waits for one): a call is then let try whatever its deadline, as on an idle server."""
+        wait for a slot, then its own run (an estimate). None when a slot would be free for it (those
+        waiting take the free ones first): a call is then let try whatever its deadline, as on an idle
+        server, and a burst that the loop has not yet let in is not taken for a queue."""
         waiting, running = len(self.waiting), len(self.running)
-        if not waiting and running < self.limits.max_running:
+        free = self.limits.max_running - running
+        if waiting < free:
             return None
         per_token, tokens = self._seconds_per_token, self._tokens_per_sequence
-        # a running sequence ends about every per_token * tokens / running seconds, and each
-        # sequence waiting takes the slot it leaves; this one takes the one after them
-        return (waiting + 1) * per_token * tokens / max(running, 1) + per_token * min(max_new_tokens, tokens)
+        # with the slots full, a running sequence ends about every per_token * tokens / running
+        # seconds; those waiting beyond the free slots take the slots they leave, this one the next
+        sharing = running or self.limits.max_running
+        wait = (waiting - free + 1) * per_token * tokens / sharing
+        return wait + per_token * min(max_new_tokens, tokens)
 
     async def generate(
         self, prompt: list[int], params: SamplingParams, deadline: float | None, stream: bool = True

@@ -252,6 +252,39 @@ def test_a_call_that_could_not_be_done_before_its_deadline_is_refused_at_once(mo
         st.stop()
 
 
+def test_a_burst_at_an_idle_server_is_not_taken_for_a_queue(model_dir: Path) -> None:
+    """Calls that arrive together wait, for a moment, for the loop to let them into the free slots:
+    none is refused for its deadline while there are slots for all of them."""
+    st = ServerThread(config(model_dir, max_running_sequences=8)).start()
+    try:
+        assert st.server.scheduler is not None
+        rt = st.server.scheduler.runtime
+        real = rt.decode_step
+
+        def slow_step(*a, **kw):  # type: ignore[no-untyped-def]
+            time.sleep(0.02)
+            return real(*a, **kw)
+
+        rt.decode_step = slow_step  # type: ignore[method-assign]
+        stub = st.stub()
+        request = pb.GenerateRequest(prompt="The king", max_new_tokens=8, temperature=0)
+        start = time.monotonic()
+        stub.Generate(request, timeout=30)  # how long a sequence runs, learned
+        alone = time.monotonic() - start
+        # time for each to run, but not for the others' runs too, were they ahead of it in a queue
+        burst = [stub.Generate.future(request, timeout=3 * alone) for _ in range(8)]
+        codes = []
+        for call in burst:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes, codes
+    finally:
+        st.stop()
+
+
 def test_generation_metrics_move(served: ServerThread) -> None:
     before = metrics(served)
     gen(served.stub(), "The king", max_new_tokens=5, temperature=0)
