@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -30,21 +31,29 @@ def ids_of(r: pb.GenerateResponse) -> list[int]:
     return [t.token_id for t in r.tokens]
 
 
+@contextlib.contextmanager
+def slowed(model_dir: Path, **kw: object) -> Iterator[ServerThread]:
+    """A server whose decode steps take 20 ms, so that a stream is still running when the test acts."""
+    st = ServerThread(config(model_dir, **kw)).start()
+    try:
+        assert st.server.scheduler is not None
+        rt = st.server.scheduler.runtime
+        real = rt.decode_step
+
+        def slow_step(*a, **kw):  # type: ignore[no-untyped-def]
+            time.sleep(0.02)
+            return real(*a, **kw)
+
+        rt.decode_step = slow_step  # type: ignore[method-assign]
+        yield st
+    finally:
+        st.stop()
+
+
 @pytest.fixture
 def slow(model_dir: Path) -> Iterator[ServerThread]:
-    """A server whose decode steps take 20 ms, so that a stream is still running when the test acts."""
-    st = ServerThread(config(model_dir, max_running_sequences=1, max_waiting_sequences=1)).start()
-    assert st.server.scheduler is not None
-    rt = st.server.scheduler.runtime
-    real = rt.decode_step
-
-    def slow_step(*a, **kw):  # type: ignore[no-untyped-def]
-        time.sleep(0.02)
-        return real(*a, **kw)
-
-    rt.decode_step = slow_step  # type: ignore[method-assign]
-    yield st
-    st.stop()
+    with slowed(model_dir, max_running_sequences=1, max_waiting_sequences=1) as st:
+        yield st
 
 
 def test_greedy_equals_pytorch_greedy_token_for_token(served: ServerThread, tiny_checkpoint: Path) -> None:
@@ -216,17 +225,7 @@ def test_a_call_that_could_not_be_done_before_its_deadline_is_refused_at_once(mo
     go, would outlast its deadline is refused at once (RESOURCE_EXHAUSTED, to retry elsewhere),
     rather than queued to expire: under a 3x overload with 0.3 s deadlines, 5% of the server's
     capacity had still come back OK."""
-    st = ServerThread(config(model_dir, max_running_sequences=1, max_waiting_sequences=4)).start()
-    try:
-        assert st.server.scheduler is not None
-        rt = st.server.scheduler.runtime
-        real = rt.decode_step
-
-        def slow_step(*a, **kw):  # type: ignore[no-untyped-def]
-            time.sleep(0.02)
-            return real(*a, **kw)
-
-        rt.decode_step = slow_step  # type: ignore[method-assign]
+    with slowed(model_dir, max_running_sequences=1, max_waiting_sequences=4) as st:
         stub = st.stub()
         learned = gen(stub, "The king", max_new_tokens=8, temperature=0)  # how long sequences take, learned
         assert learned.usage.generated_tokens >= 1
@@ -248,24 +247,12 @@ def test_a_call_that_could_not_be_done_before_its_deadline_is_refused_at_once(mo
         time.sleep(0.1)
         running.cancel()
         assert waiting.result(60).usage.generated_tokens >= 1
-    finally:
-        st.stop()
 
 
 def test_a_burst_at_an_idle_server_is_not_taken_for_a_queue(model_dir: Path) -> None:
     """Calls that arrive together wait, for a moment, for the loop to let them into the free slots:
     none is refused for its deadline while there are slots for all of them."""
-    st = ServerThread(config(model_dir, max_running_sequences=8)).start()
-    try:
-        assert st.server.scheduler is not None
-        rt = st.server.scheduler.runtime
-        real = rt.decode_step
-
-        def slow_step(*a, **kw):  # type: ignore[no-untyped-def]
-            time.sleep(0.02)
-            return real(*a, **kw)
-
-        rt.decode_step = slow_step  # type: ignore[method-assign]
+    with slowed(model_dir, max_running_sequences=8) as st:
         stub = st.stub()
         request = pb.GenerateRequest(prompt="The king", max_new_tokens=8, temperature=0)
         start = time.monotonic()
@@ -281,8 +268,6 @@ def test_a_burst_at_an_idle_server_is_not_taken_for_a_queue(model_dir: Path) -> 
             except grpc.RpcError as e:
                 codes.append(e.code())
         assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes, codes
-    finally:
-        st.stop()
 
 
 def test_generation_metrics_move(served: ServerThread) -> None:
