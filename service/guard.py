@@ -135,7 +135,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.in_flight = 0
         self.max_streams = max_streams
         self.streams_open = 0  # health's and reflection's, which are not admitted
-        self._probes_waiting: dict[grpc.aio.ServicerContext, None] = {}  # for their requests, oldest first
+        self._probes_waiting: dict[grpc.aio.ServicerContext, str] = {}  # for their requests, oldest first: rpc
         self._giving_up: set[asyncio.Task[None]] = set()
         self.refusing: str | None = None  # a reason, once the server drains
         self.last_arrival = time.monotonic()
@@ -183,7 +183,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         service, _, rpc = method.lstrip("/").rpartition("/")
         if service in self.admitted or f"/{service}/{rpc}" in self.admitted:
             kind = ADMITTED
-        else:  # a probe's stream or its Check: bounded apart (above)
+        else:  # a probe's stream, or a probe's call of one request: bounded apart (above)
             kind = STREAM if handler.response_streaming else PROBE
         parse = handler.request_deserializer
         if parse is not None:
@@ -300,12 +300,12 @@ class CallGuard(grpc.aio.ServerInterceptor):
         answered whatever others are waiting."""
         waiting = self._probes_waiting
         if len(waiting) >= self.max_streams:
-            oldest = next(iter(waiting))
+            oldest, its_rpc = next(iter(waiting.items()))
             del waiting[oldest]
-            task = asyncio.get_running_loop().create_task(self._give_up(rpc, oldest, len(waiting) + 1))
+            task = asyncio.get_running_loop().create_task(self._give_up(its_rpc, oldest, len(waiting) + 1))
             self._giving_up.add(task)
             task.add_done_callback(self._giving_up.discard)
-        waiting[context] = None
+        waiting[context] = rpc
         try:
             return await context.read()
         finally:

@@ -20,6 +20,7 @@ import pytest
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from tests.reliability.conftest import SERVING, health
 from tests.service.conftest import ServerThread, config
+from tests.service.test_server import metrics
 
 
 class Peer:
@@ -80,6 +81,7 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 ENCODE = "/attnserve.v1.AttnServe/Encode"
 CHECK = "/grpc.health.v1.Health/Check"
+LIVE = "/inference.GRPCInferenceService/ServerLive"
 
 
 @pytest.fixture(scope="module")
@@ -154,16 +156,23 @@ def test_calls_opened_with_nothing_sent_hold_their_places_and_give_them_back(ser
 def test_health_checks_whose_requests_never_come_are_bounded_and_a_sent_check_is_answered(
     served: ServerThread,
 ) -> None:
-    """Checks are answered as soon as their requests are read, so only those whose requests never
-    come add up: past max_probe_streams (3 here) the one waiting longest is refused, never the one
-    that opens, and a Check sent whole is answered whatever waits."""
+    """Checks (and the v2 service's liveness, readiness and metadata calls) are answered as soon as
+    their requests are read, so only those whose requests never come add up: past max_probe_streams
+    (3 here) the one waiting longest is refused, never the one that opens, and a Check sent whole is
+    answered whatever waits."""
     guard = served.server.guard
+    refused = ("attnserve_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("rpc", "ServerLive")))
+    before = metrics(served).get(refused, 0)
     peer = Peer(served.address)
     try:
-        opened = [peer.open(CHECK) for _ in range(5)]
+        # the v2 service's liveness calls count with health's Checks
+        opened = [peer.open(LIVE), peer.open(LIVE)]
+        wait_for(lambda: guard.probes_waiting == 2)  # these two first
+        opened += [peer.open(CHECK) for _ in range(3)]
         answers = peer.answered(set(opened[:2]))
         assert [answers[s][0] for s in opened[:2]] == [RESOURCE_EXHAUSTED] * 2
         assert "waited longest" in answers[opened[0]][1]
+        assert metrics(served).get(refused, 0) == before + 2  # counted under the method refused
         assert not peer.answered(set(opened[2:]), timeout=0.2)
         assert guard.probes_waiting == 3
         assert health(served.address) == SERVING  # a Check sent whole, on a connection of its own
