@@ -211,8 +211,8 @@ class Scheduler:
         done_in = self.expected_seconds(max_new_tokens)
         if done_in is not None and done_in > DEADLINE_HEADROOM * left:
             raise Overloaded(
-                f"generation: a sequence arriving now would be done in about {done_in:.3f}s, more than the "
-                f"{left:.3f}s left before the deadline allows; retry later or elsewhere"
+                f"generation: a sequence arriving now would be done in about {done_in:.3f}s, too near the "
+                f"{left:.3f}s left before the deadline; retry later or elsewhere"
             )
 
     def expected_seconds(self, max_new_tokens: int) -> float | None:
