@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +27,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.config import ServerConfig
 from service.server import CLIENT_PING_SECONDS, NEVER_MS, connection_options
 from tests.reliability.conftest import SERVING, health
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, wait_for
 
 
 class Relay:
@@ -74,15 +74,6 @@ class Relay:
         self.listener.close()
         for s in self.sockets:
             s.close()
-
-
-def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture

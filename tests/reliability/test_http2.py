@@ -19,7 +19,7 @@ import pytest
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from tests.reliability.conftest import SERVING, health
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, wait_for
 from tests.service.test_server import metrics
 
 
@@ -91,12 +91,6 @@ def served(model_dir: Path) -> Iterator[ServerThread]:
     st.stop()
 
 
-def wait_for(condition: object, timeout: float = 10) -> None:
-    end = time.monotonic() + timeout
-    while not condition() and time.monotonic() < end:  # type: ignore[operator]
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize(
     "path",
     [
@@ -124,8 +118,7 @@ def test_a_call_that_ends_before_its_request_came_is_answered(
         assert code == INVALID_ARGUMENT and message.startswith("no request message")
     finally:
         peer.close()
-    wait_for(lambda: served.server.guard.in_flight == 0)  # its place given back as the call ends
-    assert served.server.guard.in_flight == 0
+    assert wait_for(lambda: served.server.guard.in_flight == 0)  # its place given back as the call ends
     assert health(served.address) == SERVING
 
 
@@ -136,8 +129,7 @@ def test_calls_opened_with_nothing_sent_hold_their_places_and_give_them_back(ser
     peer = Peer(served.address)
     try:
         held = [peer.open(ENCODE) for _ in range(4)]
-        wait_for(lambda: guard.in_flight == 4)
-        assert guard.in_flight == 4
+        assert wait_for(lambda: guard.in_flight == 4)
         over = {peer.open(ENCODE), peer.open(ENCODE)}
         answers = peer.answered(over)
         assert {code for code, _ in answers.values()} == {RESOURCE_EXHAUSTED}, answers
@@ -148,8 +140,7 @@ def test_calls_opened_with_nothing_sent_hold_their_places_and_give_them_back(ser
         assert not peer.answered(set(held), timeout=0.2)  # still waiting: nothing was sent on them
     finally:
         peer.close()
-    wait_for(lambda: guard.in_flight == 0)  # the connection closed: every place is back
-    assert guard.in_flight == 0
+    assert wait_for(lambda: guard.in_flight == 0)  # the connection closed: every place is back
     assert len(served.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
 
 
@@ -167,7 +158,7 @@ def test_health_checks_whose_requests_never_come_are_bounded_and_a_sent_check_is
     try:
         # the v2 service's liveness calls count with health's Checks
         opened = [peer.open(LIVE), peer.open(LIVE)]
-        wait_for(lambda: guard.probes_waiting == 2)  # these two first
+        assert wait_for(lambda: guard.probes_waiting == 2)  # these two first
         opened += [peer.open(CHECK) for _ in range(3)]
         answers = peer.answered(set(opened[:2]))
         assert [answers[s][0] for s in opened[:2]] == [RESOURCE_EXHAUSTED] * 2
@@ -180,5 +171,4 @@ def test_health_checks_whose_requests_never_come_are_bounded_and_a_sent_check_is
         assert peer.answered({whole})[whole][0] == 0
     finally:
         peer.close()
-    wait_for(lambda: not guard.probes_waiting)
-    assert not guard.probes_waiting
+    assert wait_for(lambda: not guard.probes_waiting)

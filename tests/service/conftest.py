@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,25 @@ class ServerThread:
 
     def stub(self) -> pb_grpc.AttnServeStub:
         return pb_grpc.AttnServeStub(grpc.insecure_channel(self.address))
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    """Whether ``condition`` came true within ``seconds`` (for what the server does once a call ends)."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def outcome(call: grpc.Future) -> tuple[grpc.StatusCode, str]:
+    """A finished call's status code and details."""
+    try:
+        call.result()
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
 
 
 def config(model_dir: Path, **kw: Any) -> ServerConfig:

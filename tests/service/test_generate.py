@@ -16,7 +16,7 @@ import torch
 
 from model.train import load_checkpoint
 from protos.attnserve.v1 import attnserve_pb2 as pb
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, outcome
 from tests.service.test_server import metrics
 
 PROMPTS = ["The king", "Good sir waits for", "A fool laughs at the moon,\nThe night", "My"]
@@ -260,13 +260,7 @@ def test_a_burst_at_an_idle_server_is_not_taken_for_a_queue(model_dir: Path) -> 
         alone = time.monotonic() - start
         # time for each to run, but not for the others' runs too, were they ahead of it in a queue
         burst = [stub.Generate.future(request, timeout=3 * alone) for _ in range(8)]
-        codes = []
-        for call in burst:
-            try:
-                call.result()
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                codes.append(e.code())
+        codes = [outcome(call)[0] for call in burst]
         assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes, codes
 
 
