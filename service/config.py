@@ -75,6 +75,11 @@ class ServerConfig:
     # this long is closed: clients send theirs at once, and gRPC's own wait, 2 minutes, let a peer
     # that opened connections and sent nothing hold a descriptor each for that long
     handshake_timeout_seconds: float = 10.0
+    # a call of one request (all but the v2 stream's and reflection's) whose request has not come
+    # whole within this long of the call opening is answered DEADLINE_EXCEEDED, giving back its place:
+    # left open with nothing sent, it held its place until the client closed the connection. Also, at
+    # a full server a call that has waited a second for its request gives its place to one that comes
+    request_read_timeout_seconds: float = 30.0
     # connections are closed (GOAWAY, their calls given grace_seconds) after this long, so that clients
     # reconnect and spread over the replicas behind a connection-level load balancer (0: never)
     max_connection_age_seconds: float = 0.0
@@ -99,8 +104,11 @@ class ServerConfig:
             raise ValueError(
                 "keepalive_seconds and max_connection_age_seconds must be >= 0, keepalive_timeout_seconds > 0"
             )
-        if self.handshake_timeout_seconds <= 0:
-            raise ValueError(f"handshake_timeout_seconds must be > 0, got {self.handshake_timeout_seconds}")
+        if self.handshake_timeout_seconds <= 0 or self.request_read_timeout_seconds <= 0:
+            raise ValueError(
+                "handshake_timeout_seconds and request_read_timeout_seconds must be > 0, got "
+                f"{self.handshake_timeout_seconds} and {self.request_read_timeout_seconds}"
+            )
         if not 0 <= self.batch_nice <= 19:
             raise ValueError(f"batch_nice must be in 0..19, got {self.batch_nice}")
         if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1 or self.max_probe_streams < 1:

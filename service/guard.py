@@ -19,15 +19,22 @@ A gRPC server interceptor, so that one place covers every method of every servic
   the server drains for shutdown, UNAVAILABLE (which clients retry elsewhere). The guard
   counts the calls in flight, so shutdown can wait for them. A call counts from the moment it
   opens, before its request is read, so calls opened with nothing sent on them are bounded too.
+* A call of one request whose request has not come whole within ``read_timeout`` of its opening is
+  answered DEADLINE_EXCEEDED; at a full bound the call that has waited longest for its request,
+  once it has waited STALLED_SECONDS, is refused in place of the one that opens; and while the
+  server drains, the model's calls that have waited that long are refused with UNAVAILABLE. Before,
+  a call left open with nothing sent held its place until its client closed the connection (and
+  the drain waited for it to the end of its grace), and a client that opened calls and sent
+  nothing kept out every other.
 
 Health and reflection (and the v2 service's liveness, readiness and metadata calls) are never
 refused for load or shutdown: a probe must be answered whatever the server is doing. Only their
 streams (health's Watch, reflection's), which stay open and hold memory for as long as the
 client keeps them, are bounded: at most ``max_streams`` at once, beyond that RESOURCE_EXHAUSTED.
 A health Check sent whole is always answered; of the probes' calls whose requests have not come,
-at most ``max_streams`` wait, the one waiting longest refused to make room. And their requests,
-which a stream holds for as long as it is open, are at most PROBE_REQUEST_BYTES each
-(INVALID_ARGUMENT beyond).
+at most ``max_streams`` wait, the one waiting longest refused to make room (however short its
+wait). And their requests, which a stream holds for as long as it is open, are at most
+PROBE_REQUEST_BYTES each (INVALID_ARGUMENT beyond).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -117,6 +125,10 @@ NO_REQUEST = Malformed("no request message: the call ended before one whole mess
 # each held 0.6 GB of the server's memory.
 PROBE_REQUEST_BYTES = 4096
 
+# A client sends a call's request with its headers, and a request read takes microseconds: at a full
+# bound, a call that has waited this long for its request gives its place to one that comes.
+STALLED_SECONDS = 1.0
+
 # what a call counts against from the moment it opens (CallGuard._open)
 ADMITTED = "admitted"  # the model's calls: max_concurrent
 STREAM = "stream"  # health's Watch and reflection's streams: max_streams
@@ -126,7 +138,14 @@ PROBE = "probe"
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, admitted: tuple[str, ...], max_concurrent: int, max_streams: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        admitted: tuple[str, ...],
+        max_concurrent: int,
+        max_streams: int,
+        read_timeout: float = 30.0,
+    ) -> None:
         self.metrics = metrics
         # full service names (all their methods) or method paths (/service/Method) whose calls are
         # bounded and drained
@@ -135,7 +154,15 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.in_flight = 0
         self.max_streams = max_streams
         self.streams_open = 0  # health's and reflection's, which are not admitted
-        self._probes_waiting: dict[grpc.aio.ServicerContext, str] = {}  # for their requests, oldest first: rpc
+        # calls of one request opened and waiting for it, by kind, oldest first: their rpc and since when
+        self._unread: dict[str, dict[grpc.aio.ServicerContext, tuple[str, float]]] = {
+            ADMITTED: {},
+            STREAM: {},
+            PROBE: {},
+        }
+        self.read_timeout = read_timeout  # a request not come whole in this long: DEADLINE_EXCEEDED
+        self.stalled_seconds = STALLED_SECONDS
+        self._sweep: asyncio.TimerHandle | None = None  # the next look for requests overdue
         self._giving_up: set[asyncio.Task[None]] = set()
         self.refusing: str | None = None  # a reason, once the server drains
         self.last_arrival = time.monotonic()
@@ -253,10 +280,26 @@ class CallGuard(grpc.aio.ServerInterceptor):
     async def _request(self, rpc: str, context: grpc.aio.ServicerContext, kind: str) -> Any:
         """Count the call in (or refuse it), then read its one request and check it; a refusal
         raises (abort). Once it returns, the caller leaves. A second message, were a client to send
-        one, is left unread, as grpc's own path for such methods leaves it."""
+        one, is left unread, as grpc's own path for such methods leaves it.
+
+        While its request has not come whole the call waits among the unread: one that waits
+        ``read_timeout`` is answered DEADLINE_EXCEEDED (``_overdue``), and at a full bound the one
+        that has waited longest, past ``stalled_seconds``, makes room for a newcomer (``_open``).
+        Of the probes' calls, at most ``max_streams`` wait: a probe is answered as soon as its
+        request is read, so only those whose requests do not come add up, and past that the one
+        waiting longest is refused, never the one that opens."""
         await self._open(rpc, context, kind)
+        unread = self._unread[kind]
         try:
-            request = await (self._probe_request(rpc, context) if kind is PROBE else context.read())
+            if kind is PROBE and len(unread) >= self.max_streams:
+                self._evict(PROBE, f"{len(unread)} probe calls waiting for their requests, the limit")
+            unread[context] = (rpc, time.monotonic())
+            if self._sweep is None:
+                self._sweep = asyncio.get_running_loop().call_later(self.read_timeout, self._overdue)
+            try:
+                request = await context.read()
+            finally:
+                unread.pop(context, None)
             await self._check(rpc, NO_REQUEST if request is EOF else request, context)
         except BaseException:
             self._leave(kind)
@@ -273,55 +316,95 @@ class CallGuard(grpc.aio.ServerInterceptor):
     async def _open(self, rpc: str, context: grpc.aio.ServicerContext, kind: str) -> None:
         """Count a call in as it opens, before its request is read, or refuse it. A call waiting for
         its request holds its place meanwhile, so calls that clients open and send nothing on are
-        bounded as all others are."""
+        bounded as all others are; at a full bound, the one that has waited longest for its request,
+        if it has waited ``stalled_seconds``, is refused in place of the one that opens."""
         if kind is ADMITTED:
             self.last_arrival = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
             if self.in_flight >= self.max_concurrent:
-                message = f"{self.in_flight} calls in progress, the limit; retry later"
-                await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                full = f"{self.in_flight} calls in progress, the limit"
+                if not self._evict_stalled(ADMITTED, full):
+                    await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
             self.in_flight += 1
             self.metrics.in_flight.set(self.in_flight)
             self._idle.clear()
         elif kind is STREAM:
             if self.streams_open >= self.max_streams:
-                message = (
-                    f"{self.streams_open} health and reflection streams open, the limit; "
-                    "close one, or ask health's Check, which is always answered"
-                )
-                await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                full = f"{self.streams_open} health and reflection streams open, the limit"
+                if not self._evict_stalled(STREAM, full):
+                    message = f"{full}; close one, or ask health's Check, which is always answered"
+                    await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
             self.streams_open += 1
 
-    async def _probe_request(self, rpc: str, context: grpc.aio.ServicerContext) -> Any:
-        """A probe's request (PROBE). A probe is answered as soon as its request is read, so only the
-        calls whose requests do not come add up: at most ``max_streams`` of them wait, and past that
-        the one waiting longest is refused, never the one that opens. A probe whose request comes is
-        answered whatever others are waiting."""
-        waiting = self._probes_waiting
-        if len(waiting) >= self.max_streams:
-            oldest, its_rpc = next(iter(waiting.items()))
-            del waiting[oldest]
-            task = asyncio.get_running_loop().create_task(self._give_up(its_rpc, oldest, len(waiting) + 1))
-            self._giving_up.add(task)
-            task.add_done_callback(self._giving_up.discard)
-        waiting[context] = rpc
-        try:
-            return await context.read()
-        finally:
-            waiting.pop(context, None)
+    def _evict_stalled(self, kind: str, full: str) -> bool:
+        """At a full bound (``full`` says which): refuse the call of ``kind`` waiting longest for its
+        request if it has waited ``stalled_seconds``, and say whether one was. Its place comes back
+        as its read ends, so meanwhile the bound is passed by the calls being refused."""
+        unread = self._unread[kind]
+        if not unread or time.monotonic() - next(iter(unread.values()))[1] < self.stalled_seconds:
+            return False
+        self._evict(kind, full)
+        return True
 
-    async def _give_up(self, rpc: str, context: grpc.aio.ServicerContext, waiting: int) -> None:
-        """Answer a probe still waiting for its request; its own read then ends, and its task with it."""
-        message = f"{waiting} probe calls waiting for their requests, the limit; this one waited longest"
-        self.metrics.requests.labels(rpc, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
-        with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+    def _evict(self, kind: str, why: str) -> None:
+        """Refuse the call of ``kind`` waiting longest for its request, to make room for another."""
+        context, (rpc, _) = next(iter(self._unread[kind].items()))
+        del self._unread[kind][context]
+        message = f"{why}; this call waited longest for its request"
+        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def _overdue(self) -> None:
+        """Answer the calls whose requests have not come whole in time, and look again when the
+        oldest left would be due. In time is within ``read_timeout``, or, for the model's calls
+        while the server drains, within ``stalled_seconds``: such a call has started nothing, and
+        the drain would wait for it (refused with UNAVAILABLE, which clients retry elsewhere)."""
+        self._sweep = None
+        now = time.monotonic()
+        next_due = math.inf
+        for kind, unread in self._unread.items():
+            draining = self.refusing if kind is ADMITTED else None  # the reason, while the server drains
+            wait = self.stalled_seconds if draining is not None else self.read_timeout
+            while unread:
+                context, (rpc, since) = next(iter(unread.items()))
+                if since + wait > now:
+                    next_due = min(next_due, since + wait)
+                    break
+                del unread[context]
+                if draining is not None:
+                    self._give_up(rpc, context, grpc.StatusCode.UNAVAILABLE, draining)
+                else:
+                    message = f"no whole request within {self.read_timeout:g} s of the call opening"
+                    self._give_up(rpc, context, grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        if next_due < math.inf:
+            self._sweep = asyncio.get_running_loop().call_later(next_due - now, self._overdue)
+
+    def _give_up(self, rpc: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        """Answer a call still waiting for its request, from a task of its own; the call's read then
+        ends, and its task with it, giving its place back."""
+
+        async def answer() -> None:
+            self.metrics.requests.labels(rpc, code.name).inc()
+            with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
+                await context.abort(code, message)
+
+        task = asyncio.get_running_loop().create_task(answer())
+        self._giving_up.add(task)
+        task.add_done_callback(self._giving_up.discard)
+
+    def refuse(self, reason: str) -> None:
+        """Refuse admitted calls from now on with UNAVAILABLE and ``reason`` (the server drains).
+        Those still waiting for their requests are refused too once they have waited
+        ``stalled_seconds`` (``_overdue``)."""
+        self.refusing = reason
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._overdue()
 
     @property
     def probes_waiting(self) -> int:
         """Probe calls (PROBE) opened whose requests have not come."""
-        return len(self._probes_waiting)
+        return len(self._unread[PROBE])
 
     async def _refuse(self, rpc: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.metrics.requests.labels(rpc, code.name).inc()

@@ -168,7 +168,13 @@ class Server:
         self.inference = InferenceServicer(self.servicer, lambda: self.serving)
         self.serving = False  # the model is loaded and the server takes calls
         admitted = (SERVICE_NAME, f"/{INFERENCE_NAME}/ModelInfer", f"/{INFERENCE_NAME}/ModelStreamInfer")
-        self.guard = CallGuard(self.metrics, admitted, config.max_concurrent_calls, config.max_probe_streams)
+        self.guard = CallGuard(
+            self.metrics,
+            admitted,
+            config.max_concurrent_calls,
+            config.max_probe_streams,
+            config.request_read_timeout_seconds,
+        )
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
@@ -254,7 +260,7 @@ class Server:
             log.info("shutting down: NOT_SERVING; still serving for %.1fs while load balancers notice", delay)
             await asyncio.sleep(delay)
         log.info("shutting down: refusing new calls; %d in progress get up to %.1fs", self.guard.in_flight, grace)
-        self.guard.refusing = "server is shutting down; retry on another replica"
+        self.guard.refuse("server is shutting down; retry on another replica")
         self.inference.closing.set()  # open v2 streams finish what they have and end
         end = time.monotonic() + grace
         if not await self.guard.drained(QUIET_SECONDS, grace):

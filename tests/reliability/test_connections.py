@@ -155,5 +155,6 @@ def test_connection_settings_as_grpc_reads_them() -> None:
     for bad in ({"keepalive_seconds": -1}, {"keepalive_timeout_seconds": 0}, {"max_connection_age_seconds": -5}):
         with pytest.raises(ValueError, match=r"keepalive_seconds and max_connection_age_seconds must be >= 0"):
             ServerConfig(**bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="handshake_timeout_seconds must be > 0"):
-        ServerConfig(handshake_timeout_seconds=0)
+    for bad in ({"handshake_timeout_seconds": 0}, {"request_read_timeout_seconds": -1}):
+        with pytest.raises(ValueError, match="handshake_timeout_seconds and request_read_timeout_seconds must be > 0"):
+            ServerConfig(**bad)  # type: ignore[arg-type]

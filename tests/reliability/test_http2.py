@@ -1,5 +1,6 @@
 """Calls made frame by frame, as no gRPC client makes them but any peer can: a call that ends before
-its request arrived, one cut mid-message, calls opened and left with nothing sent.
+its request arrived, one cut mid-message, calls opened and left with nothing sent (at a full bound,
+past the time a request has to come, and while the server drains).
 
 Each is answered, with a client error, and none is held outside the server's bounds.
 """
@@ -7,6 +8,7 @@ Each is answered, with a client error, and none is held outside the server's bou
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +18,10 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from tests.reliability.conftest import SERVING, health
 from tests.service.conftest import ServerThread, config, wait_for
 from tests.service.test_server import metrics
@@ -172,3 +176,108 @@ def test_health_checks_whose_requests_never_come_are_bounded_and_a_sent_check_is
     finally:
         peer.close()
     assert wait_for(lambda: not guard.probes_waiting)
+
+
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+WATCH = "/grpc.health.v1.Health/Watch"
+
+
+@pytest.fixture(scope="module")
+def impatient(model_dir: Path) -> Iterator[ServerThread]:
+    """A server that waits half a second for a call's request, with four places for calls and four for streams."""
+    st = ServerThread(
+        config(model_dir, max_concurrent_calls=4, max_probe_streams=4, request_read_timeout_seconds=0.5)
+    ).start()
+    yield st
+    st.stop()
+
+
+@pytest.mark.parametrize("path", [ENCODE, "/attnserve.v1.AttnServe/GenerateStream", CHECK, LIVE, WATCH])
+@pytest.mark.parametrize("body", [None, framed(pb.EncodeRequest(texts=["hello"]).SerializeToString())[:-3]],
+                         ids=["nothing sent", "a cut message"])  # fmt: skip
+def test_a_call_whose_request_does_not_come_in_time_is_answered_and_gives_back_its_place(
+    impatient: ServerThread, path: str, body: bytes | None
+) -> None:
+    """A call left open with its request unsent (or half sent) held its place until the client
+    closed its connection: a client that stalls, or a proxy that drops the body, kept it forever."""
+    guard = impatient.server.guard
+    rpc = path.rsplit("/", 1)[1]
+    timed_out = ("attnserve_requests_total", (("code", "DEADLINE_EXCEEDED"), ("rpc", rpc)))
+    before = metrics(impatient).get(timed_out, 0)
+    peer = Peer(impatient.address)
+    try:
+        sid = peer.open(path, body)
+        code, message = peer.answered({sid}, timeout=10)[sid]
+        assert code == DEADLINE_EXCEEDED and "no whole request within 0.5 s" in message, message
+        assert wait_for(lambda: guard.in_flight == 0 and guard.streams_open == 0 and not guard.probes_waiting)
+        assert metrics(impatient).get(timed_out, 0) == before + 1
+    finally:
+        peer.close()
+    assert health(impatient.address) == SERVING
+
+
+@pytest.mark.parametrize("path", [ENCODE, WATCH])
+def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that_comes(
+    impatient: ServerThread, path: str
+) -> None:
+    """Four calls opened with nothing sent fill their bound (max_concurrent_calls for the model's
+    calls, max_probe_streams for health's Watch; 4 here). A call that comes while they wait is
+    refused only while they are fresh; once one has waited a second (``stalled_seconds``) for its
+    request, the one waiting longest is refused instead, so a client that opens calls and sends
+    nothing cannot keep out those that send theirs."""
+    guard = impatient.server.guard
+    held_now = (lambda: guard.in_flight) if path == ENCODE else (lambda: guard.streams_open)
+    channel = grpc.insecure_channel(impatient.address)
+    stub, watcher = pb_grpc.AttnServeStub(channel), health_pb2_grpc.HealthStub(channel)
+
+    def newcomer() -> None:
+        if path == ENCODE:
+            assert len(stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
+        else:
+            watch = watcher.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(watch).status == SERVING
+            watch.cancel()
+
+    assert health(impatient.address, channel=channel) == SERVING  # connected before the clock starts
+    guard.read_timeout = 30.0  # the held calls are not to time out here
+    peer = Peer(impatient.address)
+    try:
+        held = [peer.open(path) for _ in range(4)]
+        assert wait_for(lambda: held_now() == 4)
+        with pytest.raises(grpc.RpcError) as e:  # fresh: the newcomer is refused, as at any full server
+            newcomer()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        time.sleep(guard.stalled_seconds + 0.1)
+        newcomer()
+        answers = peer.answered(set(held), timeout=1)
+        assert list(answers) == [held[0]] and answers[held[0]][0] == RESOURCE_EXHAUSTED, answers
+        assert "waited longest for its request" in answers[held[0]][1]
+        assert wait_for(lambda: held_now() == 3)  # the three left; the newcomer has gone
+    finally:
+        peer.close()
+        channel.close()
+        guard.read_timeout = 0.5
+    assert wait_for(lambda: held_now() == 0)
+
+
+def test_on_shutdown_a_call_still_waiting_for_its_request_is_refused_not_waited_for(model_dir: Path) -> None:
+    """The drain waits for the calls in progress. One opened with nothing sent held the shutdown for
+    the whole grace period; it has started no work, so once the server refuses calls and it has
+    waited a second (``stalled_seconds``) it is refused with UNAVAILABLE (which clients retry on
+    another replica), and the drain goes on without it."""
+    st = ServerThread(config(model_dir)).start()
+    peer = Peer(st.address)
+    try:
+        sid = peer.open(ENCODE)
+        assert wait_for(lambda: st.server.guard.in_flight == 1)
+        start = time.monotonic()
+        stopping = threading.Thread(target=st.stop, kwargs={"grace": 20})
+        stopping.start()
+        code, message = peer.answered({sid})[sid]
+        assert code == grpc.StatusCode.UNAVAILABLE.value[0] and "shutting down" in message, message
+        peer.close()  # (h2 takes no frame after a GOAWAY, so it cannot answer the ping gRPC's stop sends with it)
+        stopping.join(20)
+        assert time.monotonic() - start < 5  # a second's wait and the drain's quiet second, not the grace period
+    finally:
+        peer.close()
+        st.stop()
