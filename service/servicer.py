@@ -54,13 +54,14 @@ class RequestLimits:
 
 class AttentionBudget:
     """The bytes of attention maps taken for calls in progress, up to a limit: taken before a map is
-    computed, given back when its call has ended (its answer handed to gRPC, or the call gone).
+    computed, given back when its call has ended (its answer sent, or the call gone).
     Beyond the limit a call is refused at once; one call is always let through, whatever its size.
     A map is held several times over on its way out (the array, its bytes, the message, gRPC's copy):
     a burst of 256 calls for 3 MB maps whose clients read nothing took the server to 2.6 GB, past the
-    2 GiB its Kubernetes manifest allows, and to 0.55 GB with the default limit. What gRPC's transport
-    still holds for a client that reads nothing, once the call has ended here, is not counted: it goes
-    when the connection does (keepalive, max_connection_age) or the call's deadline passes."""
+    2 GiB its Kubernetes manifest allows, and to 0.55 GB with the default limit. A client that reads
+    nothing holds its maps here for as long as its call lasts: the answer waits in gRPC's transport
+    for a window that does not open, and the call ends with its deadline or its connection (keepalive
+    finds out a client that stops answering pings; max_connection_age_seconds, one that answers them)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

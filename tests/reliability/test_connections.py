@@ -27,6 +27,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.config import ServerConfig
 from service.server import CLIENT_PING_SECONDS, NEVER_MS, connection_options
 from tests.reliability.conftest import SERVING, health
+from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config, wait_for
 
 
@@ -158,3 +159,36 @@ def test_connection_settings_as_grpc_reads_them() -> None:
     for bad in ({"handshake_timeout_seconds": 0}, {"request_read_timeout_seconds": -1}):
         with pytest.raises(ValueError, match="handshake_timeout_seconds and request_read_timeout_seconds must be > 0"):
             ServerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_client_that_reads_nothing_holds_its_answers_until_its_connection_ages_out(model_dir: Path) -> None:
+    """A client that asks for an attention map and reads none of it (its HTTP/2 window left shut)
+    holds the map's bytes in the budget, and the answer in gRPC's transport, for as long as its
+    connection lives: a call cannot end while its answer waits, grpc.aio has no way to reset a stream
+    from the server, and keepalive finds out only clients that stop answering pings (a live one's
+    HTTP/2 stack answers them). The connection's age ends it: past max_connection_age_seconds and
+    its grace the connection is closed, and what its calls held comes back."""
+    st = ServerThread(config(model_dir, max_attention_bytes=1, max_connection_age_seconds=1.0, grace_seconds=1.0))
+    st.start()
+    budget = st.server.servicer.attention_budget
+    # cut to the tiny model's context, 64 tokens: a map of 128 KiB, past the 64 KiB a shut window lets out
+    text = "the king speaks to the court " * 30
+    stub = st.stub()
+    peer = Peer(st.address)
+    try:
+        peer.open(
+            "/attnserve.v1.AttnServe/AttentionMap",
+            framed(pb.AttentionMapRequest(text=text, truncation=pb.TRUNCATION_END).SerializeToString()),
+            end=True,
+        )
+        assert peer.idle(lambda: budget.held > 0)
+        peer.idle(lambda: False, 0.5)
+        assert budget.held > 0  # computed, and waiting for a window that does not open
+        with pytest.raises(grpc.RpcError) as e:
+            stub.AttentionMap(pb.AttentionMapRequest(text="the crown"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert peer.idle(lambda: budget.held == 0, 15)  # an age of 1 s (gRPC adds up to 10%) and 1 s of grace
+        assert len(stub.AttentionMap(pb.AttentionMapRequest(text="the crown"), timeout=10).probabilities) > 0
+    finally:
+        peer.close()
+        st.stop()

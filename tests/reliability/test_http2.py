@@ -7,16 +7,18 @@ Each is answered, with a client error, and none is held outside the server's bou
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -69,6 +71,24 @@ class Peer:
                     self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             self._flush()
         return {s: self.statuses[s] for s in streams if s in self.statuses}
+
+    def idle(self, condition: Callable[[], bool], seconds: float = 10) -> bool:
+        """Read until ``condition`` holds or ``seconds`` pass, answering the server's settings and pings
+        as any HTTP/2 peer does but taking none of its data: its windows stay shut, as a client that
+        reads nothing leaves them. Whether ``condition`` came to hold."""
+        end = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > end:
+                return False
+            self.sock.settimeout(0.02)
+            # (h2 takes no frame after the server's GOAWAY: what comes after it is read and dropped)
+            with contextlib.suppress(TimeoutError, OSError, h2.exceptions.ProtocolError):
+                if data := self.sock.recv(65536):
+                    self.h2.receive_data(data)
+                    self._flush()
+                else:
+                    time.sleep(0.02)  # closed by the server
+        return True
 
     def close(self) -> None:
         self.sock.close()
