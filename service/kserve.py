@@ -300,7 +300,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     # inference
 
     async def ModelInfer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
-        def hold(release: Callable[[], None]) -> None:  # until the answer is handed over, or the call gone
+        def hold(release: Callable[[], None]) -> None:  # until the answer is sent, or the call gone
             context.add_done_callback(lambda _: release())
 
         async def handle() -> v2.ModelInferResponse:
@@ -421,7 +421,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         hold: Callable[[Callable[[], None]], None],
     ) -> AsyncIterator[v2.ModelInferResponse]:
         """The request's responses; ``hold`` is given what gives back what the request holds (an
-        attention map's bytes), for the caller to call once the responses are handed over."""
+        attention map's bytes), for the caller to call once the responses are sent."""
         model, version = self._model(request.model_name, request.model_version)
         _, available = self._signature(model)
         outputs = Outputs(request, model, available)

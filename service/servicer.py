@@ -43,7 +43,7 @@ class RequestLimits:
     max_texts_per_request: int = 64
     max_text_bytes: int = 256 * 1024  # one text (UTF-8); beyond the context only a prefix is tokenized anyway
     max_request_bytes: int = 1024 * 1024  # all texts of one request together
-    # attention maps being computed or handed over, all calls together (see AttentionBudget)
+    # attention maps being computed or sent, all calls together (see AttentionBudget)
     max_attention_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -99,7 +99,7 @@ class Attended:
     layers: list[int]
     heads: list[int]
     truncated: bool
-    release: Callable[[], None]  # gives its bytes back to the AttentionBudget: call once the answer is handed over
+    release: Callable[[], None]  # gives its bytes back to the AttentionBudget: call once the answer is sent
 
 
 # What a client may know of the model directory's config.json: the model, not where it was made.
@@ -284,7 +284,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         async def handle() -> pb.AttentionMapResponse:
             start = time.monotonic()
             done = await self.attention_map(request, self._deadline(context))
-            context.add_done_callback(lambda _: done.release())  # once the answer is handed over, or the call gone
+            context.add_done_callback(lambda _: done.release())  # once the answer is sent, or the call gone
             out = done.output
             fp16 = request.precision == pb.PRECISION_FP16
             packed = np.asarray(out.probs, "<f2" if fp16 else "<f4").tobytes()  # no copy where it is <f4 already
