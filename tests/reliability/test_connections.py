@@ -1,6 +1,6 @@
 """Connections that go wrong below gRPC: a client that vanishes without closing its connection, a peer
-that opens connections and sends nothing on them, and connections recycled by age so that clients
-spread over replicas.
+that opens connections and sends nothing on them, connections recycled by age so that clients
+spread over replicas, and a client that reads none of its answers.
 
 Between the client and the server runs a TCP relay that forwards bytes both ways until it is frozen;
 frozen, it keeps both connections open and forwards nothing, as a client host that lost power or a
@@ -189,6 +189,40 @@ def test_a_client_that_reads_nothing_holds_its_answers_until_its_connection_ages
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert peer.idle(lambda: budget.held == 0, 15)  # an age of 1 s (gRPC adds up to 10%) and 1 s of grace
         assert len(stub.AttentionMap(pb.AttentionMapRequest(text="the crown"), timeout=10).probabilities) > 0
+    finally:
+        peer.close()
+        st.stop()
+
+
+def test_a_client_that_reads_none_of_its_streams_holds_their_places_and_no_one_waits_on_it(
+    model_dir: Path,
+) -> None:
+    """Streams whose client reads none of their messages: once its window is full their messages wait
+    in gRPC's transport and each stream keeps its place in max_concurrent_calls until its connection
+    goes, but their sequences are generated and retired as any others, so the generation loop waits
+    on no client and everyone else's calls are served meanwhile."""
+    st = ServerThread(config(model_dir)).start()
+    guard, scheduler = st.server.guard, st.server.scheduler
+    # each token with its 20 likeliest alternatives and where it attended: ~1 KB a message, so eight
+    # streams pass the 64 KiB window a client that reads nothing leaves shut
+    heavy = pb.GenerateRequest(
+        prompt="the king", max_new_tokens=48, temperature=1.0, seed=7, logprobs=True, top_logprobs=20,
+        return_attention=True,
+    )  # fmt: skip
+    stub = st.stub()
+    peer = Peer(st.address)
+    try:
+        for _ in range(8):
+            peer.open("/attnserve.v1.AttnServe/GenerateStream", framed(heavy.SerializeToString()), end=True)
+        assert peer.idle(lambda: guard.in_flight == 8 and not scheduler.running and not scheduler.waiting)
+        peer.idle(lambda: False, 1.0)
+        assert guard.in_flight == 8  # their messages still wait for the window
+        light = pb.GenerateRequest(prompt="the crown", max_new_tokens=16)
+        assert stub.Generate(light, timeout=10).usage.generated_tokens > 0
+        assert list(stub.GenerateStream(light, timeout=10))[-1].finish_reason
+        assert len(stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
+        peer.close()
+        assert wait_for(lambda: guard.in_flight == 0)  # the connection gone, the places are back
     finally:
         peer.close()
         st.stop()
