@@ -375,7 +375,13 @@ async def serve_grpclib(model_dir: Path, port: int, stream_interval: int) -> Non
     runtime = Runtime(model_dir, config.runtime_options())
     metrics = Metrics()
     servicer = AttnServeServicer(metrics, config.request_limits())
-    guard = CallGuard(metrics, (SERVICE_NAME,), config.max_concurrent_calls, config.max_probe_streams)
+    guard = CallGuard(
+        metrics,
+        (SERVICE_NAME,),
+        config.max_concurrent_calls,
+        config.max_probe_streams,
+        config.request_read_timeout_seconds,
+    )
     engine = Engine(runtime, config.batch_limits(False, runtime.cpu_threads), metrics, config.batch_nice)
     engine.start()
     scheduler = Scheduler(runtime, config.generation_limits(), metrics)

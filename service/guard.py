@@ -144,7 +144,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         admitted: tuple[str, ...],
         max_concurrent: int,
         max_streams: int,
-        read_timeout: float = 30.0,
+        read_timeout: float,
     ) -> None:
         self.metrics = metrics
         # full service names (all their methods) or method paths (/service/Method) whose calls are
@@ -384,9 +384,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         ends, and its task with it, giving its place back."""
 
         async def answer() -> None:
-            self.metrics.requests.labels(rpc, code.name).inc()
             with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
-                await context.abort(code, message)
+                await self._refuse(rpc, context, code, message)
 
         task = asyncio.get_running_loop().create_task(answer())
         self._giving_up.add(task)
