@@ -7,7 +7,6 @@ Each subcommand imports its heavy dependencies only when it runs, so that the se
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -72,7 +71,8 @@ def _bench(args: argparse.Namespace) -> int:
     import json
 
     bench = importlib.import_module(f"bench.{args.bench}")
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "bench", "func", "json", "log_level")}
+    skipped = ("command", "bench", "func", "json", "log_level", "log_format")
+    options = {k: v for k, v in vars(args).items() if k not in skipped}
     result = bench.run(**options)
     sys.stdout.write(bench.table(result) + "\n")
     if args.json:
@@ -82,7 +82,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnserve", description="Train, export and serve a compact transformer.")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    from service.logs import FORMATS, LEVELS
+
+    env = os.environ
+    level, fmt = env.get("ATTNSERVE_LOG_LEVEL") or "INFO", env.get("ATTNSERVE_LOG_FORMAT") or "text"
+    p.add_argument(
+        "--log-level", type=str.upper, choices=LEVELS, default=level.upper(),
+        help=f"least severe records logged (default {level.upper()}; env ATTNSERVE_LOG_LEVEL)",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-format", choices=FORMATS, default=fmt,
+        help=f"text, or one JSON object a line for a log pipeline (default {fmt}; env ATTNSERVE_LOG_FORMAT)",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a text corpus")
@@ -116,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Defaults from the environment, so that a probe in the server's container (its HEALTHCHECK)
     # dials the port the server listens on (ATTNSERVE_PORT) and speaks TLS where the server does.
-    env = os.environ
     address = env.get("ATTNSERVE_CLIENT_ADDRESS") or f"localhost:{env.get('ATTNSERVE_PORT') or 50051}"
     c = sub.add_parser("client", help="call a running server")
     c.add_argument(
@@ -220,8 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from service.logs import configure
+
+    try:
+        configure(args.log_level, args.log_format)
+    except ValueError as e:  # from the environment: argparse checks only what was given as flags
+        parser.error(str(e))
     return int(args.func(args))
 
 

@@ -7,6 +7,7 @@ started from it answers over gRPC.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,6 +46,7 @@ def test_every_serving_dependency_declares_a_floor() -> None:
         "onnxruntime",
         "prometheus-client",
         "protobuf",
+        "python-json-logger",
         "tokenizers",
     }
 
@@ -57,8 +59,10 @@ def test_the_server_runs_on_every_floor(model_dir: Path, tmp_path: Path) -> None
     for pin in floors():
         assert pin.lower() in freeze.stdout.lower().replace("_", "-"), (pin, freeze.stdout)
 
-    cmd = [str(python), "-m", "service.cli", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "0", "--device", "cpu", "--drain-delay-seconds", "0"]  # fmt: skip
+    # logging JSON, as the Kubernetes manifests have it, so the floor's python-json-logger is run too
+    cmd = [str(python), "-m", "service.cli", "--log-format", "json", "serve", "--model-dir", str(model_dir),
+           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cpu",
+           "--drain-delay-seconds", "0"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     assert proc.stderr is not None
@@ -68,6 +72,7 @@ def test_the_server_runs_on_every_floor(model_dir: Path, tmp_path: Path) -> None
             if m := re.search(r"gRPC on \S+:(\d+)", line):
                 port = int(m.group(1))
             if "serving " in line:
+                assert json.loads(line)["message"].startswith("serving ")
                 break
         else:
             pytest.fail(f"the server did not start on the floor versions (exit {proc.wait(10)})")

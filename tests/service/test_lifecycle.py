@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -42,6 +43,26 @@ def test_sigterm_with_requests_in_flight_loses_none(process: tuple[subprocess.Po
     assert proc.wait(30) == 0
     assert proc.stderr is not None
     assert "stopped" in proc.stderr.read()
+
+
+def test_a_server_told_to_log_json_writes_nothing_else(model_dir: Path) -> None:
+    """ATTNSERVE_LOG_FORMAT=json: every line on stderr, through a call and a drain, is a JSON record."""
+    env = {**os.environ, "ATTNSERVE_LOG_FORMAT": "json", "ATTNSERVE_DRAIN_DELAY_SECONDS": "0"}
+    proc, port = start_server(model_dir, env=env)
+    try:
+        stub = pb_grpc.AttnServeStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        assert stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=20).embeddings
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert proc.stderr is not None
+        records = [json.loads(line) for line in proc.stderr.read().splitlines()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [r["message"] for r in records][-1] == "stopped"
+    assert {r["logger"] for r in records} == {"service.server"}
+    assert all(r["level"] == "INFO" and r["time"] for r in records)
 
 
 def test_sigint_stops_an_idle_server_cleanly(process: tuple[subprocess.Popen[str], int]) -> None:
