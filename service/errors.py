@@ -2,7 +2,7 @@
 
 As in KServe's server: the layers below the transport raise what went wrong in their own
 terms; ``status_for`` decides what the client is told. Anything else is INTERNAL with a
-generic message, its details logged.
+generic message, its details logged (under an id the servicer adds to the message).
 """
 
 from __future__ import annotations

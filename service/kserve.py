@@ -337,7 +337,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as e:
-                code, message = self.native.failure("ModelStreamInfer", e)
+                code, message = self.native.failure("ModelStreamInfer", e, context)
                 error = v2.ModelInferResponse(model_name=request.model_name, id=request.id)
                 await queue.put(v2.ModelStreamInferResponse(error_message=message, infer_response=error))
             finally:

@@ -2,7 +2,7 @@
 
 Every RPC goes through ``_call``, which counts it, times it, and turns what the layers below
 raise into a gRPC status: domain errors by their code, anything else as INTERNAL with a
-generic message (the details go to the log, never to the client).
+generic message and an id (the details go to the log under that id, never to the client).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import platform
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -34,6 +35,11 @@ from service.scheduler import Event, Finish, Scheduler, Token
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# The header a client, a proxy or a service mesh names a request with: logged with an internal
+# error, so that the client's record and the server's can be put side by side.
+REQUEST_ID = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         try:
             result = await handler()
         except Exception as e:
-            code, message = self.failure(rpc, e)
+            code, message = self.failure(rpc, e, context)
             self._observe(rpc, code, start)  # before answering, so a client that reads metrics next sees it
             await context.abort(code, message)
             raise  # abort raises; this line is for type checkers
@@ -171,11 +177,22 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         return result
 
     @staticmethod
-    def failure(rpc: str, e: Exception) -> tuple[grpc.StatusCode, str]:
-        """What the client is told of an exception; one of the server's own is logged, with its trace."""
+    def failure(rpc: str, e: Exception, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+        """What the client is told of an exception. One of the server's own is logged with its trace
+        under an id of its own, with the caller's address and the request's id (``x-request-id``)
+        where it sent one, and the client is told that id and nothing else of it: so the record of a
+        failed call can be found among the server's, from the client's side."""
         code, message = status_for(e)
         if code == grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", rpc)
+            error = secrets.token_hex(8)
+            peer = context.peer()
+            request_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID), None)
+            caller = {"rpc": rpc, "error_id": error, "peer": peer}
+            if isinstance(request_id, str):
+                caller["request_id"] = request_id[:MAX_REQUEST_ID_CHARS]
+            said = "; ".join(f"{k} {v}" for k, v in caller.items() if k != "rpc")
+            log.error("%s failed (%s)", rpc, said, exc_info=e, extra=caller)
+            message = f"{message} as error {error}"
         return code, message
 
     def _observe(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
@@ -482,7 +499,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             scheduler = self._scheduler()
             token_text = self._engine().token_text
         except Exception as e:
-            code, message = status_for(e)
+            code, message = self.failure("GenerateStream", e, context)
             self._observe("GenerateStream", code, start)
             await context.abort(code, message)
             raise
@@ -494,7 +511,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:
-            code, message = self.failure("GenerateStream", e)
+            code, message = self.failure("GenerateStream", e, context)
             self._observe("GenerateStream", code, start)
             await context.abort(code, message)
             raise

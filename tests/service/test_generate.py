@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -327,5 +328,30 @@ def test_a_failing_step_fails_its_sequences_and_generation_goes_on(model_dir: Pa
         assert e.value.code() == grpc.StatusCode.INTERNAL and "device" not in e.value.details()
         assert gen(st.stub(), "The king", max_new_tokens=5).usage.generated_tokens == 5
         assert metrics(st)[("attnserve_generate_running_sequences", ())] == 0
+    finally:
+        st.stop()
+
+
+def test_a_stream_that_fails_before_its_first_token_logs_the_fault_under_the_id_it_answers(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault of the server's own while a stream's prompt is made ready is INTERNAL, as later in the
+    stream, and its trace is logged under the id the client is told (it had been answered unlogged)."""
+    st = ServerThread(config(model_dir)).start()
+    try:
+        servicer = st.server.servicer
+
+        async def broken(*a, **kw):  # type: ignore[no-untyped-def]
+            raise RuntimeError("the prompt's tokenizer fell over")
+
+        servicer._generation = broken  # type: ignore[method-assign]
+        with pytest.raises(grpc.RpcError) as e, caplog.at_level(logging.ERROR, "service.servicer"):
+            list(st.stub().GenerateStream(pb.GenerateRequest(prompt="The king", max_new_tokens=5), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "tokenizer" not in e.value.details()
+        error = e.value.details().rsplit(" ", 1)[-1]
+        (record,) = [r for r in caplog.records if getattr(r, "error_id", None) == error]
+        assert record.rpc == "GenerateStream" and "fell over" in str(record.exc_info[1])  # type: ignore
+        del servicer._generation  # the class's own again
+        assert len(list(st.stub().GenerateStream(pb.GenerateRequest(prompt="The king", max_new_tokens=5)))) >= 1
     finally:
         st.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import queue
 import struct
 import threading
@@ -161,6 +162,39 @@ def test_a_stream_serves_many_requests_and_reports_each_failure(v2_stub: v2_grpc
     assert [(r.infer_response.id, r.error_message.split(":")[0]) for r in errors] == [("req2", "model_name")]
     ids = [r.infer_response.id for r in responses if not r.error_message]
     assert ids.count("req0") == 1 and ids.count("req3") == 1 and 1 <= ids.count("req1") <= 3
+
+
+def test_a_fault_of_the_servers_own_in_a_stream_is_reported_under_the_id_it_is_logged_with(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream's error_message for it says only that the server logged it, and as which error;
+    the stream goes on."""
+    st = ServerThread(config(model_dir)).start()
+    try:
+        engine = st.server.engine
+        assert engine is not None
+        real = engine.runtime.encode
+        calls = {"n": 0}
+
+        def flaky(ids: np.ndarray, mask: np.ndarray):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("device lost its mind")
+            return real(ids, mask)
+
+        engine.runtime.encode = flaky  # type: ignore[method-assign]
+        stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(st.address))
+        with caplog.at_level(logging.ERROR, "service.servicer"):
+            first = list(stub.ModelStreamInfer(iter([infer("attnserve-encode", TEXTS)]), timeout=30))
+            second = list(stub.ModelStreamInfer(iter([infer("attnserve-encode", TEXTS)]), timeout=30))
+        (failed,) = first
+        assert failed.error_message.startswith("internal error") and "device" not in failed.error_message
+        error = failed.error_message.rsplit(" ", 1)[-1]
+        (record,) = [r for r in caplog.records if getattr(r, "error_id", None) == error]
+        assert record.rpc == "ModelStreamInfer" and "mind" in str(record.exc_info[1])  # type: ignore
+        assert not second[0].error_message
+    finally:
+        st.stop()
 
 
 def test_attention_maps_give_their_bytes_back_on_either_protocol(

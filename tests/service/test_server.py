@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from service.batcher import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS
 from service.client import decode_probabilities
+from service.errors import INTERNAL_MESSAGE
 from service.runtime import Runtime, RuntimeOptions
 from service.servicer import add_embeddings
 from tests.service.conftest import ServerThread, config
@@ -235,7 +238,9 @@ def test_a_call_whose_deadline_passes_in_the_queue_never_reaches_the_model(model
         st.stop()
 
 
-def test_a_failing_batch_fails_only_its_requests(model_dir: Path) -> None:
+def test_a_failing_batch_fails_only_its_requests(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """And the client is told an id for the failure, which the server logged with its trace, the
+    caller's address and the request's own id, and nothing else of it."""
     st = ServerThread(config(model_dir)).start()
     try:
         engine = st.server.engine
@@ -250,10 +255,16 @@ def test_a_failing_batch_fails_only_its_requests(model_dir: Path) -> None:
             return real(ids, mask)
 
         engine.runtime.encode = flaky  # type: ignore[method-assign]
-        with pytest.raises(grpc.RpcError) as e:
-            st.stub().Encode(pb.EncodeRequest(texts=["unlucky"]))
+        with pytest.raises(grpc.RpcError) as e, caplog.at_level(logging.ERROR, "service.servicer"):
+            st.stub().Encode(pb.EncodeRequest(texts=["unlucky"]), metadata=[("x-request-id", "req-42")])
         assert e.value.code() == grpc.StatusCode.INTERNAL
         assert "device" not in e.value.details()  # the detail stays in the log
+        error = re.fullmatch(re.escape(INTERNAL_MESSAGE) + r" as error ([0-9a-f]{16})", e.value.details())
+        assert error is not None
+        (record,) = [r for r in caplog.records if getattr(r, "error_id", None) == error.group(1)]
+        assert record.exc_info is not None and "device lost its mind" in str(record.exc_info[1])
+        assert (record.rpc, record.request_id) == ("Encode", "req-42")  # type: ignore[attr-defined]
+        assert record.peer.startswith("ipv") and error.group(1) in record.getMessage()  # type: ignore[attr-defined]
         assert st.stub().Encode(pb.EncodeRequest(texts=["lucky"])).embeddings
     finally:
         st.stop()
