@@ -22,6 +22,7 @@ import yaml
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from service.config import ServerConfig
+from service.logs import FORMATS
 from tests.service.conftest import ServerThread, config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,6 +154,7 @@ def test_ports_probes_and_grace_period_agree_with_the_server() -> None:
     assert pod["terminationGracePeriodSeconds"] > cfg.drain_delay_seconds + cfg.grace_seconds
     # vanished clients are found out, and connections are recycled so that new replicas get calls
     assert cfg.keepalive_seconds > 0 and cfg.max_connection_age_seconds > 0
+    assert env["ATTNSERVE_LOG_FORMAT"] == "json" in FORMATS  # for the cluster's log pipeline
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["runAsNonRoot"]
