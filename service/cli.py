@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=env.get("ATTNSERVE_CLIENT_TLS_SERVER_NAME") or None,
         help="name to check the server's certificate against (env ATTNSERVE_CLIENT_TLS_SERVER_NAME)",
     )
+    c.add_argument(
+        "--api-key",
+        default=env.get("ATTNSERVE_CLIENT_API_KEY") or None,
+        help="key sent with every call, for a server with --api-keys-file (env ATTNSERVE_CLIENT_API_KEY, "
+        "which keeps it out of the process list)",
+    )
     csub = c.add_subparsers(dest="client_command", required=True)
     ce = csub.add_parser("encode", help="embeddings of texts")
     ce.add_argument("texts", nargs="+")

@@ -7,12 +7,15 @@ since people would rather look at these maps than read them; that needs matplotl
 The client imports gRPC, the generated API and numpy, never the server's modules: ``client
 health`` is a container's health probe, run every few seconds, and must start fast. With
 ``--tls-ca`` it speaks TLS, and with ``--tls-cert``/``--tls-key`` it presents a client
-certificate (for servers started with ``--tls-client-ca``).
+certificate (for servers started with ``--tls-client-ca``). With ``--api-key`` (or
+``ATTNSERVE_CLIENT_API_KEY``, which keeps it out of the process list) every call carries it as
+``authorization: Bearer <key>``, for servers started with ``--api-keys-file``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
@@ -30,26 +33,67 @@ def decode_probabilities(response: pb.AttentionMapResponse) -> np.ndarray:
     return np.frombuffer(response.probabilities, dtype=dtype).reshape(tuple(response.shape))
 
 
+class _Key(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <key>`` to every call. (gRPC's call credentials do the same, but
+    only on a TLS channel, and a server may take its TLS from a mesh in front of it.)"""
+
+    def __init__(self, key: str) -> None:
+        self.header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(d.metadata or ()), self.header]
+        return _Details(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)  # type: ignore[attr-defined]
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), requests)
+
+
+class _Details(
+    collections.namedtuple(
+        "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    """A call's details, its metadata replaced."""
+
+
 def channel(
     address: str,
     tls_ca: Path | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     server_name: str | None = None,
+    api_key: str | None = None,
 ) -> grpc.Channel:
     """A channel to the server: plain, TLS (tls_ca: the CA that signed the server's certificate), or
-    mutual TLS (also the client's own certificate and key)."""
+    mutual TLS (also the client's own certificate and key); with ``api_key``, every call carries it."""
     if tls_ca is None and tls_cert is None:
-        return grpc.insecure_channel(address)
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=tls_ca.read_bytes() if tls_ca else None,
-        private_key=tls_key.read_bytes() if tls_key else None,
-        certificate_chain=tls_cert.read_bytes() if tls_cert else None,
-    )
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(address, creds, options=options)
+        ch = grpc.insecure_channel(address)
+    else:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=tls_ca.read_bytes() if tls_ca else None,
+            private_key=tls_key.read_bytes() if tls_key else None,
+            certificate_chain=tls_cert.read_bytes() if tls_cert else None,
+        )
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        ch = grpc.secure_channel(address, creds, options=options)
+    return grpc.intercept_channel(ch, _Key(api_key)) if api_key else ch
 
 
 def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
@@ -84,7 +128,7 @@ def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        ch = channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        ch = channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name, args.api_key)
     except (OSError, ValueError) as problem:
         sys.stderr.write(f"attnserve client: {problem}\n")
         return 2

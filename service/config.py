@@ -86,6 +86,12 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # given: clients must present a certificate signed by it (mutual TLS)
+    # API keys, one a line (blank lines and lines starting with # skipped; several, so that a key can be
+    # replaced without a moment when neither works): given, every call to the model's services must
+    # carry "authorization: Bearer <one of them>", or is answered UNAUTHENTICATED; health, reflection
+    # and the v2 service's liveness, readiness and metadata stay open to probes. Keys travel in the
+    # clear without TLS
+    api_keys_file: Path | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -113,10 +119,33 @@ class ServerConfig:
             raise ValueError(f"batch_nice must be in 0..19, got {self.batch_nice}")
         if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1 or self.max_probe_streams < 1:
             raise ValueError("max_message_bytes must be >= 1024, max_concurrent_calls and max_probe_streams >= 1")
+        self.api_keys()  # the file is there and holds keys
         self.runtime_options()  # validates device and variant
         self.batch_limits()
         self.generation_limits()
         self.request_limits()
+
+    def api_keys(self) -> frozenset[str] | None:
+        """The keys in ``api_keys_file``, or None where there is none to check."""
+        if self.api_keys_file is None:
+            return None
+        try:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ValueError(f"api_keys_file: cannot read {self.api_keys_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"api_keys_file: {self.api_keys_file} is not UTF-8 text") from None
+        keys = set()
+        for number, line in enumerate(lines, 1):
+            key = line.strip()
+            if not key or key.startswith("#"):
+                continue
+            if not all("!" <= c <= "~" for c in key):  # a header's value: printable ASCII, no spaces
+                raise ValueError(f"api_keys_file: line {number} is not a key (printable ASCII, no spaces)")
+            keys.add(key)
+        if not keys:
+            raise ValueError(f"api_keys_file: {self.api_keys_file} holds no key")
+        return frozenset(keys)
 
     def request_limits(self) -> RequestLimits:
         from service.servicer import RequestLimits

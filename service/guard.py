@@ -19,6 +19,9 @@ A gRPC server interceptor, so that one place covers every method of every servic
   the server drains for shutdown, UNAVAILABLE (which clients retry elsewhere). The guard
   counts the calls in flight, so shutdown can wait for them. A call counts from the moment it
   opens, before its request is read, so calls opened with nothing sent on them are bounded too.
+* With ``api_keys``, the admitted services' calls must carry ``authorization: Bearer <key>`` with
+  one of them, or are answered UNAUTHENTICATED before they count against any bound. The probes
+  below never need one.
 * A call of one request whose request has not come whole within ``read_timeout`` of its opening is
   answered DEADLINE_EXCEEDED; at a full bound the call that has waited longest for its request,
   once it has waited STALLED_SECONDS, is refused in place of the one that opens; and while the
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import inspect
 import logging
 import math
@@ -145,8 +149,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
         max_concurrent: int,
         max_streams: int,
         read_timeout: float,
+        api_keys: frozenset[str] | None = None,
     ) -> None:
         self.metrics = metrics
+        # the keys an admitted call may carry (None: no key needed), as bytes, compared in constant time
+        self.api_keys = None if api_keys is None else tuple(k.encode() for k in sorted(api_keys))
         # full service names (all their methods) or method paths (/service/Method) whose calls are
         # bounded and drained
         self.admitted = admitted
@@ -319,6 +326,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         bounded as all others are; at a full bound, the one that has waited longest for its request,
         if it has waited ``stalled_seconds``, is refused in place of the one that opens."""
         if kind is ADMITTED:
+            if self.api_keys is not None and (problem := self._unauthenticated(context)):
+                await self._refuse(rpc, context, grpc.StatusCode.UNAUTHENTICATED, problem)
             self.last_arrival = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
@@ -336,6 +345,22 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     message = f"{full}; close one, or ask health's Check, which is always answered"
                     await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
             self.streams_open += 1
+
+    def _unauthenticated(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Why the call's key is not one of ``api_keys``, or None where it is. Every key is compared,
+        each in constant time, so the time taken says nothing of how near a guess came."""
+        assert self.api_keys is not None
+        given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        if not isinstance(given, str):
+            return "this server needs an API key: send it as 'authorization: Bearer <key>'"
+        scheme, _, key = given.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return "the authorization header's scheme is not Bearer: send 'authorization: Bearer <key>'"
+        token = key.strip().encode()
+        matched = False
+        for known in self.api_keys:
+            matched |= hmac.compare_digest(token, known)
+        return None if matched else "the API key is not one this server accepts"
 
     def _evict_stalled(self, kind: str, full: str) -> bool:
         """At a full bound (``full`` says which): refuse the call of ``kind`` waiting longest for its

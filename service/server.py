@@ -174,6 +174,7 @@ class Server:
             config.max_concurrent_calls,
             config.max_probe_streams,
             config.request_read_timeout_seconds,
+            config.api_keys(),
         )
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
@@ -216,14 +217,21 @@ class Server:
         else:
             self.port = server.add_insecure_port(address)
         await server.start()
+        keys = self.guard.api_keys
         log.info(
-            "gRPC on %s:%d%s, metrics on :%s; loading %s",
+            "gRPC on %s:%d%s%s, metrics on :%s; loading %s",
             cfg.host,
             self.port,
             (" (mutual TLS)" if cfg.tls_client_ca else " (TLS)") if cfg.tls_cert else "",
+            f", calls to the model need one of {len(keys)} API key(s)" if keys else "",
             self.metrics_port if cfg.metrics_port >= 0 else "off",
             cfg.model_dir,
         )
+        if keys and not cfg.tls_cert:
+            log.warning(
+                "API keys without TLS travel in the clear: give --tls-cert and --tls-key, "
+                "unless TLS ends in front of this server (a mesh's sidecar, an ingress)"
+            )
 
         # Load and warm up off the event loop: health answers NOT_SERVING meanwhile.
         runtime = await asyncio.get_running_loop().run_in_executor(None, Runtime, cfg.model_dir, cfg.runtime_options())

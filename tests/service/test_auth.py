@@ -1,0 +1,164 @@
+"""API keys (``api_keys_file``): the model's calls need one, probes never do, and a call without one
+takes no place in the server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_predict_v2_pb2 as v2
+from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from service import client
+from service.cli import build_parser
+from service.config import ServerConfig
+from tests.service.conftest import ServerThread, config
+from tests.service.test_server import metrics
+
+KEYS = "# rotated monthly\n\n  old-key-0123456789  \nnew-key-9876543210\n"
+
+
+@pytest.fixture(scope="module")
+def keyed(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(KEYS)
+    st = ServerThread(config(model_dir, api_keys_file=keys)).start()
+    yield st
+    st.stop()
+
+
+def calls(address: str, metadata: list[tuple[str, str]]) -> dict[str, Any]:
+    """One call of each kind the model serves (unary and streaming, native and v2), with ``metadata``;
+    what each returned, or its RpcError."""
+    ch = grpc.insecure_channel(address)
+    stub, v2_stub = pb_grpc.AttnServeStub(ch), v2_grpc.GRPCInferenceServiceStub(ch)
+    text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"the king")
+    infer = v2.ModelInferRequest(model_name="attnserve-encode", inputs=[text])
+    made = {
+        "Encode": lambda: stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=metadata, timeout=30),
+        "GetModelInfo": lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=30),
+        "GenerateStream": lambda: list(
+            stub.GenerateStream(pb.GenerateRequest(prompt="My lord", max_new_tokens=2), metadata=metadata, timeout=30)
+        ),
+        "ModelInfer": lambda: v2_stub.ModelInfer(infer, metadata=metadata, timeout=30),
+        "ModelStreamInfer": lambda: list(v2_stub.ModelStreamInfer(iter([infer]), metadata=metadata, timeout=30)),
+    }
+    answers: dict[str, Any] = {}
+    for name, call in made.items():
+        try:
+            answers[name] = call()
+        except grpc.RpcError as e:
+            answers[name] = e
+    return answers
+
+
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [
+        ([], "this server needs an API key"),
+        ([("authorization", "Bearer not-a-key")], "not one this server accepts"),
+        ([("authorization", "Bearer old-key-012345678")], "not one this server accepts"),  # a prefix of one
+        ([("authorization", "Basic old-key-0123456789")], "scheme is not Bearer"),
+        ([("x-api-key", "old-key-0123456789")], "this server needs an API key"),
+    ],
+    ids=["none", "wrong", "a prefix", "another scheme", "another header"],
+)
+def test_a_call_without_a_key_it_accepts_is_unauthenticated(
+    keyed: ServerThread, metadata: list[tuple[str, str]], says: str
+) -> None:
+    before = metrics(keyed).get(("attnserve_requests_total", (("code", "UNAUTHENTICATED"), ("rpc", "Encode"))), 0)
+    for name, answer in calls(keyed.address, metadata).items():
+        assert isinstance(answer, grpc.RpcError), name
+        assert answer.code() == grpc.StatusCode.UNAUTHENTICATED and says in (answer.details() or ""), name
+        assert "old-key" not in (answer.details() or "")  # no key is ever echoed
+    after = metrics(keyed)[("attnserve_requests_total", (("code", "UNAUTHENTICATED"), ("rpc", "Encode")))]
+    assert after == before + 1
+    assert keyed.server.guard.in_flight == 0  # refused before it counted against any bound
+
+
+@pytest.mark.parametrize(
+    "header", ["Bearer old-key-0123456789", "bearer new-key-9876543210", "BEARER  new-key-9876543210 "]
+)
+def test_either_key_in_the_file_is_accepted(keyed: ServerThread, header: str) -> None:
+    """Two keys at once, so that one can replace the other with no moment when neither works."""
+    answers = calls(keyed.address, [("authorization", header)])
+    assert not [name for name, a in answers.items() if isinstance(a, grpc.RpcError)], answers
+    assert len(answers["Encode"].embeddings) == 1 and answers["GetModelInfo"].name
+    assert not any(r.error_message for r in answers["ModelStreamInfer"])
+
+
+def test_probes_need_no_key(keyed: ServerThread) -> None:
+    """Kubernetes' probes, load balancers' health checks and grpcurl's listing carry no key."""
+    ch = grpc.insecure_channel(keyed.address)
+    health = health_pb2_grpc.HealthStub(ch)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    watched = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watched).status == health_pb2.HealthCheckResponse.SERVING
+    watched.cancel()
+    v2_stub = v2_grpc.GRPCInferenceServiceStub(ch)
+    assert v2_stub.ServerLive(v2.ServerLiveRequest(), timeout=10).live
+    assert v2_stub.ServerReady(v2.ServerReadyRequest(), timeout=10).ready
+    assert v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="attnserve-encode"), timeout=10).name
+    reflect = ch.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    listed = next(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    assert "attnserve.v1.AttnServe" in {s.name for s in listed.list_services_response.service}
+
+
+def test_the_command_line_client_sends_its_key(
+    keyed: ServerThread, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = client.main(build_parser().parse_args(["client", "--address", keyed.address, *argv]))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, _, err = run("encode", "hi")
+    assert code == 1 and "UNAUTHENTICATED" in err
+    code, out, _ = run("--api-key", "new-key-9876543210", "encode", "hi")
+    assert code == 0 and "32 dims" in out
+    monkeypatch.setenv("ATTNSERVE_CLIENT_API_KEY", "old-key-0123456789")  # kept out of the process list
+    code, out, _ = run("info")
+    assert code == 0 and '"name": "tiny"' in out
+    monkeypatch.delenv("ATTNSERVE_CLIENT_API_KEY")
+    assert run("health")[0] == 0  # a container's health check needs none
+
+
+def test_the_keys_file_is_read_once_at_start_and_checked(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys"
+    with pytest.raises(ValueError, match=r"api_keys_file: cannot read .*keys: No such file"):
+        ServerConfig(api_keys_file=path)
+    path.write_text("# none yet\n\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        ServerConfig(api_keys_file=path)
+    path.write_text("good-key\nsecret with spaces\n")
+    with pytest.raises(ValueError, match="line 2 is not a key") as e:
+        ServerConfig(api_keys_file=path)
+    assert "secret" not in str(e.value)  # a key is never repeated in a message or a log
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        ServerConfig(api_keys_file=path)
+    path.write_text("good-key\n")
+    assert ServerConfig(api_keys_file=path).api_keys() == {"good-key"}
+    assert ServerConfig().api_keys() is None
+    with caplog.at_level(logging.INFO, "service.server"):
+        st = ServerThread(config(model_dir, api_keys_file=path)).start()
+        st.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("need one of 1 API key(s)" in m for m in said)
+    assert any("without TLS travel in the clear" in m for m in said)  # without TLS: said at start
+    assert not any("good-key" in m for m in said)
