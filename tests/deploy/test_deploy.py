@@ -4,6 +4,7 @@ and a real Prometheus scraping a real server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -94,6 +95,38 @@ def test_kustomizations_build_and_validate_against_the_schemas(path: str) -> Non
         if doc["apiVersion"] in CRDS:
             continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_api_keys_component_mounts_a_secret_where_the_server_reads_its_keys(tmp_path: Path) -> None:
+    """An overlay that takes components/api-keys: the Secret's file mounted read-only at the path the
+    server is given, and everything still valid against the schemas."""
+    import kubernetes_validate
+
+    overlay = tmp_path / "with-keys"
+    overlay.mkdir()
+    k8s = DEPLOY / "k8s"
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(k8s / 'overlays/cpu', overlay)}\n"
+        f"components:\n  - {os.path.relpath(k8s / 'components/api-keys', overlay)}\n"
+    )
+    out = subprocess.run(
+        [tool("kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    for doc in docs:
+        if doc["apiVersion"] not in CRDS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    keys_file = Path(by_kind(docs, "ConfigMap")["data"]["ATTNSERVE_API_KEYS_FILE"])
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "api-keys"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "api-keys"]
+    assert keys_file.parent == Path(mount["mountPath"]) and mount["readOnly"]
+    assert volume["secret"]["secretName"] == "attnserve-api-keys" and not volume["secret"].get("optional")
+    assert "ATTNSERVE_API_KEYS_FILE" not in by_kind(kustomize("overlays/cpu"), "ConfigMap")["data"]  # off by default
 
 
 def _instructions(dockerfile: str) -> list[str]:
