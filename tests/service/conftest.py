@@ -60,6 +60,24 @@ class ServerThread:
         return pb_grpc.AttnServeStub(grpc.insecure_channel(self.address))
 
 
+def fail_first_encode(st: ServerThread, message: str = "device lost its mind") -> None:
+    """Make the server's next encode batch raise RuntimeError(message), as a fault of its own; those
+    after it run."""
+    engine = st.server.engine
+    assert engine is not None
+    real = engine.runtime.encode
+    failed = False
+
+    def flaky(ids: Any, mask: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            failed = True
+            raise RuntimeError(message)
+        return real(ids, mask)
+
+    engine.runtime.encode = flaky  # type: ignore[method-assign]
+
+
 def wait_for(condition: Callable[[], bool], seconds: float = 10) -> bool:
     """Whether ``condition`` came true within ``seconds`` (for what the server does once a call ends)."""
     end = time.monotonic() + seconds

@@ -29,7 +29,7 @@ from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import decode_probabilities
 from service.kserve import join_bytes, split_bytes
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, fail_first_encode
 
 TEXTS = ["To be, or not to be", "the king speaks", "a"]
 
@@ -171,18 +171,7 @@ def test_a_fault_of_the_servers_own_in_a_stream_is_reported_under_the_id_it_is_l
     the stream goes on."""
     st = ServerThread(config(model_dir)).start()
     try:
-        engine = st.server.engine
-        assert engine is not None
-        real = engine.runtime.encode
-        calls = {"n": 0}
-
-        def flaky(ids: np.ndarray, mask: np.ndarray):  # type: ignore[no-untyped-def]
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise RuntimeError("device lost its mind")
-            return real(ids, mask)
-
-        engine.runtime.encode = flaky  # type: ignore[method-assign]
+        fail_first_encode(st)
         stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(st.address))
         with caplog.at_level(logging.ERROR, "service.servicer"):
             first = list(stub.ModelStreamInfer(iter([infer("attnserve-encode", TEXTS)]), timeout=30))

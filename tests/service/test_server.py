@@ -22,7 +22,7 @@ from service.client import decode_probabilities
 from service.errors import INTERNAL_MESSAGE
 from service.runtime import Runtime, RuntimeOptions
 from service.servicer import add_embeddings
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, fail_first_encode
 
 TEXTS = ["Good sir", "The king speaks of the crown, and the queen weeps for her grave.", "a", "My lord laughs at"]
 
@@ -243,18 +243,7 @@ def test_a_failing_batch_fails_only_its_requests(model_dir: Path, caplog: pytest
     caller's address and the request's own id, and nothing else of it."""
     st = ServerThread(config(model_dir)).start()
     try:
-        engine = st.server.engine
-        assert engine is not None
-        real = engine.runtime.encode
-        calls = {"n": 0}
-
-        def flaky(ids: np.ndarray, mask: np.ndarray):  # type: ignore[no-untyped-def]
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise RuntimeError("device lost its mind")
-            return real(ids, mask)
-
-        engine.runtime.encode = flaky  # type: ignore[method-assign]
+        fail_first_encode(st)
         with pytest.raises(grpc.RpcError) as e, caplog.at_level(logging.ERROR, "service.servicer"):
             st.stub().Encode(pb.EncodeRequest(texts=["unlucky"]), metadata=[("x-request-id", "req-42")])
         assert e.value.code() == grpc.StatusCode.INTERNAL
