@@ -5,6 +5,7 @@ command line builds its parser from it)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import types
@@ -119,14 +120,16 @@ class ServerConfig:
             raise ValueError(f"batch_nice must be in 0..19, got {self.batch_nice}")
         if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1 or self.max_probe_streams < 1:
             raise ValueError("max_message_bytes must be >= 1024, max_concurrent_calls and max_probe_streams >= 1")
-        self.api_keys()  # the file is there and holds keys
+        self.api_keys  # noqa: B018 (read now: the file is there and holds keys)
         self.runtime_options()  # validates device and variant
         self.batch_limits()
         self.generation_limits()
         self.request_limits()
 
+    @functools.cached_property
     def api_keys(self) -> frozenset[str] | None:
-        """The keys in ``api_keys_file``, or None where there is none to check."""
+        """The keys in ``api_keys_file``, or None where there is none to check: read once, as the
+        config is built."""
         if self.api_keys_file is None:
             return None
         try:

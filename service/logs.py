@@ -17,9 +17,9 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
+def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send the root logger's records at ``level`` and above to ``stream`` (stderr) in ``fmt``, in
-    place of any handler it had; the handler it now has."""
+    place of any handler it had."""
     if level.upper() not in LEVELS:
         raise ValueError(f"log level: {level!r} is not one of {', '.join(LEVELS)}")
     if fmt not in FORMATS:
@@ -39,4 +39,3 @@ def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = No
     else:
         handler.setFormatter(logging.Formatter(TEXT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    return handler

@@ -174,7 +174,7 @@ class Server:
             config.max_concurrent_calls,
             config.max_probe_streams,
             config.request_read_timeout_seconds,
-            config.api_keys(),
+            config.api_keys,
         )
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None

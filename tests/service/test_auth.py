@@ -153,8 +153,8 @@ def test_the_keys_file_is_read_once_at_start_and_checked(
     with pytest.raises(ValueError, match="not UTF-8"):
         ServerConfig(api_keys_file=path)
     path.write_text("good-key\n")
-    assert ServerConfig(api_keys_file=path).api_keys() == {"good-key"}
-    assert ServerConfig().api_keys() is None
+    assert ServerConfig(api_keys_file=path).api_keys == {"good-key"}
+    assert ServerConfig().api_keys is None
     with caplog.at_level(logging.INFO, "service.server"):
         st = ServerThread(config(model_dir, api_keys_file=path)).start()
         st.stop()
