@@ -64,7 +64,7 @@ from bench.encode import closed_loop as encode_loop
 from bench.encode import encode_rates, idle_latency, texts_of
 from bench.generate import NEW_TOKENS, prompts_of
 from bench.generate import closed_loop as generate_loop
-from bench.timing import machine, running, serve_args
+from bench.timing import machine, prelude, running, serve_args
 from bench.transport import cpu_per_unit, floor_server
 from export.timing import median_seconds
 from service.metrics import Metrics
@@ -225,27 +225,9 @@ def profile(pid: int, seconds: float, load: Any) -> dict[str, Any]:
         load.close()
         return {"error": "py-spy is not installed (the dev extra has it)"}
     with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        spy = subprocess.Popen(
-            [
-                spy_bin,
-                "record",
-                "--pid",
-                str(pid),
-                "--duration",
-                str(int(seconds)),
-                "--rate",
-                "250",
-                "--format",
-                "raw",
-                "--output",
-                out.name,
-                "--nonblocking",
-                "--threads",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=lambda: os.sched_setaffinity(0, {LOAD_CORE}),
-        )
+        command = [spy_bin, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
+                   "--format", "raw", "--output", out.name, "--nonblocking", "--threads"]  # fmt: skip
+        spy = subprocess.Popen(prelude(command, {LOAD_CORE}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         asyncio.run(load)
         _, err = spy.communicate(timeout=seconds + 60)
         text = Path(out.name).read_text()

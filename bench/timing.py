@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,26 +64,30 @@ def serve_args(model_dir: Path, *flags: str) -> list[str]:
             "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--device", "cpu", *flags]  # fmt: skip
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+# What a server's process (or a profiler's) does before it runs, in a Python of its own that then
+# becomes the command (exec keeps both): it is told to stop (SIGTERM) when the thread that started it
+# ends (the main thread, in the benchmarks and tests: so when their process ends, however it ends; a
+# benchmark stopped by ``timeout`` or killed left every server it had started running, pinned to the
+# server's core, under the next run), and with cores given it runs on those only. Not a preexec_fn:
+# that runs Python in the child of a fork of a process whose gRPC threads may be mid-call, and one
+# such child died of SIGABRT before the server it was to become logged a line.
+_PRELUDE = """
+import ctypes, os, sys
+parent, cores, command = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+if sys.platform == "linux":
+    ctypes.CDLL(None).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+    if os.getppid() != parent:  # it ended before the line above: nobody is left to stop this one
+        os._exit(1)
+if cores:
+    os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
+os.execvp(command[0], command)
+"""
 
 
-def child_setup(cpus: set[int] | None) -> Callable[[], None]:
-    """What a server's process does before it runs: it is told to stop (SIGTERM) when the thread that
-    started it ends (the main thread, in the benchmarks and tests: so when their process ends, however
-    it ends; a benchmark stopped by ``timeout`` or killed left every server it had started running,
-    pinned to the server's core, under the next run), and with ``cpus`` it runs on those cores only."""
-    parent = os.getpid()
-
-    def setup() -> None:
-        if _LIBC is not None:
-            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:  # ended before the line above: nobody is left to stop it
-                os._exit(1)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return setup
+def prelude(command: list[str], cpus: set[int] | None = None) -> list[str]:
+    """``command``, stopped with the thread that starts it and, given ``cpus``, run on those cores
+    only, every thread it starts included (see _PRELUDE)."""
+    return [sys.executable, "-c", _PRELUDE, str(os.getpid()), ",".join(map(str, sorted(cpus or ()))), *command]
 
 
 def launch(
@@ -93,9 +95,7 @@ def launch(
 ) -> tuple[subprocess.Popen[str], int]:
     """``python ARGS``, a server that logs "gRPC on HOST:PORT" and then "serving ..." on stderr;
     returns once it serves, with its port."""
-    proc = subprocess.Popen(
-        [sys.executable, *args], stderr=subprocess.PIPE, text=True, env=env, preexec_fn=child_setup(cpus)
-    )
+    proc = subprocess.Popen(prelude([sys.executable, *args], cpus), stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     port = 0
     for line in proc.stderr:
