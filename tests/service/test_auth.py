@@ -20,6 +20,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service import client
 from service.cli import build_parser
 from service.config import ServerConfig
+from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config
 from tests.service.test_server import metrics
 
@@ -162,3 +163,25 @@ def test_the_keys_file_is_read_once_at_start_and_checked(
     assert any("need one of 1 API key(s)" in m for m in said)
     assert any("without TLS travel in the clear" in m for m in said)  # without TLS: said at start
     assert not any("good-key" in m for m in said)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer new-key-\xe9", b"Bearer \xff\xfe", b"Bearer new\x01key", b"", b"Bearer", b"Bearer " + b"k" * 7000],
+    ids=["latin-1", "not UTF-8", "a control character", "empty", "no key", "7 KB"],
+)
+def test_authorization_bytes_no_client_library_sends_are_unauthenticated(keyed: ServerThread, value: bytes) -> None:
+    """Header values as a peer speaking HTTP/2 itself may send them: a client error, never INTERNAL."""
+    peer = Peer(keyed.address)
+    try:
+        sid = peer.h2.get_next_available_stream_id()
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/attnserve.v1.AttnServe/Encode"),
+                   (b":authority", b"attnserve"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                   (b"authorization", value)]  # fmt: skip
+        peer.h2.send_headers(sid, headers)
+        peer.h2.send_data(sid, framed(pb.EncodeRequest(texts=["hi"]).SerializeToString()), end_stream=True)
+        peer._flush()
+        code, _ = peer.answered({sid})[sid]
+    finally:
+        peer.close()
+    assert code == grpc.StatusCode.UNAUTHENTICATED.value[0]
