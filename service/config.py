@@ -93,6 +93,11 @@ class ServerConfig:
     # and the v2 service's liveness, readiness and metadata stay open to probes. Keys travel in the
     # clear without TLS
     api_keys_file: Path | None = None
+    # the keys file is looked at this often and, where it changed, read again: the keys in it replace
+    # those before, and a file that cannot be read or holds no key leaves those before in place and is
+    # logged (0: only on SIGHUP, which reads it again too). A Kubernetes Secret mounted as a volume is
+    # updated in place, so a key is added or retired without a restart
+    api_keys_reload_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,6 +116,8 @@ class ServerConfig:
             raise ValueError(
                 "keepalive_seconds and max_connection_age_seconds must be >= 0, keepalive_timeout_seconds > 0"
             )
+        if self.api_keys_reload_seconds < 0:
+            raise ValueError(f"api_keys_reload_seconds must be >= 0, got {self.api_keys_reload_seconds}")
         if self.handshake_timeout_seconds <= 0 or self.request_read_timeout_seconds <= 0:
             raise ValueError(
                 "handshake_timeout_seconds and request_read_timeout_seconds must be > 0, got "
@@ -128,27 +135,9 @@ class ServerConfig:
 
     @functools.cached_property
     def api_keys(self) -> frozenset[str] | None:
-        """The keys in ``api_keys_file``, or None where there is none to check: read once, as the
-        config is built."""
-        if self.api_keys_file is None:
-            return None
-        try:
-            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise ValueError(f"api_keys_file: cannot read {self.api_keys_file}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"api_keys_file: {self.api_keys_file} is not UTF-8 text") from None
-        keys = set()
-        for number, line in enumerate(lines, 1):
-            key = line.strip()
-            if not key or key.startswith("#"):
-                continue
-            if not all("!" <= c <= "~" for c in key):  # a header's value: printable ASCII, no spaces
-                raise ValueError(f"api_keys_file: line {number} is not a key (printable ASCII, no spaces)")
-            keys.add(key)
-        if not keys:
-            raise ValueError(f"api_keys_file: {self.api_keys_file} holds no key")
-        return frozenset(keys)
+        """The keys in ``api_keys_file``, or None where there is none to check: read as the config is
+        built (the server reads the file again as it changes, ``read_api_keys``)."""
+        return None if self.api_keys_file is None else read_api_keys(self.api_keys_file)
 
     def request_limits(self) -> RequestLimits:
         from service.servicer import RequestLimits
@@ -221,6 +210,44 @@ class ServerConfig:
             if raw is not None:
                 values[f.name] = _convert(raw, hints[f.name], f.name)
         return cls(**values)
+
+
+API_KEYS_FILE_BYTES = 1024 * 1024  # a keys file holds a few keys: a larger one is not one
+
+
+def api_keys_file_bytes(path: Path) -> bytes:
+    """The bytes of the keys file at ``path``, up to API_KEYS_FILE_BYTES; ValueError says why not."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(API_KEYS_FILE_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"api_keys_file: cannot read {path}: {e.strerror}") from None
+    if len(data) > API_KEYS_FILE_BYTES:
+        raise ValueError(f"api_keys_file: {path} is over {API_KEYS_FILE_BYTES} bytes, not a file of keys")
+    return data
+
+
+def read_api_keys(path: Path, data: bytes | None = None) -> frozenset[str]:
+    """The keys in the file at ``path`` (or in ``data``, its bytes read already), one a line, blank
+    lines and lines starting with # skipped. ValueError says why where there is none to take; no
+    message repeats a key."""
+    if data is None:
+        data = api_keys_file_bytes(path)
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"api_keys_file: {path} is not UTF-8 text") from None
+    keys = set()
+    for number, line in enumerate(lines, 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if not all("!" <= c <= "~" for c in key):  # a header's value: printable ASCII, no spaces
+            raise ValueError(f"api_keys_file: line {number} is not a key (printable ASCII, no spaces)")
+        keys.add(key)
+    if not keys:
+        raise ValueError(f"api_keys_file: {path} holds no key")
+    return frozenset(keys)
 
 
 def _convert(raw: Any, typ: Any, name: str) -> Any:

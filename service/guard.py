@@ -152,8 +152,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         api_keys: frozenset[str] | None = None,
     ) -> None:
         self.metrics = metrics
-        # the keys an admitted call may carry (None: no key needed), as bytes, compared in constant time
-        self.api_keys = None if api_keys is None else tuple(k.encode() for k in sorted(api_keys))
+        self.api_keys: tuple[bytes, ...] | None = None
+        self.accept_keys(api_keys)
         # full service names (all their methods) or method paths (/service/Method) whose calls are
         # bounded and drained
         self.admitted = admitted
@@ -176,6 +176,12 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def accept_keys(self, keys: frozenset[str] | None) -> None:
+        """Take ``keys`` as the ones an admitted call may carry (None: no key needed), in place of
+        those before, from the next call on."""
+        # as bytes, compared in constant time
+        self.api_keys = None if keys is None else tuple(k.encode() for k in sorted(keys))
 
     async def intercept_service(
         self,

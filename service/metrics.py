@@ -167,6 +167,14 @@ class Metrics:
         self.build = Info("attnserve_build", "Versions of the serving stack", registry=r)
         self.build.info({"python": platform.python_version(), "platform": sys.platform})
         self.ready = Gauge("attnserve_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.api_keys = Gauge(
+            "attnserve_api_keys", "API keys the model's calls may carry now (0: no key is needed)", registry=r
+        )
+        self.api_keys_rejected = Gauge(
+            "attnserve_api_keys_file_rejected",
+            "1 while the API keys file holds what the server could not take (it accepts the keys read before)",
+            registry=r,
+        )
 
         # generation
         self.gen_ttft_seconds = BufferedHistogram(

@@ -15,6 +15,9 @@ Stop (SIGTERM or SIGINT), in the order load balancers need:
 Every call the server took is answered or refused with UNAVAILABLE; none is cut off unless the
 grace period runs out. A second signal ends the process at once (exit 1).
 
+SIGHUP reads the API keys file again at once (it is also looked at every
+``api_keys_reload_seconds``); the process goes on.
+
 Settings: ``service.config.ServerConfig``.
 """
 
@@ -35,7 +38,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from service.config import ServerConfig
+from service.config import ServerConfig, api_keys_file_bytes, read_api_keys
 from service.engine import Engine
 from service.errors import bounded
 from service.guard import CallGuard
@@ -176,6 +179,9 @@ class Server:
             config.request_read_timeout_seconds,
             config.api_keys,
         )
+        self.api_keys = config.api_keys
+        self._keys_file: bytes | str | None = None  # the keys file's bytes as last read, or why they could not be
+        self._keys_watch: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
@@ -217,7 +223,10 @@ class Server:
         else:
             self.port = server.add_insecure_port(address)
         await server.start()
-        keys = self.guard.api_keys
+        keys = self.api_keys
+        self.metrics.api_keys.set(len(keys or ()))
+        if cfg.api_keys_file is not None and cfg.api_keys_reload_seconds > 0:
+            self._keys_watch = asyncio.get_running_loop().create_task(self._watch_api_keys(cfg.api_keys_reload_seconds))
         log.info(
             "gRPC on %s:%d%s%s, metrics on :%s; loading %s",
             cfg.host,
@@ -250,6 +259,57 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s %s on %s", runtime.info.name, runtime.info.version, runtime.provider)
 
+    async def reload_api_keys(self, asked: bool = False) -> None:
+        """Read the API keys file again and, where its keys changed, take them in place of those
+        before. A file that cannot be read or holds no key leaves the keys before in place, said in
+        the log once a change (and in ``attnserve_api_keys_file_rejected``). ``asked`` (SIGHUP):
+        the outcome is logged, changed or not."""
+        path = self.config.api_keys_file
+        if path is None or self.api_keys is None:
+            if asked:
+                log.info("no API keys file to read again: this server needs no key (--api-keys-file)")
+            return
+        try:
+            data: bytes | str = await asyncio.to_thread(api_keys_file_bytes, path)
+        except ValueError as e:
+            data = str(e)
+        if data == self._keys_file and not asked:
+            return
+        self._keys_file = data
+        before = self.api_keys
+        try:
+            if isinstance(data, str):
+                raise ValueError(data)
+            keys = read_api_keys(path, data)
+        except ValueError as e:
+            self.metrics.api_keys_rejected.set(1)
+            log.error("%s; the %d API key(s) read before are still accepted", e, len(before))
+            return
+        self.metrics.api_keys_rejected.set(0)
+        if keys == before:
+            if asked:
+                log.info("API keys read again from %s: unchanged, %d key(s)", path, len(keys))
+            return
+        self.api_keys = keys
+        self.guard.accept_keys(keys)
+        self.metrics.api_keys.set(len(keys))
+        log.info(
+            "API keys read again from %s: %d key(s) now, %d added, %d retired",
+            path,
+            len(keys),
+            len(keys - before),
+            len(before - keys),
+        )
+
+    async def _watch_api_keys(self, every: float) -> None:
+        """Look at the API keys file every ``every`` seconds, and take its keys as they change."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.reload_api_keys()
+            except Exception:  # a fault of the server's own: the keys before stay, and the watch goes on
+                log.exception("reading the API keys file again failed; the keys read before are still accepted")
+
     def _generation_died(self) -> None:
         """The generation loop ended by itself: this replica can no longer serve all of its API."""
         log.critical("generation is down: reporting NOT_SERVING so that traffic goes to other replicas")
@@ -279,6 +339,8 @@ class Server:
             await self.engine.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self._keys_watch is not None:
+            self._keys_watch.cancel()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         log.info("stopped")
@@ -299,6 +361,15 @@ async def serve(config: ServerConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:  # read the API keys file again, now (its default action ended the process)
+        log.info("SIGHUP: reading the API keys file again")
+        task = loop.create_task(server.reload_api_keys(asked=True))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await server.start()
     except BaseException:

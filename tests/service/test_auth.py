@@ -4,7 +4,10 @@ takes no place in the server."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
+from bench.timing import start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_predict_v2_pb2 as v2
@@ -137,9 +141,7 @@ def test_the_command_line_client_sends_its_key(
     assert run("health")[0] == 0  # a container's health check needs none
 
 
-def test_the_keys_file_is_read_once_at_start_and_checked(
-    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_the_keys_file_is_checked_at_start(model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "keys"
     with pytest.raises(ValueError, match=r"api_keys_file: cannot read .*keys: No such file"):
         ServerConfig(api_keys_file=path)
@@ -153,8 +155,13 @@ def test_the_keys_file_is_read_once_at_start_and_checked(
     path.write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match="not UTF-8"):
         ServerConfig(api_keys_file=path)
+    path.write_bytes(b"k" * (1024 * 1024 + 1))  # a file of keys holds a few: not read whole
+    with pytest.raises(ValueError, match="is over 1048576 bytes"):
+        ServerConfig(api_keys_file=path)
     path.write_text("good-key\n")
     assert ServerConfig(api_keys_file=path).api_keys == {"good-key"}
+    with pytest.raises(ValueError, match="api_keys_reload_seconds must be >= 0"):
+        ServerConfig(api_keys_file=path, api_keys_reload_seconds=-1)
     assert ServerConfig().api_keys is None
     with caplog.at_level(logging.INFO, "service.server"):
         st = ServerThread(config(model_dir, api_keys_file=path)).start()
@@ -185,3 +192,120 @@ def test_authorization_bytes_no_client_library_sends_are_unauthenticated(keyed: 
     finally:
         peer.close()
     assert code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+
+
+# --- keys read again as the file changes ---------------------------------------------------------
+
+
+def mounted(directory: Path, text: str) -> Path:
+    """The keys file as Kubernetes mounts a Secret's key: ``keys`` a link to ``..data/keys``, ``..data``
+    a link to a directory of this version; a new version is written beside it and ``..data`` swapped
+    to it in one rename. Returns the path the server reads."""
+    version = directory / f"..{time.monotonic_ns()}"
+    version.mkdir()
+    (version / "keys").write_text(text)
+    (directory / "..data_tmp").symlink_to(version.name)
+    os.replace(directory / "..data_tmp", directory / "..data")
+    path = directory / "keys"
+    if not path.is_symlink():
+        path.symlink_to("..data/keys")
+    return path
+
+
+def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "not within the time"
+        time.sleep(0.05)
+
+
+def works(address: str, key: str) -> bool:
+    """Whether an Encode with ``key`` is served (False: UNAUTHENTICATED)."""
+    try:
+        pb_grpc.AttnServeStub(grpc.insecure_channel(address)).Encode(
+            pb.EncodeRequest(texts=["hi"]), metadata=[("authorization", f"Bearer {key}")], timeout=30
+        )
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+        return False
+    return True
+
+
+def test_keys_are_taken_as_the_mounted_file_changes(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rotation as an operator makes it on a Secret: add the new key, move clients to it, retire
+    the old one; no restart. A file that goes bad meanwhile leaves the keys before in place."""
+    path = mounted(tmp_path, "old-key\n")
+    st = ServerThread(config(model_dir, api_keys_file=path, api_keys_reload_seconds=0.05)).start()
+    caplog.set_level(logging.INFO, "service.server")
+    try:
+
+        def gauges() -> tuple[float, float]:
+            m = metrics(st)
+            return m[("attnserve_api_keys", ())], m[("attnserve_api_keys_file_rejected", ())]
+
+        assert works(st.address, "old-key") and not works(st.address, "new-key") and gauges() == (1, 0)
+        mounted(tmp_path, "old-key\nnew-key\n")
+        until(lambda: works(st.address, "new-key"))
+        assert works(st.address, "old-key") and gauges() == (2, 0)
+        mounted(tmp_path, "new-key\n")
+        until(lambda: not works(st.address, "old-key"))
+        assert works(st.address, "new-key") and gauges() == (1, 0)
+        said = [r.getMessage() for r in caplog.records]
+        assert any("2 key(s) now, 1 added, 0 retired" in m for m in said)
+        assert any("1 key(s) now, 0 added, 1 retired" in m for m in said)
+
+        # gone bad: an edit that left no key, then a line that is not one; the keys before stay
+        caplog.clear()
+        mounted(tmp_path, "# emptied by mistake\n")
+        until(lambda: gauges()[1] == 1)
+        time.sleep(0.3)  # several looks at the same bad file: said once
+        mounted(tmp_path, "new-key\nanother secret\n")
+        until(lambda: sum("line 2 is not a key" in r.getMessage() for r in caplog.records) == 1)
+        time.sleep(0.3)
+        assert works(st.address, "new-key") and not works(st.address, "old-key") and gauges() == (1, 1)
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 2, errors
+        assert "holds no key; the 1 API key(s) read before are still accepted" in errors[0]
+        assert not any("secret" in m for m in errors)  # no key repeated, even a bad one
+        (tmp_path / "..data").unlink()  # gone altogether
+        until(lambda: any("cannot read" in r.getMessage() for r in caplog.records))
+        assert works(st.address, "new-key")
+        mounted(tmp_path, "third-key\n")
+        until(lambda: gauges() == (1, 0))
+        assert works(st.address, "third-key") and not works(st.address, "new-key")
+    finally:
+        st.stop()
+
+
+def test_sighup_reads_the_keys_file_again_and_the_server_goes_on(model_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("old-key\n")
+    proc, port = start_server(model_dir, "--api-keys-file", str(path), "--api-keys-reload-seconds", "0")
+    address = f"127.0.0.1:{port}"
+    try:
+        assert works(address, "old-key")
+        path.write_text("new-key\n")
+        time.sleep(0.5)
+        assert works(address, "old-key") and not works(address, "new-key")  # not looked at: only on SIGHUP
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: works(address, "new-key"))
+        assert not works(address, "old-key")
+        proc.send_signal(signal.SIGHUP)  # unchanged: said so, and still serving
+        time.sleep(0.3)
+        assert proc.poll() is None and works(address, "new-key")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "API keys read again" in err and "1 key(s) now, 1 added, 1 retired" in err
+    assert "unchanged, 1 key(s)" in err and "new-key" not in err
+
+
+def test_sighup_without_a_keys_file_is_said_and_ends_nothing(
+    served: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, "service.server"):
+        served.call(served.server.reload_api_keys(asked=True))
+    assert any("no API keys file to read again" in r.getMessage() for r in caplog.records)
