@@ -5,30 +5,120 @@ its logger or its traceback.
 In JSON each record has ``time`` (UTC, ISO 8601), ``level``, ``logger`` and ``message``, then
 ``exc_info`` with the traceback where there is one, and whatever the record was given as ``extra``
 (an internal error's ``error_id``, ``rpc``, ``peer`` and ``request_id``: see ``service.servicer``).
+
+Records are written by a thread of their own, never by the thread that logs: a stderr that its
+reader stopped draining (a full pipe) would otherwise stop the event loop, health with it, at the
+next record. They are written in WRITE_SECONDS' batches. At most QUEUED records wait to be written;
+past that a record is dropped and counted (``dropped``, ``attnserve_log_records_dropped_total``),
+and the writer says how many were dropped once it can write again.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
+import contextlib
 import logging
+import threading
+import time
 from typing import TextIO
 
 FORMATS = ("text", "json")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUEUED = 10_000  # records waiting to be written, at most
+WRITE_SECONDS = 0.05  # records are written this long after the first of them came, together
+FLUSH_SECONDS = 5.0  # at exit, the most the records still queued are waited for
+
+_dropped = 0  # records dropped for a full queue, since the process started
+_current: _Writer | None = None
+
+
+class _Writer(logging.Handler):
+    """Takes records into a queue, and writes them to the stream from a thread of its own, what came in
+    WRITE_SECONDS at once: so a record costs its logger no wait on the stream, nor the writer a
+    wake-up each (woken for every record, the writer took 39-54 us of CPU a JSON record of the access
+    log, on the server's one core under load; woken at most once every WRITE_SECONDS, 13-15). A
+    record that finds QUEUED waiting is dropped and counted, and said once the writer writes again."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__()
+        self.out = logging.StreamHandler(stream)  # formats, writes and flushes, on the writer's thread
+        self.waiting: collections.deque[logging.LogRecord] = collections.deque()
+        self.said = _dropped  # drops said so far
+        self.woken = threading.Event()  # set by the first record after the writer last looked
+        self.armed = False
+        self.ending = False
+        self.thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self.thread.start()
+
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        super().setFormatter(fmt)
+        self.out.setFormatter(fmt)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        global _dropped
+        if len(self.waiting) >= QUEUED:
+            _dropped += 1  # (under this handler's lock)
+            return
+        # The message is made now (its arguments may change once this returns); the traceback is
+        # formatted by the writer, which the JSON format needs apart from the message.
+        record.msg = record.getMessage()
+        record.args = None
+        self.waiting.append(record)
+        if not self.armed:
+            self.armed = True
+            self.woken.set()
+
+    def _run(self) -> None:
+        while not self.ending:
+            self.woken.wait()
+            time.sleep(WRITE_SECONDS)  # what comes meanwhile goes in the same write
+            # in this order: a record that finds the writer armed is one the write below takes
+            self.woken.clear()
+            self.armed = False
+            self._write()
+        self._write()
+
+    def _write(self) -> None:
+        lines = []
+        if _dropped > self.said:
+            said = logging.LogRecord(__name__, logging.WARNING, __file__, 0, "", None, None)
+            said.msg = f"{_dropped - self.said} log record(s) dropped: stderr was not read as fast as they came"
+            self.said = _dropped
+            lines.append(self.out.format(said))
+        for _ in range(len(self.waiting)):
+            record = self.waiting.popleft()
+            try:
+                lines.append(self.out.format(record))
+            except Exception:
+                self.out.handleError(record)
+        if lines:
+            with contextlib.suppress(Exception):  # the stream is gone: there is nothing left to say it on
+                self.out.stream.write("\n".join(lines) + "\n")
+                self.out.flush()
+
+    def end(self, timeout: float) -> None:
+        """Write what is queued and end the writer: within ``timeout`` (its stream may never be read again)."""
+        self.ending = True
+        self.woken.set()
+        self.thread.join(timeout)
 
 
 def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Send the root logger's records at ``level`` and above to ``stream`` (stderr) in ``fmt``, in
-    place of any handler it had."""
+    """Send the root logger's records at ``level`` and above to ``stream`` (stderr) in ``fmt``, written
+    by a thread of their own, in place of any handler it had."""
+    global _current
     if level.upper() not in LEVELS:
         raise ValueError(f"log level: {level!r} is not one of {', '.join(LEVELS)}")
     if fmt not in FORMATS:
         raise ValueError(f"log format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    handler = logging.StreamHandler(stream)
+    flush()
+    writer = _Writer(stream)
     if fmt == "json":
         from pythonjsonlogger.json import JsonFormatter
 
-        handler.setFormatter(
+        writer.setFormatter(
             JsonFormatter(
                 "{levelname}{name}{message}",
                 style="{",
@@ -37,5 +127,24 @@ def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = No
             )
         )
     else:
-        handler.setFormatter(logging.Formatter(TEXT))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+        writer.setFormatter(logging.Formatter(TEXT))
+    _current = writer
+    logging.basicConfig(level=level.upper(), handlers=[writer], force=True)
+
+
+def flush() -> None:
+    """Write every record queued, and end the writer (records logged after it go to logging's last
+    resort, stderr, until the next ``configure``). At exit it runs by itself; before ``os._exit``, call it."""
+    global _current
+    if _current is not None:
+        writer, _current = _current, None
+        logging.getLogger().removeHandler(writer)
+        writer.end(FLUSH_SECONDS)
+
+
+atexit.register(flush)
+
+
+def dropped() -> int:
+    """Records dropped for a full queue, since the process started."""
+    return _dropped

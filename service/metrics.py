@@ -18,7 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, make_wsgi_app
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.utils import floatToGoString
 
@@ -119,6 +119,22 @@ class BufferedHistogram:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
 
 
+class LogDrops:
+    """``attnserve_log_records_dropped_total``: log records dropped since the process started, for a
+    stderr not read as fast as they came (``service.logs``)."""
+
+    NAME = "attnserve_log_records_dropped"
+    HELP = "Log records dropped, their writer's queue full: stderr was not read as fast as they came"
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        from service.logs import dropped
+
+        yield CounterMetricFamily(self.NAME, self.HELP, value=dropped())
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.NAME, self.HELP)
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
@@ -167,6 +183,7 @@ class Metrics:
         self.build = Info("attnserve_build", "Versions of the serving stack", registry=r)
         self.build.info({"python": platform.python_version(), "platform": sys.platform})
         self.ready = Gauge("attnserve_ready", "1 once the model is loaded and warmed up", registry=r)
+        r.register(LogDrops())
         self.api_keys = Gauge(
             "attnserve_api_keys", "API keys the model's calls may carry now (0: no key is needed)", registry=r
         )

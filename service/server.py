@@ -38,6 +38,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from service import logs
 from service.config import ServerConfig, api_keys_file_bytes, read_api_keys
 from service.engine import Engine
 from service.errors import bounded
@@ -354,6 +355,7 @@ async def serve(config: ServerConfig) -> None:
     def on_signal(sig: signal.Signals) -> None:
         if stopping.is_set():  # a second signal: the operator will not wait for the drain
             log.warning("%s again: exiting now, without draining", sig.name)
+            logs.flush()
             logging.shutdown()
             os._exit(1)
         log.info("%s: stopping", sig.name)
