@@ -107,9 +107,9 @@ class BridgeServicer(pb_grpc.AttnServeServicer):
         try:
             done = asyncio.run_coroutine_threadsafe(work, self.loop).result()
         except Exception as e:
-            self.native._observe("Encode", status_for(e)[0], start)
+            self.native._observe("Encode", status_for(e)[0], start, context)
             abort(context, e)
-        self.native._observe("Encode", grpc.StatusCode.OK, start)
+        self.native._observe("Encode", grpc.StatusCode.OK, start, context)
         out = done.output
         return response(out.vectors, out.token_counts, done.truncated)
 
@@ -278,9 +278,9 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
             if waiting.error is not None:
                 raise waiting.error
         except Exception as e:
-            self.checks._observe("Encode", status_for(e)[0], start)
+            self.checks._observe("Encode", status_for(e)[0], start, context)
             abort(context, e)
-        self.checks._observe("Encode", grpc.StatusCode.OK, start)
+        self.checks._observe("Encode", grpc.StatusCode.OK, start, context)
         assert waiting.vectors is not None
         vectors = waiting.vectors[:, 1] if request.pooling == pb.POOLING_LAST else waiting.vectors[:, 0]
         if request.normalize:
@@ -307,7 +307,7 @@ class ThreadedServicer(pb_grpc.AttnServeServicer):
             code = status_for(e)[0]
             abort(context, e)
         finally:
-            self.checks._observe("GenerateStream", code, start)
+            self.checks._observe("GenerateStream", code, start, context)
 
 
 class CallOnLoop:

@@ -98,6 +98,10 @@ class ServerConfig:
     # logged (0: only on SIGHUP, which reads it again too). A Kubernetes Secret mounted as a volume is
     # updated in place, so a key is added or retired without a restart
     api_keys_reload_seconds: float = 10.0
+    # one record a call to the model's services answered, at INFO from the logger attnserve.access: its
+    # method, status code, time to answer, caller and x-request-id, and what a call not answered OK was
+    # told (health and reflection are not recorded); ~35 us of the server's CPU a call as text, ~45 as JSON
+    access_log: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

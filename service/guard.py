@@ -57,6 +57,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from service.logs import access
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         api_keys: frozenset[str] | None = None,
     ) -> None:
         self.metrics = metrics
+        self.access_log = False  # a record a call refused here (service.logs.access), when told so
         self.api_keys: tuple[bytes, ...] | None = None
         self.accept_keys(api_keys)
         # full service names (all their methods) or method paths (/service/Method) whose calls are
@@ -380,10 +382,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def _evict(self, kind: str, why: str) -> None:
         """Refuse the call of ``kind`` waiting longest for its request, to make room for another."""
-        context, (rpc, _) = next(iter(self._unread[kind].items()))
+        context, (rpc, since) = next(iter(self._unread[kind].items()))
         del self._unread[kind][context]
         message = f"{why}; this call waited longest for its request"
-        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since)
 
     def _overdue(self) -> None:
         """Answer the calls whose requests have not come whole in time, and look again when the
@@ -403,20 +405,22 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     break
                 del unread[context]
                 if draining is not None:
-                    self._give_up(rpc, context, grpc.StatusCode.UNAVAILABLE, draining)
+                    self._give_up(rpc, context, grpc.StatusCode.UNAVAILABLE, draining, since)
                 else:
                     message = f"no whole request within {self.read_timeout:g} s of the call opening"
-                    self._give_up(rpc, context, grpc.StatusCode.DEADLINE_EXCEEDED, message)
+                    self._give_up(rpc, context, grpc.StatusCode.DEADLINE_EXCEEDED, message, since)
         if next_due < math.inf:
             self._sweep = asyncio.get_running_loop().call_later(next_due - now, self._overdue)
 
-    def _give_up(self, rpc: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-        """Answer a call still waiting for its request, from a task of its own; the call's read then
-        ends, and its task with it, giving its place back."""
+    def _give_up(
+        self, rpc: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, since: float
+    ) -> None:
+        """Answer a call still waiting for its request since ``since``, from a task of its own; the
+        call's read then ends, and its task with it, giving its place back."""
 
         async def answer() -> None:
             with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
-                await self._refuse(rpc, context, code, message)
+                await self._refuse(rpc, context, code, message, since)
 
         task = asyncio.get_running_loop().create_task(answer())
         self._giving_up.add(task)
@@ -436,8 +440,18 @@ class CallGuard(grpc.aio.ServerInterceptor):
         """Probe calls (PROBE) opened whose requests have not come."""
         return len(self._unread[PROBE])
 
-    async def _refuse(self, rpc: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    async def _refuse(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        since: float | None = None,
+    ) -> None:
+        """Answer a call ``code`` with ``message``; ``since``: when it opened, where it waited (for its request)."""
         self.metrics.requests.labels(rpc, code.name).inc()
+        if self.access_log:
+            access(rpc, code.name, 0.0 if since is None else time.monotonic() - since, context, message)
         await context.abort(code, message)
 
     def _leave(self, kind: str) -> None:

@@ -326,7 +326,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(request: v2.ModelInferRequest) -> None:
             start = time.monotonic()
-            code = grpc.StatusCode.OK
+            code, message = grpc.StatusCode.OK, ""
             held: list[Callable[[], None]] = []
             try:
                 if self.closing.is_set():
@@ -341,7 +341,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 error = v2.ModelInferResponse(model_name=request.model_name, id=request.id)
                 await queue.put(v2.ModelStreamInferResponse(error_message=message, infer_response=error))
             finally:
-                self.native._observe("ModelStreamInfer", code, start)
+                self.native._observe("ModelStreamInfer", code, start, context, message)
                 finished = _Finished(held)
                 if ended:
                     finished.release()

@@ -4,7 +4,8 @@ its logger or its traceback.
 
 In JSON each record has ``time`` (UTC, ISO 8601), ``level``, ``logger`` and ``message``, then
 ``exc_info`` with the traceback where there is one, and whatever the record was given as ``extra``
-(an internal error's ``error_id``, ``rpc``, ``peer`` and ``request_id``: see ``service.servicer``).
+(an internal error's ``error_id``, ``rpc``, ``peer`` and ``request_id``: see ``service.servicer``;
+an access record's, ``access``).
 
 Records are written by a thread of their own, never by the thread that logs: a stderr that its
 reader stopped draining (a full pipe) would otherwise stop the event loop, health with it, at the
@@ -21,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 FORMATS = ("text", "json")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -29,6 +30,9 @@ TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUEUED = 10_000  # records waiting to be written, at most
 WRITE_SECONDS = 0.05  # records are written this long after the first of them came, together
 FLUSH_SECONDS = 5.0  # at exit, the most the records still queued are waited for
+
+ACCESS = logging.getLogger("attnserve.access")
+
 
 _dropped = 0  # records dropped for a full queue, since the process started
 _current: _Writer | None = None
@@ -148,3 +152,34 @@ atexit.register(flush)
 def dropped() -> int:
     """Records dropped for a full queue, since the process started."""
     return _dropped
+
+
+# The header a client, a proxy or a service mesh names a request with: logged with an internal
+# error and in the access log, so that the client's record and the server's can be put side by side.
+REQUEST_ID = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
+
+
+def caller(context: Any) -> dict[str, str]:
+    """A call's ``peer`` and, where it sent one, its ``request_id`` (cut to MAX_REQUEST_ID_CHARS), for a record."""
+    said = {"peer": context.peer()}
+    request_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID), None)
+    if isinstance(request_id, str):
+        said["request_id"] = request_id[:MAX_REQUEST_ID_CHARS]
+    return said
+
+
+def access(rpc: str, code: str, seconds: float, context: Any, detail: str = "") -> None:
+    """The access log's record of a call answered (``attnserve.access``, INFO): its method, status code,
+    time from arrival to answer, caller and request id, and for a call not answered OK what it was told."""
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return
+    fields: dict[str, Any] = {"rpc": rpc, "code": code, "duration_ms": round(seconds * 1000, 3), **caller(context)}
+    text = f"{rpc} {code} {fields['duration_ms']:.3f} ms {fields['peer']}"
+    if "request_id" in fields:
+        text += f" request_id={fields['request_id']!r}"
+    if detail:
+        fields["detail"] = detail
+        text += f": {detail}"
+    # made here, not by ACCESS.info: the record has no caller for logging to look for on the stack
+    ACCESS.handle(ACCESS.makeRecord(ACCESS.name, logging.INFO, "", 0, text, (), None, extra=fields))

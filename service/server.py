@@ -180,6 +180,7 @@ class Server:
             config.request_read_timeout_seconds,
             config.api_keys,
         )
+        self.servicer.access_log = self.guard.access_log = config.access_log
         self.api_keys = config.api_keys
         self._keys_file: bytes | str | None = None  # the keys file's bytes as last read, or why they could not be
         self._keys_watch: asyncio.Task[None] | None = None

@@ -28,6 +28,7 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
 from service.errors import InvalidInput, ModelNotReady, Overloaded, status_for
+from service.logs import access, caller
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
 from service.scheduler import Event, Finish, Scheduler, Token
@@ -35,11 +36,6 @@ from service.scheduler import Event, Finish, Scheduler, Token
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# The header a client, a proxy or a service mesh names a request with: logged with an internal
-# error, so that the client's record and the server's can be put side by side.
-REQUEST_ID = "x-request-id"
-MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -146,6 +142,7 @@ def add_embeddings(into: Any, vectors: np.ndarray, token_counts: Sequence[int], 
 class AttnServeServicer(pb_grpc.AttnServeServicer):
     def __init__(self, metrics: Metrics, limits: RequestLimits) -> None:
         self.metrics = metrics
+        self.access_log = False  # a record a call answered (service.logs.access), when told so
         self.limits = limits
         self.engine: Engine | None = None  # set once the model is loaded and warmed up
         self.scheduler: Scheduler | None = None
@@ -167,13 +164,14 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             result = await handler()
         except Exception as e:
             code, message = self.failure(rpc, e, context)
-            self._observe(rpc, code, start)  # before answering, so a client that reads metrics next sees it
+            # before answering, so that a client that reads the metrics next sees it
+            self._observe(rpc, code, start, context, message)
             await context.abort(code, message)
             raise  # abort raises; this line is for type checkers
         except asyncio.CancelledError:  # the client went away or its deadline passed
-            self._observe(rpc, grpc.StatusCode.CANCELLED, start)
+            self._observe(rpc, grpc.StatusCode.CANCELLED, start, context)
             raise
-        self._observe(rpc, grpc.StatusCode.OK, start)
+        self._observe(rpc, grpc.StatusCode.OK, start, context)
         return result
 
     @staticmethod
@@ -185,19 +183,21 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         code, message = status_for(e)
         if code == grpc.StatusCode.INTERNAL:
             error = secrets.token_hex(8)
-            peer = context.peer()
-            request_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID), None)
-            caller = {"rpc": rpc, "error_id": error, "peer": peer}
-            if isinstance(request_id, str):
-                caller["request_id"] = request_id[:MAX_REQUEST_ID_CHARS]
-            said = "; ".join(f"{k} {v}" for k, v in caller.items() if k != "rpc")
-            log.error("%s failed (%s)", rpc, said, exc_info=e, extra=caller)
+            fields = {"rpc": rpc, "error_id": error, **caller(context)}
+            said = "; ".join(f"{k} {v}" for k, v in fields.items() if k != "rpc")
+            log.error("%s failed (%s)", rpc, said, exc_info=e, extra=fields)
             message = f"{message} as error {error}"
         return code, message
 
-    def _observe(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
+    def _observe(
+        self, rpc: str, code: grpc.StatusCode, start: float, context: grpc.aio.ServicerContext, detail: str = ""
+    ) -> None:
+        """Count a call answered with ``code`` (told ``detail``), and where the access log is on, log it."""
+        seconds = time.monotonic() - start
         self.metrics.requests.labels(rpc, code.name).inc()
-        self.metrics.request_seconds.labels(rpc).observe(time.monotonic() - start)
+        self.metrics.request_seconds.labels(rpc).observe(seconds)
+        if self.access_log:
+            access(rpc, code.name, seconds, context, detail)
 
     # --- shared validation ---------------------------------------------------------------------
 
@@ -500,7 +500,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             token_text = self._engine().token_text
         except Exception as e:
             code, message = self.failure("GenerateStream", e, context)
-            self._observe("GenerateStream", code, start)
+            self._observe("GenerateStream", code, start, context, message)
             await context.abort(code, message)
             raise
         code = grpc.StatusCode.OK
@@ -512,12 +512,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             raise
         except Exception as e:
             code, message = self.failure("GenerateStream", e, context)
-            self._observe("GenerateStream", code, start)
+            self._observe("GenerateStream", code, start, context, message)
             await context.abort(code, message)
             raise
         finally:
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
-                self._observe("GenerateStream", code, start)
+                self._observe("GenerateStream", code, start, context)
 
 
 FINISH = {

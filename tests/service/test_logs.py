@@ -6,14 +6,26 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.timing import start_server
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_predict_v2_pb2 as v2
+from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service import logs
 from service.cli import build_parser, main
 from service.logs import configure, flush
+from tests.reliability.conftest import SERVING, health
+from tests.service.conftest import ServerThread, config
 
 
 @pytest.fixture
@@ -126,3 +138,74 @@ def test_a_stalled_stream_stops_no_one_that_logs_and_what_overflows_is_counted_t
         f"record {i}" for i in range(11)
     ]
     assert any(" WARNING service.logs: 15 log record(s) dropped: stderr was not read" in line for line in lines)
+
+
+# --- the access log ---------------------------------------------------------------------------------
+
+
+def test_the_access_log_records_each_call_to_the_model_and_no_probe(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    st = ServerThread(config(model_dir, access_log=True)).start()
+    caplog.set_level(logging.INFO, "attnserve.access")
+    try:
+        ch = grpc.insecure_channel(st.address)
+        stub, v2_stub = pb_grpc.AttnServeStub(ch), v2_grpc.GRPCInferenceServiceStub(ch)
+        stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=[("x-request-id", "req-1")], timeout=30)
+        with pytest.raises(grpc.RpcError):
+            stub.Encode(pb.EncodeRequest(texts=["hi"] * 65), timeout=30)
+        list(stub.GenerateStream(pb.GenerateRequest(prompt="My lord", max_new_tokens=2), timeout=30))
+        text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+        text.contents.bytes_contents.append(b"the king")
+        infer = v2.ModelInferRequest(model_name="attnserve-encode", inputs=[text])
+        list(v2_stub.ModelStreamInfer(iter([infer]), metadata=[("x-request-id", "req-2")], timeout=30))
+        raw = ch.unary_unary("/attnserve.v1.AttnServe/Encode")  # bytes that are no request: the guard answers
+        with pytest.raises(grpc.RpcError):
+            raw(b"\xff\xff\xff", timeout=30)
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)  # a probe: none
+    finally:
+        st.stop()
+    records = [r for r in caplog.records if r.name == "attnserve.access"]
+    seen = [(r.rpc, r.code, getattr(r, "request_id", None)) for r in records]  # type: ignore[attr-defined]
+    assert seen == [
+        ("Encode", "OK", "req-1"),
+        ("Encode", "INVALID_ARGUMENT", None),
+        ("GenerateStream", "OK", None),
+        ("ModelStreamInfer", "OK", "req-2"),
+        ("Encode", "INVALID_ARGUMENT", None),
+    ]
+    assert all(r.peer.startswith(("ipv4:127.0.0.1:", "ipv6:")) for r in records)  # type: ignore[attr-defined]
+    assert all(r.duration_ms >= 0 and r.levelno == logging.INFO for r in records)  # type: ignore[attr-defined]
+    assert "exceed the limit of 64" in records[1].detail  # type: ignore[attr-defined]
+    assert "not a valid attnserve.v1.EncodeRequest" in records[4].detail  # type: ignore[attr-defined]
+    assert not hasattr(records[0], "detail")
+    assert records[0].getMessage().startswith("Encode OK ") and "request_id='req-1'" in records[0].getMessage()
+
+
+def test_the_access_log_is_off_unless_asked(served: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, "attnserve.access"):
+        served.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=30)
+    assert not [r for r in caplog.records if r.name == "attnserve.access"]
+
+
+def test_a_server_whose_stderr_nobody_reads_goes_on_serving(model_dir: Path) -> None:
+    """Its log a pipe nobody reads, as under a log collector that stalled: past the pipe's 64 KB, a
+    record written from the event loop would stop it, and every call with it. Its access log in JSON,
+    as the Kubernetes manifests set it."""
+    env = {**os.environ, "ATTNSERVE_LOG_FORMAT": "json"}
+    proc, port = start_server(model_dir, "--access-log", env=env)
+    try:
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.AttnServeStub(ch)
+        for i in range(1000):  # ~250 bytes a record: ~250 KB
+            stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=[("x-request-id", f"r{i}")], timeout=10)
+        assert health(f"127.0.0.1:{port}") == SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    calls = [r for r in records if r["logger"] == "attnserve.access"]
+    assert [r["request_id"] for r in calls] == [f"r{i}" for i in range(1000)]
+    assert all(r["rpc"] == "Encode" and r["code"] == "OK" and r["level"] == "INFO" for r in calls)
+    assert all(r["duration_ms"] > 0 and r["peer"].startswith("ipv4:127.0.0.1:") for r in calls)
