@@ -84,6 +84,9 @@ class ServerConfig:
     # connections are closed (GOAWAY, their calls given grace_seconds) after this long, so that clients
     # reconnect and spread over the replicas behind a connection-level load balancer (0: never)
     max_connection_age_seconds: float = 0.0
+    # a connection with no call in progress for this long is closed (GOAWAY; its client reconnects when
+    # it next calls), so that clients that hold idle channels hold no descriptor and buffers here (0: never)
+    max_connection_idle_seconds: float = 0.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # given: clients must present a certificate signed by it (mutual TLS)
@@ -116,9 +119,15 @@ class ServerConfig:
             raise ValueError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
         if self.grace_seconds < 0 or self.drain_delay_seconds < 0:
             raise ValueError("grace_seconds and drain_delay_seconds must be >= 0")
-        if self.keepalive_seconds < 0 or self.keepalive_timeout_seconds <= 0 or self.max_connection_age_seconds < 0:
+        if (
+            self.keepalive_seconds < 0
+            or self.keepalive_timeout_seconds <= 0
+            or self.max_connection_age_seconds < 0
+            or self.max_connection_idle_seconds < 0
+        ):
             raise ValueError(
-                "keepalive_seconds and max_connection_age_seconds must be >= 0, keepalive_timeout_seconds > 0"
+                "keepalive_seconds, max_connection_age_seconds and max_connection_idle_seconds must be >= 0, "
+                "keepalive_timeout_seconds > 0"
             )
         if self.api_keys_reload_seconds < 0:
             raise ValueError(f"api_keys_reload_seconds must be >= 0, got {self.api_keys_reload_seconds}")

@@ -86,6 +86,7 @@ def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_SECONDS * 1000),
         ("grpc.max_connection_age_ms", ms_or_never(cfg.max_connection_age_seconds)),
+        ("grpc.max_connection_idle_ms", ms_or_never(cfg.max_connection_idle_seconds)),
         ("grpc.server_handshake_timeout_ms", ms(cfg.handshake_timeout_seconds)),
         ("grpc.max_connection_age_grace_ms", ms(cfg.grace_seconds)),
     ]

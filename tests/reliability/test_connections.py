@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import h2.connection
 import pytest
+from grpc_health.v1 import health_pb2
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
@@ -141,6 +143,37 @@ def test_connections_are_closed_after_their_age_and_clients_reconnect(model_dir:
         st.stop()
 
 
+def test_idle_connections_are_closed_and_busy_ones_are_not(model_dir: Path) -> None:
+    """A connection with no call in progress for max_connection_idle_seconds is closed (GOAWAY), and its
+    client reconnects when it next calls; one with a call in progress stays open however long it runs."""
+    st = ServerThread(config(model_dir, max_connection_idle_seconds=0.5)).start()
+    relay = Relay(("127.0.0.1", st.server.port))
+    idle, busy = Peer(st.address), Peer(st.address)
+    try:
+        watch = busy.open("/grpc.health.v1.Health/Watch", framed(health_pb2.HealthCheckRequest().SerializeToString()))
+
+        def closed(peer: Peer) -> bool:
+            return bool(peer.h2.state_machine.state == h2.connection.ConnectionState.CLOSED)
+
+        start = time.monotonic()
+        assert idle.idle(lambda: closed(idle), 10), "the idle connection was not closed"
+        assert 0.4 < time.monotonic() - start < 5
+        assert not busy.idle(lambda: closed(busy), 1.5), "a connection with a call in progress was closed"
+        assert watch not in busy.statuses  # its watch goes on
+        with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+            stub = pb_grpc.AttnServeStub(channel)
+            for _ in range(2):
+                assert len(stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
+                time.sleep(1.0)
+            assert len(stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
+        assert relay.accepted >= 2  # closed while idle; the channel made another
+    finally:
+        idle.close()
+        busy.close()
+        relay.close()
+        st.stop()
+
+
 def test_connection_settings_as_grpc_reads_them() -> None:
     options = dict(connection_options(ServerConfig(keepalive_seconds=30, keepalive_timeout_seconds=10)))
     assert options["grpc.keepalive_time_ms"] == 30_000
@@ -149,12 +182,18 @@ def test_connection_settings_as_grpc_reads_them() -> None:
     # clients that ping as often as gRPC's clients may are not turned away
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == CLIENT_PING_SECONDS * 1000 == 10_000
     assert options["grpc.max_connection_age_ms"] == NEVER_MS  # by default connections live on
+    assert options["grpc.max_connection_idle_ms"] == NEVER_MS
     assert options["grpc.server_handshake_timeout_ms"] == 10_000  # not gRPC's two minutes
     off = dict(connection_options(ServerConfig(keepalive_seconds=0, max_connection_age_seconds=300, grace_seconds=20)))
     assert off["grpc.keepalive_time_ms"] == NEVER_MS
     assert off["grpc.max_connection_age_ms"] == 300_000 and off["grpc.max_connection_age_grace_ms"] == 20_000
-    for bad in ({"keepalive_seconds": -1}, {"keepalive_timeout_seconds": 0}, {"max_connection_age_seconds": -5}):
-        with pytest.raises(ValueError, match=r"keepalive_seconds and max_connection_age_seconds must be >= 0"):
+    for bad in (
+        {"keepalive_seconds": -1},
+        {"keepalive_timeout_seconds": 0},
+        {"max_connection_age_seconds": -5},
+        {"max_connection_idle_seconds": -1},
+    ):
+        with pytest.raises(ValueError, match=r"keepalive_seconds, max_connection_age_seconds and .* must be >= 0"):
             ServerConfig(**bad)  # type: ignore[arg-type]
     for bad in ({"handshake_timeout_seconds": 0}, {"request_read_timeout_seconds": -1}):
         with pytest.raises(ValueError, match="handshake_timeout_seconds and request_read_timeout_seconds must be > 0"):
