@@ -8,6 +8,7 @@ import argparse
 import functools
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -90,8 +91,9 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # given: clients must present a certificate signed by it (mutual TLS)
-    # API keys, one a line (blank lines and lines starting with # skipped; several, so that a key can be
-    # replaced without a moment when neither works): given, every call to the model's services must
+    # API keys, one a line, each after the name of the client it is for where it has one ("alice
+    # <key>"; blank lines and lines starting with # skipped; several, so that a key can be replaced
+    # without a moment when neither works): given, every call to the model's services must
     # carry "authorization: Bearer <one of them>", or is answered UNAUTHENTICATED; health, reflection
     # and the v2 service's liveness, readiness and metadata stay open to probes. Keys travel in the
     # clear without TLS
@@ -147,9 +149,10 @@ class ServerConfig:
         self.request_limits()
 
     @functools.cached_property
-    def api_keys(self) -> frozenset[str] | None:
-        """The keys in ``api_keys_file``, or None where there is none to check: read as the config is
-        built (the server reads the file again as it changes, ``read_api_keys``)."""
+    def api_keys(self) -> dict[str, str] | None:
+        """The keys in ``api_keys_file``, each to the name of its client ("" where it has none), or None
+        where there is none to check: read as the config is built (the server reads the file again as
+        it changes, ``read_api_keys``)."""
         return None if self.api_keys_file is None else read_api_keys(self.api_keys_file)
 
     def request_limits(self) -> RequestLimits:
@@ -240,27 +243,39 @@ def api_keys_file_bytes(path: Path) -> bytes:
     return data
 
 
-def read_api_keys(path: Path, data: bytes | None = None) -> frozenset[str]:
-    """The keys in the file at ``path`` (or in ``data``, its bytes read already), one a line, blank
-    lines and lines starting with # skipped. ValueError says why where there is none to take; no
-    message repeats a key."""
+CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def read_api_keys(path: Path, data: bytes | None = None) -> dict[str, str]:
+    """The keys in the file at ``path`` (or in ``data``, its bytes read already), each to the name of
+    its client: a line holds a key, or a name and a key; blank lines and lines starting with # are
+    skipped. A name may stand before several keys (one client's old and new); a key only once.
+    ValueError says why where there is none to take; no message repeats a key."""
     if data is None:
         data = api_keys_file_bytes(path)
     try:
         lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"api_keys_file: {path} is not UTF-8 text") from None
-    keys = set()
+    keys: dict[str, str] = {}
+    lines_of: dict[str, int] = {}
     for number, line in enumerate(lines, 1):
-        key = line.strip()
-        if not key or key.startswith("#"):
+        words = line.split()
+        if not words or words[0].startswith("#"):
             continue
+        if len(words) > 2:
+            raise ValueError(f"api_keys_file: line {number} is not a key, or a client's name and a key")
+        name, key = words if len(words) == 2 else ("", words[0])
+        if name and not CLIENT_NAME.fullmatch(name):
+            raise ValueError(f"api_keys_file: line {number}: a client's name is 1-64 of A-Z a-z 0-9 . _ -")
         if not all("!" <= c <= "~" for c in key):  # a header's value: printable ASCII, no spaces
             raise ValueError(f"api_keys_file: line {number} is not a key (printable ASCII, no spaces)")
-        keys.add(key)
+        if key in keys:
+            raise ValueError(f"api_keys_file: line {number} repeats the key of line {lines_of[key]}")
+        keys[key], lines_of[key] = name, number
     if not keys:
         raise ValueError(f"api_keys_file: {path} holds no key")
-    return frozenset(keys)
+    return keys
 
 
 def _convert(raw: Any, typ: Any, name: str) -> Any:

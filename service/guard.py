@@ -49,7 +49,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -57,7 +57,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from service.logs import access
+from service.logs import CLIENT, access
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,8 @@ PROBE_REQUEST_BYTES = 4096
 # bound, a call that has waited this long for its request gives its place to one that comes.
 STALLED_SECONDS = 1.0
 
+UNNAMED = "unnamed"  # the client of a key given with no name, as metrics and the access log name it
+
 # what a call counts against from the moment it opens (CallGuard._open)
 ADMITTED = "admitted"  # the model's calls: max_concurrent
 STREAM = "stream"  # health's Watch and reflection's streams: max_streams
@@ -150,11 +152,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
         max_concurrent: int,
         max_streams: int,
         read_timeout: float,
-        api_keys: frozenset[str] | None = None,
+        api_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.metrics = metrics
         self.access_log = False  # a record a call refused here (service.logs.access), when told so
-        self.api_keys: tuple[bytes, ...] | None = None
+        self.api_keys: tuple[tuple[bytes, str], ...] | None = None
         self.accept_keys(api_keys)
         # full service names (all their methods) or method paths (/service/Method) whose calls are
         # bounded and drained
@@ -179,11 +181,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def accept_keys(self, keys: frozenset[str] | None) -> None:
-        """Take ``keys`` as the ones an admitted call may carry (None: no key needed), in place of
-        those before, from the next call on."""
+    def accept_keys(self, keys: Mapping[str, str] | None) -> None:
+        """Take ``keys`` (each to the name of its client, or "") as the ones an admitted call may carry
+        (None: no key needed), in place of those before, from the next call on."""
         # as bytes, compared in constant time
-        self.api_keys = None if keys is None else tuple(k.encode() for k in sorted(keys))
+        self.api_keys = None if keys is None else tuple((k.encode(), keys[k] or UNNAMED) for k in sorted(keys))
 
     async def intercept_service(
         self,
@@ -334,8 +336,12 @@ class CallGuard(grpc.aio.ServerInterceptor):
         bounded as all others are; at a full bound, the one that has waited longest for its request,
         if it has waited ``stalled_seconds``, is refused in place of the one that opens."""
         if kind is ADMITTED:
-            if self.api_keys is not None and (problem := self._unauthenticated(context)):
-                await self._refuse(rpc, context, grpc.StatusCode.UNAUTHENTICATED, problem)
+            if self.api_keys is not None:
+                client, problem = self._authenticate(context)
+                if problem:
+                    await self._refuse(rpc, context, grpc.StatusCode.UNAUTHENTICATED, problem)
+                CLIENT.set(client)
+                self.metrics.client_calls.labels(client, rpc).inc()
             self.last_arrival = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
@@ -354,21 +360,23 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
             self.streams_open += 1
 
-    def _unauthenticated(self, context: grpc.aio.ServicerContext) -> str | None:
-        """Why the call's key is not one of ``api_keys``, or None where it is. Every key is compared,
-        each in constant time, so the time taken says nothing of how near a guess came."""
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        """The name of the client whose key the call carries, or why its key is not one of
+        ``api_keys``. Every key is compared, each in constant time, so the time taken says nothing
+        of how near a guess came."""
         assert self.api_keys is not None
         given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
         if not isinstance(given, str):
-            return "this server needs an API key: send it as 'authorization: Bearer <key>'"
+            return "", "this server needs an API key: send it as 'authorization: Bearer <key>'"
         scheme, _, key = given.strip().partition(" ")
         if scheme.lower() != "bearer":
-            return "the authorization header's scheme is not Bearer: send 'authorization: Bearer <key>'"
+            return "", "the authorization header's scheme is not Bearer: send 'authorization: Bearer <key>'"
         token = key.strip().encode()
-        matched = False
-        for known in self.api_keys:
-            matched |= hmac.compare_digest(token, known)
-        return None if matched else "the API key is not one this server accepts"
+        client = ""
+        for known, name in self.api_keys:
+            if hmac.compare_digest(token, known):
+                client = name
+        return (client, "") if client else ("", "the API key is not one this server accepts")
 
     def _evict_stalled(self, kind: str, full: str) -> bool:
         """At a full bound (``full`` says which): refuse the call of ``kind`` waiting longest for its

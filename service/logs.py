@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -158,11 +159,16 @@ def dropped() -> int:
 # error and in the access log, so that the client's record and the server's can be put side by side.
 REQUEST_ID = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
+# the name of the client whose API key the call being served carried (service.guard), where keys are asked for
+CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 
 
 def caller(context: Any) -> dict[str, str]:
-    """A call's ``peer`` and, where it sent one, its ``request_id`` (cut to MAX_REQUEST_ID_CHARS), for a record."""
+    """A call's ``peer``, the ``client`` its API key names where keys are asked for, and its
+    ``request_id`` where it sent one (cut to MAX_REQUEST_ID_CHARS), for a record."""
     said = {"peer": context.peer()}
+    if (client := CLIENT.get()) is not None:
+        said["client"] = client
     request_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID), None)
     if isinstance(request_id, str):
         said["request_id"] = request_id[:MAX_REQUEST_ID_CHARS]
@@ -171,11 +177,14 @@ def caller(context: Any) -> dict[str, str]:
 
 def access(rpc: str, code: str, seconds: float, context: Any, detail: str = "") -> None:
     """The access log's record of a call answered (``attnserve.access``, INFO): its method, status code,
-    time from arrival to answer, caller and request id, and for a call not answered OK what it was told."""
+    time from arrival to answer, caller (and the client its key names) and request id, and for a call not
+    answered OK what it was told."""
     if not ACCESS.isEnabledFor(logging.INFO):
         return
     fields: dict[str, Any] = {"rpc": rpc, "code": code, "duration_ms": round(seconds * 1000, 3), **caller(context)}
     text = f"{rpc} {code} {fields['duration_ms']:.3f} ms {fields['peer']}"
+    if "client" in fields:
+        text += f" client={fields['client']}"
     if "request_id" in fields:
         text += f" request_id={fields['request_id']!r}"
     if detail:

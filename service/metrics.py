@@ -187,6 +187,13 @@ class Metrics:
         self.api_keys = Gauge(
             "attnserve_api_keys", "API keys the model's calls may carry now (0: no key is needed)", registry=r
         )
+        self.client_calls = Counter(
+            "attnserve_client_calls_total",
+            "Calls to the model's services, by the client named with the API key they carried (unnamed for a "
+            "key with no name), counted as the key is checked",
+            ["client", "rpc"],
+            registry=r,
+        )
         self.api_keys_rejected = Gauge(
             "attnserve_api_keys_file_rejected",
             "1 while the API keys file holds what the server could not take (it accepts the keys read before)",

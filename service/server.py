@@ -300,8 +300,8 @@ class Server:
             "API keys read again from %s: %d key(s) now, %d added, %d retired",
             path,
             len(keys),
-            len(keys - before),
-            len(before - keys),
+            len(keys.keys() - before.keys()),
+            len(before.keys() - keys.keys()),
         )
 
     async def _watch_api_keys(self, every: float) -> None:

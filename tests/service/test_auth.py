@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from service import client
 from service.cli import build_parser
 from service.config import ServerConfig
 from tests.reliability.test_http2 import Peer, framed
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, fail_first_encode
 from tests.service.test_server import metrics
 
 KEYS = "# rotated monthly\n\n  old-key-0123456789  \nnew-key-9876543210\n"
@@ -158,8 +159,20 @@ def test_the_keys_file_is_checked_at_start(model_dir: Path, tmp_path: Path, capl
     path.write_bytes(b"k" * (1024 * 1024 + 1))  # a file of keys holds a few: not read whole
     with pytest.raises(ValueError, match="is over 1048576 bytes"):
         ServerConfig(api_keys_file=path)
+    path.write_text("alice key-1\nalice key-2 second\n")  # three words: neither a key nor a name and a key
+    with pytest.raises(ValueError, match="line 2 is not a key, or a client's name and a key") as e:
+        ServerConfig(api_keys_file=path)
+    path.write_text("al/ice key-1\n")
+    with pytest.raises(ValueError, match=re.escape("line 1: a client's name is 1-64 of A-Z a-z 0-9 . _ -")):
+        ServerConfig(api_keys_file=path)
+    path.write_text("alice key-1\n# bob's\nbob key-1\n")
+    with pytest.raises(ValueError, match="line 3 repeats the key of line 1") as e:
+        ServerConfig(api_keys_file=path)
+    assert "key-1" not in str(e.value)
+    path.write_text("alice key-1\nalice key-2\n  key-3  \n")  # one client's old and new; a key with no name
+    assert ServerConfig(api_keys_file=path).api_keys == {"key-1": "alice", "key-2": "alice", "key-3": ""}
     path.write_text("good-key\n")
-    assert ServerConfig(api_keys_file=path).api_keys == {"good-key"}
+    assert ServerConfig(api_keys_file=path).api_keys == {"good-key": ""}
     with pytest.raises(ValueError, match="api_keys_reload_seconds must be >= 0"):
         ServerConfig(api_keys_file=path, api_keys_reload_seconds=-1)
     assert ServerConfig().api_keys is None
@@ -261,7 +274,7 @@ def test_keys_are_taken_as_the_mounted_file_changes(
         mounted(tmp_path, "# emptied by mistake\n")
         until(lambda: gauges()[1] == 1)
         time.sleep(0.3)  # several looks at the same bad file: said once
-        mounted(tmp_path, "new-key\nanother secret\n")
+        mounted(tmp_path, "new-key\nanother bad secret\n")
         until(lambda: sum("line 2 is not a key" in r.getMessage() for r in caplog.records) == 1)
         time.sleep(0.3)
         assert works(st.address, "new-key") and not works(st.address, "old-key") and gauges() == (1, 1)
@@ -309,3 +322,35 @@ def test_sighup_without_a_keys_file_is_said_and_ends_nothing(
     with caplog.at_level(logging.INFO, "service.server"):
         served.call(served.server.reload_api_keys(asked=True))
     assert any("no API keys file to read again" in r.getMessage() for r in caplog.records)
+
+
+def test_each_call_is_counted_and_logged_under_the_client_its_key_names(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys"
+    path.write_text("alice key-a1\nalice key-a2\nbob key-b\nkey-c\n")
+    st = ServerThread(config(model_dir, api_keys_file=path, access_log=True)).start()
+    caplog.set_level(logging.INFO, "attnserve.access")
+    try:
+        for key in ("key-a1", "key-a2", "key-b", "key-c", "key-a1"):
+            assert works(st.address, key)
+        assert not works(st.address, "key-d")
+        m = metrics(st)
+        fail_first_encode(st)
+        with pytest.raises(grpc.RpcError) as e:
+            st.stub().Encode(pb.EncodeRequest(texts=["hi"]), metadata=[("authorization", "Bearer key-b")], timeout=30)
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        st.stop()
+    (failed,) = [r for r in caplog.records if r.name == "service.servicer" and r.levelno == logging.ERROR]
+    assert failed.client == "bob"  # type: ignore[attr-defined]
+
+    def counted(client: str) -> float:
+        return m.get(("attnserve_client_calls_total", (("client", client), ("rpc", "Encode"))), 0)
+
+    assert (counted("alice"), counted("bob"), counted("unnamed")) == (3, 1, 1)
+    records = [r for r in caplog.records if r.name == "attnserve.access"]
+    seen = [(r.code, getattr(r, "client", None)) for r in records]  # type: ignore[attr-defined]
+    assert seen == [("OK", "alice"), ("OK", "alice"), ("OK", "bob"), ("OK", "unnamed"), ("OK", "alice"),
+                    ("UNAUTHENTICATED", None), ("INTERNAL", "bob")]  # fmt: skip
+    assert records[2].getMessage().endswith(" client=bob")
