@@ -18,7 +18,7 @@ import pytest
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from service.client import decode_probabilities
-from tests.service.conftest import ServerThread
+from tests.service.conftest import ServerThread, config
 from tests.venvs import venv_with
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,3 +82,27 @@ def test_tritonclient_gets_the_native_numbers(served: ServerThread, triton_pytho
 
     status, message = sync["unknown_model"]
     assert "NOT_FOUND" in status and "no-such-model" in message
+
+
+@pytest.mark.network
+def test_tritonclient_sends_an_api_key_as_a_header(model_dir: Path, tmp_path: Path, triton_python: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("triton-user key-for-triton\n")
+    st = ServerThread(config(model_dir, api_keys_file=keys)).start()
+    try:
+        script = Path(__file__).with_name("tritonclient_calls.py")
+        ran = subprocess.run(
+            [str(triton_python), str(script), "--keyed", st.address, "key-for-triton"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        st.stop()
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = json.loads(ran.stdout)
+    assert got["live"] and got["ready"]  # probes need no key
+    assert got["without"] == got["aio_without"] == "StatusCode.UNAUTHENTICATED"
+    assert got["with"] == got["aio_with"] == [1, 32]
+    assert got["stream_without"] == "StatusCode.UNAUTHENTICATED"
+    assert got["stream_with"] == "O"  # a text came: bytes, as numpy holds them

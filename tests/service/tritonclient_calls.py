@@ -3,12 +3,14 @@
 Run by tests/service/test_tritonclient.py in a virtual environment of its own (tritonclient
 pins a protobuf older than the server's). Prints one JSON object of what each call returned.
 Usage: python tritonclient_calls.py HOST:PORT PROMPT SEED TEXT...
+       python tritonclient_calls.py --keyed HOST:PORT API_KEY
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import queue
 import sys
@@ -114,7 +116,53 @@ async def aio_calls(address: str, prompt: str, seed: int, texts: list[str]) -> d
     return out
 
 
+def keyed_calls(address: str, key: str) -> dict[str, Any]:
+    """Against a server that asks for API keys: probes with none, inference without one and with one
+    (``headers``, as tritonclient sends them), unary, streamed and on asyncio."""
+
+    def status(call: Any) -> str:
+        try:
+            call()
+            return "OK"
+        except Exception as e:  # InferenceServerException
+            return str(getattr(e, "status", lambda: "")())
+
+    headers = {"authorization": f"Bearer {key}"}
+    client = grpcclient.InferenceServerClient(address)
+    out: dict[str, Any] = {"live": client.is_server_live(), "ready": client.is_model_ready("attnserve-encode")}
+    out["without"] = status(lambda: client.infer("attnserve-encode", [text_input(["the king"])]))
+    encoded = client.infer("attnserve-encode", [text_input(["the king"])], headers=headers)
+    out["with"] = list(encoded.as_numpy("EMBEDDING").shape)
+    for name, sent in (("stream_without", None), ("stream_with", headers)):
+        responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        client.start_stream(callback=lambda result, error, q=responses: q.put((result, error)), headers=sent)
+        # refused as it opens, the stream may be over before the request is sent: the error is the callback's
+        with contextlib.suppress(Exception):
+            client.async_stream_infer("attnserve-generate", [text_input(["My lord"])], parameters={"max_new_tokens": 2})
+        result, error = responses.get(timeout=30)
+        out[name] = str(error.status()) if error is not None else result.as_numpy("TEXT").dtype.kind
+        client.stop_stream()
+    client.close()
+
+    async def aio() -> None:
+        aclient = aioclient.InferenceServerClient(address)
+        try:
+            await aclient.infer("attnserve-encode", [text_input(["a"])])
+            out["aio_without"] = "OK"
+        except Exception as e:
+            out["aio_without"] = str(getattr(e, "status", lambda: "")())
+        encoded = await aclient.infer("attnserve-encode", [text_input(["a"])], headers=headers)
+        out["aio_with"] = list(encoded.as_numpy("EMBEDDING").shape)
+        await aclient.close()
+
+    asyncio.run(aio())
+    return out
+
+
 def main() -> None:
+    if sys.argv[1] == "--keyed":
+        print(json.dumps(keyed_calls(sys.argv[2], sys.argv[3])))
+        return
     address, prompt, seed, *texts = sys.argv[1:]
     result = {
         "sync": sync_calls(address, prompt, int(seed), texts),
