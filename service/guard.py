@@ -393,7 +393,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         context, (rpc, since) = next(iter(self._unread[kind].items()))
         del self._unread[kind][context]
         message = f"{why}; this call waited longest for its request"
-        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since)
+        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since, "evicted")
 
     def _overdue(self) -> None:
         """Answer the calls whose requests have not come whole in time, and look again when the
@@ -413,20 +413,28 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     break
                 del unread[context]
                 if draining is not None:
-                    self._give_up(rpc, context, grpc.StatusCode.UNAVAILABLE, draining, since)
+                    self._give_up(rpc, context, grpc.StatusCode.UNAVAILABLE, draining, since, "draining")
                 else:
                     message = f"no whole request within {self.read_timeout:g} s of the call opening"
-                    self._give_up(rpc, context, grpc.StatusCode.DEADLINE_EXCEEDED, message, since)
+                    self._give_up(rpc, context, grpc.StatusCode.DEADLINE_EXCEEDED, message, since, "read_timeout")
         if next_due < math.inf:
             self._sweep = asyncio.get_running_loop().call_later(next_due - now, self._overdue)
 
     def _give_up(
-        self, rpc: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, since: float
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        since: float,
+        reason: str,
     ) -> None:
         """Answer a call still waiting for its request since ``since``, from a task of its own; the
-        call's read then ends, and its task with it, giving its place back."""
+        call's read then ends, and its task with it, giving its place back. Counted apart by
+        ``reason`` too: a call whose client sent nothing is not the server's failure, whatever its code."""
 
         async def answer() -> None:
+            self.metrics.without_request.labels(reason).inc()
             with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
                 await self._refuse(rpc, context, code, message, since)
 

@@ -167,6 +167,14 @@ class Metrics:
             ["graph", "reason"],
             registry=r,
         )
+        self.without_request = Counter(
+            "attnserve_calls_without_request_total",
+            "Calls answered because their request did not come (also counted in attnserve_requests_total), by "
+            "reason: read_timeout (DEADLINE_EXCEEDED), evicted (RESOURCE_EXHAUSTED, at a full bound), draining "
+            "(UNAVAILABLE, the server stopping)",
+            ["reason"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "attnserve_calls_in_progress", "Calls of the model's services being served now", registry=r
         )
@@ -245,6 +253,8 @@ class Metrics:
                 self.dropped.labels(graph, reason)
         for reason in ("length", "stop", "end_of_text", "context_full", "cancelled", "deadline", "error"):
             self.gen_finished.labels(reason)
+        for reason in ("read_timeout", "evicted", "draining"):
+            self.without_request.labels(reason)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> ScrapeServer:
         """Expose /metrics over HTTP on a thread of its own; returns the server (``.shutdown()`` stops it)."""

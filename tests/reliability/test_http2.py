@@ -223,14 +223,17 @@ def test_a_call_whose_request_does_not_come_in_time_is_answered_and_gives_back_i
     guard = impatient.server.guard
     rpc = path.rsplit("/", 1)[1]
     timed_out = ("attnserve_requests_total", (("code", "DEADLINE_EXCEEDED"), ("rpc", rpc)))
-    before = metrics(impatient).get(timed_out, 0)
+    no_request = ("attnserve_calls_without_request_total", (("reason", "read_timeout"),))
+    before, before_apart = metrics(impatient).get(timed_out, 0), metrics(impatient)[no_request]
     peer = Peer(impatient.address)
     try:
         sid = peer.open(path, body)
         code, message = peer.answered({sid}, timeout=10)[sid]
         assert code == DEADLINE_EXCEEDED and "no whole request within 0.5 s" in message, message
         assert wait_for(lambda: guard.in_flight == 0 and guard.streams_open == 0 and not guard.probes_waiting)
+        # counted apart too, so that the error ratio's alert leaves it out: the client sent nothing
         assert metrics(impatient).get(timed_out, 0) == before + 1
+        assert metrics(impatient)[no_request] == before_apart + 1
     finally:
         peer.close()
     assert health(impatient.address) == SERVING
@@ -262,6 +265,8 @@ def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that
     guard.read_timeout = 30.0  # the held calls are not to time out here
     peer = Peer(impatient.address)
     try:
+        evicted = ("attnserve_calls_without_request_total", (("reason", "evicted"),))
+        before = metrics(impatient)[evicted]
         held = [peer.open(path) for _ in range(4)]
         assert wait_for(lambda: held_now() == 4)
         with pytest.raises(grpc.RpcError) as e:  # fresh: the newcomer is refused, as at any full server
@@ -273,6 +278,7 @@ def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that
         assert list(answers) == [held[0]] and answers[held[0]][0] == RESOURCE_EXHAUSTED, answers
         assert "waited longest for its request" in answers[held[0]][1]
         assert wait_for(lambda: held_now() == 3)  # the three left; the newcomer has gone
+        assert metrics(impatient)[evicted] == before + 1
     finally:
         peer.close()
         channel.close()
