@@ -4,8 +4,8 @@ its logger or its traceback.
 
 In JSON each record has ``time`` (UTC, ISO 8601), ``level``, ``logger`` and ``message``, then
 ``exc_info`` with the traceback where there is one, and whatever the record was given as ``extra``
-(an internal error's ``error_id``, ``rpc``, ``peer`` and ``request_id``: see ``service.servicer``;
-an access record's, ``access``).
+(an internal error's ``error_id`` and ``rpc``, see ``service.servicer``, and an access record's,
+``access``; both with the caller's, ``caller``).
 
 Records are written by a thread of their own, never by the thread that logs: a stderr that its
 reader stopped draining (a full pipe) would otherwise stop the event loop, health with it, at the
@@ -21,6 +21,7 @@ import collections
 import contextlib
 import contextvars
 import logging
+import re
 import threading
 import time
 from typing import Any, TextIO
@@ -159,19 +160,31 @@ def dropped() -> int:
 # error and in the access log, so that the client's record and the server's can be put side by side.
 REQUEST_ID = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
+# W3C Trace Context (what OpenTelemetry, service meshes and tracing proxies send): the trace a call
+# belongs to, logged as trace_id and span_id (the caller's span), so that a tracing backend can lead
+# from a trace to the server's records of it. A value not of the form is ignored, as the standard says.
+TRACEPARENT = "traceparent"
+TRACE = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 # the name of the client whose API key the call being served carried (service.guard), where keys are asked for
 CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 
 
 def caller(context: Any) -> dict[str, str]:
-    """A call's ``peer``, the ``client`` its API key names where keys are asked for, and its
-    ``request_id`` where it sent one (cut to MAX_REQUEST_ID_CHARS), for a record."""
+    """A call's ``peer``, the ``client`` its API key names where keys are asked for, its
+    ``request_id`` where it sent one (cut to MAX_REQUEST_ID_CHARS), and the ``trace_id`` and
+    ``span_id`` of its ``traceparent`` where it sent a valid one, for a record."""
     said = {"peer": context.peer()}
     if (client := CLIENT.get()) is not None:
         said["client"] = client
-    request_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID), None)
-    if isinstance(request_id, str):
-        said["request_id"] = request_id[:MAX_REQUEST_ID_CHARS]
+    for key, value in context.invocation_metadata() or ():
+        if not isinstance(value, str):
+            continue
+        if key == REQUEST_ID and "request_id" not in said:
+            said["request_id"] = value[:MAX_REQUEST_ID_CHARS]
+        elif key == TRACEPARENT and "trace_id" not in said and (trace := TRACE.fullmatch(value.strip())):
+            trace_id, span_id = trace.groups()
+            if trace_id != "0" * 32 and span_id != "0" * 16 and not value.startswith("ff"):  # invalid by the standard
+                said["trace_id"], said["span_id"] = trace_id, span_id
     return said
 
 
@@ -187,6 +200,8 @@ def access(rpc: str, code: str, seconds: float, context: Any, detail: str = "") 
         text += f" client={fields['client']}"
     if "request_id" in fields:
         text += f" request_id={fields['request_id']!r}"
+    if "trace_id" in fields:
+        text += f" trace_id={fields['trace_id']}"
     if detail:
         fields["detail"] = detail
         text += f": {detail}"

@@ -151,7 +151,8 @@ def test_the_access_log_records_each_call_to_the_model_and_no_probe(
     try:
         ch = grpc.insecure_channel(st.address)
         stub, v2_stub = pb_grpc.AttnServeStub(ch), v2_grpc.GRPCInferenceServiceStub(ch)
-        stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=[("x-request-id", "req-1")], timeout=30)
+        trace = [("x-request-id", "req-1"), ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+        stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=trace, timeout=30)
         with pytest.raises(grpc.RpcError):
             stub.Encode(pb.EncodeRequest(texts=["hi"] * 65), timeout=30)
         list(stub.GenerateStream(pb.GenerateRequest(prompt="My lord", max_new_tokens=2), timeout=30))
@@ -179,7 +180,31 @@ def test_the_access_log_records_each_call_to_the_model_and_no_probe(
     assert "exceed the limit of 64" in records[1].detail  # type: ignore[attr-defined]
     assert "not a valid attnserve.v1.EncodeRequest" in records[4].detail  # type: ignore[attr-defined]
     assert not hasattr(records[0], "detail")
+    assert (records[0].trace_id, records[0].span_id) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")  # type: ignore[attr-defined]
+    assert not hasattr(records[1], "trace_id")
     assert records[0].getMessage().startswith("Encode OK ") and "request_id='req-1'" in records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # an all-zero trace
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # an all-zero span
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # the version no one may send
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",  # no flags
+        '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n{"level": "CRITICAL"}',  # a record forged
+    ],
+)
+def test_a_traceparent_not_of_the_standard_form_is_left_out(value: str) -> None:
+    class Call:  # the two things of a call's context that caller reads
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:5000"
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("traceparent", value),)
+
+    assert logs.caller(Call()) == {"peer": "ipv4:127.0.0.1:5000"}
 
 
 def test_the_access_log_is_off_unless_asked(served: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
