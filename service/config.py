@@ -103,6 +103,10 @@ class ServerConfig:
     # logged (0: only on SIGHUP, which reads it again too). A Kubernetes Secret mounted as a volume is
     # updated in place, so a key is added or retired without a restart
     api_keys_reload_seconds: float = 10.0
+    # calls in progress one client (the name before its keys; the keys with none are one client,
+    # "unnamed") may have; beyond it, its calls are refused RESOURCE_EXHAUSTED while others' are served,
+    # so that one client cannot take every place of max_concurrent_calls (0: no limit of its own)
+    max_calls_per_client: int = 0
     # one record a call to the model's services answered, at INFO from the logger attnserve.access: its
     # method, status code, time to answer, caller and x-request-id, and what a call not answered OK was
     # told (health and reflection are not recorded); ~35 us of the server's CPU a call as text, ~45 as JSON
@@ -131,6 +135,10 @@ class ServerConfig:
                 "keepalive_seconds, max_connection_age_seconds and max_connection_idle_seconds must be >= 0, "
                 "keepalive_timeout_seconds > 0"
             )
+        if self.max_calls_per_client < 0:
+            raise ValueError(f"max_calls_per_client must be >= 0, got {self.max_calls_per_client}")
+        if self.max_calls_per_client and self.api_keys_file is None:
+            raise ValueError("max_calls_per_client needs api_keys_file: clients are told apart by their keys")
         if self.api_keys_reload_seconds < 0:
             raise ValueError(f"api_keys_reload_seconds must be >= 0, got {self.api_keys_reload_seconds}")
         if self.handshake_timeout_seconds <= 0 or self.request_read_timeout_seconds <= 0:

@@ -21,7 +21,8 @@ A gRPC server interceptor, so that one place covers every method of every servic
   opens, before its request is read, so calls opened with nothing sent on them are bounded too.
 * With ``api_keys``, the admitted services' calls must carry ``authorization: Bearer <key>`` with
   one of them, or are answered UNAUTHENTICATED before they count against any bound. The probes
-  below never need one.
+  below never need one. Each key names a client; with ``max_per_client``, a client with that many
+  calls in progress is refused RESOURCE_EXHAUSTED, so that one client cannot take every place.
 * A call of one request whose request has not come whole within ``read_timeout`` of its opening is
   answered DEADLINE_EXCEEDED; at a full bound the call that has waited longest for its request,
   once it has waited STALLED_SECONDS, is refused in place of the one that opens; and while the
@@ -153,6 +154,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         max_streams: int,
         read_timeout: float,
         api_keys: Mapping[str, str] | None = None,
+        max_per_client: int = 0,
     ) -> None:
         self.metrics = metrics
         self.access_log = False  # a record a call refused here (service.logs.access), when told so
@@ -162,6 +164,13 @@ class CallGuard(grpc.aio.ServerInterceptor):
         # bounded and drained
         self.admitted = admitted
         self.max_concurrent = max_concurrent
+        # with api_keys: the admitted calls in progress of each client (its key's name), and the most
+        # one client may have (0: no limit of its own)
+        self.by_client: dict[str, int] = {}
+        self.max_per_client = max_per_client
+        # their metrics' series, by labels, found once (a labels() lookup is ~1 us, three a call)
+        self._calls_of: dict[tuple[str, ...], Any] = {}
+        self._in_flight_of: dict[tuple[str, ...], Any] = {}
         self.in_flight = 0
         self.max_streams = max_streams
         self.streams_open = 0  # health's and reflection's, which are not admitted
@@ -340,8 +349,12 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 client, problem = self._authenticate(context)
                 if problem:
                     await self._refuse(rpc, context, grpc.StatusCode.UNAUTHENTICATED, problem)
-                CLIENT.set(client)
-                self.metrics.client_calls.labels(client, rpc).inc()
+                CLIENT.set(client)  # for the call's records (service.logs.caller), and for _leave
+                self._series(self._calls_of, (client, rpc), self.metrics.client_calls).inc()
+                held = self.by_client.get(client, 0)
+                if self.max_per_client and held >= self.max_per_client:
+                    message = f"client {client} has {held} calls in progress, its limit; retry later"
+                    await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
             self.last_arrival = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
@@ -349,6 +362,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 full = f"{self.in_flight} calls in progress, the limit"
                 if not self._evict_stalled(ADMITTED, full):
                     await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
+            if self.api_keys is not None:
+                self.by_client[client] = held + 1
+                self._series(self._in_flight_of, (client,), self.metrics.client_in_flight).set(held + 1)
             self.in_flight += 1
             self.metrics.in_flight.set(self.in_flight)
             self._idle.clear()
@@ -470,8 +486,23 @@ class CallGuard(grpc.aio.ServerInterceptor):
             access(rpc, code.name, 0.0 if since is None else time.monotonic() - since, context, message)
         await context.abort(code, message)
 
+    @staticmethod
+    def _series(found: dict[tuple[str, ...], Any], labels: tuple[str, ...], metric: Any) -> Any:
+        """``metric``'s series of ``labels``, kept in ``found`` (their number: the clients' names, by methods)."""
+        series = found.get(labels)
+        if series is None:
+            series = found[labels] = metric.labels(*labels)
+        return series
+
     def _leave(self, kind: str) -> None:
         if kind is ADMITTED:
+            if (client := CLIENT.get()) is not None:  # (set by _open, in this call's task, and counted there)
+                held = self.by_client[client] - 1
+                if held:
+                    self.by_client[client] = held
+                else:
+                    del self.by_client[client]
+                self._series(self._in_flight_of, (client,), self.metrics.client_in_flight).set(held)
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
             if self.in_flight == 0:

@@ -202,6 +202,12 @@ class Metrics:
             ["client", "rpc"],
             registry=r,
         )
+        self.client_in_flight = Gauge(
+            "attnserve_client_calls_in_progress",
+            "Calls of the model's services in progress, by the client named with their API key",
+            ["client"],
+            registry=r,
+        )
         self.api_keys_rejected = Gauge(
             "attnserve_api_keys_file_rejected",
             "1 while the API keys file holds what the server could not take (it accepts the keys read before)",

@@ -180,6 +180,7 @@ class Server:
             config.max_probe_streams,
             config.request_read_timeout_seconds,
             config.api_keys,
+            config.max_calls_per_client,
         )
         self.servicer.access_log = self.guard.access_log = config.access_log
         self.api_keys = config.api_keys

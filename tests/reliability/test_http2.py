@@ -40,11 +40,13 @@ class Peer:
         self.statuses: dict[int, tuple[int, str]] = {}  # stream: grpc-status, grpc-message
         self._flush()
 
-    def open(self, path: str, data: bytes | None = None, end: bool = False) -> int:
-        """A call's headers, then ``data`` if given; ``end`` half-closes it. The stream's id."""
+    def open(
+        self, path: str, data: bytes | None = None, end: bool = False, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> int:
+        """A call's headers (and ``metadata``), then ``data`` if given; ``end`` half-closes it. The stream's id."""
         sid = self.h2.get_next_available_stream_id()
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "attnserve"),
-                   ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+                   ("content-type", "application/grpc"), ("te", "trailers"), *metadata]  # fmt: skip
         self.h2.send_headers(sid, headers, end_stream=end and data is None)
         if data is not None:
             self.h2.send_data(sid, data, end_stream=end)

@@ -26,7 +26,7 @@ from service import client
 from service.cli import build_parser
 from service.config import ServerConfig
 from tests.reliability.test_http2 import Peer, framed
-from tests.service.conftest import ServerThread, config, fail_first_encode
+from tests.service.conftest import ServerThread, config, fail_first_encode, wait_for
 from tests.service.test_server import metrics
 
 KEYS = "# rotated monthly\n\n  old-key-0123456789  \nnew-key-9876543210\n"
@@ -354,3 +354,36 @@ def test_each_call_is_counted_and_logged_under_the_client_its_key_names(
     assert seen == [("OK", "alice"), ("OK", "alice"), ("OK", "bob"), ("OK", "unnamed"), ("OK", "alice"),
                     ("UNAUTHENTICATED", None), ("INTERNAL", "bob")]  # fmt: skip
     assert records[2].getMessage().endswith(" client=bob")
+
+
+def test_a_client_at_its_limit_is_refused_while_others_are_served(model_dir: Path, tmp_path: Path) -> None:
+    """max_calls_per_client: one client's calls (here, opened and left with nothing sent, as a stuck
+    or hostile client leaves them) hold at most that many places; past it, that client is refused
+    and the others are served."""
+    path = tmp_path / "keys"
+    path.write_text("alice key-a\nbob key-b\n")
+    st = ServerThread(config(model_dir, api_keys_file=path, max_calls_per_client=2, max_concurrent_calls=8)).start()
+    peer = Peer(st.address)
+    try:
+        alice = (("authorization", "Bearer key-a"),)
+        for _ in range(2):
+            peer.open("/attnserve.v1.AttnServe/Encode", metadata=alice)
+        assert wait_for(lambda: st.server.guard.in_flight == 2)
+        gauge = ("attnserve_client_calls_in_progress", (("client", "alice"),))
+        assert metrics(st)[gauge] == 2
+        with pytest.raises(grpc.RpcError) as e:
+            st.stub().Encode(pb.EncodeRequest(texts=["hi"]), metadata=list(alice), timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "client alice has 2 calls in progress, its limit" in (e.value.details() or "")
+        assert works(st.address, "key-b")  # another client is served
+        peer.close()  # alice's held calls end with their connection
+        assert wait_for(lambda: st.server.guard.in_flight == 0)
+        assert metrics(st)[gauge] == 0 and st.server.guard.by_client == {}
+        answers = calls(st.address, list(alice))  # each kind of call, unary and streamed, leaves as it came
+        assert not [a for a in answers.values() if isinstance(a, grpc.RpcError)], answers
+        assert wait_for(lambda: st.server.guard.by_client == {}) and metrics(st)[gauge] == 0
+    finally:
+        peer.close()
+        st.stop()
+    with pytest.raises(ValueError, match="max_calls_per_client needs api_keys_file"):
+        ServerConfig(max_calls_per_client=4)
