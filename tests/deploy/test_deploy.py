@@ -247,14 +247,20 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
     assert alerts == tested  # every alert has a test
 
 
+KEY = [("authorization", "Bearer key-for-the-dashboard")]
+
+
 @pytest.fixture(scope="module")
-def live(model_dir: Path) -> Iterator[ServerThread]:
-    """A server that has answered every kind of request, so every labelled series exists."""
-    st = ServerThread(config(model_dir)).start()
+def live(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """A server that has answered every kind of request, so every labelled series exists; with an
+    API key named for its client, so the clients' series exist too."""
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    keys.write_text("dashboard key-for-the-dashboard\n")
+    st = ServerThread(config(model_dir, api_keys_file=keys)).start()
     stub = st.stub()
-    stub.Encode(pb.EncodeRequest(texts=["a", "b"]))
-    stub.AttentionMap(pb.AttentionMapRequest(text="the king"))
-    stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=3))
+    stub.Encode(pb.EncodeRequest(texts=["a", "b"]), metadata=KEY)
+    stub.AttentionMap(pb.AttentionMapRequest(text="the king"), metadata=KEY)
+    stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=3), metadata=KEY)
     yield st
     st.stop()
 
@@ -321,11 +327,11 @@ def test_a_real_prometheus_scrapes_the_server_and_every_dashboard_query_has_data
         stub = live.stub()
         deadline = time.monotonic() + 60
         while True:  # load while Prometheus takes a few scrapes
-            stub.Encode(pb.EncodeRequest(texts=["the king speaks"]))
-            stub.AttentionMap(pb.AttentionMapRequest(text="the crown"))
+            stub.Encode(pb.EncodeRequest(texts=["the king speaks"]), metadata=KEY)
+            stub.AttentionMap(pb.AttentionMapRequest(text="the crown"), metadata=KEY)
             with pytest.raises(grpc.RpcError):  # and a client error, so the error panels have a series
-                stub.Encode(pb.EncodeRequest())
-            for _ in stub.GenerateStream(pb.GenerateRequest(prompt="Good sir", max_new_tokens=4)):
+                stub.Encode(pb.EncodeRequest(), metadata=KEY)
+            for _ in stub.GenerateStream(pb.GenerateRequest(prompt="Good sir", max_new_tokens=4), metadata=KEY):
                 pass
             try:
                 if (
