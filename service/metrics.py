@@ -208,6 +208,11 @@ class Metrics:
             ["client"],
             registry=r,
         )
+        self.tls_rejected = Gauge(
+            "attnserve_tls_certificate_rejected",
+            "1 while the TLS certificate's files hold what the server could not take (it serves the one before)",
+            registry=r,
+        )
         self.api_keys_rejected = Gauge(
             "attnserve_api_keys_file_rejected",
             "1 while the API keys file holds what the server could not take (it accepts the keys read before)",

@@ -49,6 +49,7 @@ from service.metrics import Metrics
 from service.runtime import CUDA, Runtime
 from service.scheduler import Scheduler
 from service.servicer import AttnServeServicer
+from service.tls import Certificates
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +219,8 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert is not None and cfg.tls_key is not None:
-            creds = grpc.ssl_server_credentials(
-                [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
-                root_certificates=cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None,
-                require_client_auth=cfg.tls_client_ca is not None,
-            )
-            self.port = server.add_secure_port(address, creds)
+            certificates = Certificates(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, self.metrics.tls_rejected.set)
+            self.port = server.add_secure_port(address, certificates.credentials())
         else:
             self.port = server.add_insecure_port(address)
         await server.start()

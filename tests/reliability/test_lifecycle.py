@@ -4,6 +4,7 @@ the server: every call the server took is answered, and health tells the truth t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import re
@@ -310,6 +311,74 @@ def test_tls(model_dir: Path, certs: Path) -> None:
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         st.stop()
+
+
+def _trusting(address: str, ca: Path) -> bool:
+    """Whether a new connection that trusts only ``ca`` is served (False: its handshake failed)."""
+    creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    # a connection of its own: gRPC shares one between channels of the same target and credentials
+    with grpc.secure_channel(address, creds, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        try:
+            pb_grpc.AttnServeStub(channel).Encode(pb.EncodeRequest(texts=["x"]), timeout=5)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            return False
+        return True
+
+
+def _mount(directory: Path, cert: Path, key: Path) -> None:
+    """``tls.crt`` and ``tls.key`` in ``directory`` as the kubelet mounts a Secret's and renews them:
+    links into ``..data``, swapped to a new version's directory in one rename."""
+    version = directory / f"..{time.monotonic_ns()}"
+    version.mkdir()
+    shutil.copy(cert, version / "tls.crt")
+    shutil.copy(key, version / "tls.key")
+    (directory / "..data_tmp").symlink_to(version.name)
+    os.replace(directory / "..data_tmp", directory / "..data")
+    for name in ("tls.crt", "tls.key"):
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(f"..data/{name}")
+
+
+def test_a_certificate_renewed_in_place_is_served_from_the_next_connection(
+    model_dir: Path, certs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As cert-manager renews a certificate in its Secret: new connections get the new one, with no
+    restart. Files that change into a pair that does not match are refused, and the one before is served."""
+    _mount(tmp_path, certs / "server.pem", certs / "server.key")
+    st = ServerThread(config(model_dir, tls_cert=tmp_path / "tls.crt", tls_key=tmp_path / "tls.key")).start()
+    rejected = ("attnserve_tls_certificate_rejected", ())
+    try:
+        with _tls_channel(st.address, certs) as before:  # a connection made before the renewal
+            stub = pb_grpc.AttnServeStub(before)
+            assert stub.Encode(pb.EncodeRequest(texts=["x"]), timeout=10).embeddings
+            assert not _trusting(st.address, certs / "other_ca.pem")
+            _mount(tmp_path, certs / "stranger.pem", certs / "stranger.key")  # renewed: signed by other_ca
+            assert _trusting(st.address, certs / "other_ca.pem")
+            assert not _trusting(st.address, certs / "ca.pem")
+            assert stub.Encode(pb.EncodeRequest(texts=["x"]), timeout=10).embeddings  # it keeps its own
+        assert metrics(st)[rejected] == 0
+        with caplog.at_level(logging.INFO, "service.tls"):
+            _mount(tmp_path, certs / "server.pem", certs / "stranger.key")  # a key not the certificate's
+            assert _trusting(st.address, certs / "other_ca.pem")  # the one before, still served
+            assert metrics(st)[rejected] == 1
+            assert any("are not a certificate and its key" in r.getMessage() for r in caplog.records)
+            _mount(tmp_path, certs / "server.pem", certs / "server.key")  # mended
+            assert _trusting(st.address, certs / "ca.pem")
+            assert metrics(st)[rejected] == 0
+    finally:
+        st.stop()
+
+
+def test_a_certificate_that_cannot_be_served_ends_the_start_saying_why(model_dir: Path, certs: Path) -> None:
+    for cert, key, says in (
+        (certs / "server.pem", certs / "stranger.key", "are not a certificate and its key"),
+        (certs / "server.pem", certs / "missing.key", "cannot read .*missing.key: No such file"),
+    ):
+        st = ServerThread(config(model_dir, tls_cert=cert, tls_key=key))
+        with pytest.raises(ValueError, match=says):
+            st.start()
+        st.stop(grace=0)  # as serve does after a failed start: the metrics port closes
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(model_dir: Path, certs: Path) -> None:
