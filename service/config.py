@@ -31,6 +31,9 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port (logged)
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8000  # 0 picks a free port; -1 turns the endpoint off
+    # a second gRPC port, on host, plaintext whatever the first's TLS, serving only health: the
+    # kubelet's gRPC probes speak no TLS (0 picks a free port; -1, off)
+    health_port: int = -1
     device: str = "auto"  # auto | cpu | cuda
     require_cuda: bool = False
     device_id: int = 0
@@ -117,8 +120,8 @@ class ServerConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
-        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
-            raise ValueError(f"ports must be in 0..65535, got {self.port} and {self.metrics_port}")
+        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535 or not -1 <= self.health_port <= 65535:
+            raise ValueError(f"ports must be in 0..65535, got {self.port}, {self.metrics_port} and {self.health_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

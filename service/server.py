@@ -192,6 +192,8 @@ class Server:
         self.scheduler: Scheduler | None = None
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._server: grpc.aio.Server | None = None
 
@@ -224,6 +226,14 @@ class Server:
         else:
             self.port = server.add_insecure_port(address)
         await server.start()
+        if cfg.health_port >= 0:
+            # the same health servicer, so both ports say the same; the same guard, so Watch
+            # streams on both count against one bound
+            self._health_server = grpc.aio.server(options=connection_options(cfg), interceptors=[self.guard])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+            await self._health_server.start()
+            log.info("health alone, in plaintext, on %s:%d (for probes that speak no TLS)", cfg.host, self.health_port)
         keys = self.api_keys
         self.metrics.api_keys.set(len(keys or ()))
         if cfg.api_keys_file is not None and cfg.api_keys_reload_seconds > 0:
@@ -336,6 +346,8 @@ class Server:
             log.warning("grace period over with %d calls in progress: cancelling them", self.guard.in_flight)
         if self._server is not None:
             await self._server.stop(max(0.0, end - time.monotonic()))
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.engine is not None:
             await self.engine.stop()
         if self.scheduler is not None:

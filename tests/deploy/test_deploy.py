@@ -97,18 +97,17 @@ def test_kustomizations_build_and_validate_against_the_schemas(path: str) -> Non
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_the_api_keys_component_mounts_a_secret_where_the_server_reads_its_keys(tmp_path: Path) -> None:
-    """An overlay that takes components/api-keys: the Secret's file mounted read-only at the path the
-    server is given, and everything still valid against the schemas."""
+def with_component(tmp_path: Path, component: str) -> list[dict[str, Any]]:
+    """The cpu overlay with ``components/<component>``, built, every resource valid against the schemas."""
     import kubernetes_validate
 
-    overlay = tmp_path / "with-keys"
+    overlay = tmp_path / f"with-{component}"
     overlay.mkdir()
     k8s = DEPLOY / "k8s"
     (overlay / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         f"resources:\n  - {os.path.relpath(k8s / 'overlays/cpu', overlay)}\n"
-        f"components:\n  - {os.path.relpath(k8s / 'components/api-keys', overlay)}\n"
+        f"components:\n  - {os.path.relpath(k8s / 'components' / component, overlay)}\n"
     )
     out = subprocess.run(
         [tool("kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
@@ -120,13 +119,41 @@ def test_the_api_keys_component_mounts_a_secret_where_the_server_reads_its_keys(
     for doc in docs:
         if doc["apiVersion"] not in CRDS:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    keys_file = Path(by_kind(docs, "ConfigMap")["data"]["ATTNSERVE_API_KEYS_FILE"])
+    return docs
+
+
+def mounted_secret(docs: list[dict[str, Any]], volume: str) -> tuple[Path, str]:
+    """Where the pod mounts the Secret volume ``volume`` (read-only, or this fails), and the Secret's name."""
     pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
-    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "api-keys"]
-    (volume,) = [v for v in pod["volumes"] if v["name"] == "api-keys"]
-    assert keys_file.parent == Path(mount["mountPath"]) and mount["readOnly"]
-    assert volume["secret"]["secretName"] == "attnserve-api-keys" and not volume["secret"].get("optional")
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume]
+    (secret,) = [v["secret"] for v in pod["volumes"] if v["name"] == volume]
+    assert mount["readOnly"] and not secret.get("optional") and "subPath" not in mount  # (a subPath is never updated)
+    return Path(mount["mountPath"]), secret["secretName"]
+
+
+def test_the_api_keys_component_mounts_a_secret_where_the_server_reads_its_keys(tmp_path: Path) -> None:
+    """An overlay that takes components/api-keys: the Secret's file mounted read-only at the path the
+    server is given, and everything still valid against the schemas."""
+    docs = with_component(tmp_path, "api-keys")
+    keys_file = Path(by_kind(docs, "ConfigMap")["data"]["ATTNSERVE_API_KEYS_FILE"])
+    assert (keys_file.parent, "attnserve-api-keys") == mounted_secret(docs, "api-keys")
     assert "ATTNSERVE_API_KEYS_FILE" not in by_kind(kustomize("overlays/cpu"), "ConfigMap")["data"]  # off by default
+
+
+def test_the_tls_component_serves_a_cert_manager_secret_and_probes_the_plaintext_health_port(tmp_path: Path) -> None:
+    docs = with_component(tmp_path, "tls")
+    env = by_kind(docs, "ConfigMap")["data"]
+    mount, secret = mounted_secret(docs, "tls")
+    assert secret == "attnserve-tls"
+    assert (Path(env["ATTNSERVE_TLS_CERT"]), Path(env["ATTNSERVE_TLS_KEY"])) == (mount / "tls.crt", mount / "tls.key")
+    container = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    health_port = int(env["ATTNSERVE_HEALTH_PORT"])
+    assert {"name": "health", "containerPort": health_port, "protocol": "TCP"} in container["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == health_port  # the kubelet's gRPC probes speak no TLS
+    assert "ATTNSERVE_TLS_CERT" not in by_kind(kustomize("overlays/cpu"), "ConfigMap")["data"]  # off by default
+    cfg = ServerConfig.from_sources(None, {k: v for k, v in env.items() if not k.startswith("ATTNSERVE_TLS")})
+    assert cfg.health_port == health_port  # a setting the server reads, by that name
 
 
 def _instructions(dockerfile: str) -> list[str]:

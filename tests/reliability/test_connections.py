@@ -195,6 +195,9 @@ def test_connection_settings_as_grpc_reads_them() -> None:
     ):
         with pytest.raises(ValueError, match=r"keepalive_seconds, max_connection_age_seconds and .* must be >= 0"):
             ServerConfig(**bad)  # type: ignore[arg-type]
+    for port in ({"health_port": 70000}, {"health_port": -2}, {"metrics_port": -2}):
+        with pytest.raises(ValueError, match=r"ports must be in 0..65535"):
+            ServerConfig(**port)  # type: ignore[arg-type]
     for bad in ({"handshake_timeout_seconds": 0}, {"request_read_timeout_seconds": -1}):
         with pytest.raises(ValueError, match="handshake_timeout_seconds and request_read_timeout_seconds must be > 0"):
             ServerConfig(**bad)  # type: ignore[arg-type]

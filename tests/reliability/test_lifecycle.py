@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.timing import device_flags, start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
@@ -379,6 +379,37 @@ def test_a_certificate_that_cannot_be_served_ends_the_start_saying_why(model_dir
         with pytest.raises(ValueError, match=says):
             st.start()
         st.stop(grace=0)  # as serve does after a failed start: the metrics port closes
+
+
+def test_the_health_port_answers_probes_in_plaintext_beside_a_tls_port(model_dir: Path, certs: Path) -> None:
+    """The kubelet's gRPC probes speak no TLS: health alone, in plaintext, on a port of its own, saying
+    what the TLS port's health says, through the drain too; nothing else is served there."""
+    cfg = config(
+        model_dir,
+        tls_cert=certs / "server.pem",
+        tls_key=certs / "server.key",
+        tls_client_ca=certs / "ca.pem",
+        health_port=0,
+        drain_delay_seconds=1.0,
+    )
+    st = ServerThread(cfg).start()
+    plain = f"127.0.0.1:{st.server.health_port}"
+    try:
+        assert st.server.health_port not in (0, st.server.port)
+        assert health(plain) == SERVING
+        with grpc.insecure_channel(plain) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.AttnServeStub(channel).Encode(pb.EncodeRequest(texts=["x"]), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(watch).status == SERVING
+            stopping = threading.Thread(target=st.stop, kwargs={"grace": 5})
+            stopping.start()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # the drain, seen there too
+            assert health(plain) == health_pb2.HealthCheckResponse.NOT_SERVING
+            stopping.join(20)
+    finally:
+        st.stop()
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(model_dir: Path, certs: Path) -> None:
