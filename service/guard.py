@@ -50,13 +50,14 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.logs import CLIENT, access
 from service.metrics import Metrics
@@ -145,6 +146,33 @@ STREAM = "stream"  # health's Watch and reflection's streams: max_streams
 PROBE = "probe"
 
 
+class ClientCalls:
+    """The guard's counts by client, for the scrape: ``attnserve_client_calls_total`` (client, rpc) and
+    ``attnserve_client_calls_in_progress`` (client). Their labels are the names in the keys file."""
+
+    def __init__(self, guard: CallGuard) -> None:
+        self.guard = guard
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        calls = CounterMetricFamily(
+            "attnserve_client_calls",
+            "Calls to the model's services, by the client named with the API key they carried (unnamed for a "
+            "key with no name), counted as the key is checked",
+            labels=["client", "rpc"],
+        )
+        for (client, rpc), n in list(self.guard.calls_by_client.items()):  # (one step of the interpreter's)
+            calls.add_metric([client, rpc], n)
+        in_progress = GaugeMetricFamily(
+            "attnserve_client_calls_in_progress",
+            "Calls of the model's services in progress, by the client named with their API key",
+            labels=["client"],
+        )
+        for client, n in list(self.guard.by_client.items()):
+            in_progress.add_metric([client], n)
+        yield calls
+        yield in_progress
+
+
 class CallGuard(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -168,9 +196,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
         # one client may have (0: no limit of its own)
         self.by_client: dict[str, int] = {}
         self.max_per_client = max_per_client
-        # their metrics' series, by labels, found once (a labels() lookup is ~1 us, three a call)
-        self._calls_of: dict[tuple[str, ...], Any] = {}
-        self._in_flight_of: dict[tuple[str, ...], Any] = {}
+        self.calls_by_client: dict[tuple[str, str], int] = {}  # (client, rpc): calls whose key was checked
+        # both read by the scrape, not written to metrics each call: a labelled series' update, three a
+        # call, cost more of the event loop than the key's check
+        metrics.registry.register(ClientCalls(self))
         self.in_flight = 0
         self.max_streams = max_streams
         self.streams_open = 0  # health's and reflection's, which are not admitted
@@ -350,7 +379,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 if problem:
                     await self._refuse(rpc, context, grpc.StatusCode.UNAUTHENTICATED, problem)
                 CLIENT.set(client)  # for the call's records (service.logs.caller), and for _leave
-                self._series(self._calls_of, (client, rpc), self.metrics.client_calls).inc()
+                counted = self.calls_by_client
+                counted[client, rpc] = counted.get((client, rpc), 0) + 1
                 held = self.by_client.get(client, 0)
                 if self.max_per_client and held >= self.max_per_client:
                     message = f"client {client} has {held} calls in progress, its limit; retry later"
@@ -364,7 +394,6 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
             if self.api_keys is not None:
                 self.by_client[client] = held + 1
-                self._series(self._in_flight_of, (client,), self.metrics.client_in_flight).set(held + 1)
             self.in_flight += 1
             self.metrics.in_flight.set(self.in_flight)
             self._idle.clear()
@@ -486,23 +515,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
             access(rpc, code.name, 0.0 if since is None else time.monotonic() - since, context, message)
         await context.abort(code, message)
 
-    @staticmethod
-    def _series(found: dict[tuple[str, ...], Any], labels: tuple[str, ...], metric: Any) -> Any:
-        """``metric``'s series of ``labels``, kept in ``found`` (their number: the clients' names, by methods)."""
-        series = found.get(labels)
-        if series is None:
-            series = found[labels] = metric.labels(*labels)
-        return series
-
     def _leave(self, kind: str) -> None:
         if kind is ADMITTED:
             if (client := CLIENT.get()) is not None:  # (set by _open, in this call's task, and counted there)
-                held = self.by_client[client] - 1
-                if held:
-                    self.by_client[client] = held
-                else:
-                    del self.by_client[client]
-                self._series(self._in_flight_of, (client,), self.metrics.client_in_flight).set(held)
+                self.by_client[client] -= 1  # (kept at 0: its series stays, as a gauge's would)
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
             if self.in_flight == 0:

@@ -195,19 +195,6 @@ class Metrics:
         self.api_keys = Gauge(
             "attnserve_api_keys", "API keys the model's calls may carry now (0: no key is needed)", registry=r
         )
-        self.client_calls = Counter(
-            "attnserve_client_calls_total",
-            "Calls to the model's services, by the client named with the API key they carried (unnamed for a "
-            "key with no name), counted as the key is checked",
-            ["client", "rpc"],
-            registry=r,
-        )
-        self.client_in_flight = Gauge(
-            "attnserve_client_calls_in_progress",
-            "Calls of the model's services in progress, by the client named with their API key",
-            ["client"],
-            registry=r,
-        )
         self.tls_rejected = Gauge(
             "attnserve_tls_certificate_rejected",
             "1 while the TLS certificate's files hold what the server could not take (it serves the one before)",
