@@ -169,8 +169,9 @@ class ClientCalls:
         )
         for client, n in list(self.guard.by_client.items()):
             in_progress.add_metric([client], n)
-        yield calls
-        yield in_progress
+        for family in (calls, in_progress):
+            if family.samples:  # none without API keys: no family either
+                yield family
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
@@ -393,7 +394,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 if not self._evict_stalled(ADMITTED, full):
                     await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
             if self.api_keys is not None:
-                self.by_client[client] = held + 1
+                self.by_client[client] = self.by_client.get(client, 0) + 1
             self.in_flight += 1
             self.metrics.in_flight.set(self.in_flight)
             self._idle.clear()

@@ -37,6 +37,7 @@ ACCESS = logging.getLogger("attnserve.access")
 
 
 _dropped = 0  # records dropped for a full queue, since the process started
+_dropped_lock = threading.Lock()  # (records are dropped by the threads that log them)
 _current: _Writer | None = None
 
 
@@ -66,7 +67,8 @@ class _Writer(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         global _dropped
         if len(self.waiting) >= QUEUED:
-            _dropped += 1  # (under this handler's lock)
+            with _dropped_lock:
+                _dropped += 1
             return
         # The message is made now (its arguments may change once this returns); the traceback is
         # formatted by the writer, which the JSON format needs apart from the message.
@@ -81,7 +83,8 @@ class _Writer(logging.Handler):
         """Queue a call for the access log, its record made on the writer's thread."""
         global _dropped
         if len(self.calls) >= QUEUED:
-            _dropped += 1
+            with _dropped_lock:
+                _dropped += 1
             return
         self.calls.append(call)
         if not self.armed:
@@ -183,7 +186,7 @@ MAX_REQUEST_ID_CHARS = 128
 # belongs to, logged as trace_id and span_id (the caller's span), so that a tracing backend can lead
 # from a trace to the server's records of it. A value not of the form is ignored, as the standard says.
 TRACEPARENT = "traceparent"
-TRACE = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+TRACE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 # the name of the client whose API key the call being served carried (service.guard), where keys are asked for
 CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 
@@ -201,8 +204,8 @@ def caller(context: Any) -> dict[str, str]:
         if key == REQUEST_ID and "request_id" not in said:
             said["request_id"] = value[:MAX_REQUEST_ID_CHARS]
         elif key == TRACEPARENT and "trace_id" not in said and (trace := TRACE.fullmatch(value.strip())):
-            trace_id, span_id = trace.groups()
-            if trace_id != "0" * 32 and span_id != "0" * 16 and not value.startswith("ff"):  # invalid by the standard
+            version, trace_id, span_id = trace.groups()
+            if version != "ff" and trace_id != "0" * 32 and span_id != "0" * 16:  # all invalid by the standard
                 said["trace_id"], said["span_id"] = trace_id, span_id
     return said
 
