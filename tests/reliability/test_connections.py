@@ -67,7 +67,7 @@ class Relay:
                     if not data:
                         return
                     (b if s is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # (ValueError: a socket close() shut while it was selected on)
             return
 
     def freeze(self) -> None:
