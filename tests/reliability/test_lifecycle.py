@@ -28,7 +28,7 @@ from bench.timing import device_flags, start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from tests.reliability.conftest import SERVING, health
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, mount_secret
 from tests.service.test_server import metrics
 
 
@@ -327,17 +327,8 @@ def _trusting(address: str, ca: Path) -> bool:
 
 
 def _mount(directory: Path, cert: Path, key: Path) -> None:
-    """``tls.crt`` and ``tls.key`` in ``directory`` as the kubelet mounts a Secret's and renews them:
-    links into ``..data``, swapped to a new version's directory in one rename."""
-    version = directory / f"..{time.monotonic_ns()}"
-    version.mkdir()
-    shutil.copy(cert, version / "tls.crt")
-    shutil.copy(key, version / "tls.key")
-    (directory / "..data_tmp").symlink_to(version.name)
-    os.replace(directory / "..data_tmp", directory / "..data")
-    for name in ("tls.crt", "tls.key"):
-        if not (directory / name).is_symlink():
-            (directory / name).symlink_to(f"..data/{name}")
+    """``tls.crt`` and ``tls.key`` in ``directory`` as the kubelet mounts a TLS Secret and renews it."""
+    mount_secret(directory, {"tls.crt": cert.read_bytes(), "tls.key": key.read_bytes()})
 
 
 def test_a_certificate_renewed_in_place_is_served_from_the_next_connection(

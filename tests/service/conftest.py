@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +77,20 @@ def fail_first_encode(st: ServerThread, message: str = "device lost its mind") -
         return real(ids, mask)
 
     engine.runtime.encode = flaky  # type: ignore[method-assign]
+
+
+def mount_secret(directory: Path, files: dict[str, bytes]) -> None:
+    """``files`` in ``directory`` as the kubelet mounts a Secret's keys and updates them: each a link
+    into ``..data``, itself a link to this version's directory, swapped to it in one rename."""
+    version = directory / f"..{time.monotonic_ns()}"
+    version.mkdir()
+    for name, data in files.items():
+        (version / name).write_bytes(data)
+    (directory / "..data_tmp").symlink_to(version.name)
+    os.replace(directory / "..data_tmp", directory / "..data")
+    for name in files:
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(f"..data/{name}")
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 10) -> bool:

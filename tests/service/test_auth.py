@@ -4,11 +4,10 @@ takes no place in the server."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from service import client
 from service.cli import build_parser
 from service.config import ServerConfig
 from tests.reliability.test_http2 import Peer, framed
-from tests.service.conftest import ServerThread, config, fail_first_encode, wait_for
+from tests.service.conftest import ServerThread, config, fail_first_encode, mount_secret, wait_for
 from tests.service.test_server import metrics
 
 KEYS = "# rotated monthly\n\n  old-key-0123456789  \nnew-key-9876543210\n"
@@ -211,25 +210,9 @@ def test_authorization_bytes_no_client_library_sends_are_unauthenticated(keyed: 
 
 
 def mounted(directory: Path, text: str) -> Path:
-    """The keys file as Kubernetes mounts a Secret's key: ``keys`` a link to ``..data/keys``, ``..data``
-    a link to a directory of this version; a new version is written beside it and ``..data`` swapped
-    to it in one rename. Returns the path the server reads."""
-    version = directory / f"..{time.monotonic_ns()}"
-    version.mkdir()
-    (version / "keys").write_text(text)
-    (directory / "..data_tmp").symlink_to(version.name)
-    os.replace(directory / "..data_tmp", directory / "..data")
-    path = directory / "keys"
-    if not path.is_symlink():
-        path.symlink_to("..data/keys")
-    return path
-
-
-def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "not within the time"
-        time.sleep(0.05)
+    """The keys file as Kubernetes mounts a Secret's key (``mount_secret``); the path the server reads."""
+    mount_secret(directory, {"keys": text.encode()})
+    return directory / "keys"
 
 
 def works(address: str, key: str) -> bool:
@@ -260,10 +243,10 @@ def test_keys_are_taken_as_the_mounted_file_changes(
 
         assert works(st.address, "old-key") and not works(st.address, "new-key") and gauges() == (1, 0)
         mounted(tmp_path, "old-key\nnew-key\n")
-        until(lambda: works(st.address, "new-key"))
+        assert wait_for(lambda: works(st.address, "new-key"))
         assert works(st.address, "old-key") and gauges() == (2, 0)
         mounted(tmp_path, "new-key\n")
-        until(lambda: not works(st.address, "old-key"))
+        assert wait_for(lambda: not works(st.address, "old-key"))
         assert works(st.address, "new-key") and gauges() == (1, 0)
         said = [r.getMessage() for r in caplog.records]
         assert any("2 key(s) now, 1 added, 0 retired" in m for m in said)
@@ -272,10 +255,10 @@ def test_keys_are_taken_as_the_mounted_file_changes(
         # gone bad: an edit that left no key, then a line that is not one; the keys before stay
         caplog.clear()
         mounted(tmp_path, "# emptied by mistake\n")
-        until(lambda: gauges()[1] == 1)
+        assert wait_for(lambda: gauges()[1] == 1)
         time.sleep(0.3)  # several looks at the same bad file: said once
         mounted(tmp_path, "new-key\nanother bad secret\n")
-        until(lambda: sum("line 2 is not a key" in r.getMessage() for r in caplog.records) == 1)
+        assert wait_for(lambda: sum("line 2 is not a key" in r.getMessage() for r in caplog.records) == 1)
         time.sleep(0.3)
         assert works(st.address, "new-key") and not works(st.address, "old-key") and gauges() == (1, 1)
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -283,10 +266,10 @@ def test_keys_are_taken_as_the_mounted_file_changes(
         assert "holds no key; the 1 API key(s) read before are still accepted" in errors[0]
         assert not any("secret" in m for m in errors)  # no key repeated, even a bad one
         (tmp_path / "..data").unlink()  # gone altogether
-        until(lambda: any("cannot read" in r.getMessage() for r in caplog.records))
+        assert wait_for(lambda: any("cannot read" in r.getMessage() for r in caplog.records))
         assert works(st.address, "new-key")
         mounted(tmp_path, "third-key\n")
-        until(lambda: gauges() == (1, 0))
+        assert wait_for(lambda: gauges() == (1, 0))
         assert works(st.address, "third-key") and not works(st.address, "new-key")
     finally:
         st.stop()
@@ -303,7 +286,7 @@ def test_sighup_reads_the_keys_file_again_and_the_server_goes_on(model_dir: Path
         time.sleep(0.5)
         assert works(address, "old-key") and not works(address, "new-key")  # not looked at: only on SIGHUP
         proc.send_signal(signal.SIGHUP)
-        until(lambda: works(address, "new-key"))
+        assert wait_for(lambda: works(address, "new-key"))
         assert not works(address, "old-key")
         proc.send_signal(signal.SIGHUP)  # unchanged: said so, and still serving
         time.sleep(0.3)
