@@ -110,6 +110,12 @@ class ServerConfig:
     # "unnamed") may have; beyond it, its calls are refused RESOURCE_EXHAUSTED while others' are served,
     # so that one client cannot take every place of max_concurrent_calls (0: no limit of its own)
     max_calls_per_client: int = 0
+    # calls one client may open a second on average (a token bucket of client_burst calls, filled at
+    # this rate); past it, its calls are refused RESOURCE_EXHAUSTED with grpc-retry-pushback-ms, the
+    # milliseconds until its next would be taken, which gRPC clients with a retry policy wait for in
+    # place of their own backoff. A stream counts once, as it opens (0: no rate of its own)
+    client_calls_per_second: float = 0.0
+    client_burst: int = 0  # calls a client that has been quiet may open at once; 0: one second's, at least 1
     # one record a call to the model's services answered, at INFO from the logger attnserve.access: its
     # method, status code, time to answer, caller and x-request-id, and what a call not answered OK was
     # told (health and reflection are not recorded); ~25 us of the server's CPU a call as text, ~40 as JSON
@@ -143,6 +149,15 @@ class ServerConfig:
             raise ValueError(f"max_calls_per_client must be >= 0, got {self.max_calls_per_client}")
         if self.max_calls_per_client and self.api_keys_file is None:
             raise ValueError("max_calls_per_client needs api_keys_file: clients are told apart by their keys")
+        if self.client_calls_per_second < 0 or self.client_burst < 0:
+            raise ValueError(
+                "client_calls_per_second must be >= 0 and client_burst must be >= 0, got "
+                f"{self.client_calls_per_second} and {self.client_burst}"
+            )
+        if self.client_calls_per_second and self.api_keys_file is None:
+            raise ValueError("client_calls_per_second needs api_keys_file: clients are told apart by their keys")
+        if self.client_burst and not self.client_calls_per_second:
+            raise ValueError("client_burst needs client_calls_per_second: it is the rate's bucket")
         if self.api_keys_reload_seconds < 0:
             raise ValueError(f"api_keys_reload_seconds must be >= 0, got {self.api_keys_reload_seconds}")
         if self.handshake_timeout_seconds <= 0 or self.request_read_timeout_seconds <= 0:

@@ -22,7 +22,10 @@ A gRPC server interceptor, so that one place covers every method of every servic
 * With ``api_keys``, the admitted services' calls must carry ``authorization: Bearer <key>`` with
   one of them, or are answered UNAUTHENTICATED before they count against any bound. The probes
   below never need one. Each key names a client; with ``max_per_client``, a client with that many
-  calls in progress is refused RESOURCE_EXHAUSTED, so that one client cannot take every place.
+  calls in progress is refused RESOURCE_EXHAUSTED, so that one client cannot take every place; with
+  ``rate``, a client's calls are taken from a bucket of ``burst`` filled at ``rate`` a second, and
+  past it refused RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``: the milliseconds until its
+  next would be taken, which gRPC clients with a retry policy wait for in place of their own backoff.
 * A call of one request whose request has not come whole within ``read_timeout`` of its opening is
   answered DEADLINE_EXCEEDED; at a full bound the call that has waited longest for its request,
   once it has waited STALLED_SECONDS, is refused in place of the one that opens; and while the
@@ -146,9 +149,15 @@ STREAM = "stream"  # health's Watch and reflection's streams: max_streams
 PROBE = "probe"
 
 
+# the limits of a client's own (CallGuard), as attnserve_client_calls_limited_total's label names them
+IN_PROGRESS = "in_progress"  # max_per_client
+RATE = "rate"  # rate and burst
+
+
 class ClientCalls:
-    """The guard's counts by client, for the scrape: ``attnserve_client_calls_total`` (client, rpc) and
-    ``attnserve_client_calls_in_progress`` (client). Their labels are the names in the keys file."""
+    """The guard's counts by client, for the scrape: ``attnserve_client_calls_total`` (client, rpc),
+    ``attnserve_client_calls_in_progress`` (client) and ``attnserve_client_calls_limited_total``
+    (client, limit). Their labels are the names in the keys file."""
 
     def __init__(self, guard: CallGuard) -> None:
         self.guard = guard
@@ -169,7 +178,17 @@ class ClientCalls:
         )
         for client, n in list(self.guard.by_client.items()):
             in_progress.add_metric([client], n)
-        for family in (calls, in_progress):
+        limited = CounterMetricFamily(
+            "attnserve_client_calls_limited_total",
+            "Calls refused RESOURCE_EXHAUSTED for a limit of their client's own: its calls in progress "
+            "(in_progress) or its calls a second (rate); at 0 from a client's first call, for each limit set",
+            labels=["client", "limit"],
+        )
+        counts, limits = self.guard.limited_by_client, self.guard.client_limits
+        for client in sorted({client for client, _ in list(self.guard.calls_by_client)}):
+            for limit in limits:
+                limited.add_metric([client, limit], counts.get((client, limit), 0))
+        for family in (calls, in_progress, limited):
             if family.samples:  # none without API keys: no family either
                 yield family
 
@@ -184,6 +203,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         read_timeout: float,
         api_keys: Mapping[str, str] | None = None,
         max_per_client: int = 0,
+        rate: float = 0.0,
+        burst: int = 0,
     ) -> None:
         self.metrics = metrics
         self.access_log = False  # a record a call refused here (service.logs.access), when told so
@@ -198,6 +219,13 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.by_client: dict[str, int] = {}
         self.max_per_client = max_per_client
         self.calls_by_client: dict[tuple[str, str], int] = {}  # (client, rpc): calls whose key was checked
+        # each client's calls a second (0: no rate of its own), and its bucket: calls it may open now,
+        # as of when (taken from, or filled, as each of its calls opens)
+        self.rate = rate
+        self.burst = burst or max(1, math.ceil(rate))
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self.client_limits = tuple(limit for limit, on in ((IN_PROGRESS, max_per_client), (RATE, rate)) if on)
+        self.limited_by_client: dict[tuple[str, str], int] = {}  # (client, limit): calls refused for it
         # both read by the scrape, not written to metrics each call: a labelled series' update, three a
         # call, cost more of the event loop than the key's check
         metrics.registry.register(ClientCalls(self))
@@ -382,10 +410,17 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 CLIENT.set(client)  # for the call's records (service.logs.caller), and for _leave
                 counted = self.calls_by_client
                 counted[client, rpc] = counted.get((client, rpc), 0) + 1
+                if self.rate and (wait := self._take(client)):
+                    ms = math.ceil(wait * 1000)
+                    message = (
+                        f"client {client} is over its rate of {self.rate:g} calls a second (a burst of "
+                        f"{self.burst}); retry in {ms} ms"
+                    )
+                    await self._limit(rpc, context, client, RATE, message, (("grpc-retry-pushback-ms", str(ms)),))
                 held = self.by_client.get(client, 0)
                 if self.max_per_client and held >= self.max_per_client:
                     message = f"client {client} has {held} calls in progress, its limit; retry later"
-                    await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                    await self._limit(rpc, context, client, IN_PROGRESS, message)
             self.last_arrival = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
@@ -423,6 +458,33 @@ class CallGuard(grpc.aio.ServerInterceptor):
             if hmac.compare_digest(token, known):
                 client = name
         return (client, "") if client else ("", "the API key is not one this server accepts")
+
+    def _take(self, client: str) -> float:
+        """Take a call from ``client``'s bucket, filled at ``rate`` a second up to ``burst`` (full as it
+        first calls): 0.0, or, where not one whole call is there, the seconds until one will be (a
+        call refused takes nothing, so a client that keeps calling still gets ``rate`` through)."""
+        now = time.monotonic()
+        left, then = self._buckets.get(client, (self.burst, now))
+        left = min(self.burst, left + (now - then) * self.rate)
+        if left >= 1:
+            self._buckets[client] = (left - 1, now)
+            return 0.0
+        self._buckets[client] = (left, now)
+        return (1 - left) / self.rate
+
+    async def _limit(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        client: str,
+        limit: str,
+        message: str,
+        trailing: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """Refuse a call RESOURCE_EXHAUSTED for ``limit``, one of its client's own, counted under both."""
+        counts = self.limited_by_client
+        counts[client, limit] = counts.get((client, limit), 0) + 1
+        await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailing=trailing)
 
     def _evict_stalled(self, kind: str, full: str) -> bool:
         """At a full bound (``full`` says which): refuse the call of ``kind`` waiting longest for its
@@ -509,12 +571,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
         code: grpc.StatusCode,
         message: str,
         since: float | None = None,
+        trailing: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """Answer a call ``code`` with ``message``; ``since``: when it opened, where it waited (for its request)."""
+        """Answer a call ``code`` with ``message`` (and ``trailing`` metadata); ``since``: when it opened,
+        where it waited (for its request)."""
         self.metrics.requests.labels(rpc, code.name).inc()
         if self.access_log:
             access(rpc, code.name, 0.0 if since is None else time.monotonic() - since, context, message)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing)
 
     def _leave(self, kind: str) -> None:
         if kind is ADMITTED:

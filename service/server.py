@@ -182,6 +182,8 @@ class Server:
             config.request_read_timeout_seconds,
             config.api_keys,
             config.max_calls_per_client,
+            config.client_calls_per_second,
+            config.client_burst,
         )
         self.servicer.access_log = self.guard.access_log = config.access_log
         self.api_keys = config.api_keys

@@ -283,7 +283,8 @@ def live(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     API key named for its client, so the clients' series exist too."""
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text("dashboard key-for-the-dashboard\n")
-    st = ServerThread(config(model_dir, api_keys_file=keys)).start()
+    limits = {"max_calls_per_client": 64, "client_calls_per_second": 1000.0}  # set, so their series exist
+    st = ServerThread(config(model_dir, api_keys_file=keys, **limits)).start()
     stub = st.stub()
     stub.Encode(pb.EncodeRequest(texts=["a", "b"]), metadata=KEY)
     stub.AttentionMap(pb.AttentionMapRequest(text="the king"), metadata=KEY)

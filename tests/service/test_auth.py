@@ -3,6 +3,7 @@ takes no place in the server."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -353,11 +354,13 @@ def test_a_client_at_its_limit_is_refused_while_others_are_served(model_dir: Pat
             peer.open("/attnserve.v1.AttnServe/Encode", metadata=alice)
         assert wait_for(lambda: st.server.guard.in_flight == 2)
         gauge = ("attnserve_client_calls_in_progress", (("client", "alice"),))
-        assert metrics(st)[gauge] == 2
+        limited = ("attnserve_client_calls_limited_total", (("client", "alice"), ("limit", "in_progress")))
+        assert metrics(st)[gauge] == 2 and metrics(st)[limited] == 0  # at 0 from the client's first call
         with pytest.raises(grpc.RpcError) as e:
             st.stub().Encode(pb.EncodeRequest(texts=["hi"]), metadata=list(alice), timeout=30)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "client alice has 2 calls in progress, its limit" in (e.value.details() or "")
+        assert metrics(st)[limited] == 1
         assert works(st.address, "key-b")  # another client is served
         peer.close()  # alice's held calls end with their connection
         assert wait_for(lambda: st.server.guard.in_flight == 0)
@@ -370,3 +373,68 @@ def test_a_client_at_its_limit_is_refused_while_others_are_served(model_dir: Pat
         st.stop()
     with pytest.raises(ValueError, match="max_calls_per_client needs api_keys_file"):
         ServerConfig(max_calls_per_client=4)
+
+
+def retrying(address: str, codes: list[str], backoff: str) -> grpc.Channel:
+    """A channel whose calls to AttnServe are tried again on ``codes``, after ``backoff`` unless the
+    server says how long to wait (grpc-retry-pushback-ms), as a gRPC client's service config sets it."""
+    policy = {"maxAttempts": 2, "initialBackoff": backoff, "maxBackoff": backoff, "backoffMultiplier": 1,
+              "retryableStatusCodes": codes}  # fmt: skip
+    config = {"methodConfig": [{"name": [{"service": "attnserve.v1.AttnServe"}], "retryPolicy": policy}]}
+    return grpc.insecure_channel(address, options=[("grpc.service_config", json.dumps(config))])
+
+
+def test_a_client_over_its_rate_is_refused_and_told_when_to_come_back(model_dir: Path, tmp_path: Path) -> None:
+    """client_calls_per_second: each client's calls are taken from a bucket of client_burst, filled at
+    that rate; past it, its calls are refused RESOURCE_EXHAUSTED with grpc-retry-pushback-ms, which a
+    gRPC client with a retry policy waits for in place of its own backoff, and others are served."""
+    path = tmp_path / "keys"
+    path.write_text("alice key-a\nbob key-b\n")
+    st = ServerThread(config(model_dir, api_keys_file=path, client_calls_per_second=0.5, client_burst=2)).start()
+    try:
+        alice = [("authorization", "Bearer key-a")]
+        stub = st.stub()
+        for _ in range(2):  # the burst, at once
+            stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = e.value.details() or ""
+        assert details.startswith("client alice is over its rate of 0.5 calls a second (a burst of 2); retry in ")
+        pushback = int(dict(e.value.trailing_metadata() or ())["grpc-retry-pushback-ms"])
+        assert 0 < pushback <= 2000 and details.endswith(f"retry in {pushback} ms")
+        assert works(st.address, "key-b")  # a bucket of its own
+        assert st.server.guard.in_flight == 0  # refused before it took a place
+        # refused again at once, then tried again as the server said, not after the policy's 60 s
+        start = time.monotonic()
+        answer = pb_grpc.AttnServeStub(retrying(st.address, ["RESOURCE_EXHAUSTED"], "60s")).Encode(
+            pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30
+        )
+        assert len(answer.embeddings) == 1 and time.monotonic() - start < 10
+        m = metrics(st)
+
+        def limited(client: str) -> float:
+            return m[("attnserve_client_calls_limited_total", (("client", client), ("limit", "rate")))]
+
+        assert (limited("alice"), limited("bob")) == (2, 0)
+        assert ("attnserve_client_calls_limited_total", (("client", "alice"), ("limit", "in_progress"))) not in m
+        refused = ("attnserve_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("rpc", "Encode")))
+        assert m[refused] == 2
+    finally:
+        st.stop()
+
+
+def test_a_client_rate_is_checked_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("alice key-a\n")
+    with pytest.raises(ValueError, match="client_calls_per_second needs api_keys_file"):
+        ServerConfig(client_calls_per_second=10)
+    with pytest.raises(ValueError, match="client_calls_per_second must be >= 0"):
+        ServerConfig(api_keys_file=path, client_calls_per_second=-1)
+    with pytest.raises(ValueError, match="client_burst needs client_calls_per_second"):
+        ServerConfig(api_keys_file=path, client_burst=5)
+    with pytest.raises(ValueError, match="client_burst must be >= 0"):
+        ServerConfig(api_keys_file=path, client_calls_per_second=1, client_burst=-1)
+    args = build_parser().parse_args(["serve", "--client-calls-per-second", "2.5", "--client-burst", "10"])
+    cfg = ServerConfig.from_sources(args, {"ATTNSERVE_API_KEYS_FILE": str(path)})
+    assert (cfg.client_calls_per_second, cfg.client_burst) == (2.5, 10)
