@@ -49,7 +49,7 @@ from service.metrics import Metrics
 from service.runtime import CUDA, Runtime
 from service.scheduler import Scheduler
 from service.servicer import AttnServeServicer
-from service.tls import Certificates
+from service.tls import Certificates, Expiry
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +222,13 @@ class Server:
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
+        certificates = None
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             certificates = Certificates(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, self.metrics.tls_rejected.set)
             self.port = server.add_secure_port(address, certificates.credentials())
         else:
             self.port = server.add_insecure_port(address)
+        self.metrics.registry.register(Expiry(certificates))
         await server.start()
         if cfg.health_port >= 0:
             # the same health servicer, so both ports say the same; the same guard, so Watch

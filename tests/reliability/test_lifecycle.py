@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,11 +18,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.timing import device_flags, start_server
@@ -329,6 +334,71 @@ def _trusting(address: str, ca: Path) -> bool:
 def _mount(directory: Path, cert: Path, key: Path) -> None:
     """``tls.crt`` and ``tls.key`` in ``directory`` as the kubelet mounts a TLS Secret and renews it."""
     mount_secret(directory, {"tls.crt": cert.read_bytes(), "tls.key": key.read_bytes()})
+
+
+def _not_after(cert: Path) -> float:
+    """When ``cert`` expires, as openssl reads it (a Unix time)."""
+    out = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", str(cert)], capture_output=True, text=True)
+    return float(ssl.cert_time_to_seconds(out.stdout.strip().removeprefix("notAfter=")))
+
+
+def _expiration(st: ServerThread, file: str) -> float | None:
+    return metrics(st).get(("attnserve_tls_certificate_expiration_timestamp_seconds", (("file", file),)))
+
+
+def test_the_certificate_served_says_when_it_expires(
+    model_dir: Path, certs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """attnserve_tls_certificate_expiration_timestamp_seconds: when the certificate the server would
+    serve a new connection expires, and the client CA it trusts; read again by each scrape, so a
+    renewal is seen before any connection comes, and an alert on it does not fire for files renewed."""
+    renewed = tmp_path / "renewed.pem"  # the server's own request signed again, for 30 days
+    sign = ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "30",
+            "-extfile", "san.ext", "-out", str(renewed)]  # fmt: skip
+    subprocess.run(sign, cwd=certs, check=True, capture_output=True)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    _mount(mount, certs / "server.pem", certs / "server.key")
+    cfg = config(model_dir, tls_cert=mount / "tls.crt", tls_key=mount / "tls.key", tls_client_ca=certs / "ca.pem")
+    st = ServerThread(cfg).start()
+    try:
+        assert _expiration(st, "cert") == _not_after(certs / "server.pem")
+        assert _expiration(st, "client_ca") == _not_after(certs / "ca.pem")
+        assert _not_after(renewed) - _not_after(certs / "server.pem") > 27 * 86400
+        _mount(mount, renewed, certs / "server.key")
+        assert _expiration(st, "cert") == _not_after(renewed)  # no connection since: the scrape read it
+        with _tls_channel(st.address, certs, "client") as channel:  # and it is the one served
+            assert pb_grpc.AttnServeStub(channel).Encode(pb.EncodeRequest(texts=["x"]), timeout=10).embeddings
+        assert _expiration(st, "cert") == _not_after(renewed)
+        _mount(mount, certs / "server.pem", certs / "stranger.key")  # refused: the one before is still served
+        assert _expiration(st, "cert") == _not_after(renewed)
+    finally:
+        st.stop()
+    plain = ServerThread(config(model_dir)).start()
+    try:
+        assert _expiration(plain, "cert") is None  # no TLS: no series
+    finally:
+        plain.stop()
+    # a certificate that has expired is served (its clients will say why they refuse it), and said at start
+    expired = tmp_path / "expired.pem"  # (openssl 3.0's x509 sets no dates in the past)
+    request = x509.load_pem_x509_csr((certs / "server.csr").read_bytes())
+    ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    dates = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 2, 1, tzinfo=UTC)
+    made = (
+        x509.CertificateBuilder(request.subject, ca.subject, request.public_key(), x509.random_serial_number(), *dates)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    expired.write_bytes(made.public_bytes(serialization.Encoding.PEM))
+    with caplog.at_level(logging.WARNING, "service.tls"):
+        st = ServerThread(config(model_dir, tls_cert=expired, tls_key=certs / "server.key")).start()
+        try:
+            assert _expiration(st, "cert") == _not_after(expired)
+        finally:
+            st.stop()
+    assert any(f"{expired} expired at 2024-02-01 00:00:00 UTC" in r.getMessage() for r in caplog.records)
 
 
 def test_a_certificate_renewed_in_place_is_served_from_the_next_connection(
