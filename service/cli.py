@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server address (default {address}: ATTNSERVE_CLIENT_ADDRESS, else localhost:ATTNSERVE_PORT)",
     )
     c.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up (default 30)")
+    c.add_argument(
+        "--retries", type=int, default=2,
+        help="times a call the server refused before any work (UNAVAILABLE, RESOURCE_EXHAUSTED) is tried again, "
+        "after what the server says (grpc-retry-pushback-ms), else backing off from 0.1 s (default 2, at most 4)",
+    )  # fmt: skip
     for flag, what in (
         ("ca", "speak TLS, trusting this CA (PEM) for the server's certificate"),
         ("cert", "client certificate (PEM), for mutual TLS"),

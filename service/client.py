@@ -10,6 +10,11 @@ health`` is a container's health probe, run every few seconds, and must start fa
 certificate (for servers started with ``--tls-client-ca``). With ``--api-key`` (or
 ``ATTNSERVE_CLIENT_API_KEY``, which keeps it out of the process list) every call carries it as
 ``authorization: Bearer <key>``, for servers started with ``--api-keys-file``.
+
+The model's calls are tried again (``--retries``, 2 by default) where the server refused them before
+doing any work: UNAVAILABLE (a server draining for shutdown) and RESOURCE_EXHAUSTED (a full server,
+or a client over its own limits), by gRPC's own retry policy (``service_config``), which waits as
+the server says in ``grpc-retry-pushback-ms`` where it says, and backs off exponentially where not.
 """
 
 from __future__ import annotations
@@ -71,6 +76,27 @@ class _Details(
     """A call's details, its metadata replaced."""
 
 
+def service_config(retries: int) -> str:
+    """gRPC's service config for a channel to the server: the model's calls (AttnServe's, and the v2
+    service's ModelInfer) tried again up to ``retries`` times (at most 4) where the server refused
+    them before any work, after what ``grpc-retry-pushback-ms`` says, else 0.1 s doubling to 2 s
+    (with gRPC's jitter). Health is not: a probe wants the answer of now."""
+    if not 0 <= retries <= 4:
+        raise ValueError(f"--retries must be 0 to 4 (gRPC tries a call at most 5 times), got {retries}")
+    names = [
+        {"service": "attnserve.v1.AttnServe"},
+        {"service": "inference.GRPCInferenceService", "method": "ModelInfer"},
+    ]
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    }
+    return json.dumps({"methodConfig": [{"name": names, **({"retryPolicy": policy} if retries else {})}]})
+
+
 def channel(
     address: str,
     tls_ca: Path | None = None,
@@ -78,11 +104,14 @@ def channel(
     tls_key: Path | None = None,
     server_name: str | None = None,
     api_key: str | None = None,
+    retries: int = 2,
 ) -> grpc.Channel:
     """A channel to the server: plain, TLS (tls_ca: the CA that signed the server's certificate), or
-    mutual TLS (also the client's own certificate and key); with ``api_key``, every call carries it."""
+    mutual TLS (also the client's own certificate and key); with ``api_key``, every call carries it;
+    the model's calls refused before any work are tried again up to ``retries`` times (``service_config``)."""
+    options: list[tuple[str, str]] = [("grpc.service_config", service_config(retries))]
     if tls_ca is None and tls_cert is None:
-        ch = grpc.insecure_channel(address)
+        ch = grpc.insecure_channel(address, options=options)
     else:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
@@ -91,7 +120,8 @@ def channel(
             private_key=tls_key.read_bytes() if tls_key else None,
             certificate_chain=tls_cert.read_bytes() if tls_cert else None,
         )
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         ch = grpc.secure_channel(address, creds, options=options)
     return grpc.intercept_channel(ch, _Key(api_key)) if api_key else ch
 
@@ -128,7 +158,9 @@ def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        ch = channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name, args.api_key)
+        ch = channel(
+            args.address, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name, args.api_key, args.retries
+        )
     except (OSError, ValueError) as problem:
         sys.stderr.write(f"attnserve client: {problem}\n")
         return 2

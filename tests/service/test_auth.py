@@ -438,3 +438,31 @@ def test_a_client_rate_is_checked_at_start(tmp_path: Path) -> None:
     args = build_parser().parse_args(["serve", "--client-calls-per-second", "2.5", "--client-burst", "10"])
     cfg = ServerConfig.from_sources(args, {"ATTNSERVE_API_KEYS_FILE": str(path)})
     assert (cfg.client_calls_per_second, cfg.client_burst) == (2.5, 10)
+
+
+def test_the_command_line_client_comes_back_when_the_server_says(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``attnserve client`` tries a refused call again (--retries) after grpc-retry-pushback-ms."""
+    path = tmp_path / "keys"
+    path.write_text("alice key-a\n")
+    st = ServerThread(config(model_dir, api_keys_file=path, client_calls_per_second=0.5, client_burst=1)).start()
+
+    def run(*argv: str) -> tuple[int, str]:
+        args = ["client", "--address", st.address, "--api-key", "key-a", *argv, "encode", "hi"]
+        code = client.main(build_parser().parse_args(args))
+        return code, capsys.readouterr().err
+
+    try:
+        assert run() == (0, "")  # the bucket's one call
+        code, err = run("--retries", "0")
+        assert code == 1 and err.startswith("RESOURCE_EXHAUSTED: client alice is over its rate")
+        start = time.monotonic()
+        assert run() == (0, "")  # refused, then served after the pushback (up to 2 s)
+        assert time.monotonic() - start < 10
+        limited = ("attnserve_client_calls_limited_total", (("client", "alice"), ("limit", "rate")))
+        assert metrics(st)[limited] == 2
+        says = "attnserve client: --retries must be 0 to 4 (gRPC tries a call at most 5 times), got 5\n"
+        assert run("--retries", "5") == (2, says)
+    finally:
+        st.stop()
