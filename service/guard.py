@@ -155,9 +155,10 @@ RATE = "rate"  # rate and burst
 
 
 class ClientCalls:
-    """The guard's counts by client, for the scrape: ``attnserve_client_calls_total`` (client, rpc),
+    """The counts by client, for the scrape: ``attnserve_client_calls_total`` (client, rpc),
     ``attnserve_client_calls_in_progress`` (client) and ``attnserve_client_calls_limited_total``
-    (client, limit). Their labels are the names in the keys file."""
+    (client, limit), the guard's; ``attnserve_client_tokens_total`` (client, kind), the servicer's and
+    the scheduler's (``Metrics.tokens_by_client``). Their labels are the names in the keys file."""
 
     def __init__(self, guard: CallGuard) -> None:
         self.guard = guard
@@ -184,11 +185,21 @@ class ClientCalls:
             "(in_progress) or its calls a second (rate); at 0 from a client's first call, for each limit set",
             labels=["client", "limit"],
         )
+        tokens = CounterMetricFamily(
+            "attnserve_client_tokens_total",
+            "Tokens the model read and generated for each client: input (Encode's and AttentionMap's texts), "
+            "prompt (generation's prompts, once prefilled) and generated (as the calls' usage says, a stream "
+            "its client left counted to where it stopped); at 0 from a client's first call",
+            labels=["client", "kind"],
+        )
         counts, limits = self.guard.limited_by_client, self.guard.client_limits
+        used = self.guard.metrics.tokens_by_client
         for client in sorted({client for client, _ in list(self.guard.calls_by_client)}):
             for limit in limits:
                 limited.add_metric([client, limit], counts.get((client, limit), 0))
-        for family in (calls, in_progress, limited):
+            for kind in ("input", "prompt", "generated"):
+                tokens.add_metric([client, kind], used.get((client, kind), 0))
+        for family in (calls, in_progress, limited, tokens):
             if family.samples:  # none without API keys: no family either
                 yield family
 

@@ -231,6 +231,11 @@ class Metrics:
             "attnserve_generate_prompt_tokens_total", "Prompt tokens prefilled", registry=r
         )
         self.gen_generated_tokens = Counter("attnserve_generate_generated_tokens_total", "Tokens generated", registry=r)
+        # with API keys, (client, kind): the tokens the model read and generated for each client, read by
+        # the scrape (service.guard.ClientCalls). Each key is written by one thread only: "input"
+        # (Encode's and AttentionMap's texts) by the event loop, "prompt" and "generated" by the
+        # generation loop, as each sequence ends
+        self.tokens_by_client: dict[tuple[str, str], int] = {}
         self.gen_batch_size = BufferedHistogram(
             "attnserve_generate_decode_batch_size", "Sequences in one decode step", BATCH_BUCKETS, r
         )

@@ -52,6 +52,7 @@ import numpy as np
 from service.batcher import DEADLINE_HEADROOM
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from service.handoff import Handoff
+from service.logs import CLIENT
 from service.metrics import Metrics
 from service.runtime import DeviceKVCache, Runtime
 from service.sampling import SamplingParams, Uniform, choose, choose_batch, log_softmax
@@ -135,6 +136,7 @@ class Sequence:
     cancelled: bool = False
     interval: int = 1  # tokens held before they are handed over; 0: all of them, at the end (a unary call)
     held: list[Token] = field(default_factory=list)
+    client: str | None = None  # the name of its call's API key, its tokens counted under it as it ends
 
     @property
     def reserved(self) -> int:
@@ -267,6 +269,7 @@ class Scheduler:
         rng = random.Random(params.seed)  # None: seeded from the system's entropy
         seq = kind(next(self._ids), prompt, params, rng, deadline)
         seq.interval = self.limits.stream_interval if stream else 0
+        seq.client = CLIENT.get()  # (the caller's task's: the call's client, with API keys)
         return seq
 
     def _enqueue(self, seq: Sequence) -> None:
@@ -575,6 +578,10 @@ class Scheduler:
     def _end(self, seq: Sequence, finish: Finish, error: BaseException | None = None) -> None:
         self._release(seq)
         self.metrics.gen_finished.labels(finish.value).inc()
+        if (client := seq.client) is not None:  # its prompt where it was prefilled, and what it generated
+            counts = self.metrics.tokens_by_client
+            counts[client, "prompt"] = counts.get((client, "prompt"), 0) + (len(seq.prompt) if seq.admitted_at else 0)
+            counts[client, "generated"] = counts.get((client, "generated"), 0) + len(seq.generated)
         now = time.monotonic()
         self.metrics.gen_e2e_seconds.observe(now - seq.enqueued_at)
         if error is not None:

@@ -28,7 +28,7 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
 from service.errors import InvalidInput, ModelNotReady, Overloaded, status_for
-from service.logs import access, caller
+from service.logs import CLIENT, access, caller
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
 from service.scheduler import Event, Finish, Scheduler, Token
@@ -243,7 +243,14 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         fitted = await engine.fit(request.texts, request.truncation == pb.TRUNCATION_END, fields)
         pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
         out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline)
+        self._count_input(sum(out.token_counts))
         return Encoded(out, [cut for _, cut in fitted])
+
+    def _count_input(self, tokens: int) -> None:
+        """Count ``tokens`` the model read for the call's client (with API keys)."""
+        if (client := CLIENT.get()) is not None:
+            counts = self.metrics.tokens_by_client
+            counts[client, "input"] = counts.get((client, "input"), 0) + tokens
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         async def handle() -> pb.EncodeResponse:
@@ -293,6 +300,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         except BaseException:
             release()
             raise
+        self._count_input(len(ids))
         return Attended(out, ids, layers, heads, cut, release)
 
     async def AttentionMap(

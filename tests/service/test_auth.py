@@ -466,3 +466,49 @@ def test_the_command_line_client_comes_back_when_the_server_says(
         assert run("--retries", "5") == (2, says)
     finally:
         st.stop()
+
+
+def test_each_clients_tokens_are_counted_by_kind(model_dir: Path, tmp_path: Path) -> None:
+    """attnserve_client_tokens_total: what each client had the model read (input: Encode's and
+    AttentionMap's texts; prompt: generation's prompts) and generate, as the usage it was told says,
+    over both APIs; a stream its client leaves is counted for what was generated before it left."""
+    path = tmp_path / "keys"
+    path.write_text("alice key-a\nbob key-b\ncarol key-c\ndave key-d\n")
+    st = ServerThread(config(model_dir, api_keys_file=path)).start()
+    alice, bob = [("authorization", "Bearer key-a")], [("authorization", "Bearer key-b")]
+    carol = [("authorization", "Bearer key-c")]
+    try:
+        stub = st.stub()
+
+        # (tokenizing runs no model: carol's calls count no tokens)
+        said = stub.Tokenize(pb.TokenizeRequest(texts=["the queen", "Good sir"]), metadata=carol, timeout=30)
+        queen, sir = (len(t.ids) for t in said.tokenizations)
+
+        encoded = stub.Encode(pb.EncodeRequest(texts=["the king speaks", "my lord"]), metadata=alice, timeout=30)
+        attended = stub.AttentionMap(pb.AttentionMapRequest(text="the crown"), metadata=alice, timeout=30)
+        text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+        text.contents.bytes_contents.append(b"the queen")
+        v2_stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(st.address))
+        infer = v2.ModelInferRequest(model_name="attnserve-encode", inputs=[text])
+        v2_stub.ModelInfer(infer, metadata=alice, timeout=30)
+        made = stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=5), metadata=bob, timeout=30)
+        stream = stub.GenerateStream(pb.GenerateRequest(prompt="Good sir", max_new_tokens=200), metadata=bob)
+        first = next(stream)
+        stream.cancel()  # left after its first message
+        with pytest.raises(grpc.RpcError):
+            next(stream)
+        assert wait_for(lambda: st.server.scheduler is not None and not st.server.scheduler.running)
+        m = metrics(st)
+
+        def tokens(client: str, kind: str) -> float:
+            return m[("attnserve_client_tokens_total", (("client", client), ("kind", kind)))]
+
+        inputs = sum(e.token_count for e in encoded.embeddings) + len(attended.token_ids) + queen
+        assert (tokens("alice", "input"), tokens("alice", "prompt"), tokens("alice", "generated")) == (inputs, 0, 0)
+        assert (tokens("bob", "input"), tokens("bob", "prompt")) == (0, made.usage.prompt_tokens + sir)
+        generated = tokens("bob", "generated") - made.usage.generated_tokens
+        assert len(first.tokens) <= generated < 200
+        assert (tokens("carol", "input"), tokens("carol", "prompt"), tokens("carol", "generated")) == (0, 0, 0)
+        assert ("attnserve_client_tokens_total", (("client", "dave"), ("kind", "input"))) not in m  # no call yet
+    finally:
+        st.stop()
