@@ -121,6 +121,13 @@ class ServerConfig:
     # told (health and reflection are not recorded); ~25 us of the server's CPU a call as text, ~40 as JSON
     # (bench observe)
     access_log: bool = False
+    # an OpenTelemetry collector's OTLP/gRPC address (http://host:4317; https:// for TLS): each call to
+    # the model's services is traced there, a span with its queue and compute (service.tracing). Off
+    # where empty
+    otlp_endpoint: str = ""
+    # of the traces the server starts (calls with no traceparent), the share sampled; a caller's
+    # decision is kept whatever it is
+    trace_sample_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -158,6 +165,10 @@ class ServerConfig:
             raise ValueError("client_calls_per_second needs api_keys_file: clients are told apart by their keys")
         if self.client_burst and not self.client_calls_per_second:
             raise ValueError("client_burst needs client_calls_per_second: it is the rate's bucket")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"trace_sample_ratio must be in 0..1, got {self.trace_sample_ratio}")
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_endpoint is http://host:port or https://host:port, got {self.otlp_endpoint!r}")
         if self.api_keys_reload_seconds < 0:
             raise ValueError(f"api_keys_reload_seconds must be >= 0, got {self.api_keys_reload_seconds}")
         if self.handshake_timeout_seconds <= 0 or self.request_read_timeout_seconds <= 0:

@@ -36,7 +36,7 @@ from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.errors import InvalidInput, ModelNotReady, NotFound
 from service.scheduler import Done, Token
-from service.servicer import AttnServeServicer, _version
+from service.servicer import AttnServeServicer, package_version
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ENCODE, GENERATE, ATTENTION = "attnserve-encode", "attnserve-generate", "attnserve-attention"
@@ -268,7 +268,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         return await self.native._call("ModelReady", context, handle)
 
     async def ServerMetadata(self, request: v2.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        return v2.ServerMetadataResponse(name="attnserve", version=_version(), extensions=[])
+        return v2.ServerMetadataResponse(name="attnserve", version=package_version(), extensions=[])
 
     async def ModelMetadata(self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         async def handle() -> v2.ModelMetadataResponse:

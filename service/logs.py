@@ -186,15 +186,15 @@ MAX_REQUEST_ID_CHARS = 128
 # belongs to, logged as trace_id and span_id (the caller's span), so that a tracing backend can lead
 # from a trace to the server's records of it. A value not of the form is ignored, as the standard says.
 TRACEPARENT = "traceparent"
-TRACE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+TRACE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 # the name of the client whose API key the call being served carried (service.guard), where keys are asked for
 CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 
 
 def caller(context: Any) -> dict[str, str]:
     """A call's ``peer``, the ``client`` its API key names where keys are asked for, its
-    ``request_id`` where it sent one (cut to MAX_REQUEST_ID_CHARS), and the ``trace_id`` and
-    ``span_id`` of its ``traceparent`` where it sent a valid one, for a record."""
+    ``request_id`` where it sent one (cut to MAX_REQUEST_ID_CHARS), and the ``trace_id``, ``span_id``
+    and ``trace_flags`` of its ``traceparent`` where it sent a valid one, for a record."""
     said = {"peer": context.peer()}
     if (client := CLIENT.get()) is not None:
         said["client"] = client
@@ -204,9 +204,9 @@ def caller(context: Any) -> dict[str, str]:
         if key == REQUEST_ID and "request_id" not in said:
             said["request_id"] = value[:MAX_REQUEST_ID_CHARS]
         elif key == TRACEPARENT and "trace_id" not in said and (trace := TRACE.fullmatch(value.strip())):
-            version, trace_id, span_id = trace.groups()
+            version, trace_id, span_id, flags = trace.groups()
             if version != "ff" and trace_id != "0" * 32 and span_id != "0" * 16:  # all invalid by the standard
-                said["trace_id"], said["span_id"] = trace_id, span_id
+                said["trace_id"], said["span_id"], said["trace_flags"] = trace_id, span_id, flags
     return said
 
 
@@ -214,10 +214,12 @@ def caller(context: Any) -> dict[str, str]:
 Call = tuple[float, str, str, float, dict[str, str], str]
 
 
-def access(rpc: str, code: str, seconds: float, context: Any, detail: str = "") -> None:
+def access(
+    rpc: str, code: str, seconds: float, context: Any, detail: str = "", who: dict[str, str] | None = None
+) -> None:
     """The access log's record of a call answered (``attnserve.access``, INFO): its method, status code,
     time from arrival to answer, caller (and the client its key names) and request id, and for a call not
-    answered OK what it was told.
+    answered OK what it was told. ``who``: the caller's fields (``caller``), where read already.
 
     Only what the call alone can give is taken here, on the event loop; the record is made on the
     writer's thread with the others come meanwhile (``bench observe``: made here, a JSON record took
@@ -225,7 +227,7 @@ def access(rpc: str, code: str, seconds: float, context: Any, detail: str = "") 
     that lived 50 ms on the loop's side also made its garbage collections busier)."""
     if not ACCESS.isEnabledFor(logging.INFO):
         return
-    call = (time.time(), rpc, code, seconds, caller(context), detail)
+    call = (time.time(), rpc, code, seconds, caller(context) if who is None else who, detail)
     writer = _current
     if writer is None:  # no writer (logging set up otherwise): at once
         ACCESS.handle(_access_record(call))

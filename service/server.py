@@ -48,8 +48,9 @@ from service.kserve import InferenceServicer
 from service.metrics import Metrics
 from service.runtime import CUDA, Runtime
 from service.scheduler import Scheduler
-from service.servicer import AttnServeServicer
+from service.servicer import AttnServeServicer, package_version
 from service.tls import Certificates, Expiry
+from service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +199,14 @@ class Server:
         self._health_server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._server: grpc.aio.Server | None = None
+        self.tracing: Tracing | None = None
 
     async def start(self) -> None:
         cfg = self.config
+        if cfg.otlp_endpoint:
+            resource = {"service.version": package_version(), "attnserve.model_dir": str(cfg.model_dir)}
+            self.tracing = Tracing(cfg.otlp_endpoint, cfg.trace_sample_ratio, resource)
+            self.tracing.start()
         self.metrics.device_requested.labels(cfg.device).set(1)
         self.metrics.init_series()
         if cfg.metrics_port >= 0:
@@ -360,6 +366,8 @@ class Server:
             self._keys_watch.cancel()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self.tracing is not None:  # the spans of the last calls made and sent, 10 s at most
+            await asyncio.to_thread(self.tracing.stop)
         log.info("stopped")
 
 

@@ -25,13 +25,14 @@ import onnxruntime
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from service import tracing
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
 from service.errors import InvalidInput, ModelNotReady, Overloaded, status_for
 from service.logs import CLIENT, access, caller
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
-from service.scheduler import Event, Finish, Scheduler, Token
+from service.scheduler import Done, Event, Finish, Scheduler, Token
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         seconds = time.monotonic() - start
         self.metrics.requests.labels(rpc, code.name).inc()
         self.metrics.request_seconds.labels(rpc).observe(seconds)
-        if self.access_log:
+        if tracing.active():  # the caller's fields read once, for both
+            who = caller(context)
+            tracing.note(rpc, code.name, seconds, who, detail)
+            if self.access_log:
+                access(rpc, code.name, seconds, context, detail, who)
+        elif self.access_log:
             access(rpc, code.name, seconds, context, detail)
 
     # --- shared validation ---------------------------------------------------------------------
@@ -242,8 +248,11 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         engine.encoder.admit(len(fields), deadline)  # refused now, untokenized, if it cannot be served
         fitted = await engine.fit(request.texts, request.truncation == pb.TRUNCATION_END, fields)
         pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
+        queued = time.monotonic()
         out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline)
         self._count_input(sum(out.token_counts))
+        if tracing.active():
+            tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, {"attnserve.texts": len(fitted)}))
         return Encoded(out, [cut for _, cut in fitted])
 
     def _count_input(self, tokens: int) -> None:
@@ -296,11 +305,14 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         itemsize = 2 if request.precision == pb.PRECISION_FP16 else 4
         release = self.attention_budget.take(len(layers) * len(heads) * len(ids) ** 2 * itemsize)
         try:
+            queued = time.monotonic()
             out = await engine.attention(ids, layers, heads, deadline)
         except BaseException:
             release()
             raise
         self._count_input(len(ids))
+        if tracing.active():
+            tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, {"attnserve.tokens": len(ids)}))
         return Attended(out, ids, layers, heads, cut, release)
 
     async def AttentionMap(
@@ -386,7 +398,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     max_attention_bytes=self.limits.max_attention_bytes,
                 ),
                 build=pb.BuildInfo(
-                    attnserve_version=_version(),
+                    attnserve_version=package_version(),
                     onnxruntime_version=onnxruntime.__version__,
                     grpc_version=grpc.__version__,
                     python_version=platform.python_version(),
@@ -470,6 +482,17 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 msg.usage.generated_tokens = event.generated_tokens
         return msg
 
+    @staticmethod
+    def _trace_generation(queued: float, done: Done) -> None:
+        """The call's span's phases: waiting for a slot, and the generation's usage."""
+        attributes = {
+            "attnserve.prompt_tokens": done.prompt_tokens,
+            "attnserve.generated_tokens": done.generated_tokens,
+            "attnserve.finish_reason": done.finish.value,
+            "attnserve.time_to_first_token_seconds": done.time_to_first_token,
+        }
+        tracing.PHASES.set((queued, done.queue_seconds, None, attributes))
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def handle() -> pb.GenerateResponse:
             start = time.monotonic()
@@ -478,6 +501,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             scheduler = self._scheduler()
             token_text = self._engine().token_text
             reply = pb.GenerateResponse()
+            queued = time.monotonic()
             async for group in scheduler.generate(ids, params, deadline, stream=False):
                 for event in group:
                     if isinstance(event, Token):
@@ -491,6 +515,8 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     reply.timings.queue_seconds = event.queue_seconds
                     reply.timings.total_seconds = time.monotonic() - start
                     reply.time_to_first_token_seconds = event.time_to_first_token
+                    if tracing.active():
+                        self._trace_generation(queued, event)
                     return reply
             raise RuntimeError("generation ended without a result")
 
@@ -512,8 +538,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             await context.abort(code, message)
             raise
         code = grpc.StatusCode.OK
+        traced = tracing.active()
+        queued = time.monotonic()
         try:
             async for group in scheduler.generate(ids, params, deadline):
+                if traced and isinstance(end := group[-1], Done):
+                    self._trace_generation(queued, end)
                 yield self.stream_message(group, token_text)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -537,7 +567,7 @@ FINISH = {
 }
 
 
-def _version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -70,6 +70,8 @@ def test_every_serving_dependency_declares_a_floor() -> None:
         "grpcio-reflection",
         "numpy",
         "onnxruntime",
+        "opentelemetry-exporter-otlp-proto-grpc",
+        "opentelemetry-sdk",
         "prometheus-client",
         "protobuf",
         "python-json-logger",

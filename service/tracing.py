@@ -1,0 +1,203 @@
+"""Traces: an OpenTelemetry span for each call to the model's services, exported over OTLP/gRPC.
+
+With ``--otlp-endpoint`` (a collector's OTLP/gRPC address: an OpenTelemetry Collector, Jaeger,
+Tempo), each call answered is a SERVER span named ``<service>/<method>``, with OpenTelemetry's RPC
+attributes (``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``), the
+caller's, and what the call was told where it was not OK. Its parent is the caller's span where the
+call carried a W3C ``traceparent``, so the server's span sits in the client's trace; otherwise it
+starts a trace. Encode's and AttentionMap's spans have two children, ``queue`` (waiting for a
+batch) and ``compute`` (the batch the call's texts ran in), and a generation's a ``queue`` child
+(waiting for a slot) with its tokens, finish reason and time to first token as attributes: where
+a slow call's time went. Calls refused by the guard (no key, a full server) are spans too.
+
+What is sampled is the SDK's ``ParentBased(TraceIdRatioBased(ratio))``: a caller's decision is kept,
+and of the traces the server starts, ``ratio`` are.
+
+On the event loop a call costs only what the access log's record does, the caller's fields read
+from its metadata (shared with the access log where both are on) and a tuple queued. The spans are
+made, with the times the call gives, by a thread of their own, woken at most once every
+MAKE_SECONDS, and exported by the SDK's batch processor from another: ~40 us of CPU a span there, ~100
+for a call with its queue and compute (the SDK's own Python), on the same cores as the calls, which
+``trace_sample_ratio`` cuts where the server starts the traces. At most QUEUED calls wait to be made
+spans; past that they are dropped and counted, and said in the log. A collector that is down costs the
+exports (said once a batch, at ERROR; the exporter's retries are not), never a call.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import logging
+import threading
+import time
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+QUEUED = 10_000
+MAKE_SECONDS = 0.2
+SHUTDOWN_SECONDS = 5.0  # at stop, the most the spans not yet exported are waited for
+EXPORT_TIMEOUT_SECONDS = 5.0  # one export to the collector
+
+# the service of each method a span may be for (the v2 service's, the rest)
+SERVICES = {
+    **dict.fromkeys(("Encode", "AttentionMap", "Tokenize", "GetModelInfo", "Generate", "GenerateStream"),
+                    "attnserve.v1.AttnServe"),
+    **dict.fromkeys(("Check", "Watch"), "grpc.health.v1.Health"),
+    "ServerReflectionInfo": "grpc.reflection.v1.ServerReflection",
+}  # fmt: skip
+V2 = "inference.GRPCInferenceService"
+# gRPC codes a server's span is marked an error for (OpenTelemetry's RPC conventions): the others are
+# the client's doing
+SERVER_ERRORS = {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+
+# Set by the servicer in the call's context as its work is done, read as the call is answered: when
+# its texts were queued (time.monotonic), seconds queued, seconds computing (None: a generation), and
+# attributes for its span
+PHASES: contextvars.ContextVar[tuple[float, float, float | None, dict[str, Any]] | None] = contextvars.ContextVar(
+    "phases", default=None
+)
+
+_current: Tracing | None = None
+
+
+def active() -> bool:
+    """Whether calls are traced (``PHASES`` is worth setting)."""
+    return _current is not None
+
+
+def note(rpc: str, code: str, seconds: float, who: dict[str, str], detail: str = "") -> None:
+    """A call answered ``code`` after ``seconds``: its span (and its phases') to be made."""
+    tracing = _current
+    if tracing is not None:
+        tracing.note((time.time(), time.monotonic(), rpc, code, seconds, who, detail, PHASES.get()))
+
+
+class Tracing:
+    def __init__(self, endpoint: str, ratio: float, attributes: dict[str, str]) -> None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        # a retry's warning each second while a collector is down; a batch that fails is still said
+        logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.ERROR)
+        insecure = not endpoint.startswith("https://")
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=EXPORT_TIMEOUT_SECONDS)
+        # service.name is attnserve unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES say otherwise
+        resource = Resource.create({"service.name": "attnserve", **attributes})
+        self.provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.tracer = self.provider.get_tracer("attnserve")
+        self.endpoint = endpoint
+        self.calls: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.dropped = 0
+        self.said = 0  # drops said in the log so far
+        self.woken = threading.Event()
+        self.armed = False
+        self.ending = False
+        self.thread = threading.Thread(target=self._run, name="tracer", daemon=True)
+
+    def start(self) -> None:
+        global _current
+        self.thread.start()
+        _current = self
+        log.info("traces to %s over OTLP/gRPC", self.endpoint)
+
+    def note(self, call: tuple[Any, ...]) -> None:
+        if len(self.calls) >= QUEUED:
+            self.dropped += 1  # (the event loop's alone)
+            return
+        self.calls.append(call)
+        if not self.armed:
+            self.armed = True
+            self.woken.set()
+
+    def _run(self) -> None:
+        while not self.ending:
+            self.woken.wait()
+            time.sleep(MAKE_SECONDS)
+            self.woken.clear()
+            self.armed = False
+            self._make()
+        self._make()
+
+    def _make(self) -> None:
+        if self.dropped > self.said:
+            log.warning("%d call(s) not traced: they came faster than their spans were made", self.dropped - self.said)
+            self.said = self.dropped
+        for _ in range(len(self.calls)):
+            try:
+                self._span(*self.calls.popleft())
+            except Exception:  # a span of its own that cannot be made must not end the others
+                log.exception("a call's span could not be made")
+
+    def _span(
+        self,
+        wall: float,
+        mono: float,
+        rpc: str,
+        code: str,
+        seconds: float,
+        who: dict[str, str],
+        detail: str,
+        phases: tuple[float, float, float | None, dict[str, Any]] | None,
+    ) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+        def ns(monotonic: float) -> int:  # a time.monotonic() as the wall clock's nanoseconds
+            return int((wall - (mono - monotonic)) * 1e9)
+
+        parent = None
+        if "trace_id" in who:
+            flags = TraceFlags(int(who.get("trace_flags", "00"), 16) & TraceFlags.SAMPLED)
+            remote = SpanContext(int(who["trace_id"], 16), int(who["span_id"], 16), True, flags)
+            parent = trace.set_span_in_context(NonRecordingSpan(remote))
+        service = SERVICES.get(rpc, V2)
+        attributes: dict[str, Any] = {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": rpc,
+            "rpc.grpc.status_code": GRPC_CODES.get(code, 2),
+            "client.address": who.get("peer", ""),
+        }
+        if "client" in who:
+            attributes["attnserve.client"] = who["client"]
+        if "request_id" in who:
+            attributes["attnserve.request_id"] = who["request_id"]
+        if phases is not None:
+            attributes.update(phases[3])
+        start = ns(mono - seconds)
+        span = self.tracer.start_span(
+            f"{service}/{rpc}", context=parent, kind=SpanKind.SERVER, attributes=attributes, start_time=start
+        )
+        if code in SERVER_ERRORS:
+            span.set_status(Status(StatusCode.ERROR, detail or code))
+        if phases is not None and span.is_recording():
+            queued, queue, compute, _ = phases
+            inside = trace.set_span_in_context(span)
+            self.tracer.start_span("queue", context=inside, start_time=ns(queued)).end(end_time=ns(queued + queue))
+            if compute is not None:
+                ran = queued + queue
+                self.tracer.start_span("compute", context=inside, start_time=ns(ran)).end(end_time=ns(ran + compute))
+        span.end(end_time=int(wall * 1e9))
+
+    def stop(self) -> None:
+        """Make the spans of the calls answered, and export them, for SHUTDOWN_SECONDS at most."""
+        global _current
+        if _current is self:
+            _current = None
+        self.ending = True
+        self.woken.set()
+        if self.thread.is_alive():
+            self.thread.join(SHUTDOWN_SECONDS)
+        done = threading.Thread(target=self.provider.shutdown, name="tracer-shutdown", daemon=True)
+        done.start()
+        done.join(SHUTDOWN_SECONDS)
+
+
+GRPC_CODES = {code.name: code.value[0] for code in grpc.StatusCode}  # (rpc.grpc.status_code is the number)
