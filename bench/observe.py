@@ -1,13 +1,16 @@
 """``attnserve bench observe``: what the server's own observability costs a call, on its core.
 
 The server runs in this process, pinned to core 1 with one intra-op thread; a closed loop of 8
-concurrent Encodes (a four-word text, with an API key) runs in a process of its own on core 0. In
-each round the same server serves the same load three ways, in an order rotated from round to round:
-*plain* (no key checked, no access log), *keys* (the key checked and counted by client) and *keys +
-access log* (each call's record made on the event loop and written by the log's writer, to a file).
-Measured by the CPU clocks of the event loop's thread and of the log writer's, not the process's:
-the machine's drift moves a whole process's CPU a call by more than these costs. The figures are
-the medians of the rounds' differences from *plain*.
+concurrent Encodes (a four-word text, with an API key and a W3C traceparent, sampled) runs in a
+process of its own on core 0. In each round the same server serves the same load four ways, in an
+order rotated from round to round: *plain* (no key checked, no access log, no traces), *keys* (the
+key checked and counted by client), *keys + access log* (each call's record written by the log's
+writer, to a file) and *keys + traces* (each call a span with its queue and compute, made by the
+tracer's thread and exported over OTLP/gRPC by the SDK's, to a receiver that takes and drops them,
+in a process of its own on core 0). Measured by the CPU clocks of the event loop's thread, of the
+log writer's and of the tracer's two, not the process's: the machine's drift moves a whole
+process's CPU a call by more than these costs. The figures are the medians of the rounds'
+differences from *plain*.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.timing import machine, prelude
-from service import logs
+from service import logs, tracing
 from service.config import ServerConfig
 from service.server import Server
+from service.tracing import Tracing
 
 KEY = "key-for-the-bench"
 TEXT = "the king is dead"
@@ -39,7 +43,9 @@ import sys, threading, grpc
 from protos.attnserve.v1 import attnserve_pb2 as pb, attnserve_pb2_grpc as pb_grpc
 address, calls, concurrency, key, text = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 stub = pb_grpc.AttnServeStub(grpc.insecure_channel(address))
-request, metadata = pb.EncodeRequest(texts=[text]), [("authorization", "Bearer " + key), ("x-request-id", "bench")]
+parent = ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+metadata = [("authorization", "Bearer " + key), ("x-request-id", "bench"), parent]
+request = pb.EncodeRequest(texts=[text])
 free, calls_made = threading.Semaphore(concurrency), []
 for _ in range(calls):
     free.acquire()
@@ -50,7 +56,23 @@ for call in calls_made:
     call.result()
 """
 
-MODES = ("plain", "keys", "keys + access log")
+# an OTLP/gRPC receiver that takes the spans and keeps none, in a process of its own: its port on stdout
+_SINK = """
+import sys, time
+from concurrent import futures
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as t, trace_service_pb2_grpc as g
+class Sink(g.TraceServiceServicer):
+    def Export(self, request, context):
+        return t.ExportTraceServiceResponse()
+server = grpc.server(futures.ThreadPoolExecutor(2))
+g.add_TraceServiceServicer_to_server(Sink(), server)
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+sys.stdin.read()  # until the bench closes it
+"""
+
+MODES = ("plain", "keys", "keys + access log", "keys + traces")
 
 
 class _Served:
@@ -104,27 +126,48 @@ def run(model_dir: Path, rounds: int = 8, calls: int = 2000, record_format: str 
         address = f"127.0.0.1:{served.server.port}"
         load = prelude([sys.executable, "-c", _LOAD, address, str(calls), str(CONCURRENCY), KEY, TEXT], cpus={0})
         env = {**os.environ, "PYTHONPATH": str(root)}
+        sink = subprocess.Popen(
+            prelude([sys.executable, "-c", _SINK], cpus={0}), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=env, cwd=root,
+        )  # fmt: skip
+        assert sink.stdout is not None
+        before_tracing = set(threading.enumerate())
+        tracer = Tracing(f"http://127.0.0.1:{sink.stdout.readline().strip()}", 1.0, {})
+        tracer.start()
+        tracing._current = None  # on only while its mode is measured
         loop_us: dict[str, list[float]] = {m: [] for m in MODES}
         writer_us: dict[str, list[float]] = {m: [] for m in MODES}
+        tracer_us: dict[str, list[float]] = {m: [] for m in MODES}
+
+        def tracers() -> float:  # the tracer's thread and the SDK's exporter, started with it
+            return sum(_cpu(t) for t in set(threading.enumerate()) - before_tracing)
 
         def measure(mode: str) -> None:
             guard.accept_keys(None if mode == "plain" else {KEY: "bench"})
             servicer.access_log = guard.access_log = mode == "keys + access log"
+            tracing._current = tracer if mode == "keys + traces" else None
             writer = logs.writer_thread()
-            loop0, writer0 = _cpu(served.thread), _cpu(writer)
+            loop0, writer0, tracer0 = _cpu(served.thread), _cpu(writer), tracers()
             subprocess.run(load, check=True, env=env, cwd=root)
-            time.sleep(0.2)  # the writer's last batch
+            if mode == "keys + traces":
+                tracer.provider.force_flush(10_000)  # the spans made and sent
+            time.sleep(0.3)  # the writer's last batch, and the tracer's
             loop_us[mode].append((_cpu(served.thread) - loop0) / calls * 1e6)
             writer_us[mode].append((_cpu(writer) - writer0) / calls * 1e6)
+            tracer_us[mode].append((tracers() - tracer0) / calls * 1e6)
 
         try:
-            measure("keys + access log")  # a warm-up, not counted
-            loop_us["keys + access log"].clear()
-            writer_us["keys + access log"].clear()
+            for mode in MODES[2:]:  # a warm-up, not counted
+                measure(mode)
+                for figures in (loop_us, writer_us, tracer_us):
+                    figures[mode].clear()
             for r in range(rounds):
-                for mode in MODES[r % 3 :] + MODES[: r % 3]:
+                for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
                     measure(mode)
         finally:
+            tracing._current = tracer
+            tracer.stop()
+            sink.communicate("")
             served.stop()
             logs.configure(logging.getLevelName(level) if level else "WARNING")
             written.close()
@@ -140,8 +183,10 @@ def run(model_dir: Path, rounds: int = 8, calls: int = 2000, record_format: str 
         "calls": calls,
         "loop_us": loop_us,
         "writer_us": writer_us,
+        "tracer_us": tracer_us,
         "extra_loop_us": {m: extra(loop_us, m) for m in MODES[1:]},
         "extra_writer_us": {m: extra(writer_us, m) for m in MODES[1:]},
+        "extra_tracer_us": {m: extra(tracer_us, m) for m in MODES[1:]},
         "plain_loop_us": statistics.median(loop_us["plain"]),
     }
 
@@ -152,9 +197,10 @@ def table(r: dict[str, Any]) -> str:
         f"{r['rounds']} rounds of {r['calls']} calls; the access log in {r['record_format']}",
         f"the event loop's CPU a call, plain: {r['plain_loop_us']:.1f} us (median of the rounds)",
         "",
-        "| mode | event loop, over plain | log writer, over plain |",
-        "|---|---|---|",
+        "| mode | event loop, over plain | log writer, over plain | tracer's threads, over plain |",
+        "|---|---|---|---|",
     ]
     for mode in MODES[1:]:
-        lines.append(f"| {mode} | {r['extra_loop_us'][mode]:+.1f} us | {r['extra_writer_us'][mode]:+.1f} us |")
+        loop, writer, tracer = (r[f"extra_{part}_us"][mode] for part in ("loop", "writer", "tracer"))
+        lines.append(f"| {mode} | {loop:+.1f} us | {writer:+.1f} us | {tracer:+.1f} us |")
     return "\n".join(lines)
