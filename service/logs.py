@@ -24,6 +24,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 FORMATS = ("text", "json")
@@ -34,6 +35,42 @@ WRITE_SECONDS = 0.05  # records are written this long after the first of them ca
 FLUSH_SECONDS = 5.0  # at exit, the most the records still queued are waited for
 
 ACCESS = logging.getLogger("attnserve.access")
+
+
+class Gatherer:
+    """A thread that runs ``work`` ``seconds`` after ``poke`` is first called, on what came meanwhile,
+    then waits for the next poke: woken at most once every ``seconds``, whatever the rate of pokes (a
+    thread woken for each would cost its wake-up each). The log's writer and the tracer are ones."""
+
+    def __init__(self, name: str, seconds: float, work: Callable[[], None]) -> None:
+        self.seconds = seconds
+        self.work = work
+        self.woken = threading.Event()  # set by the first poke after the thread last looked
+        self.armed = False
+        self.ending = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def poke(self) -> None:
+        if not self.armed:
+            self.armed = True
+            self.woken.set()
+
+    def _run(self) -> None:
+        while not self.ending:
+            self.woken.wait()
+            time.sleep(self.seconds)  # what comes meanwhile goes in the same work
+            # in this order: what finds the thread armed is what the work below takes
+            self.woken.clear()
+            self.armed = False
+            self.work()
+        self.work()
+
+    def end(self, timeout: float) -> None:
+        """Run the work once more, on what is queued, and end: within ``timeout``."""
+        self.ending = True
+        self.woken.set()
+        self.thread.join(timeout)
 
 
 _dropped = 0  # records dropped for a full queue, since the process started
@@ -54,11 +91,8 @@ class _Writer(logging.Handler):
         self.waiting: collections.deque[logging.LogRecord] = collections.deque()
         self.calls: collections.deque[Call] = collections.deque()  # the access log's, made records here
         self.said = _dropped  # drops said so far
-        self.woken = threading.Event()  # set by the first record after the writer last looked
-        self.armed = False
-        self.ending = False
-        self.thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
-        self.thread.start()
+        self.gatherer = Gatherer("log-writer", WRITE_SECONDS, self._write)
+        self.thread = self.gatherer.thread
 
     def setFormatter(self, fmt: logging.Formatter | None) -> None:
         super().setFormatter(fmt)
@@ -75,9 +109,7 @@ class _Writer(logging.Handler):
         record.msg = record.getMessage()
         record.args = None
         self.waiting.append(record)
-        if not self.armed:
-            self.armed = True
-            self.woken.set()
+        self.gatherer.poke()
 
     def note(self, call: Call) -> None:
         """Queue a call for the access log, its record made on the writer's thread."""
@@ -87,19 +119,7 @@ class _Writer(logging.Handler):
                 _dropped += 1
             return
         self.calls.append(call)
-        if not self.armed:
-            self.armed = True
-            self.woken.set()
-
-    def _run(self) -> None:
-        while not self.ending:
-            self.woken.wait()
-            time.sleep(WRITE_SECONDS)  # what comes meanwhile goes in the same write
-            # in this order: a record that finds the writer armed is one the write below takes
-            self.woken.clear()
-            self.armed = False
-            self._write()
-        self._write()
+        self.gatherer.poke()
 
     def _write(self) -> None:
         for _ in range(len(self.calls)):  # through the logger, into self.waiting (below)
@@ -123,9 +143,7 @@ class _Writer(logging.Handler):
 
     def end(self, timeout: float) -> None:
         """Write what is queued and end the writer: within ``timeout`` (its stream may never be read again)."""
-        self.ending = True
-        self.woken.set()
-        self.thread.join(timeout)
+        self.gatherer.end(timeout)
 
 
 def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:

@@ -34,6 +34,8 @@ from typing import Any
 
 import grpc
 
+from service.logs import Gatherer
+
 log = logging.getLogger(__name__)
 
 QUEUED = 10_000
@@ -96,14 +98,11 @@ class Tracing:
         self.calls: collections.deque[tuple[Any, ...]] = collections.deque()
         self.dropped = 0
         self.said = 0  # drops said in the log so far
-        self.woken = threading.Event()
-        self.armed = False
-        self.ending = False
-        self.thread = threading.Thread(target=self._run, name="tracer", daemon=True)
+        self.gatherer: Gatherer | None = None
 
     def start(self) -> None:
         global _current
-        self.thread.start()
+        self.gatherer = Gatherer("tracer", MAKE_SECONDS, self._make)
         _current = self
         log.info("traces to %s over OTLP/gRPC", self.endpoint)
 
@@ -112,18 +111,8 @@ class Tracing:
             self.dropped += 1  # (the event loop's alone)
             return
         self.calls.append(call)
-        if not self.armed:
-            self.armed = True
-            self.woken.set()
-
-    def _run(self) -> None:
-        while not self.ending:
-            self.woken.wait()
-            time.sleep(MAKE_SECONDS)
-            self.woken.clear()
-            self.armed = False
-            self._make()
-        self._make()
+        if self.gatherer is not None:
+            self.gatherer.poke()
 
     def _make(self) -> None:
         if self.dropped > self.said:
@@ -191,10 +180,8 @@ class Tracing:
         global _current
         if _current is self:
             _current = None
-        self.ending = True
-        self.woken.set()
-        if self.thread.is_alive():
-            self.thread.join(SHUTDOWN_SECONDS)
+        if self.gatherer is not None:
+            self.gatherer.end(SHUTDOWN_SECONDS)
         done = threading.Thread(target=self.provider.shutdown, name="tracer-shutdown", daemon=True)
         done.start()
         done.join(SHUTDOWN_SECONDS)
