@@ -63,7 +63,7 @@ from google.protobuf.message import Message
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service import tracing
-from service.logs import CLIENT, access, caller
+from service.logs import CLIENT
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -588,12 +588,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         """Answer a call ``code`` with ``message`` (and ``trailing`` metadata); ``since``: when it opened,
         where it waited (for its request)."""
         self.metrics.requests.labels(rpc, code.name).inc()
-        if self.access_log or tracing.active():
-            seconds = 0.0 if since is None else time.monotonic() - since
-            who = caller(context)
-            if self.access_log:
-                access(rpc, code.name, seconds, context, message, who)
-            tracing.note(rpc, code.name, seconds, who, message)
+        seconds = 0.0 if since is None else time.monotonic() - since
+        tracing.answered(rpc, code.name, seconds, context, message, self.access_log)
         await context.abort(code, message, trailing)
 
     def _leave(self, kind: str) -> None:

@@ -29,7 +29,7 @@ from service import tracing
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
 from service.errors import InvalidInput, ModelNotReady, Overloaded, status_for
-from service.logs import CLIENT, access, caller
+from service.logs import CLIENT, caller
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
 from service.scheduler import Done, Event, Finish, Scheduler, Token
@@ -193,17 +193,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
     def _observe(
         self, rpc: str, code: grpc.StatusCode, start: float, context: grpc.aio.ServicerContext, detail: str = ""
     ) -> None:
-        """Count a call answered with ``code`` (told ``detail``), and where the access log is on, log it."""
+        """Count a call answered with ``code`` (told ``detail``); where the access log is on, log it, and where
+        calls are traced, trace it."""
         seconds = time.monotonic() - start
         self.metrics.requests.labels(rpc, code.name).inc()
         self.metrics.request_seconds.labels(rpc).observe(seconds)
-        if tracing.active():  # the caller's fields read once, for both
-            who = caller(context)
-            tracing.note(rpc, code.name, seconds, who, detail)
-            if self.access_log:
-                access(rpc, code.name, seconds, context, detail, who)
-        elif self.access_log:
-            access(rpc, code.name, seconds, context, detail)
+        tracing.answered(rpc, code.name, seconds, context, detail, self.access_log)
 
     # --- shared validation ---------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 
-from service.logs import Gatherer
+from service.logs import Gatherer, access, caller
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,16 @@ _current: Tracing | None = None
 def active() -> bool:
     """Whether calls are traced (``PHASES`` is worth setting)."""
     return _current is not None
+
+
+def answered(rpc: str, code: str, seconds: float, context: Any, detail: str, access_log: bool) -> None:
+    """A call answered ``code`` after ``seconds``: its access record where ``access_log`` is on, and its
+    span where calls are traced, the caller's fields read from its metadata once for both."""
+    if access_log or _current is not None:
+        who = caller(context)
+        if access_log:
+            access(rpc, code, seconds, context, detail, who)
+        note(rpc, code, seconds, who, detail)
 
 
 def note(rpc: str, code: str, seconds: float, who: dict[str, str], detail: str = "") -> None:
