@@ -3,7 +3,7 @@
 With ``--otlp-endpoint`` (a collector's OTLP/gRPC address: an OpenTelemetry Collector, Jaeger,
 Tempo), each call answered is a SERVER span named ``<service>/<method>``, with OpenTelemetry's RPC
 attributes (``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``), the
-caller's, and what the call was told where it was not OK. Its parent is the caller's span where the
+caller's, and what a call not answered OK was told (``attnserve.detail``). Its parent is the caller's span where the
 call carried a W3C ``traceparent``, so the server's span sits in the client's trace; otherwise it
 starts a trace. Encode's and AttentionMap's spans have two children, ``queue`` (waiting for a
 batch) and ``compute`` (the batch the call's texts ran in), and a generation's a ``queue`` child
@@ -168,6 +168,8 @@ class Tracing:
             attributes["attnserve.client"] = who["client"]
         if "request_id" in who:
             attributes["attnserve.request_id"] = who["request_id"]
+        if detail:
+            attributes["attnserve.detail"] = detail
         if phases is not None:
             attributes.update(phases[3])
         start = ns(mono - seconds)
