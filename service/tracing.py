@@ -99,8 +99,10 @@ class Tracing:
         logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.ERROR)
         insecure = not endpoint.startswith("https://")
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=EXPORT_TIMEOUT_SECONDS)
-        # service.name is attnserve unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES say otherwise
-        resource = Resource.create({"service.name": "attnserve", **attributes})
+        # service.name: attnserve, unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name it
+        resource = Resource.create(attributes)
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "attnserve"}))
         self.provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
         self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("attnserve")

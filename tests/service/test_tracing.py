@@ -114,10 +114,14 @@ def test_each_call_is_a_span_in_its_callers_trace_with_its_queue_and_compute(
     assert got.resources[0]["service.name"] == "attnserve"
 
 
-def test_sampling_keeps_the_callers_decision(model_dir: Path, receiver: tuple[Receiver, int], tmp_path: Path) -> None:
+def test_sampling_keeps_the_callers_decision(
+    model_dir: Path, receiver: tuple[Receiver, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """trace_sample_ratio 0: of the traces the server would start none is sampled, and a caller's
-    decision, sampled or not, is kept. The guard's refusals are spans too."""
+    decision, sampled or not, is kept. The guard's refusals are spans too. OpenTelemetry's own
+    variables name the service where they are set."""
     got, port = receiver
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "attnserve-eu")
     keys = tmp_path / "keys"
     keys.write_text("alice key-a\n")
     cfg = config(model_dir, otlp_endpoint=f"http://127.0.0.1:{port}", trace_sample_ratio=0.0, api_keys_file=keys)
@@ -139,6 +143,7 @@ def test_sampling_keeps_the_callers_decision(model_dir: Path, receiver: tuple[Re
     said = sorted((attributes(s.attributes) for s in encodes), key=lambda a: a["rpc.grpc.status_code"])
     assert [(a["rpc.grpc.status_code"], a.get("attnserve.client")) for a in said] == [(0, "alice"), (16, None)]
     assert all(s.trace_id.hex() == TRACE_ID for s in encodes)
+    assert {r["service.name"] for r in got.resources} == {"attnserve-eu"}
     with pytest.raises(ValueError, match=r"trace_sample_ratio must be in 0\.\.1"):
         ServerConfig(trace_sample_ratio=1.5)
     with pytest.raises(ValueError, match="otlp_endpoint is http://host:port"):
