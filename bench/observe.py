@@ -58,7 +58,7 @@ for call in calls_made:
 
 # an OTLP/gRPC receiver that takes the spans and keeps none, in a process of its own: its port on stdout
 _SINK = """
-import sys, time
+import sys
 from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as t, trace_service_pb2_grpc as g
