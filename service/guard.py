@@ -26,13 +26,13 @@ A gRPC server interceptor, so that one place covers every method of every servic
   ``rate``, a client's calls are taken from a bucket of ``burst`` filled at ``rate`` a second, and
   past it refused RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``: the milliseconds until its
   next would be taken, which gRPC clients with a retry policy wait for in place of their own backoff.
-* A call of one request whose request has not come whole within ``read_timeout`` of its opening is
-  answered DEADLINE_EXCEEDED; at a full bound the call that has waited longest for its request,
-  once it has waited STALLED_SECONDS, is refused in place of the one that opens; and while the
-  server drains, the model's calls that have waited that long are refused with UNAVAILABLE. Before,
-  a call left open with nothing sent held its place until its client closed the connection (and
-  the drain waited for it to the end of its grace), and a client that opened calls and sent
-  nothing kept out every other.
+* A call whose request (a stream's first: the v2 service's and reflection's) has not come whole
+  within ``read_timeout`` of its opening is answered DEADLINE_EXCEEDED; at a full bound the call
+  that has waited longest for its request, once it has waited STALLED_SECONDS, is refused in place
+  of the one that opens; and while the server drains, the model's calls that have waited that long
+  are refused with UNAVAILABLE. Before, a call left open with nothing sent held its place until its
+  client closed the connection (and the drain waited for it to the end of its grace), and a client
+  that opened calls and sent nothing kept out every other.
 
 Health and reflection (and the v2 service's liveness, readiness and metadata calls) are never
 refused for load or shutdown: a probe must be answered whatever the server is doing. Only their
@@ -317,14 +317,22 @@ class CallGuard(grpc.aio.ServerInterceptor):
             inner_bidi = handler.stream_stream
 
             async def bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async def checked() -> AsyncIterator[Any]:
-                    async for request in requests:
-                        await self._check(rpc, request, context)
-                        yield request
-
-                # a stream counts as one call (its requests meet the queues' own bounds)
+                # a stream counts as one call (its requests meet the queues' own bounds), and waits for
+                # its first request as a call of one request waits for its one
                 await self._open(rpc, context, kind)
                 try:
+                    pending = aiter(requests)
+                    first = await self._awaited(rpc, context, kind, anext(pending, EOF))
+
+                    async def checked() -> AsyncIterator[Any]:
+                        if first is EOF:  # half-closed with nothing sent: a stream of no requests
+                            return
+                        await self._check(rpc, first, context)
+                        yield first
+                        async for request in pending:
+                            await self._check(rpc, request, context)
+                            yield request
+
                     async for message in inner_bidi(checked(), context):
                         yield message
                 finally:
@@ -385,22 +393,28 @@ class CallGuard(grpc.aio.ServerInterceptor):
         request is read, so only those whose requests do not come add up, and past that the one
         waiting longest is refused, never the one that opens."""
         await self._open(rpc, context, kind)
-        unread = self._unread[kind]
         try:
-            if kind is PROBE and len(unread) >= self.max_streams:
-                self._evict(PROBE, f"{len(unread)} probe calls waiting for their requests, the limit")
-            unread[context] = (rpc, time.monotonic())
-            if self._sweep is None:
-                self._sweep = asyncio.get_running_loop().call_later(self.read_timeout, self._overdue)
-            try:
-                request = await context.read()
-            finally:
-                unread.pop(context, None)
+            request = await self._awaited(rpc, context, kind, context.read())
             await self._check(rpc, NO_REQUEST if request is EOF else request, context)
         except BaseException:
             self._leave(kind)
             raise
         return request
+
+    async def _awaited(self, rpc: str, context: grpc.aio.ServicerContext, kind: str, read: Awaitable[Any]) -> Any:
+        """What ``read`` gives (a call's first request, or EOF), awaited among the calls of ``kind``
+        waiting for their requests: those that wait ``read_timeout`` are answered (``_overdue``), and
+        at a full bound the one waiting longest makes room (``_evict``)."""
+        unread = self._unread[kind]
+        if kind is PROBE and len(unread) >= self.max_streams:
+            self._evict(PROBE, f"{len(unread)} probe calls waiting for their requests, the limit")
+        unread[context] = (rpc, time.monotonic())
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self.read_timeout, self._overdue)
+        try:
+            return await read
+        finally:
+            unread.pop(context, None)
 
     async def _check(self, rpc: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         """Refuse a request that is not a valid message, or that holds an enum value its schema does not name."""

@@ -202,6 +202,8 @@ def test_health_checks_whose_requests_never_come_are_bounded_and_a_sent_check_is
 
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 WATCH = "/grpc.health.v1.Health/Watch"
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"  # a stream of requests, as reflection's
+REFLECTION = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +216,9 @@ def impatient(model_dir: Path) -> Iterator[ServerThread]:
     st.stop()
 
 
-@pytest.mark.parametrize("path", [ENCODE, "/attnserve.v1.AttnServe/GenerateStream", CHECK, LIVE, WATCH])
+@pytest.mark.parametrize(
+    "path", [ENCODE, "/attnserve.v1.AttnServe/GenerateStream", CHECK, LIVE, WATCH, STREAM_INFER, REFLECTION]
+)
 @pytest.mark.parametrize("body", [None, framed(pb.EncodeRequest(texts=["hello"]).SerializeToString())[:-3]],
                          ids=["nothing sent", "a cut message"])  # fmt: skip
 def test_a_call_whose_request_does_not_come_in_time_is_answered_and_gives_back_its_place(
@@ -241,22 +245,23 @@ def test_a_call_whose_request_does_not_come_in_time_is_answered_and_gives_back_i
     assert health(impatient.address) == SERVING
 
 
-@pytest.mark.parametrize("path", [ENCODE, WATCH])
+@pytest.mark.parametrize("path", [ENCODE, WATCH, STREAM_INFER, REFLECTION])
 def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that_comes(
     impatient: ServerThread, path: str
 ) -> None:
     """Four calls opened with nothing sent fill their bound (max_concurrent_calls for the model's
-    calls, max_probe_streams for health's Watch; 4 here). A call that comes while they wait is
-    refused only while they are fresh; once one has waited a second (``stalled_seconds``) for its
-    request, the one waiting longest is refused instead, so a client that opens calls and sends
-    nothing cannot keep out those that send theirs."""
+    calls, the v2 stream's among them; max_probe_streams for health's Watch and reflection's stream;
+    4 here). A call that comes while they wait is refused only while they are fresh; once one has
+    waited a second (``stalled_seconds``) for its request, the one waiting longest is refused
+    instead, so a client that opens calls and sends nothing cannot keep out those that send theirs."""
     guard = impatient.server.guard
-    held_now = (lambda: guard.in_flight) if path == ENCODE else (lambda: guard.streams_open)
+    admitted = path in (ENCODE, STREAM_INFER)
+    held_now = (lambda: guard.in_flight) if admitted else (lambda: guard.streams_open)
     channel = grpc.insecure_channel(impatient.address)
     stub, watcher = pb_grpc.AttnServeStub(channel), health_pb2_grpc.HealthStub(channel)
 
     def newcomer() -> None:
-        if path == ENCODE:
+        if admitted:
             assert len(stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
         else:
             watch = watcher.Watch(health_pb2.HealthCheckRequest(), timeout=10)
@@ -288,7 +293,8 @@ def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that
     assert wait_for(lambda: held_now() == 0)
 
 
-def test_on_shutdown_a_call_still_waiting_for_its_request_is_refused_not_waited_for(model_dir: Path) -> None:
+@pytest.mark.parametrize("path", [ENCODE, STREAM_INFER])
+def test_on_shutdown_a_call_still_waiting_for_its_request_is_refused_not_waited_for(model_dir: Path, path: str) -> None:
     """The drain waits for the calls in progress. One opened with nothing sent held the shutdown for
     the whole grace period; it has started no work, so once the server refuses calls and it has
     waited a second (``stalled_seconds``) it is refused with UNAVAILABLE (which clients retry on
@@ -296,7 +302,7 @@ def test_on_shutdown_a_call_still_waiting_for_its_request_is_refused_not_waited_
     st = ServerThread(config(model_dir)).start()
     peer = Peer(st.address)
     try:
-        sid = peer.open(ENCODE)
+        sid = peer.open(path)
         assert wait_for(lambda: st.server.guard.in_flight == 1)
         start = time.monotonic()
         stopping = threading.Thread(target=st.stop, kwargs={"grace": 20})
