@@ -32,7 +32,9 @@ A gRPC server interceptor, so that one place covers every method of every servic
   of the one that opens; and while the server drains, the model's calls that have waited that long
   are refused with UNAVAILABLE. Before, a call left open with nothing sent held its place until its
   client closed the connection (and the drain waited for it to the end of its grace), and a client
-  that opened calls and sent nothing kept out every other.
+  that opened calls and sent nothing kept out every other. Likewise at a full bound of the model's
+  calls, a stream whose handler says it has no request in progress (STREAM_IDLE), idle longest and
+  for STALLED_SECONDS, is ended to make room.
 
 Health and reflection (and the v2 service's liveness, readiness and metadata calls) are never
 refused for load or shutdown: a probe must be answered whatever the server is doing. Only their
@@ -54,6 +56,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -149,6 +152,13 @@ STREAM = "stream"  # health's Watch and reflection's streams: max_streams
 # and metadata), answered once its request is read: those waiting for their requests, max_streams
 PROBE = "probe"
 
+
+# Set for a stream of requests to the model's services (the v2 service's ModelStreamInfer) while its
+# handler runs: the handler calls it with True when the stream has no request in progress and waits for
+# the next, and with False as one comes. At a full bound of calls, the stream idle longest, once idle
+# STALLED_SECONDS, is ended to make room (CallGuard._evict_idle): a client keeps such a stream open for
+# good (tritonclient does), and it held a place all the same. Elsewhere, a no-op.
+STREAM_IDLE: ContextVar[Callable[[bool], None]] = ContextVar("stream_idle", default=lambda idle: None)
 
 # the limits of a client's own (CallGuard), as attnserve_client_calls_limited_total's label names them
 IN_PROGRESS = "in_progress"  # max_per_client
@@ -250,6 +260,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
             STREAM: {},
             PROBE: {},
         }
+        # the model's streams with no request in progress (told by their handlers, STREAM_IDLE), idle
+        # longest first: their rpc, since when idle, and since when open
+        self._idle_streams: dict[grpc.aio.ServicerContext, tuple[str, float, float]] = {}
         self.read_timeout = read_timeout  # a request not come whole in this long: DEADLINE_EXCEEDED
         self.stalled_seconds = STALLED_SECONDS
         self._sweep: asyncio.TimerHandle | None = None  # the next look for requests overdue
@@ -320,6 +333,17 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 # a stream counts as one call (its requests meet the queues' own bounds), and waits for
                 # its first request as a call of one request waits for its one
                 await self._open(rpc, context, kind)
+                opened = time.monotonic()
+                idle = self._idle_streams
+
+                def tell(now_idle: bool) -> None:
+                    if not now_idle:
+                        idle.pop(context, None)
+                    elif context not in idle:
+                        idle[context] = (rpc, time.monotonic(), opened)
+
+                if kind is ADMITTED:
+                    STREAM_IDLE.set(tell)  # (in this call's task: its handler's, and the tasks it makes)
                 try:
                     pending = aiter(requests)
                     first = await self._awaited(rpc, context, kind, anext(pending, EOF))
@@ -336,6 +360,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     async for message in inner_bidi(checked(), context):
                         yield message
                 finally:
+                    idle.pop(context, None)
                     self._leave(kind)
 
             return grpc.stream_stream_rpc_method_handler(
@@ -452,7 +477,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
             if self.in_flight >= self.max_concurrent:
                 full = f"{self.in_flight} calls in progress, the limit"
-                if not self._evict_stalled(ADMITTED, full):
+                if not self._evict_stalled(ADMITTED, full) and not self._evict_idle(full):
                     await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
             if self.api_keys is not None:
                 self.by_client[client] = self.by_client.get(client, 0) + 1
@@ -520,6 +545,22 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if not unread or time.monotonic() - next(iter(unread.values()))[1] < self.stalled_seconds:
             return False
         self._evict(kind, full)
+        return True
+
+    def _evict_idle(self, full: str) -> bool:
+        """At a full bound of the model's calls (``full`` says so): end the stream with no request in
+        progress for the longest, if that has been ``stalled_seconds``, and say whether one was. It is
+        answered RESOURCE_EXHAUSTED, as a call refused at a full server is: a client that keeps a
+        stream open for good opens another when it next has a request."""
+        if not self._idle_streams:
+            return False
+        context, (rpc, since, opened) = next(iter(self._idle_streams.items()))
+        idle_for = time.monotonic() - since
+        if idle_for < self.stalled_seconds:
+            return False
+        del self._idle_streams[context]
+        message = f"{full}; this stream had no request in progress for the longest ({idle_for:.1f} s)"
+        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, opened, "idle")
         return True
 
     def _evict(self, kind: str, why: str) -> None:

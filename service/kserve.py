@@ -35,6 +35,7 @@ from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.errors import InvalidInput, ModelNotReady, NotFound
+from service.guard import STREAM_IDLE
 from service.scheduler import Done, Token
 from service.servicer import AttnServeServicer, package_version
 
@@ -350,15 +351,19 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
 
         counts = {"started": 0, "finished": 0}
         room = asyncio.Semaphore(STREAM_REQUESTS_IN_PROGRESS)  # taken for a request, given back once it is answered
+        idle = STREAM_IDLE.get()  # told when the stream has no request in progress, for the guard
 
         async def read() -> None:
             pending = aiter(requests)
             while True:
                 await room.acquire()
+                idle(counts["started"] == counts["finished"])
                 try:
                     request = await anext(pending)
                 except StopAsyncIteration:
                     break
+                finally:
+                    idle(False)
                 counts["started"] += 1
                 task = asyncio.create_task(serve_one(request))
                 tasks.add(task)
@@ -397,6 +402,8 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                     counts["finished"] += 1
                     item.release()  # its responses have gone out
                     room.release()
+                    if counts["finished"] == counts["started"] and not (half_closed or stopping):
+                        idle(True)  # its reader waits for the next request
                 else:
                     yield item
         finally:

@@ -171,7 +171,8 @@ class Metrics:
             "attnserve_calls_without_request_total",
             "Calls answered because their request did not come (also counted in attnserve_requests_total), by "
             "reason: read_timeout (DEADLINE_EXCEEDED), evicted (RESOURCE_EXHAUSTED, at a full bound), draining "
-            "(UNAVAILABLE, the server stopping)",
+            "(UNAVAILABLE, the server stopping), idle (RESOURCE_EXHAUSTED, at a full bound: a v2 stream with no "
+            "request in progress)",
             ["reason"],
             registry=r,
         )
@@ -256,7 +257,7 @@ class Metrics:
                 self.dropped.labels(graph, reason)
         for reason in ("length", "stop", "end_of_text", "context_full", "cancelled", "deadline", "error"):
             self.gen_finished.labels(reason)
-        for reason in ("read_timeout", "evicted", "draining"):
+        for reason in ("read_timeout", "evicted", "draining", "idle"):
             self.without_request.labels(reason)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> ScrapeServer:

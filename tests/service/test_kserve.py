@@ -30,6 +30,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import decode_probabilities
 from service.kserve import join_bytes, split_bytes
 from tests.service.conftest import ServerThread, config, fail_first_encode
+from tests.service.test_server import metrics
 
 TEXTS = ["To be, or not to be", "the king speaks", "a"]
 
@@ -353,6 +354,50 @@ def test_shutdown_finishes_stream_requests_in_progress_and_ends_idle_streams(mod
     assert responses[-1].infer_response.parameters["triton_final_response"].bool_param
     assert responses[-1].infer_response.parameters["generated_tokens"].int64_param == 40
     outgoing.put(None)
+
+
+def test_at_a_full_bound_the_stream_idle_longest_gives_its_place_to_a_call_that_comes(model_dir: Path) -> None:
+    """tritonclient keeps a ModelStreamInfer open for good, and a stream with no request in progress
+    held its place of max_concurrent_calls all the same: four such streams kept every other call out
+    of a server with four places, for as long as their clients kept them. At a full bound the stream
+    idle longest, once it has had no request in progress for a second (``stalled_seconds``), is ended
+    with RESOURCE_EXHAUSTED to make room, as a call stalled for its request is; while they are fresh
+    the newcomer is refused instead, and a stream whose requests keep coming is not ended."""
+    st = ServerThread(config(model_dir, max_concurrent_calls=4)).start()
+    channel = grpc.insecure_channel(st.address)
+    stub = v2_grpc.GRPCInferenceServiceStub(channel)
+    idle = ("attnserve_calls_without_request_total", (("reason", "idle"),))
+    outgoing: list[queue.Queue[v2.ModelInferRequest | None]] = [queue.Queue() for _ in range(4)]
+    try:
+        streams = []
+        for q in outgoing:
+            q.put(infer("attnserve-encode", ["the king"]))
+            streams.append(stub.ModelStreamInfer(iter(q.get, None), timeout=60))
+            assert not next(streams[-1]).error_message
+        assert metrics(st)[idle] == 0
+        with pytest.raises(grpc.RpcError) as e:  # fresh: the newcomer is refused, as at any full server
+            st.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        until = time.monotonic() + st.server.guard.stalled_seconds + 0.3
+        while time.monotonic() < until:  # the first stream idles; the others' requests keep coming
+            for q, stream in zip(outgoing[1:], streams[1:], strict=True):
+                q.put(infer("attnserve-encode", ["the king"]))
+                assert not next(stream).error_message
+            time.sleep(0.2)
+        assert len(st.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings) == 1
+        with pytest.raises(grpc.RpcError) as e:
+            next(streams[0])
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this stream had no request in progress for the longest" in (e.value.details() or "")
+        for q, stream in zip(outgoing[1:], streams[1:], strict=True):  # the others go on
+            q.put(infer("attnserve-encode", ["the king"]))
+            assert not next(stream).error_message
+        assert metrics(st)[idle] == 1
+    finally:
+        for q in outgoing:
+            q.put(None)
+        channel.close()
+        st.stop()
 
 
 def test_a_stream_ended_by_a_malformed_message_leaves_no_task_behind(served: ServerThread) -> None:
