@@ -22,9 +22,11 @@ import pytest
 import yaml
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 from service.logs import FORMATS
 from tests.service.conftest import ServerThread, config
+from tests.test_install import self_signed
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -277,15 +279,25 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
 KEY = [("authorization", "Bearer key-for-the-dashboard")]
 
 
+def tls_stub(st: ServerThread) -> pb_grpc.AttnServeStub:
+    """A stub for ``st``, which serves TLS with a self-signed certificate (``live``)."""
+    cert = st.server.config.tls_cert
+    assert cert is not None
+    return pb_grpc.AttnServeStub(grpc.secure_channel(st.address, grpc.ssl_channel_credentials(cert.read_bytes())))
+
+
 @pytest.fixture(scope="module")
 def live(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """A server that has answered every kind of request, so every labelled series exists; with an
-    API key named for its client, so the clients' series exist too."""
-    keys = tmp_path_factory.mktemp("keys") / "keys"
+    API key named for its client, so the clients' series exist too; and over TLS, so its
+    certificate's expiry does."""
+    directory = tmp_path_factory.mktemp("keys")
+    keys = directory / "keys"
     keys.write_text("dashboard key-for-the-dashboard\n")
+    cert, key, _ = self_signed(directory)
     limits = {"max_calls_per_client": 64, "client_calls_per_second": 1000.0}  # set, so their series exist
-    st = ServerThread(config(model_dir, api_keys_file=keys, **limits)).start()
-    stub = st.stub()
+    st = ServerThread(config(model_dir, api_keys_file=keys, tls_cert=cert, tls_key=key, **limits)).start()
+    stub = tls_stub(st)
     stub.Encode(pb.EncodeRequest(texts=["a", "b"]), metadata=KEY)
     stub.AttentionMap(pb.AttentionMapRequest(text="the king"), metadata=KEY)
     stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=3), metadata=KEY)
@@ -298,8 +310,8 @@ def scrape(st: ServerThread) -> str:
 
 
 def test_every_metric_in_the_rules_and_dashboard_is_exported(live: ServerThread) -> None:
-    # a family declared with no series counts: attnserve_tls_certificate_expiration_timestamp_seconds
-    # has its series only with TLS (tests/reliability/test_lifecycle.py reads them)
+    # a family declared with no series counts (attnserve_tls_certificate_expiration_timestamp_seconds
+    # has none without TLS)
     exported = set(re.findall(r"^(?:# TYPE )?(attnserve_[a-z0-9_]+)", scrape(live), re.M))
     used = metric_names(rule_exprs() + dashboard_exprs())
     assert used, "no metric names found"
@@ -354,7 +366,7 @@ def test_a_real_prometheus_scrapes_the_server_and_every_dashboard_query_has_data
         stderr=subprocess.DEVNULL,
     )
     try:
-        stub = live.stub()
+        stub = tls_stub(live)
         deadline = time.monotonic() + 60
         while True:  # load while Prometheus takes a few scrapes
             stub.Encode(pb.EncodeRequest(texts=["the king speaks"]), metadata=KEY)
