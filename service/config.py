@@ -116,6 +116,14 @@ class ServerConfig:
     # place of their own backoff. A stream counts once, as it opens (0: no rate of its own)
     client_calls_per_second: float = 0.0
     client_burst: int = 0  # calls a client that has been quiet may open at once; 0: one second's, at least 1
+    # tokens the model may read and generate for one client a second on average (those that
+    # attnserve_client_tokens_total counts: Encode's and AttentionMap's texts, generation's prompts and
+    # what it generated), from a bucket of client_token_burst filled at this rate. A call is taken
+    # while its client's bucket holds any; what it uses is taken as it is counted (a generation's as it
+    # ends), so a client's calls in progress may take it below empty, and its calls are then refused
+    # RESOURCE_EXHAUSTED with grpc-retry-pushback-ms until it has filled back (0: no rate of its own)
+    client_tokens_per_second: float = 0.0
+    client_token_burst: int = 0  # the bucket's size in tokens; 0: one second's, at least 1
     # one record a call to the model's services answered, at INFO from the logger attnserve.access: its
     # method, status code, time to answer, caller and x-request-id, and what a call not answered OK was
     # told (health and reflection are not recorded); ~25 us of the server's CPU a call as text, ~40 as JSON
@@ -165,6 +173,15 @@ class ServerConfig:
             raise ValueError("client_calls_per_second needs api_keys_file: clients are told apart by their keys")
         if self.client_burst and not self.client_calls_per_second:
             raise ValueError("client_burst needs client_calls_per_second: it is the rate's bucket")
+        if self.client_tokens_per_second < 0 or self.client_token_burst < 0:
+            raise ValueError(
+                "client_tokens_per_second must be >= 0 and client_token_burst must be >= 0, got "
+                f"{self.client_tokens_per_second} and {self.client_token_burst}"
+            )
+        if self.client_tokens_per_second and self.api_keys_file is None:
+            raise ValueError("client_tokens_per_second needs api_keys_file: clients are told apart by their keys")
+        if self.client_token_burst and not self.client_tokens_per_second:
+            raise ValueError("client_token_burst needs client_tokens_per_second: it is the rate's bucket")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"trace_sample_ratio must be in 0..1, got {self.trace_sample_ratio}")
         if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):

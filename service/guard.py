@@ -25,7 +25,11 @@ A gRPC server interceptor, so that one place covers every method of every servic
   calls in progress is refused RESOURCE_EXHAUSTED, so that one client cannot take every place; with
   ``rate``, a client's calls are taken from a bucket of ``burst`` filled at ``rate`` a second, and
   past it refused RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``: the milliseconds until its
-  next would be taken, which gRPC clients with a retry policy wait for in place of their own backoff.
+  next would be taken, which gRPC clients with a retry policy wait for in place of their own backoff;
+  with ``token_rate``, a client's calls are taken while its bucket of ``token_burst`` tokens, filled at
+  ``token_rate`` a second, holds any; the tokens the model reads and generates for it are taken as they
+  are counted (``Metrics.tokens_by_client``), so that its calls may take it below empty and its next
+  are refused, with ``grpc-retry-pushback-ms``, until it has filled back.
 * A call whose request (a stream's first: the v2 service's and reflection's) has not come whole
   within ``read_timeout`` of its opening is answered DEADLINE_EXCEEDED; at a full bound the call
   that has waited longest for its request, once it has waited STALLED_SECONDS, is refused in place
@@ -163,6 +167,7 @@ STREAM_IDLE: ContextVar[Callable[[bool], None]] = ContextVar("stream_idle", defa
 # the limits of a client's own (CallGuard), as attnserve_client_calls_limited_total's label names them
 IN_PROGRESS = "in_progress"  # max_per_client
 RATE = "rate"  # rate and burst
+TOKENS = "tokens"  # token_rate and token_burst
 
 
 class ClientCalls:
@@ -193,7 +198,8 @@ class ClientCalls:
         limited = CounterMetricFamily(
             "attnserve_client_calls_limited_total",
             "Calls refused RESOURCE_EXHAUSTED for a limit of their client's own: its calls in progress "
-            "(in_progress) or its calls a second (rate); at 0 from a client's first call, for each limit set",
+            "(in_progress), its calls a second (rate) or its tokens a second (tokens); at 0 from a client's "
+            "first call, for each limit set",
             labels=["client", "limit"],
         )
         tokens = CounterMetricFamily(
@@ -227,6 +233,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         max_per_client: int = 0,
         rate: float = 0.0,
         burst: int = 0,
+        token_rate: float = 0.0,
+        token_burst: int = 0,
     ) -> None:
         self.metrics = metrics
         self.access_log = False  # a record a call refused here (service.logs.access), when told so
@@ -246,7 +254,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.rate = rate
         self.burst = burst or max(1, math.ceil(rate))
         self._buckets: dict[str, tuple[float, float]] = {}
-        self.client_limits = tuple(limit for limit, on in ((IN_PROGRESS, max_per_client), (RATE, rate)) if on)
+        # each client's tokens a second (0: none of its own), and its bucket: the tokens it holds (below
+        # 0 where its calls used more than it held), as of when, and the client's tokens counted then
+        self.token_rate = token_rate
+        self.token_burst = token_burst or max(1, math.ceil(token_rate))
+        self._token_buckets: dict[str, tuple[float, float, int]] = {}
+        self.client_limits = tuple(
+            limit for limit, on in ((IN_PROGRESS, max_per_client), (RATE, rate), (TOKENS, token_rate)) if on
+        )
         self.limited_by_client: dict[tuple[str, str], int] = {}  # (client, limit): calls refused for it
         # both read by the scrape, not written to metrics each call: a labelled series' update, three a
         # call, cost more of the event loop than the key's check
@@ -461,6 +476,18 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 CLIENT.set(client)  # for the call's records (service.logs.caller), and for _leave
                 counted = self.calls_by_client
                 counted[client, rpc] = counted.get((client, rpc), 0) + 1
+                # its own limits, those that take nothing first, so that a call refused takes nothing
+                held = self.by_client.get(client, 0)
+                if self.max_per_client and held >= self.max_per_client:
+                    message = f"client {client} has {held} calls in progress, its limit; retry later"
+                    await self._limit(rpc, context, client, IN_PROGRESS, message)
+                if self.token_rate and (wait := self._owed(client)):
+                    ms = math.ceil(wait * 1000)
+                    message = (
+                        f"client {client} is over its rate of {self.token_rate:g} tokens a second (a burst "
+                        f"of {self.token_burst}); retry in {ms} ms"
+                    )
+                    await self._limit(rpc, context, client, TOKENS, message, (("grpc-retry-pushback-ms", str(ms)),))
                 if self.rate and (wait := self._take(client)):
                     ms = math.ceil(wait * 1000)
                     message = (
@@ -468,10 +495,6 @@ class CallGuard(grpc.aio.ServerInterceptor):
                         f"{self.burst}); retry in {ms} ms"
                     )
                     await self._limit(rpc, context, client, RATE, message, (("grpc-retry-pushback-ms", str(ms)),))
-                held = self.by_client.get(client, 0)
-                if self.max_per_client and held >= self.max_per_client:
-                    message = f"client {client} has {held} calls in progress, its limit; retry later"
-                    await self._limit(rpc, context, client, IN_PROGRESS, message)
             self.last_arrival = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
@@ -522,6 +545,20 @@ class CallGuard(grpc.aio.ServerInterceptor):
             return 0.0
         self._buckets[client] = (left, now)
         return (1 - left) / self.rate
+
+    def _owed(self, client: str) -> float:
+        """0.0 where ``client``'s token bucket (``token_burst``, filled at ``token_rate`` a second, full
+        as it first calls) holds any token, else the seconds until it will. The tokens its calls used
+        since the last look (Metrics.tokens_by_client, counted as the model reads and generates them)
+        are taken first, so the bucket may be below empty: its calls in progress may use more than it
+        held, and they are paid back before its next is taken."""
+        used = self.metrics.tokens_by_client
+        spent = used.get((client, "input"), 0) + used.get((client, "prompt"), 0) + used.get((client, "generated"), 0)
+        now = time.monotonic()
+        left, then, counted = self._token_buckets.get(client, (self.token_burst, now, spent))
+        left = min(self.token_burst, left + (now - then) * self.token_rate) - (spent - counted)
+        self._token_buckets[client] = (left, now, spent)
+        return 0.0 if left > 0 else max(-left / self.token_rate, 0.001)
 
     async def _limit(
         self,

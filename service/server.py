@@ -185,6 +185,8 @@ class Server:
             config.max_calls_per_client,
             config.client_calls_per_second,
             config.client_burst,
+            config.client_tokens_per_second,
+            config.client_token_burst,
         )
         self.servicer.access_log = self.guard.access_log = config.access_log
         self.api_keys = config.api_keys

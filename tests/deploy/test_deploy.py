@@ -295,7 +295,8 @@ def live(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     keys = directory / "keys"
     keys.write_text("dashboard key-for-the-dashboard\n")
     cert, key, _ = self_signed(directory)
-    limits = {"max_calls_per_client": 64, "client_calls_per_second": 1000.0}  # set, so their series exist
+    # set, so that their series exist
+    limits = {"max_calls_per_client": 64, "client_calls_per_second": 1000.0, "client_tokens_per_second": 1e6}
     st = ServerThread(config(model_dir, api_keys_file=keys, tls_cert=cert, tls_key=key, **limits)).start()
     stub = tls_stub(st)
     stub.Encode(pb.EncodeRequest(texts=["a", "b"]), metadata=KEY)

@@ -425,6 +425,55 @@ def test_a_client_over_its_rate_is_refused_and_told_when_to_come_back(model_dir:
         st.stop()
 
 
+def test_a_client_over_its_token_rate_is_refused_until_its_bucket_fills_again(model_dir: Path, tmp_path: Path) -> None:
+    """client_tokens_per_second: the tokens the model reads and generates for a client (those
+    attnserve_client_tokens_total counts) are taken from a bucket of client_token_burst, filled at
+    that rate. A call is taken while the bucket holds any; what it uses is taken as it is counted,
+    so the bucket may go below empty, and the client's calls are then refused RESOURCE_EXHAUSTED
+    with grpc-retry-pushback-ms until it has filled back above it. Others are served meanwhile."""
+    path = tmp_path / "keys"
+    path.write_text("alice key-a\nbob key-b\ncarol key-c\n")
+    limits = {"client_tokens_per_second": 40.0, "client_token_burst": 60}
+    st = ServerThread(config(model_dir, api_keys_file=path, **limits)).start()
+    try:
+        alice, carol = [("authorization", "Bearer key-a")], [("authorization", "Bearer key-c")]
+        stub = st.stub()
+        read = stub.Encode(pb.EncodeRequest(texts=["the king speaks to the crown"] * 8), metadata=alice, timeout=30)
+        used = sum(e.token_count for e in read.embeddings)
+        assert used > 60  # taken with a full bucket, and more than it held
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = e.value.details() or ""
+        assert details.startswith("client alice is over its rate of 40 tokens a second (a burst of 60); retry in ")
+        pushback = int(dict(e.value.trailing_metadata() or ())["grpc-retry-pushback-ms"])
+        # the debt, at 40 a second (less what filled since the call was taken)
+        assert 0 < pushback <= (used - 60) / 40 * 1000 + 1 and details.endswith(f"retry in {pushback} ms")
+        assert works(st.address, "key-b")  # a bucket of its own
+        start = time.monotonic()  # tried again as the server said, not after the policy's 60 s
+        answer = pb_grpc.AttnServeStub(retrying(st.address, ["RESOURCE_EXHAUSTED"], "60s")).Encode(
+            pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30
+        )
+        assert len(answer.embeddings) == 1 and time.monotonic() - start >= pushback / 1000 - 0.1
+        # generation: its prompt and what it generated, taken as the stream ends
+        request = pb.GenerateRequest(prompt="The king", max_new_tokens=80, temperature=0.0)
+        done = list(stub.GenerateStream(request, metadata=carol, timeout=30))[-1]
+        assert done.usage.prompt_tokens + done.usage.generated_tokens > 60
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(request, metadata=carol, timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "client carol is over its rate of 40 tokens" in (e.value.details() or "")
+        m = metrics(st)
+
+        def limited(client: str) -> float:
+            return m[("attnserve_client_calls_limited_total", (("client", client), ("limit", "tokens")))]
+
+        assert (limited("alice"), limited("bob"), limited("carol")) == (2, 0, 1)
+        assert ("attnserve_client_calls_limited_total", (("client", "alice"), ("limit", "rate"))) not in m
+    finally:
+        st.stop()
+
+
 def test_a_client_rate_is_checked_at_start(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text("alice key-a\n")
@@ -436,9 +485,19 @@ def test_a_client_rate_is_checked_at_start(tmp_path: Path) -> None:
         ServerConfig(api_keys_file=path, client_burst=5)
     with pytest.raises(ValueError, match="client_burst must be >= 0"):
         ServerConfig(api_keys_file=path, client_calls_per_second=1, client_burst=-1)
-    args = build_parser().parse_args(["serve", "--client-calls-per-second", "2.5", "--client-burst", "10"])
-    cfg = ServerConfig.from_sources(args, {"ATTNSERVE_API_KEYS_FILE": str(path)})
+    with pytest.raises(ValueError, match="client_tokens_per_second needs api_keys_file"):
+        ServerConfig(client_tokens_per_second=100)
+    with pytest.raises(ValueError, match="client_tokens_per_second must be >= 0"):
+        ServerConfig(api_keys_file=path, client_tokens_per_second=-1)
+    with pytest.raises(ValueError, match="client_token_burst needs client_tokens_per_second"):
+        ServerConfig(api_keys_file=path, client_token_burst=500)
+    with pytest.raises(ValueError, match="client_token_burst must be >= 0"):
+        ServerConfig(api_keys_file=path, client_tokens_per_second=1, client_token_burst=-1)
+    argv = ["serve", "--client-calls-per-second", "2.5", "--client-burst", "10"]
+    argv += ["--client-tokens-per-second", "500", "--client-token-burst", "2000"]
+    cfg = ServerConfig.from_sources(build_parser().parse_args(argv), {"ATTNSERVE_API_KEYS_FILE": str(path)})
     assert (cfg.client_calls_per_second, cfg.client_burst) == (2.5, 10)
+    assert (cfg.client_tokens_per_second, cfg.client_token_burst) == (500, 2000)
 
 
 def test_the_command_line_client_comes_back_when_the_server_says(
