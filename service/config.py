@@ -164,24 +164,17 @@ class ServerConfig:
             raise ValueError(f"max_calls_per_client must be >= 0, got {self.max_calls_per_client}")
         if self.max_calls_per_client and self.api_keys_file is None:
             raise ValueError("max_calls_per_client needs api_keys_file: clients are told apart by their keys")
-        if self.client_calls_per_second < 0 or self.client_burst < 0:
-            raise ValueError(
-                "client_calls_per_second must be >= 0 and client_burst must be >= 0, got "
-                f"{self.client_calls_per_second} and {self.client_burst}"
-            )
-        if self.client_calls_per_second and self.api_keys_file is None:
-            raise ValueError("client_calls_per_second needs api_keys_file: clients are told apart by their keys")
-        if self.client_burst and not self.client_calls_per_second:
-            raise ValueError("client_burst needs client_calls_per_second: it is the rate's bucket")
-        if self.client_tokens_per_second < 0 or self.client_token_burst < 0:
-            raise ValueError(
-                "client_tokens_per_second must be >= 0 and client_token_burst must be >= 0, got "
-                f"{self.client_tokens_per_second} and {self.client_token_burst}"
-            )
-        if self.client_tokens_per_second and self.api_keys_file is None:
-            raise ValueError("client_tokens_per_second needs api_keys_file: clients are told apart by their keys")
-        if self.client_token_burst and not self.client_tokens_per_second:
-            raise ValueError("client_token_burst needs client_tokens_per_second: it is the rate's bucket")
+        for rate, burst in (
+            ("client_calls_per_second", "client_burst"),
+            ("client_tokens_per_second", "client_token_burst"),
+        ):
+            if getattr(self, rate) < 0 or getattr(self, burst) < 0:
+                given = f"{getattr(self, rate)} and {getattr(self, burst)}"
+                raise ValueError(f"{rate} must be >= 0 and {burst} must be >= 0, got {given}")
+            if getattr(self, rate) and self.api_keys_file is None:
+                raise ValueError(f"{rate} needs api_keys_file: clients are told apart by their keys")
+            if getattr(self, burst) and not getattr(self, rate):
+                raise ValueError(f"{burst} needs {rate}: it is the rate's bucket")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"trace_sample_ratio must be in 0..1, got {self.trace_sample_ratio}")
         if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):

@@ -482,19 +482,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     message = f"client {client} has {held} calls in progress, its limit; retry later"
                     await self._limit(rpc, context, client, IN_PROGRESS, message)
                 if self.token_rate and (wait := self._owed(client)):
-                    ms = math.ceil(wait * 1000)
-                    message = (
-                        f"client {client} is over its rate of {self.token_rate:g} tokens a second (a burst "
-                        f"of {self.token_burst}); retry in {ms} ms"
-                    )
-                    await self._limit(rpc, context, client, TOKENS, message, (("grpc-retry-pushback-ms", str(ms)),))
+                    await self._over_rate(rpc, context, client, TOKENS, wait)
                 if self.rate and (wait := self._take(client)):
-                    ms = math.ceil(wait * 1000)
-                    message = (
-                        f"client {client} is over its rate of {self.rate:g} calls a second (a burst of "
-                        f"{self.burst}); retry in {ms} ms"
-                    )
-                    await self._limit(rpc, context, client, RATE, message, (("grpc-retry-pushback-ms", str(ms)),))
+                    await self._over_rate(rpc, context, client, RATE, wait)
             self.last_arrival = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
@@ -559,6 +549,19 @@ class CallGuard(grpc.aio.ServerInterceptor):
         left = min(self.token_burst, left + (now - then) * self.token_rate) - (spent - counted)
         self._token_buckets[client] = (left, now, spent)
         return 0.0 if left > 0 else max(-left / self.token_rate, 0.001)
+
+    async def _over_rate(
+        self, rpc: str, context: grpc.aio.ServicerContext, client: str, limit: str, wait: float
+    ) -> None:
+        """Refuse a call of ``client``'s, over its rate of calls (RATE) or tokens (TOKENS) a second, and
+        tell it in how long (``wait`` seconds) it may come back, in the message and as
+        ``grpc-retry-pushback-ms``."""
+        rate, burst, unit = (
+            (self.rate, self.burst, "calls") if limit is RATE else (self.token_rate, self.token_burst, "tokens")
+        )
+        ms = math.ceil(wait * 1000)
+        message = f"client {client} is over its rate of {rate:g} {unit} a second (a burst of {burst}); retry in {ms} ms"
+        await self._limit(rpc, context, client, limit, message, (("grpc-retry-pushback-ms", str(ms)),))
 
     async def _limit(
         self,

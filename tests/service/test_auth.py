@@ -385,6 +385,19 @@ def retrying(address: str, codes: list[str], backoff: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=[("grpc.service_config", json.dumps(config))])
 
 
+def pushed_back(stub: pb_grpc.AttnServeStub, metadata: list[tuple[str, str]], says: str) -> int:
+    """An Encode with ``metadata``'s key, refused RESOURCE_EXHAUSTED for a rate of its client's whose
+    message starts ``says``: the milliseconds it was told to wait, in the message and as
+    grpc-retry-pushback-ms alike."""
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=metadata, timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = e.value.details() or ""
+    pushback = int(dict(e.value.trailing_metadata() or ())["grpc-retry-pushback-ms"])
+    assert details.startswith(f"{says}; retry in ") and details.endswith(f"retry in {pushback} ms"), details
+    return pushback
+
+
 def test_a_client_over_its_rate_is_refused_and_told_when_to_come_back(model_dir: Path, tmp_path: Path) -> None:
     """client_calls_per_second: each client's calls are taken from a bucket of client_burst, filled at
     that rate; past it, its calls are refused RESOURCE_EXHAUSTED with grpc-retry-pushback-ms, which a
@@ -397,13 +410,8 @@ def test_a_client_over_its_rate_is_refused_and_told_when_to_come_back(model_dir:
         stub = st.stub()
         for _ in range(2):  # the burst, at once
             stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30)
-        with pytest.raises(grpc.RpcError) as e:
-            stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30)
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        details = e.value.details() or ""
-        assert details.startswith("client alice is over its rate of 0.5 calls a second (a burst of 2); retry in ")
-        pushback = int(dict(e.value.trailing_metadata() or ())["grpc-retry-pushback-ms"])
-        assert 0 < pushback <= 2000 and details.endswith(f"retry in {pushback} ms")
+        pushback = pushed_back(stub, alice, "client alice is over its rate of 0.5 calls a second (a burst of 2)")
+        assert 0 < pushback <= 2000
         assert works(st.address, "key-b")  # a bucket of its own
         assert st.server.guard.in_flight == 0  # refused before it took a place
         # refused again at once, then tried again as the server said, not after the policy's 60 s
@@ -441,14 +449,8 @@ def test_a_client_over_its_token_rate_is_refused_until_its_bucket_fills_again(mo
         read = stub.Encode(pb.EncodeRequest(texts=["the king speaks to the crown"] * 8), metadata=alice, timeout=30)
         used = sum(e.token_count for e in read.embeddings)
         assert used > 60  # taken with a full bucket, and more than it held
-        with pytest.raises(grpc.RpcError) as e:
-            stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30)
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        details = e.value.details() or ""
-        assert details.startswith("client alice is over its rate of 40 tokens a second (a burst of 60); retry in ")
-        pushback = int(dict(e.value.trailing_metadata() or ())["grpc-retry-pushback-ms"])
-        # the debt, at 40 a second (less what filled since the call was taken)
-        assert 0 < pushback <= (used - 60) / 40 * 1000 + 1 and details.endswith(f"retry in {pushback} ms")
+        pushback = pushed_back(stub, alice, "client alice is over its rate of 40 tokens a second (a burst of 60)")
+        assert 0 < pushback <= (used - 60) / 40 * 1000 + 1  # the debt, at 40 a second (less what filled since)
         assert works(st.address, "key-b")  # a bucket of its own
         start = time.monotonic()  # tried again as the server said, not after the policy's 60 s
         answer = pb_grpc.AttnServeStub(retrying(st.address, ["RESOURCE_EXHAUSTED"], "60s")).Encode(
@@ -474,30 +476,23 @@ def test_a_client_over_its_token_rate_is_refused_until_its_bucket_fills_again(mo
         st.stop()
 
 
-def test_a_client_rate_is_checked_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rate", "burst"), [("client_calls_per_second", "client_burst"), ("client_tokens_per_second", "client_token_burst")]
+)
+def test_a_client_rate_is_checked_at_start(tmp_path: Path, rate: str, burst: str) -> None:
     path = tmp_path / "keys"
     path.write_text("alice key-a\n")
-    with pytest.raises(ValueError, match="client_calls_per_second needs api_keys_file"):
-        ServerConfig(client_calls_per_second=10)
-    with pytest.raises(ValueError, match="client_calls_per_second must be >= 0"):
-        ServerConfig(api_keys_file=path, client_calls_per_second=-1)
-    with pytest.raises(ValueError, match="client_burst needs client_calls_per_second"):
-        ServerConfig(api_keys_file=path, client_burst=5)
-    with pytest.raises(ValueError, match="client_burst must be >= 0"):
-        ServerConfig(api_keys_file=path, client_calls_per_second=1, client_burst=-1)
-    with pytest.raises(ValueError, match="client_tokens_per_second needs api_keys_file"):
-        ServerConfig(client_tokens_per_second=100)
-    with pytest.raises(ValueError, match="client_tokens_per_second must be >= 0"):
-        ServerConfig(api_keys_file=path, client_tokens_per_second=-1)
-    with pytest.raises(ValueError, match="client_token_burst needs client_tokens_per_second"):
-        ServerConfig(api_keys_file=path, client_token_burst=500)
-    with pytest.raises(ValueError, match="client_token_burst must be >= 0"):
-        ServerConfig(api_keys_file=path, client_tokens_per_second=1, client_token_burst=-1)
-    argv = ["serve", "--client-calls-per-second", "2.5", "--client-burst", "10"]
-    argv += ["--client-tokens-per-second", "500", "--client-token-burst", "2000"]
+    with pytest.raises(ValueError, match=f"{rate} needs api_keys_file"):
+        ServerConfig(**{rate: 10})
+    with pytest.raises(ValueError, match=f"{rate} must be >= 0"):
+        ServerConfig(api_keys_file=path, **{rate: -1})
+    with pytest.raises(ValueError, match=f"{burst} needs {rate}"):
+        ServerConfig(api_keys_file=path, **{burst: 5})
+    with pytest.raises(ValueError, match=f"{burst} must be >= 0"):
+        ServerConfig(api_keys_file=path, **{rate: 1, burst: -1})
+    argv = ["serve", f"--{rate.replace('_', '-')}", "2.5", f"--{burst.replace('_', '-')}", "10"]
     cfg = ServerConfig.from_sources(build_parser().parse_args(argv), {"ATTNSERVE_API_KEYS_FILE": str(path)})
-    assert (cfg.client_calls_per_second, cfg.client_burst) == (2.5, 10)
-    assert (cfg.client_tokens_per_second, cfg.client_token_burst) == (500, 2000)
+    assert (getattr(cfg, rate), getattr(cfg, burst)) == (2.5, 10)
 
 
 def test_the_command_line_client_comes_back_when_the_server_says(
