@@ -80,7 +80,12 @@ def service_config(retries: int) -> str:
     """gRPC's service config for a channel to the server: the model's calls (AttnServe's, and the v2
     service's ModelInfer) tried again up to ``retries`` times (at most 4) where the server refused
     them before any work, after what ``grpc-retry-pushback-ms`` says, else 0.1 s doubling to 2 s
-    (with gRPC's jitter). Health is not: a probe wants the answer of now."""
+    (with gRPC's jitter). Health is not: a probe wants the answer of now.
+
+    With gRPC's retry throttling, as its retry design sets it out: a channel holds 10 tokens, each
+    call refused takes one and each served gives back a tenth, and below half no call is tried again.
+    A lone refusal among calls served is retried; behind a server at its bound, where most calls are
+    refused, the channel stops multiplying them by ``retries + 1``."""
     if not 0 <= retries <= 4:
         raise ValueError(f"--retries must be 0 to 4 (gRPC tries a call at most 5 times), got {retries}")
     names = [
@@ -94,7 +99,10 @@ def service_config(retries: int) -> str:
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
     }
-    return json.dumps({"methodConfig": [{"name": names, **({"retryPolicy": policy} if retries else {})}]})
+    if not retries:
+        return json.dumps({"methodConfig": [{"name": names}]})
+    throttling = {"maxTokens": 10, "tokenRatio": 0.1}
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}], "retryThrottling": throttling})
 
 
 def channel(

@@ -575,3 +575,30 @@ def test_each_clients_tokens_are_counted_by_kind(model_dir: Path, tmp_path: Path
         assert ("attnserve_client_tokens_total", (("client", "dave"), ("kind", "input"))) not in m  # no call yet
     finally:
         st.stop()
+
+
+def test_the_clients_retries_stop_while_most_of_its_calls_are_refused(model_dir: Path) -> None:
+    """service_config's retries come with gRPC's retry throttling: a channel whose calls keep being
+    refused stops trying them again (each refusal takes a token of 10, each call served gives back a
+    tenth, and retries stop at half), so that behind a server at its bound its clients do not send
+    three calls for each one (a lone refusal among calls served is still tried again, above)."""
+    st = ServerThread(config(model_dir, max_concurrent_calls=1)).start()
+    st.server.guard.stalled_seconds = 60.0  # the held call is not to make room here
+    peer = Peer(st.address)
+    try:
+        held = peer.open("/attnserve.v1.AttnServe/Encode")  # the one place, held with nothing sent
+        assert wait_for(lambda: st.server.guard.in_flight == 1)
+        stub = pb_grpc.AttnServeStub(client.channel(st.address, retries=2))
+        refused = ("attnserve_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("rpc", "Encode")))
+        before = metrics(st).get(refused, 0)
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        attempts = metrics(st)[refused] - before
+        # 5 refusals take the channel to half its tokens: 3 + 2 tries, then one a call (not 60)
+        assert attempts == 5 + 18, attempts
+        assert not peer.answered({held}, timeout=0.1)  # held all along
+    finally:
+        peer.close()
+        st.stop()
