@@ -6,10 +6,12 @@ small fixed set of values (RPC names, status codes, graph names), never a per-re
 
 from __future__ import annotations
 
+import bisect
 import platform
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -28,19 +31,25 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class Tally:
-    """One series of a ``BufferedHistogram``: its pending values, bucket counts and sum."""
+    """One series of a ``BufferedHistogram``: its pending values, bucket counts and sum, and each
+    bucket's latest exemplar."""
 
     FOLD = 4096  # pending values at most: a bound on memory between scrapes
 
     def __init__(self, bounds: np.ndarray) -> None:
         self._bounds = bounds
+        self._upper = bounds.tolist()
         self._counts = np.zeros(len(bounds), np.int64)
         self._sum = 0.0
         self._pending: deque[float] = deque()  # append and popleft are atomic: no lock on the hot path
         self._lock = threading.Lock()  # for folding, which the observing thread and a scrape may both do
+        self.exemplars: list[Exemplar | None] = [None] * len(bounds)
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, exemplar: dict[str, str] | None = None) -> None:
+        """Count ``value``; ``exemplar`` (labels: a trace's ids), where given, becomes its bucket's."""
         self._pending.append(value)
+        if exemplar is not None:  # (one slot's store: a scrape reads the one before or this one)
+            self.exemplars[bisect.bisect_left(self._upper, value)] = Exemplar(exemplar, value, time.time())
         if len(self._pending) >= self.FOLD:
             self._fold()
 
@@ -71,7 +80,8 @@ class BufferedHistogram:
     numpy, once ``Tally.FOLD`` are pending and whenever the registry is scraped, so a scrape sees
     every value observed before it. It exposes the series a ``Histogram`` of the same name, labels
     and buckets does (``_bucket``, ``_count``, ``_sum``), without ``_created``; ``labels(...)``
-    gives a series to observe, as a ``Histogram``'s does."""
+    gives a series to observe, as a ``Histogram``'s does, with each bucket's latest exemplar (shown
+    to an OpenMetrics scrape) where one was given."""
 
     def __init__(
         self,
@@ -112,7 +122,11 @@ class BufferedHistogram:
             series = list(self._series.items())
         for key, tally in series:
             cumulative, total = tally.snapshot()
-            family.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), total)
+            buckets = [
+                (bound, count) if exemplar is None else (bound, count, exemplar)
+                for bound, count, exemplar in zip(bounds, cumulative, list(tally.exemplars), strict=True)
+            ]
+            family.add_metric(list(key), buckets, total)
         yield family
 
     def describe(self) -> Iterator[HistogramMetricFamily]:

@@ -194,11 +194,11 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self, rpc: str, code: grpc.StatusCode, start: float, context: grpc.aio.ServicerContext, detail: str = ""
     ) -> None:
         """Count a call answered with ``code`` (told ``detail``); where the access log is on, log it, and where
-        calls are traced, trace it."""
+        calls are traced, trace it, its duration's exemplar the ids of its span where sampled."""
         seconds = time.monotonic() - start
         self.metrics.requests.labels(rpc, code.name).inc()
-        self.metrics.request_seconds.labels(rpc).observe(seconds)
-        tracing.answered(rpc, code.name, seconds, context, detail, self.access_log)
+        exemplar = tracing.answered(rpc, code.name, seconds, context, detail, self.access_log)
+        self.metrics.request_seconds.labels(rpc).observe(seconds, exemplar)  # (its span's ids, where sampled)
 
     # --- shared validation ---------------------------------------------------------------------
 

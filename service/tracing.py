@@ -13,6 +13,12 @@ a slow call's time went. Calls refused by the guard (no key, a full server) are 
 What is sampled is the SDK's ``ParentBased(TraceIdRatioBased(ratio))``: a caller's decision is kept,
 and of the traces the server starts, ``ratio`` are.
 
+A sampled call's duration, in ``attnserve_request_duration_seconds``, carries its span's trace and
+span ids as an OpenMetrics exemplar (Prometheus keeps them with exemplar storage on; Grafana links a
+latency panel's slow buckets to the calls' traces). So the ids of a call's span, and whether it is
+sampled, are chosen on the event loop as it is answered (``Ids``; the same decision the SDK's sampler
+makes from them), and the span is made with them.
+
 On the event loop a call costs only what the access log's record does, the caller's fields read
 from its metadata (shared with the access log where both are on) and a tuple queued. The spans are
 made, with the times the call gives, by a thread of their own, woken at most once every
@@ -28,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import logging
+import random
 import threading
 import time
 from typing import Any
@@ -70,21 +77,59 @@ def active() -> bool:
     return _current is not None
 
 
-def answered(rpc: str, code: str, seconds: float, context: Any, detail: str, access_log: bool) -> None:
+def answered(rpc: str, code: str, seconds: float, context: Any, detail: str, access_log: bool) -> dict[str, str] | None:
     """A call answered ``code`` after ``seconds``: its access record where ``access_log`` is on, and its
-    span where calls are traced, the caller's fields read from its metadata once for both."""
+    span where calls are traced, the caller's fields read from its metadata once for both. The
+    exemplar for its duration where its span is sampled: the span's ``trace_id`` and ``span_id``."""
     if access_log or _current is not None:
         who = caller(context)
         if access_log:
             access(rpc, code, seconds, context, detail, who)
-        note(rpc, code, seconds, who, detail)
+        tracing = _current
+        if tracing is not None:
+            trace_id, span_id, sampled = tracing.ids.choose(who)
+            call = (time.time(), time.monotonic(), rpc, code, seconds, who, detail, PHASES.get(), trace_id, span_id)
+            tracing.note(call)
+            if sampled:
+                return {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
+    return None
 
 
-def note(rpc: str, code: str, seconds: float, who: dict[str, str], detail: str = "") -> None:
-    """A call answered ``code`` after ``seconds``: its span (and its phases') to be made."""
-    tracing = _current
-    if tracing is not None:
-        tracing.note((time.time(), time.monotonic(), rpc, code, seconds, who, detail, PHASES.get()))
+LOW_64 = (1 << 64) - 1  # the bits of a trace id that TraceIdRatioBased decides on
+
+
+class Ids:
+    """The ids of a call's span, chosen on the event loop as the call is answered, and given to the
+    SDK as it makes that span on the tracer's thread (as its IdGenerator; the spans' children, and
+    anything else, get random ones)."""
+
+    def __init__(self, ratio: float) -> None:
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+        from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+        self.bound = TraceIdRatioBased(ratio).bound  # the sampler's own: sampled where the low 64 bits are under
+        self.random = RandomIdGenerator()
+        self.trace_id = self.span_id = 0  # the next span's, where given (the tracer's thread alone)
+
+    def choose(self, who: dict[str, str]) -> tuple[int, int, bool]:
+        """A span's trace id (the caller's where it sent a traceparent), span id, and whether it is
+        sampled, as ``ParentBased(TraceIdRatioBased)`` decides: the caller's decision, or the ratio's."""
+        span_id = random.getrandbits(64) or 1
+        if "trace_id" in who:
+            return int(who["trace_id"], 16), span_id, bool(int(who.get("trace_flags", "00"), 16) & 1)
+        trace_id = random.getrandbits(128) or 1
+        return trace_id, span_id, (trace_id & LOW_64) < self.bound
+
+    def generate_trace_id(self) -> int:
+        given, self.trace_id = self.trace_id, 0
+        return given or self.random.generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        given, self.span_id = self.span_id, 0
+        return given or self.random.generate_span_id()
+
+    def is_trace_id_random(self) -> bool:  # (the W3C random-trace-id flag: these are, all 128 bits)
+        return True
 
 
 class Tracing:
@@ -103,7 +148,12 @@ class Tracing:
         resource = Resource.create(attributes)
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "attnserve"}))
-        self.provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
+        self.ids = Ids(ratio)
+        self.provider = TracerProvider(
+            resource=resource,
+            sampler=ParentBased(TraceIdRatioBased(ratio)),
+            id_generator=self.ids,  # type: ignore[arg-type]
+        )
         self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("attnserve")
         self.endpoint = endpoint
@@ -146,6 +196,8 @@ class Tracing:
         who: dict[str, str],
         detail: str,
         phases: tuple[float, float, float | None, dict[str, Any]] | None,
+        trace_id: int,
+        span_id: int,
     ) -> None:
         from opentelemetry import trace
         from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -175,6 +227,9 @@ class Tracing:
         if phases is not None:
             attributes.update(phases[3])
         start = ns(mono - seconds)
+        if parent is None:  # (the caller's trace id is its span's)
+            self.ids.trace_id = trace_id
+        self.ids.span_id = span_id
         span = self.tracer.start_span(
             f"{service}/{rpc}", context=parent, kind=SpanKind.SERVER, attributes=attributes, start_time=start
         )

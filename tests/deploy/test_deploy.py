@@ -14,18 +14,21 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import yaml
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 from service.logs import FORMATS
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, wait_for
+from tests.service.test_tracing import Receiver
 from tests.test_install import self_signed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,17 +290,32 @@ def tls_stub(st: ServerThread) -> pb_grpc.AttnServeStub:
 
 
 @pytest.fixture(scope="module")
-def live(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def collector() -> Iterator[tuple[Receiver, int]]:
+    """An OTLP/gRPC trace receiver for the live server's spans."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    got = Receiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(got, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield got, port
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def live(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, collector: tuple[Receiver, int]
+) -> Iterator[ServerThread]:
     """A server that has answered every kind of request, so every labelled series exists; with an
-    API key named for its client, so the clients' series exist too; and over TLS, so its
-    certificate's expiry does."""
+    API key named for its client, so the clients' series exist too; over TLS, so its certificate's
+    expiry does; and traced, so its latencies carry exemplars."""
     directory = tmp_path_factory.mktemp("keys")
     keys = directory / "keys"
     keys.write_text("dashboard key-for-the-dashboard\n")
     cert, key, _ = self_signed(directory)
     # set, so that their series exist
     limits = {"max_calls_per_client": 64, "client_calls_per_second": 1000.0, "client_tokens_per_second": 1e6}
-    st = ServerThread(config(model_dir, api_keys_file=keys, tls_cert=cert, tls_key=key, **limits)).start()
+    traced = {"otlp_endpoint": f"http://127.0.0.1:{collector[1]}"}
+    st = ServerThread(config(model_dir, api_keys_file=keys, tls_cert=cert, tls_key=key, **limits, **traced)).start()
     stub = tls_stub(st)
     stub.Encode(pb.EncodeRequest(texts=["a", "b"]), metadata=KEY)
     stub.AttentionMap(pb.AttentionMapRequest(text="the king"), metadata=KEY)
@@ -338,7 +356,7 @@ def query(port: int, expr: str) -> list[Any]:
 
 
 def test_a_real_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
-    live: ServerThread, tmp_path: Path
+    live: ServerThread, collector: tuple[Receiver, int], tmp_path: Path
 ) -> None:
     prometheus = tool("prometheus")
     port = free_port()
@@ -362,6 +380,7 @@ def test_a_real_prometheus_scrapes_the_server_and_every_dashboard_query_has_data
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
+            "--enable-feature=exemplar-storage",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -389,6 +408,14 @@ def test_a_real_prometheus_scrapes_the_server_and_every_dashboard_query_has_data
         empty = [e for e in dashboard_exprs() if not query(port, e.replace("$__rate_interval", "15s"))]
         assert empty == []
         assert query(port, "attnserve:requests:rate5m")  # the recording rules evaluate on real data
+        # the latencies' exemplars, kept by Prometheus, name the traces the collector was sent
+        now = time.time()
+        args = {"query": "attnserve_request_duration_seconds_bucket", "start": now - 600, "end": now + 60}
+        url = f"http://127.0.0.1:{port}/api/v1/query_exemplars?" + urllib.parse.urlencode(args)
+        found = json.loads(urllib.request.urlopen(url, timeout=5).read())["data"]
+        linked = {e["labels"]["trace_id"] for series in found for e in series["exemplars"]}
+        assert linked  # (the latest calls' spans may be on their way: the SDK exports every 5 s)
+        assert wait_for(lambda: linked <= {span.trace_id.hex() for span in list(collector[0].spans)}, 15)
     finally:
         proc.terminate()
         proc.wait(10)

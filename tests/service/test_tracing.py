@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -12,6 +13,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from service.config import ServerConfig
@@ -156,5 +158,57 @@ def test_a_collector_that_is_down_costs_no_call(model_dir: Path) -> None:
     try:
         for _ in range(20):
             assert st.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10).embeddings
+    finally:
+        st.stop()
+
+
+def exemplars(st: ServerThread, rpc: str) -> list[dict[str, str]]:
+    """The exemplars of ``rpc``'s attnserve_request_duration_seconds buckets, as an OpenMetrics scrape
+    (what Prometheus asks for with exemplar storage on) gives them."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{st.server.metrics_port}/metrics", headers={"Accept": "application/openmetrics-text"}
+    )
+    body = urllib.request.urlopen(request).read().decode()
+    return [
+        dict(sample.exemplar.labels)
+        for family in text_string_to_metric_families(body)
+        if family.name == "attnserve_request_duration_seconds"
+        for sample in family.samples
+        if sample.labels.get("rpc") == rpc and sample.exemplar is not None
+    ]
+
+
+def test_a_traced_calls_duration_links_to_its_span(model_dir: Path, receiver: tuple[Receiver, int]) -> None:
+    """attnserve_request_duration_seconds carries, as an OpenMetrics exemplar on the bucket a sampled
+    call fell in, its span's trace and span ids: from a slow bucket on a latency panel straight to a
+    slow call's trace. Calls not sampled give none, and the caller's trace is the one linked to."""
+    got, port = receiver
+    cfg = config(model_dir, otlp_endpoint=f"http://127.0.0.1:{port}", trace_sample_ratio=0.0)
+    st = ServerThread(cfg).start()
+    try:
+        stub = st.stub()
+        stub.Encode(pb.EncodeRequest(texts=["no parent: not sampled"]), timeout=30)
+        stub.Encode(pb.EncodeRequest(texts=["a caller's, not sampled"]),
+                    metadata=[("traceparent", f"00-{TRACE_ID}-{PARENT}-00")], timeout=30)  # fmt: skip
+        assert exemplars(st, "Encode") == []
+        stub.Encode(pb.EncodeRequest(texts=["a caller's, sampled"]),
+                    metadata=[("traceparent", f"00-{TRACE_ID}-{PARENT}-01")], timeout=30)  # fmt: skip
+        assert wait_for(lambda: len(by_name(got.spans, "attnserve.v1.AttnServe/Encode")) == 1, 15)
+        (span,) = by_name(got.spans, "attnserve.v1.AttnServe/Encode")
+        assert exemplars(st, "Encode") == [{"trace_id": TRACE_ID, "span_id": span.span_id.hex()}]
+    finally:
+        st.stop()
+
+
+def test_the_server_starts_the_traces_it_links_to(model_dir: Path, receiver: tuple[Receiver, int]) -> None:
+    """A call with no traceparent, sampled by trace_sample_ratio, links to the trace the server starts."""
+    got, port = receiver
+    st = ServerThread(config(model_dir, otlp_endpoint=f"http://127.0.0.1:{port}")).start()
+    try:
+        st.stub().Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=3), timeout=30)
+        assert wait_for(lambda: len(by_name(got.spans, "attnserve.v1.AttnServe/Generate")) == 1, 15)
+        (span,) = by_name(got.spans, "attnserve.v1.AttnServe/Generate")
+        assert not span.parent_span_id
+        assert exemplars(st, "Generate") == [{"trace_id": span.trace_id.hex(), "span_id": span.span_id.hex()}]
     finally:
         st.stop()
