@@ -80,19 +80,22 @@ def active() -> bool:
 def answered(rpc: str, code: str, seconds: float, context: Any, detail: str, access_log: bool) -> dict[str, str] | None:
     """A call answered ``code`` after ``seconds``: its access record where ``access_log`` is on, and its
     span where calls are traced, the caller's fields read from its metadata once for both. The
-    exemplar for its duration where its span is sampled: the span's ``trace_id`` and ``span_id``."""
-    if access_log or _current is not None:
-        who = caller(context)
+    exemplar for its duration where its span is sampled: the span's ``trace_id`` and ``span_id``
+    (the record carries that ``trace_id`` too, where the server started the trace)."""
+    tracing = _current
+    if tracing is None:
         if access_log:
-            access(rpc, code, seconds, context, detail, who)
-        tracing = _current
-        if tracing is not None:
-            trace_id, span_id, sampled = tracing.ids.choose(who)
-            call = (time.time(), time.monotonic(), rpc, code, seconds, who, detail, PHASES.get(), trace_id, span_id)
-            tracing.note(call)
-            if sampled:
-                return {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
-    return None
+            access(rpc, code, seconds, context, detail)
+        return None
+    who = caller(context)
+    trace_id, span_id, sampled = tracing.ids.choose(who)
+    exemplar = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"} if sampled else None
+    if access_log:  # in the trace the server started, where it is sampled, as in the caller's
+        started = sampled and "trace_id" not in who
+        access(rpc, code, seconds, context, detail, {**who, "trace_id": f"{trace_id:032x}"} if started else who)
+    call = (time.time(), time.monotonic(), rpc, code, seconds, who, detail, PHASES.get(), trace_id, span_id)
+    tracing.note(call)
+    return exemplar
 
 
 LOW_64 = (1 << 64) - 1  # the bits of a trace id that TraceIdRatioBased decides on

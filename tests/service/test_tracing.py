@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -200,10 +201,14 @@ def test_a_traced_calls_duration_links_to_its_span(model_dir: Path, receiver: tu
         st.stop()
 
 
-def test_the_server_starts_the_traces_it_links_to(model_dir: Path, receiver: tuple[Receiver, int]) -> None:
-    """A call with no traceparent, sampled by trace_sample_ratio, links to the trace the server starts."""
+def test_the_server_starts_the_traces_it_links_to(
+    model_dir: Path, receiver: tuple[Receiver, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call with no traceparent, sampled by trace_sample_ratio, links to the trace the server
+    starts, from its duration's exemplar and from its access record."""
     got, port = receiver
-    st = ServerThread(config(model_dir, otlp_endpoint=f"http://127.0.0.1:{port}")).start()
+    caplog.set_level(logging.INFO, "attnserve.access")
+    st = ServerThread(config(model_dir, otlp_endpoint=f"http://127.0.0.1:{port}", access_log=True)).start()
     try:
         st.stub().Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=3), timeout=30)
         assert wait_for(lambda: len(by_name(got.spans, "attnserve.v1.AttnServe/Generate")) == 1, 15)
@@ -212,3 +217,5 @@ def test_the_server_starts_the_traces_it_links_to(model_dir: Path, receiver: tup
         assert exemplars(st, "Generate") == [{"trace_id": span.trace_id.hex(), "span_id": span.span_id.hex()}]
     finally:
         st.stop()
+    (record,) = [r for r in caplog.records if r.name == "attnserve.access"]
+    assert record.trace_id == span.trace_id.hex() and f"trace_id={span.trace_id.hex()}" in record.getMessage()
