@@ -80,10 +80,12 @@ class ServerConfig:
     # this long is closed: clients send theirs at once, and gRPC's own wait, 2 minutes, let a peer
     # that opened connections and sent nothing hold a descriptor each for that long
     handshake_timeout_seconds: float = 10.0
-    # a call whose request (the first, on the v2 stream and reflection's) has not come whole within
-    # this long of the call opening is answered DEADLINE_EXCEEDED, giving back its place: left open
-    # with nothing sent, it held its place until the client closed the connection. Also, at a full
-    # server a call that has waited a second for its request gives its place to one that comes
+    # a call whose request (the first, on reflection's stream) has not come whole within this long of
+    # the call opening is answered DEADLINE_EXCEEDED, giving back its place: left open with nothing
+    # sent, it held its place until the client closed the connection. Also, at a full server a call
+    # that has waited a second for its request gives its place to one that comes (and so does a v2
+    # stream with no request in progress, which is not timed out: its client may open it long before
+    # it has a request)
     request_read_timeout_seconds: float = 30.0
     # connections are closed (GOAWAY, their calls given grace_seconds) after this long, so that clients
     # reconnect and spread over the replicas behind a connection-level load balancer (0: never)

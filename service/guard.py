@@ -30,14 +30,15 @@ A gRPC server interceptor, so that one place covers every method of every servic
   ``token_rate`` a second, holds any; the tokens the model reads and generates for it are taken as they
   are counted (``Metrics.tokens_by_client``), so that its calls may take it below empty and its next
   are refused, with ``grpc-retry-pushback-ms``, until it has filled back.
-* A call whose request (a stream's first: the v2 service's and reflection's) has not come whole
-  within ``read_timeout`` of its opening is answered DEADLINE_EXCEEDED; at a full bound the call
+* A call whose request (reflection's stream's first) has not come whole within ``read_timeout`` of
+  its opening is answered DEADLINE_EXCEEDED; at a full bound the call
   that has waited longest for its request, once it has waited STALLED_SECONDS, is refused in place
   of the one that opens; and while the server drains, the model's calls that have waited that long
   are refused with UNAVAILABLE. Before, a call left open with nothing sent held its place until its
   client closed the connection (and the drain waited for it to the end of its grace), and a client
   that opened calls and sent nothing kept out every other. Likewise at a full bound of the model's
-  calls, a stream whose handler says it has no request in progress (STREAM_IDLE), idle longest and
+  calls, a stream whose handler says it has no request in progress (STREAM_IDLE; the v2 service's,
+  from its opening, since its client may open it long before its first request), idle longest and
   for STALLED_SECONDS, is ended to make room.
 
 Health and reflection (and the v2 service's liveness, readiness and metadata calls) are never
@@ -345,8 +346,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
             inner_bidi = handler.stream_stream
 
             async def bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                # a stream counts as one call (its requests meet the queues' own bounds), and waits for
-                # its first request as a call of one request waits for its one
+                # a stream counts as one call (its requests meet the queues' own bounds). A probe's
+                # (reflection's) waits for its first request as a call of one request waits for its one;
+                # the model's (ModelStreamInfer) is told idle by its handler from its opening instead,
+                # since a client may open it long before its first request (tritonclient's
+                # start_stream): so it gives its place at a full bound, but is not timed out
                 await self._open(rpc, context, kind)
                 opened = time.monotonic()
                 idle = self._idle_streams
@@ -361,13 +365,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     STREAM_IDLE.set(tell)  # (in this call's task: its handler's, and the tasks it makes)
                 try:
                     pending = aiter(requests)
-                    first = await self._awaited(rpc, context, kind, anext(pending, EOF))
+                    first = None if kind is ADMITTED else await self._awaited(rpc, context, kind, anext(pending, EOF))
 
                     async def checked() -> AsyncIterator[Any]:
                         if first is EOF:  # half-closed with nothing sent: a stream of no requests
                             return
-                        await self._check(rpc, first, context)
-                        yield first
+                        if first is not None:
+                            await self._check(rpc, first, context)
+                            yield first
                         async for request in pending:
                             await self._check(rpc, request, context)
                             yield request

@@ -8,6 +8,7 @@ Each is answered, with a client error, and none is held outside the server's bou
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import threading
 import time
@@ -24,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_predict_v2_pb2 as v2
+from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from tests.reliability.conftest import SERVING, health
 from tests.service.conftest import ServerThread, config, wait_for
 from tests.service.test_server import metrics
@@ -216,9 +219,7 @@ def impatient(model_dir: Path) -> Iterator[ServerThread]:
     st.stop()
 
 
-@pytest.mark.parametrize(
-    "path", [ENCODE, "/attnserve.v1.AttnServe/GenerateStream", CHECK, LIVE, WATCH, STREAM_INFER, REFLECTION]
-)
+@pytest.mark.parametrize("path", [ENCODE, "/attnserve.v1.AttnServe/GenerateStream", CHECK, LIVE, WATCH, REFLECTION])
 @pytest.mark.parametrize("body", [None, framed(pb.EncodeRequest(texts=["hello"]).SerializeToString())[:-3]],
                          ids=["nothing sent", "a cut message"])  # fmt: skip
 def test_a_call_whose_request_does_not_come_in_time_is_answered_and_gives_back_its_place(
@@ -271,8 +272,15 @@ def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that
     assert health(impatient.address, channel=channel) == SERVING  # connected before the clock starts
     guard.read_timeout = 30.0  # the held calls are not to time out here
     peer = Peer(impatient.address)
+    # a v2 stream is told idle by its handler from its opening (the next test): it gives its place as
+    # an idle stream does
+    reason, said = (
+        ("idle", "no request in progress for the longest")
+        if path == STREAM_INFER
+        else ("evicted", "waited longest for its request")
+    )
     try:
-        evicted = ("attnserve_calls_without_request_total", (("reason", "evicted"),))
+        evicted = ("attnserve_calls_without_request_total", (("reason", reason),))
         before = metrics(impatient)[evicted]
         held = [peer.open(path) for _ in range(4)]
         assert wait_for(lambda: held_now() == 4)
@@ -283,7 +291,7 @@ def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that
         newcomer()
         answers = peer.answered(set(held), timeout=1)
         assert list(answers) == [held[0]] and answers[held[0]][0] == RESOURCE_EXHAUSTED, answers
-        assert "waited longest for its request" in answers[held[0]][1]
+        assert said in answers[held[0]][1]
         assert wait_for(lambda: held_now() == 3)  # the three left; the newcomer has gone
         assert metrics(impatient)[evicted] == before + 1
     finally:
@@ -291,6 +299,28 @@ def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that
         channel.close()
         guard.read_timeout = 0.5
     assert wait_for(lambda: held_now() == 0)
+
+
+def test_a_v2_stream_may_wait_past_the_read_timeout_for_its_first_request(impatient: ServerThread) -> None:
+    """tritonclient opens its stream (start_stream) before it has a request to send, and may send the
+    first long after: ModelStreamInfer is not answered for a request that has not come, as a call of
+    one request is. Opened with nothing sent it is an idle stream, which gives its place at a full
+    bound (above) and is ended at once on shutdown (below)."""
+    stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(impatient.address))
+    outgoing: queue.Queue[v2.ModelInferRequest | None] = queue.Queue()
+    stream = stub.ModelStreamInfer(iter(outgoing.get, None), timeout=30)
+    try:
+        assert wait_for(lambda: impatient.server.guard.in_flight == 1)
+        time.sleep(impatient.server.guard.read_timeout * 3)
+        text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+        text.contents.bytes_contents.append(b"the king")
+        outgoing.put(v2.ModelInferRequest(model_name="attnserve-encode", inputs=[text]))
+        answer = next(stream)
+        assert not answer.error_message and answer.infer_response.outputs[0].name == "EMBEDDING"
+    finally:
+        outgoing.put(None)
+    assert list(stream) == []
+    assert wait_for(lambda: impatient.server.guard.in_flight == 0)
 
 
 @pytest.mark.parametrize("path", [ENCODE, STREAM_INFER])
