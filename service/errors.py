@@ -7,7 +7,12 @@ generic message, its details logged (under an id the servicer adds to the messag
 
 from __future__ import annotations
 
+import math
+import re
+
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
 
 
 class ServiceError(Exception):
@@ -62,3 +67,34 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, bounded(str(exc))
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+# the trailer that carries a google.rpc.Status with details, as Google's API design guide has it
+DETAILS = "grpc-status-details-bin"
+# a message's part that names a field first: "texts[1]: must not be empty", "inputs[0].datatype: ..."
+FIELD = re.compile(r"([A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*): (.+)", re.S)
+
+
+def details(code: grpc.StatusCode, message: str, retry_seconds: float | None = None) -> tuple[tuple[str, bytes], ...]:
+    """The trailer ``grpc-status-details-bin`` for an error answered ``code`` with ``message``, where
+    there is more to say than the message: a google.rpc.Status of the same code and message with a
+    BadRequest naming each field the message names (INVALID_ARGUMENT), or a RetryInfo saying when to
+    come back (``retry_seconds``), for clients that read them (grpcio-status' ``rpc_status.from_call``,
+    Go's ``status.FromError(err).Details()``, Java's ``StatusProto.fromThrowable``). Else none."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        violations: list[error_details_pb2.BadRequest.FieldViolation] = []
+        for part in message.split("; "):  # several problems, each naming its field; or one whose text has a "; "
+            if named := FIELD.fullmatch(part):
+                violations.append(error_details_pb2.BadRequest.FieldViolation(field=named[1], description=named[2]))
+            elif violations:
+                violations[-1].description += f"; {part}"
+            else:
+                break
+        if violations:
+            status.details.add().Pack(error_details_pb2.BadRequest(field_violations=violations))
+    if retry_seconds is not None:
+        whole = math.floor(retry_seconds)
+        delay = Duration(seconds=whole, nanos=round((retry_seconds - whole) * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return ((DETAILS, status.SerializeToString()),) if status.details else ()

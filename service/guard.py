@@ -71,6 +71,7 @@ from google.protobuf.message import Message
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service import tracing
+from service.errors import details
 from service.logs import CLIENT
 from service.metrics import Metrics
 
@@ -685,12 +686,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
         since: float | None = None,
         trailing: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """Answer a call ``code`` with ``message`` (and ``trailing`` metadata); ``since``: when it opened,
-        where it waited (for its request)."""
+        """Answer a call ``code`` with ``message`` (and ``trailing`` metadata, with the google.rpc.Status
+        that says the same where there is more to say: the field an enum problem names, when to come
+        back); ``since``: when it opened, where it waited (for its request)."""
         self.metrics.requests.labels(rpc, code.name).inc()
         seconds = 0.0 if since is None else time.monotonic() - since
         tracing.answered(rpc, code.name, seconds, context, message, self.access_log)
-        await context.abort(code, message, trailing)
+        pushback = next((int(ms) / 1000 for key, ms in trailing if key == "grpc-retry-pushback-ms"), None)
+        await context.abort(code, message, (*trailing, *details(code, message, pushback)))
 
     def _leave(self, kind: str) -> None:
         if kind is ADMITTED:

@@ -28,7 +28,7 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service import tracing
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
-from service.errors import InvalidInput, ModelNotReady, Overloaded, status_for
+from service.errors import InvalidInput, ModelNotReady, Overloaded, details, status_for
 from service.logs import CLIENT, caller
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
@@ -167,7 +167,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             code, message = self.failure(rpc, e, context)
             # before answering, so that a client that reads the metrics next sees it
             self._observe(rpc, code, start, context, message)
-            await context.abort(code, message)
+            await context.abort(code, message, details(code, message))
             raise  # abort raises; this line is for type checkers
         except asyncio.CancelledError:  # the client went away or its deadline passed
             self._observe(rpc, grpc.StatusCode.CANCELLED, start, context)
@@ -530,7 +530,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         except Exception as e:
             code, message = self.failure("GenerateStream", e, context)
             self._observe("GenerateStream", code, start, context, message)
-            await context.abort(code, message)
+            await context.abort(code, message, details(code, message))
             raise
         code = grpc.StatusCode.OK
         traced = tracing.active()
@@ -546,7 +546,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         except Exception as e:
             code, message = self.failure("GenerateStream", e, context)
             self._observe("GenerateStream", code, start, context, message)
-            await context.abort(code, message)
+            await context.abort(code, message, details(code, message))
             raise
         finally:
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):

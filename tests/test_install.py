@@ -65,6 +65,7 @@ def test_every_serving_dependency_declares_a_floor() -> None:
     names = {p.split("==")[0] for p in floors()}
     assert names == {
         "cryptography",
+        "googleapis-common-protos",
         "grpcio",
         "grpcio-health-checking",
         "grpcio-reflection",

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
@@ -28,7 +29,7 @@ from service.cli import build_parser
 from service.config import ServerConfig
 from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config, fail_first_encode, mount_secret, wait_for
-from tests.service.test_server import metrics
+from tests.service.test_server import metrics, rich
 
 KEYS = "# rotated monthly\n\n  old-key-0123456789  \nnew-key-9876543210\n"
 
@@ -395,6 +396,12 @@ def pushed_back(stub: pb_grpc.AttnServeStub, metadata: list[tuple[str, str]], sa
     details = e.value.details() or ""
     pushback = int(dict(e.value.trailing_metadata() or ())["grpc-retry-pushback-ms"])
     assert details.startswith(f"{says}; retry in ") and details.endswith(f"retry in {pushback} ms"), details
+    # the same as a google.rpc.RetryInfo, for clients that read the status' details
+    status = rich(e.value)
+    assert status is not None
+    (detail,) = status.details
+    retry = error_details_pb2.RetryInfo()
+    assert detail.Unpack(retry) and retry.retry_delay.ToMilliseconds() == pushback
     return pushback
 
 

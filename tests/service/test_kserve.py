@@ -30,7 +30,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import decode_probabilities
 from service.kserve import join_bytes, split_bytes
 from tests.service.conftest import ServerThread, config, fail_first_encode
-from tests.service.test_server import metrics
+from tests.service.test_server import metrics, violations
 
 TEXTS = ["To be, or not to be", "the king speaks", "a"]
 
@@ -284,6 +284,8 @@ def test_bad_tensors_are_named(v2_stub: v2_grpc.GRPCInferenceServiceStub, case: 
         v2_stub.ModelInfer(request, timeout=10)
     assert e.value.code() == code, e.value.details()
     assert needle in e.value.details()
+    if code == grpc.StatusCode.INVALID_ARGUMENT and needle.endswith(":") and " " not in needle:
+        assert violations(e.value)[0][0] == needle[:-1]  # the field, in a BadRequest too
 
 
 def test_truncation_parameter(v2_stub: v2_grpc.GRPCInferenceServiceStub, served: ServerThread) -> None:

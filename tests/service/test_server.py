@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -116,6 +117,27 @@ def test_concurrent_requests_of_mixed_lengths_each_get_their_own_answer(served: 
     assert batches < len(texts)  # they were batched
 
 
+def rich(e: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status a call's error carried in grpc-status-details-bin, checked against its
+    code and message as gRPC's clients check it; None where it carried none."""
+    raw = dict(e.trailing_metadata() or ()).get("grpc-status-details-bin")  # type: ignore[attr-defined]
+    if raw is None:
+        return None
+    status = status_pb2.Status.FromString(raw)
+    assert (status.code, status.message) == (e.code().value[0], e.details())  # type: ignore[attr-defined]
+    return status
+
+
+def violations(e: grpc.RpcError) -> list[tuple[str, str]]:
+    """The fields and descriptions of the BadRequest a call's error carried."""
+    status = rich(e)
+    assert status is not None, "no google.rpc.Status"
+    (detail,) = status.details
+    bad = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad)
+    return [(v.field, v.description) for v in bad.field_violations]
+
+
 def test_bad_inputs_get_invalid_argument_naming_the_field(served: ServerThread) -> None:
     stub = served.stub()
     long_text = "the king speaks of the crown " * 40
@@ -137,6 +159,21 @@ def test_bad_inputs_get_invalid_argument_naming_the_field(served: ServerThread) 
             method(request)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, e.value.details())
         assert needle in e.value.details(), (needle, e.value.details())
+        # and as Google's API design has it, for clients that read it: the field in a BadRequest, in
+        # a google.rpc.Status of the same code and message (grpc-status-details-bin)
+        field, description = (e.value.details() or "").split(": ", 1)
+        assert violations(e.value) == [(field, description)]
+    # several problems, each its field (a description may hold "; " of its own)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(
+            pb.GenerateRequest(prompt="hi", max_new_tokens=4, temperature=-1, top_p=2, top_logprobs=30), timeout=30
+        )
+    assert [field for field, _ in violations(e.value)] == ["temperature", "top_p", "top_logprobs"]
+    # bytes that are no request name no field: no details
+    with pytest.raises(grpc.RpcError) as e:
+        served_raw = grpc.insecure_channel(served.address).unary_unary("/attnserve.v1.AttnServe/Encode")
+        served_raw(b"\xff\xff\xff", timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and rich(e.value) is None
     # and the server still serves
     assert stub.Encode(pb.EncodeRequest(texts=["still here"])).embeddings
 
