@@ -71,6 +71,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 # the trailer that carries a google.rpc.Status with details, as Google's API design guide has it
 DETAILS = "grpc-status-details-bin"
+# The most bytes of that Status: it travels beside grpc-message (up to 6 KiB, percent-encoded, for
+# MAX_MESSAGE_CHARS of four-byte characters) in base64, a third larger, and both stay under the 8 KiB
+# of trailers a client takes without refusing some. One that would be larger is left out: the message
+# says it all, the details being the same said again.
+MAX_DETAILS_BYTES = 1024
 # a message's part that names a field first: "texts[1]: must not be empty", "inputs[0].datatype: ..."
 FIELD = re.compile(r"([A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*): (.+)", re.S)
 
@@ -97,4 +102,5 @@ def details(code: grpc.StatusCode, message: str, retry_seconds: float | None = N
         whole = math.floor(retry_seconds)
         delay = Duration(seconds=whole, nanos=round((retry_seconds - whole) * 1e9))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return ((DETAILS, status.SerializeToString()),) if status.details else ()
+    said = status.SerializeToString()
+    return ((DETAILS, said),) if status.details and len(said) <= MAX_DETAILS_BYTES else ()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import time
+import urllib.parse
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from service.errors import MAX_MESSAGE_CHARS
 from service.kserve import ENCODE, MODELS, PARAMETERS, join_bytes
 from tests.reliability.conftest import ALLOWED, SERVING, health
 from tests.service.conftest import ServerThread
+from tests.service.test_server import rich
 
 V2_ALLOWED = ALLOWED | {grpc.StatusCode.NOT_FOUND}
 SERVICE = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -131,11 +133,13 @@ def test_fuzzed_streams_report_errors_in_the_stream(guarded: ServerThread) -> No
     assert health(guarded.address, timeout=1.0) == SERVING
 
 
-def test_a_long_name_echoed_in_an_error_reaches_the_client_cut_short(guarded: ServerThread) -> None:
+@pytest.mark.parametrize("char", ["\u00e9", "\U0001f451"], ids=["two bytes", "four bytes"])
+def test_a_long_name_echoed_in_an_error_reaches_the_client_cut_short(guarded: ServerThread, char: str) -> None:
     """Errors that name what the request gave (its model, input or parameter) stay within what a
-    trailer carries, with the field still named."""
+    trailer carries, with the field still named, and with the google.rpc.Status that says the same
+    where it fits beside the message."""
     stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(guarded.address))
-    long = "\u00e9" * 50_000  # two bytes of UTF-8, six percent-encoded, each
+    long = char * 50_000  # two (four) bytes of UTF-8, six (twelve) percent-encoded, each
     text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
     text.contents.bytes_contents.append(b"hi")
     cases = [
@@ -158,6 +162,11 @@ def test_a_long_name_echoed_in_an_error_reaches_the_client_cut_short(guarded: Se
             stub.ModelInfer(request, timeout=10)
         assert e.value.code() == code, e.value.details()
         assert e.value.details().startswith(needle) and len(e.value.details()) <= MAX_MESSAGE_CHARS
+        # as sent: the message percent-encoded, binary values in base64
+        message = urllib.parse.quote(e.value.details(), safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~", encoding="utf-8")
+        sent = len(message) + sum(len(k) + len(v) * 4 // 3 for k, v in e.value.trailing_metadata() or ())
+        assert sent < 8192, sent
+        rich(e.value)  # where it carries a Status, that Status says the same
     assert health(guarded.address) == SERVING
 
 
