@@ -285,7 +285,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._sweep: asyncio.TimerHandle | None = None  # the next look for requests overdue
         self._giving_up: set[asyncio.Task[None]] = set()
         self.refusing: str | None = None  # a reason, once the server drains
-        self.last_arrival = time.monotonic()
+        self.last_moved = time.monotonic()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -313,12 +313,15 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return wrapped
 
     async def drained(self, quiet: float, timeout: float) -> bool:
-        """Wait until no admitted call is in flight and none has arrived for ``quiet`` seconds;
-        False if ``timeout`` passes first."""
+        """Wait until no admitted call is in flight and none has opened or ended for ``quiet``
+        seconds; False if ``timeout`` passes first. (Waited from the last call's end too, so that its
+        answer has gone out before the transport is stopped: gRPC writes its GOAWAY ahead of the
+        streams' frames, and an answer given just before could follow it, which peers that take no
+        frame after a GOAWAY, as h2 does, lose.)"""
         end = time.monotonic() + timeout
         while True:
             now = time.monotonic()
-            if self.in_flight == 0 and now - self.last_arrival >= quiet:
+            if self.in_flight == 0 and now - self.last_moved >= quiet:
                 return True
             if now >= end:
                 return False
@@ -328,7 +331,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 except TimeoutError:
                     return False
             else:
-                await asyncio.sleep(min(quiet - (now - self.last_arrival), end - now))
+                await asyncio.sleep(min(quiet - (now - self.last_moved), end - now))
 
     # --- wrapping ------------------------------------------------------------------------------
 
@@ -491,7 +494,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     await self._over_rate(rpc, context, client, TOKENS, wait)
                 if self.rate and (wait := self._take(client)):
                     await self._over_rate(rpc, context, client, RATE, wait)
-            self.last_arrival = time.monotonic()
+            self.last_moved = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
             if self.in_flight >= self.max_concurrent:
@@ -699,6 +702,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if kind is ADMITTED:
             if (client := CLIENT.get()) is not None:  # (set by _open, in this call's task, and counted there)
                 self.by_client[client] -= 1  # (kept at 0: its series stays, as a gauge's would)
+            self.last_moved = time.monotonic()
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
             if self.in_flight == 0:
