@@ -327,7 +327,9 @@ class CallOnLoop:
         message = await self.stream.recv_message()
         return grpc.aio.EOF if message is None else message
 
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+    async def abort(self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, Any], ...] = ()) -> None:
+        """Answer ``code`` with ``message`` (the trailing metadata given, the error's google.rpc.Status
+        among it, is not sent: grpclib sends its own details as messages, not bytes)."""
         from grpclib.const import Status
         from grpclib.exceptions import GRPCError
 
