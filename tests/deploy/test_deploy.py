@@ -14,21 +14,19 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import yaml
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 from service.logs import FORMATS
 from tests.service.conftest import ServerThread, config, wait_for
-from tests.service.test_tracing import Receiver
+from tests.service.test_tracing import Receiver, receiving
 from tests.test_install import self_signed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -292,13 +290,8 @@ def tls_stub(st: ServerThread) -> pb_grpc.AttnServeStub:
 @pytest.fixture(scope="module")
 def collector() -> Iterator[tuple[Receiver, int]]:
     """An OTLP/gRPC trace receiver for the live server's spans."""
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    got = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(got, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield got, port
-    server.stop(0)
+    with receiving() as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import urllib.request
@@ -49,15 +50,24 @@ def attributes(kvs: Any) -> dict[str, Any]:
     return out
 
 
-@pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, int]]:
+@contextlib.contextmanager
+def receiving() -> Iterator[tuple[Receiver, int]]:
+    """A Receiver served on a loopback port, and the port."""
     server = grpc.server(futures.ThreadPoolExecutor(4))
     got = Receiver()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(got, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield got, port
-    server.stop(0)
+    try:
+        yield got, port
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[Receiver, int]]:
+    with receiving() as served:
+        yield served
 
 
 def by_name(spans: list[trace_pb2.Span], name: str) -> list[trace_pb2.Span]:
