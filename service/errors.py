@@ -7,7 +7,6 @@ generic message, its details logged (under an id the servicer adds to the messag
 
 from __future__ import annotations
 
-import math
 import re
 
 import grpc
@@ -86,6 +85,8 @@ def details(code: grpc.StatusCode, message: str, retry_seconds: float | None = N
     BadRequest naming each field the message names (INVALID_ARGUMENT), or a RetryInfo saying when to
     come back (``retry_seconds``), for clients that read them (grpcio-status' ``rpc_status.from_call``,
     Go's ``status.FromError(err).Details()``, Java's ``StatusProto.fromThrowable``). Else none."""
+    if code is not grpc.StatusCode.INVALID_ARGUMENT and retry_seconds is None:
+        return ()  # (nothing more to say: the refusals of a full server, among others, cost nothing here)
     status = status_pb2.Status(code=code.value[0], message=message)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         violations: list[error_details_pb2.BadRequest.FieldViolation] = []
@@ -99,8 +100,8 @@ def details(code: grpc.StatusCode, message: str, retry_seconds: float | None = N
         if violations:
             status.details.add().Pack(error_details_pb2.BadRequest(field_violations=violations))
     if retry_seconds is not None:
-        whole = math.floor(retry_seconds)
-        delay = Duration(seconds=whole, nanos=round((retry_seconds - whole) * 1e9))
+        delay = Duration()
+        delay.FromNanoseconds(round(retry_seconds * 1e9))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     said = status.SerializeToString()
     return ((DETAILS, said),) if status.details and len(said) <= MAX_DETAILS_BYTES else ()

@@ -30,16 +30,16 @@ A gRPC server interceptor, so that one place covers every method of every servic
   ``token_rate`` a second, holds any; the tokens the model reads and generates for it are taken as they
   are counted (``Metrics.tokens_by_client``), so that its calls may take it below empty and its next
   are refused, with ``grpc-retry-pushback-ms``, until it has filled back.
-* A call whose request (reflection's stream's first) has not come whole within ``read_timeout`` of
-  its opening is answered DEADLINE_EXCEEDED; at a full bound the call
-  that has waited longest for its request, once it has waited STALLED_SECONDS, is refused in place
-  of the one that opens; and while the server drains, the model's calls that have waited that long
-  are refused with UNAVAILABLE. Before, a call left open with nothing sent held its place until its
-  client closed the connection (and the drain waited for it to the end of its grace), and a client
-  that opened calls and sent nothing kept out every other. Likewise at a full bound of the model's
-  calls, a stream whose handler says it has no request in progress (STREAM_IDLE; the v2 service's,
-  from its opening, since its client may open it long before its first request), idle longest and
-  for STALLED_SECONDS, is ended to make room.
+* A call of one request whose request has not come whole within ``read_timeout`` of its opening
+  (and a reflection stream whose first has not) is answered DEADLINE_EXCEEDED; at a full bound the
+  call that has waited longest for its request, once it has waited STALLED_SECONDS, is refused in
+  place of the one that opens; and while the server drains, the model's calls that have waited that
+  long are refused with UNAVAILABLE. Before, a call left open with nothing sent held its place until
+  its client closed the connection (and the drain waited for it to the end of its grace), and a
+  client that opened calls and sent nothing kept out every other. Likewise at a full bound of the
+  model's calls, a stream whose handler says it has no request in progress (STREAM_IDLE; the v2
+  service's, from its opening, since its client may open it long before its first request), idle
+  longest and for STALLED_SECONDS, is ended to make room.
 
 Health and reflection (and the v2 service's liveness, readiness and metadata calls) are never
 refused for load or shutdown: a probe must be answered whatever the server is doing. Only their
