@@ -29,7 +29,7 @@ from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import decode_probabilities
 from service.kserve import join_bytes, split_bytes
-from tests.service.conftest import ServerThread, config, fail_first_encode
+from tests.service.conftest import ServerThread, config, fail_first_encode, wait_for
 from tests.service.test_server import metrics, violations
 
 TEXTS = ["To be, or not to be", "the king speaks", "a"]
@@ -398,6 +398,47 @@ def test_at_a_full_bound_the_stream_idle_longest_gives_its_place_to_a_call_that_
     finally:
         for q in outgoing:
             q.put(None)
+        channel.close()
+        st.stop()
+
+
+def test_a_stream_with_a_request_in_progress_is_not_idle(model_dir: Path) -> None:
+    """A stream opened first, whose one request is in progress (the model held on it for 3 s), is not
+    the stream idle longest: at a full bound the one opened after it and sent nothing gives its
+    place, and the first's answer comes."""
+    st = ServerThread(config(model_dir, max_concurrent_calls=2)).start()
+    engine = st.server.engine
+    assert engine is not None
+    real, held = engine.runtime.encode, threading.Event()
+
+    def slow(ids: Any, mask: Any) -> Any:
+        if not held.is_set():
+            held.set()
+            time.sleep(3.0)
+        return real(ids, mask)
+
+    engine.runtime.encode = slow  # type: ignore[method-assign]
+    channel = grpc.insecure_channel(st.address)
+    stub = v2_grpc.GRPCInferenceServiceStub(channel)
+    busy: queue.Queue[v2.ModelInferRequest | None] = queue.Queue()
+    idle: queue.Queue[v2.ModelInferRequest | None] = queue.Queue()
+    try:
+        busy.put(infer("attnserve-encode", ["the king"]))
+        working = stub.ModelStreamInfer(iter(busy.get, None), timeout=30)
+        assert held.wait(10)  # its request is in the model
+        waiting = stub.ModelStreamInfer(iter(idle.get, None), timeout=30)
+        assert wait_for(lambda: st.server.guard.in_flight == 2)
+        time.sleep(st.server.guard.stalled_seconds + 0.2)  # both opened over a second ago
+        native = st.stub().Encode.future(pb.EncodeRequest(texts=["hi"]), timeout=30)  # queued behind the model
+        with pytest.raises(grpc.RpcError) as e:
+            next(waiting)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no request in progress for the longest" in (e.value.details() or "")
+        assert not next(working).error_message  # answered once the model lets go
+        assert len(native.result().embeddings) == 1
+    finally:
+        busy.put(None)
+        idle.put(None)
         channel.close()
         st.stop()
 
