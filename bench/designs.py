@@ -81,8 +81,8 @@ def response(vectors: np.ndarray, counts: list[int], truncated: list[bool]) -> p
 
 
 def abort(context: grpc.ServicerContext, e: Exception) -> None:
-    code, message = status_for(e)
-    context.abort(code, message)
+    failed = status_for(e)
+    context.abort(failed.code, failed.message)
 
 
 class BridgeServicer(pb_grpc.AttnServeServicer):

@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from service.errors import QUEUE_TOO_LONG, SHUTTING_DOWN, DeadlineExceeded, ModelNotReady, Overloaded
 from service.handoff import Handoff
 from service.metrics import Metrics
 
@@ -229,7 +229,7 @@ class Batcher:
         """Refuse at once, before anything is queued or tokenized, a request of n sequences that would
         not fit the queue, or whose deadline passes before the work queued ahead of it is done."""
         if self._closed:
-            raise ModelNotReady("server is shutting down")
+            raise ModelNotReady("server is shutting down", SHUTTING_DOWN)
         if len(self._queue) + n > self.limits.max_queue_size:
             self.metrics.dropped.labels(self.name, "queue_full").inc(n)
             raise Overloaded(f"{self.name} queue is full ({len(self._queue)} waiting); retry later")
@@ -242,7 +242,8 @@ class Batcher:
                 self.metrics.dropped.labels(self.name, "deadline").inc(n)
                 raise Overloaded(
                     f"{self.name}: about {wait:.3f}s of work is queued ahead, more than the {max(left, 0):.3f}s "
-                    "left before the deadline; retry later or elsewhere"
+                    "left before the deadline; retry later or elsewhere",
+                    QUEUE_TOO_LONG,
                 )
 
     def enqueue(self, seqs: Sequence[np.ndarray], deadline: float | None) -> list[Pending]:

@@ -71,7 +71,24 @@ from google.protobuf.message import Message
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service import tracing
-from service.errors import details
+from service.errors import (
+    API_KEY_INVALID,
+    API_KEY_MISSING,
+    CALLS_AT_LIMIT,
+    CLIENT_CALL_RATE,
+    CLIENT_CALLS_IN_PROGRESS,
+    CLIENT_TOKEN_RATE,
+    IDLE_STREAM,
+    INVALID_INPUT,
+    MALFORMED_REQUEST,
+    NO_REQUEST,
+    REQUEST_NOT_SENT,
+    REQUEST_READ_TIMEOUT,
+    REQUEST_TOO_LARGE,
+    SHUTTING_DOWN,
+    STREAMS_AT_LIMIT,
+    details,
+)
 from service.logs import CLIENT
 from service.metrics import Metrics
 
@@ -81,10 +98,11 @@ log = logging.getLogger(__name__)
 class Malformed:
     """What the tolerant deserializer returns for bytes that are not a valid message."""
 
-    __slots__ = ("why",)
+    __slots__ = ("reason", "why")
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, reason: str = MALFORMED_REQUEST) -> None:
         self.why = why
+        self.reason = reason
 
 
 def tolerant(parse: Callable[[bytes], Any], name: str, max_bytes: int = 0) -> Callable[[bytes], Any]:
@@ -101,7 +119,7 @@ def tolerant(parse: Callable[[bytes], Any], name: str, max_bytes: int = 0) -> Ca
 
     def bounded(data: bytes) -> Any:
         if len(data) > max_bytes:
-            return Malformed(f"a {name} is at most {max_bytes} bytes here; this one is {len(data)}")
+            return Malformed(f"a {name} is at most {max_bytes} bytes here; this one is {len(data)}", REQUEST_TOO_LARGE)
         return deserialize(data)
 
     return bounded
@@ -137,7 +155,7 @@ def declared(method: str) -> bool:
 
 
 EOF = grpc.aio.EOF
-NO_REQUEST = Malformed("no request message: the call ended before one whole message arrived")
+NO_REQUEST_SENT = Malformed("no request message: the call ended before one whole message arrived", NO_REQUEST)
 
 # Probes' requests (health's, reflection's, the v2 service's liveness, readiness and metadata calls')
 # name a service, a model, a file or a symbol: a few dozen bytes. Held by every stream open, they are
@@ -170,6 +188,7 @@ STREAM_IDLE: ContextVar[Callable[[bool], None]] = ContextVar("stream_idle", defa
 IN_PROGRESS = "in_progress"  # max_per_client
 RATE = "rate"  # rate and burst
 TOKENS = "tokens"  # token_rate and token_burst
+LIMIT_REASONS = {IN_PROGRESS: CLIENT_CALLS_IN_PROGRESS, RATE: CLIENT_CALL_RATE, TOKENS: CLIENT_TOKEN_RATE}
 
 
 class ClientCalls:
@@ -444,7 +463,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         await self._open(rpc, context, kind)
         try:
             request = await self._awaited(rpc, context, kind, context.read())
-            await self._check(rpc, NO_REQUEST if request is EOF else request, context)
+            await self._check(rpc, NO_REQUEST_SENT if request is EOF else request, context)
         except BaseException:
             self._leave(kind)
             raise
@@ -468,9 +487,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
     async def _check(self, rpc: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         """Refuse a request that is not a valid message, or that holds an enum value its schema does not name."""
         if isinstance(request, Malformed):
-            await self._refuse(rpc, context, grpc.StatusCode.INVALID_ARGUMENT, request.why)
+            await self._refuse(rpc, context, grpc.StatusCode.INVALID_ARGUMENT, request.why, request.reason)
         elif isinstance(request, Message) and (problem := enum_problem(request)):
-            await self._refuse(rpc, context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await self._refuse(rpc, context, grpc.StatusCode.INVALID_ARGUMENT, problem, INVALID_INPUT)
 
     async def _open(self, rpc: str, context: grpc.aio.ServicerContext, kind: str) -> None:
         """Count a call in as it opens, before its request is read, or refuse it. A call waiting for
@@ -479,9 +498,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if it has waited ``stalled_seconds``, is refused in place of the one that opens."""
         if kind is ADMITTED:
             if self.api_keys is not None:
-                client, problem = self._authenticate(context)
+                client, problem, reason = self._authenticate(context)
                 if problem:
-                    await self._refuse(rpc, context, grpc.StatusCode.UNAUTHENTICATED, problem)
+                    await self._refuse(rpc, context, grpc.StatusCode.UNAUTHENTICATED, problem, reason)
                 CLIENT.set(client)  # for the call's records (service.logs.caller), and for _leave
                 counted = self.calls_by_client
                 counted[client, rpc] = counted.get((client, rpc), 0) + 1
@@ -496,11 +515,12 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     await self._over_rate(rpc, context, client, RATE, wait)
             self.last_moved = time.monotonic()
             if self.refusing is not None:
-                await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing)
+                await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing, SHUTTING_DOWN)
             if self.in_flight >= self.max_concurrent:
                 full = f"{self.in_flight} calls in progress, the limit"
                 if not self._evict_stalled(ADMITTED, full) and not self._evict_idle(full):
-                    await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
+                    message = f"{full}; retry later"
+                    await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, CALLS_AT_LIMIT)
             if self.api_keys is not None:
                 self.by_client[client] = self.by_client.get(client, 0) + 1
             self.in_flight += 1
@@ -511,26 +531,27 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 full = f"{self.streams_open} health and reflection streams open, the limit"
                 if not self._evict_stalled(STREAM, full):
                     message = f"{full}; close one, or ask health's Check, which is always answered"
-                    await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                    await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, STREAMS_AT_LIMIT)
             self.streams_open += 1
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str, str]:
         """The name of the client whose key the call carries, or why its key is not one of
-        ``api_keys``. Every key is compared, each in constant time, so the time taken says nothing
+        ``api_keys`` (and the reason). Every key is compared, each in constant time, so the time taken says nothing
         of how near a guess came."""
         assert self.api_keys is not None
         given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
         if not isinstance(given, str):
-            return "", "this server needs an API key: send it as 'authorization: Bearer <key>'"
+            return "", "this server needs an API key: send it as 'authorization: Bearer <key>'", API_KEY_MISSING
         scheme, _, key = given.strip().partition(" ")
         if scheme.lower() != "bearer":
-            return "", "the authorization header's scheme is not Bearer: send 'authorization: Bearer <key>'"
+            message = "the authorization header's scheme is not Bearer: send 'authorization: Bearer <key>'"
+            return "", message, API_KEY_MISSING
         token = key.strip().encode()
         client = ""
         for known, name in self.api_keys:
             if hmac.compare_digest(token, known):
                 client = name
-        return (client, "") if client else ("", "the API key is not one this server accepts")
+        return (client, "", "") if client else ("", "the API key is not one this server accepts", API_KEY_INVALID)
 
     def _take(self, client: str) -> float:
         """Take a call from ``client``'s bucket, filled at ``rate`` a second up to ``burst`` (full as it
@@ -570,7 +591,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         )
         ms = math.ceil(wait * 1000)
         message = f"client {client} is over its rate of {rate:g} {unit} a second (a burst of {burst}); retry in {ms} ms"
-        await self._limit(rpc, context, client, limit, message, (("grpc-retry-pushback-ms", str(ms)),))
+        await self._limit(rpc, context, client, limit, message, ms)
 
     async def _limit(
         self,
@@ -579,12 +600,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
         client: str,
         limit: str,
         message: str,
-        trailing: tuple[tuple[str, str], ...] = (),
+        pushback_ms: int | None = None,
     ) -> None:
-        """Refuse a call RESOURCE_EXHAUSTED for ``limit``, one of its client's own, counted under both."""
+        """Refuse a call RESOURCE_EXHAUSTED for ``limit``, one of its client's own, counted under both;
+        with ``pushback_ms``, the milliseconds it may come back in."""
         counts = self.limited_by_client
         counts[client, limit] = counts.get((client, limit), 0) + 1
-        await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailing=trailing)
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        await self._refuse(rpc, context, code, message, LIMIT_REASONS[limit], pushback_ms=pushback_ms)
 
     def _evict_stalled(self, kind: str, full: str) -> bool:
         """At a full bound (``full`` says which): refuse the call of ``kind`` waiting longest for its
@@ -609,7 +632,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
             return False
         del self._idle_streams[context]
         message = f"{full}; this stream had no request in progress for the longest ({idle_for:.1f} s)"
-        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, opened, "idle")
+        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, opened, "idle", IDLE_STREAM)
         return True
 
     def _evict(self, kind: str, why: str) -> None:
@@ -617,7 +640,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         context, (rpc, since) = next(iter(self._unread[kind].items()))
         del self._unread[kind][context]
         message = f"{why}; this call waited longest for its request"
-        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since, "evicted")
+        self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since, "evicted", REQUEST_NOT_SENT)
 
     def _overdue(self) -> None:
         """Answer the calls whose requests have not come whole in time, and look again when the
@@ -637,10 +660,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     break
                 del unread[context]
                 if draining is not None:
-                    self._give_up(rpc, context, grpc.StatusCode.UNAVAILABLE, draining, since, "draining")
+                    self._give_up(rpc, context, grpc.StatusCode.UNAVAILABLE, draining, since, "draining", SHUTTING_DOWN)
                 else:
                     message = f"no whole request within {self.read_timeout:g} s of the call opening"
-                    self._give_up(rpc, context, grpc.StatusCode.DEADLINE_EXCEEDED, message, since, "read_timeout")
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    self._give_up(rpc, context, code, message, since, "read_timeout", REQUEST_READ_TIMEOUT)
         if next_due < math.inf:
             self._sweep = asyncio.get_running_loop().call_later(next_due - now, self._overdue)
 
@@ -651,16 +675,17 @@ class CallGuard(grpc.aio.ServerInterceptor):
         code: grpc.StatusCode,
         message: str,
         since: float,
+        why: str,
         reason: str,
     ) -> None:
         """Answer a call still waiting for its request since ``since``, from a task of its own; the
-        call's read then ends, and its task with it, giving its place back. Counted apart by
-        ``reason`` too: a call whose client sent nothing is not the server's failure, whatever its code."""
+        call's read then ends, and its task with it, giving its place back. Counted apart by ``why``
+        too: a call whose client sent nothing is not the server's failure, whatever its code."""
 
         async def answer() -> None:
-            self.metrics.without_request.labels(reason).inc()
+            self.metrics.without_request.labels(why).inc()
             with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
-                await self._refuse(rpc, context, code, message, since)
+                await self._refuse(rpc, context, code, message, reason, since)
 
         task = asyncio.get_running_loop().create_task(answer())
         self._giving_up.add(task)
@@ -686,17 +711,25 @@ class CallGuard(grpc.aio.ServerInterceptor):
         context: grpc.aio.ServicerContext,
         code: grpc.StatusCode,
         message: str,
+        reason: str,
         since: float | None = None,
-        trailing: tuple[tuple[str, str], ...] = (),
+        pushback_ms: int | None = None,
     ) -> None:
-        """Answer a call ``code`` with ``message`` (and ``trailing`` metadata, with the google.rpc.Status
-        that says the same where there is more to say: the field an enum problem names, when to come
-        back); ``since``: when it opened, where it waited (for its request)."""
+        """Answer a call ``code`` with ``message`` for ``reason``, with the google.rpc.Status that says
+        the same (errors.details), and, given ``pushback_ms``, ``grpc-retry-pushback-ms`` (and the
+        Status's RetryInfo) saying when to come back; ``since``: when it opened, where it waited (for
+        its request)."""
         self.metrics.requests.labels(rpc, code.name).inc()
+        self.metrics.errors.labels(rpc, reason).inc()
         seconds = 0.0 if since is None else time.monotonic() - since
-        tracing.answered(rpc, code.name, seconds, context, message, self.access_log)
-        pushback = next((int(ms) / 1000 for key, ms in trailing if key == "grpc-retry-pushback-ms"), None)
-        await context.abort(code, message, (*trailing, *details(code, message, pushback)))
+        tracing.answered(rpc, code.name, seconds, context, message, self.access_log, reason)
+        trailing: tuple[tuple[str, str | bytes], ...]
+        if pushback_ms is None:
+            trailing = details(code, message, reason)
+        else:
+            said = details(code, message, reason, pushback_ms / 1000)
+            trailing = (("grpc-retry-pushback-ms", str(pushback_ms)), *said)
+        await context.abort(code, message, trailing)
 
     def _leave(self, kind: str) -> None:
         if kind is ADMITTED:

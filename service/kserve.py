@@ -34,7 +34,7 @@ import numpy as np
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from service.errors import InvalidInput, ModelNotReady, NotFound
+from service.errors import SHUTTING_DOWN, InvalidInput, ModelNotReady, NotFound, details
 from service.guard import STREAM_IDLE
 from service.scheduler import Done, Token
 from service.servicer import AttnServeServicer, package_version
@@ -327,22 +327,22 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(request: v2.ModelInferRequest) -> None:
             start = time.monotonic()
-            code, message = grpc.StatusCode.OK, ""
+            code, message, reason = grpc.StatusCode.OK, "", ""
             held: list[Callable[[], None]] = []
             try:
                 if self.closing.is_set():
-                    raise ModelNotReady("server is shutting down; retry on another replica")
+                    raise ModelNotReady("server is shutting down; retry on another replica", SHUTTING_DOWN)
                 async for response in self._infer(request, deadline, stream=True, hold=held.append):
                     await queue.put(v2.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as e:
-                code, message = self.native.failure("ModelStreamInfer", e, context)
+                code, message, reason, _ = self.native.failure("ModelStreamInfer", e, context)
                 error = v2.ModelInferResponse(model_name=request.model_name, id=request.id)
                 await queue.put(v2.ModelStreamInferResponse(error_message=message, infer_response=error))
             finally:
-                self.native._observe("ModelStreamInfer", code, start, context, message)
+                self.native._observe("ModelStreamInfer", code, start, context, message, reason)
                 finished = _Finished(held)
                 if ended:
                     finished.release()
@@ -378,7 +378,8 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             while True:
                 if (half_closed or stopping) and counts["finished"] == counts["started"] and queue.empty():
                     if stopping:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect")
+                        code, message = grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect"
+                        await context.abort(code, message, details(code, message, SHUTTING_DOWN))
                     return
                 get = asyncio.ensure_future(queue.get())
                 waits: set[asyncio.Future[Any]] = {get}

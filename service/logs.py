@@ -228,16 +228,23 @@ def caller(context: Any) -> dict[str, str]:
     return said
 
 
-# a call answered, for the access log: when, its method, status code, seconds taken, caller and what it was told
-Call = tuple[float, str, str, float, dict[str, str], str]
+# a call answered, for the access log: when, its method, status code, seconds taken, caller, what it was told and why
+Call = tuple[float, str, str, float, dict[str, str], str, str]
 
 
 def access(
-    rpc: str, code: str, seconds: float, context: Any, detail: str = "", who: dict[str, str] | None = None
+    rpc: str,
+    code: str,
+    seconds: float,
+    context: Any,
+    detail: str = "",
+    who: dict[str, str] | None = None,
+    reason: str = "",
 ) -> None:
     """The access log's record of a call answered (``attnserve.access``, INFO): its method, status code,
     time from arrival to answer, caller (and the client its key names) and request id, and for a call not
-    answered OK what it was told. ``who``: the caller's fields (``caller``), where read already.
+    answered OK what it was told and why (its ErrorInfo reason). ``who``: the caller's fields (``caller``),
+    where read already.
 
     Only what the call alone can give is taken here, on the event loop; the record is made on the
     writer's thread with the others come meanwhile (``bench observe``: made here, a JSON record took
@@ -245,7 +252,7 @@ def access(
     that lived 50 ms on the loop's side also made its garbage collections busier)."""
     if not ACCESS.isEnabledFor(logging.INFO):
         return
-    call = (time.time(), rpc, code, seconds, caller(context) if who is None else who, detail)
+    call = (time.time(), rpc, code, seconds, caller(context) if who is None else who, detail, reason)
     writer = _current
     if writer is None:  # no writer (logging set up otherwise): at once
         ACCESS.handle(_access_record(call))
@@ -254,7 +261,7 @@ def access(
 
 
 def _access_record(call: Call) -> logging.LogRecord:
-    when, rpc, code, seconds, who, detail = call
+    when, rpc, code, seconds, who, detail, reason = call
     fields: dict[str, Any] = {"rpc": rpc, "code": code, "duration_ms": round(seconds * 1000, 3), **who}
     text = f"{rpc} {code} {fields['duration_ms']:.3f} ms {fields['peer']}"
     if "client" in fields:
@@ -263,6 +270,9 @@ def _access_record(call: Call) -> logging.LogRecord:
         text += f" request_id={fields['request_id']!r}"
     if "trace_id" in fields:
         text += f" trace_id={fields['trace_id']}"
+    if reason:
+        fields["reason"] = reason
+        text += f" reason={reason}"
     if detail:
         fields["detail"] = detail
         text += f": {detail}"

@@ -158,6 +158,14 @@ class Metrics:
         self.requests = Counter(
             "attnserve_requests_total", "RPCs answered, by method and status code", ["rpc", "code"], registry=r
         )
+        self.errors = Counter(
+            "attnserve_errors_total",
+            "Calls the server answered with an error, by method and reason: the google.rpc.ErrorInfo reason the "
+            "client was told (QUEUE_FULL, CALLS_AT_LIMIT, CLIENT_CALL_RATE, INVALID_INPUT, ...; README's Errors "
+            "table), so that which limit or check refuses calls shows apart; each also in attnserve_requests_total",
+            ["rpc", "reason"],
+            registry=r,
+        )
         # every histogram is observed on a request's or a batch's path: counted in bulk (BufferedHistogram)
         self.request_seconds = BufferedHistogram(
             "attnserve_request_duration_seconds", "Time from arrival to answer", LATENCY_BUCKETS, r, ["rpc"]

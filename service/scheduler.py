@@ -50,7 +50,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from service.batcher import DEADLINE_HEADROOM
-from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from service.errors import (
+    GENERATION_UNAVAILABLE,
+    QUEUE_TOO_LONG,
+    SHUTTING_DOWN,
+    DeadlineExceeded,
+    ModelNotReady,
+    Overloaded,
+)
 from service.handoff import Handoff
 from service.logs import CLIENT
 from service.metrics import Metrics
@@ -200,9 +207,11 @@ class Scheduler:
         """Refuse at once, before the prompt is tokenized, what could not be queued now, or what
         would wait so long for a slot that it could not be done before its deadline."""
         if self.dead:
-            raise ModelNotReady("generation is unavailable on this server; retry on another replica")
+            raise ModelNotReady(
+                "generation is unavailable on this server; retry on another replica", GENERATION_UNAVAILABLE
+            )
         if self._closed:
-            raise ModelNotReady("server is shutting down")
+            raise ModelNotReady("server is shutting down", SHUTTING_DOWN)
         if len(self.waiting) >= self.limits.max_waiting:
             raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
         if deadline is None:
@@ -214,7 +223,8 @@ class Scheduler:
         if done_in is not None and done_in > DEADLINE_HEADROOM * left:
             raise Overloaded(
                 f"generation: a sequence arriving now would be done in about {done_in:.3f}s, too near the "
-                f"{left:.3f}s left before the deadline; retry later or elsewhere"
+                f"{left:.3f}s left before the deadline; retry later or elsewhere",
+                QUEUE_TOO_LONG,
             )
 
     def expected_seconds(self, max_new_tokens: int) -> float | None:
@@ -339,7 +349,9 @@ class Scheduler:
     def _die(self) -> None:
         self.dead = True
         with contextlib.suppress(BaseException):
-            self._fail_all(ModelNotReady("generation stopped on this server; retry on another replica"))
+            self._fail_all(
+                ModelNotReady("generation stopped on this server; retry on another replica", GENERATION_UNAVAILABLE)
+            )
             self._flush()
             if self._handoff is not None and self.on_death is not None:
                 self._handoff.call(self.on_death)

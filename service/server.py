@@ -41,7 +41,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service import logs
 from service.config import ServerConfig, api_keys_file_bytes, read_api_keys
 from service.engine import Engine
-from service.errors import bounded
+from service.errors import METHOD_NOT_SERVED, bounded, details
 from service.guard import CallGuard
 from service.kserve import SERVICE_NAME as INFERENCE_NAME
 from service.kserve import InferenceServicer
@@ -102,18 +102,19 @@ class NotServed(grpc.GenericRpcHandler):
     def __init__(self, service: str) -> None:
         self.prefix = f"/{service}/"
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method: str = details.method  # type: ignore[attr-defined]
+    def service(self, call: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = call.method  # type: ignore[attr-defined]
         if not method.startswith(self.prefix):
             return None
         name = method[len(self.prefix) :]
 
         async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
+            code = grpc.StatusCode.UNIMPLEMENTED
+            message = (
                 f"{bounded(name)} is not served by attnserve; the Open Inference Protocol methods served are "
-                "ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and ModelStreamInfer",
+                "ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and ModelStreamInfer"
             )
+            await context.abort(code, message, details(code, message, METHOD_NOT_SERVED))
             return b""
 
         return grpc.unary_unary_rpc_method_handler(refuse)

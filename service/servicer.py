@@ -28,7 +28,7 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service import tracing
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
-from service.errors import InvalidInput, ModelNotReady, Overloaded, details, status_for
+from service.errors import ATTENTION_BYTES_AT_LIMIT, Failure, InvalidInput, ModelNotReady, Overloaded, status_for
 from service.logs import CLIENT, caller
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
@@ -75,7 +75,8 @@ class AttentionBudget:
         if self.held and self.held + n > self.limit:
             raise Overloaded(
                 f"{self.held / 2**20:.0f} MiB of attention maps are being computed or sent, and "
-                f"{n / 2**20:.1f} MiB more would pass the limit of {self.limit / 2**20:.0f} MiB; retry later"
+                f"{n / 2**20:.1f} MiB more would pass the limit of {self.limit / 2**20:.0f} MiB; retry later",
+                ATTENTION_BYTES_AT_LIMIT,
             )
         self.held += n
         given = False
@@ -164,10 +165,10 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         try:
             result = await handler()
         except Exception as e:
-            code, message = self.failure(rpc, e, context)
+            failed = self.failure(rpc, e, context)
             # before answering, so that a client that reads the metrics next sees it
-            self._observe(rpc, code, start, context, message)
-            await context.abort(code, message, details(code, message))
+            self._observe(rpc, failed.code, start, context, failed.message, failed.reason)
+            await context.abort(failed.code, failed.message, failed.trailers())
             raise  # abort raises; this line is for type checkers
         except asyncio.CancelledError:  # the client went away or its deadline passed
             self._observe(rpc, grpc.StatusCode.CANCELLED, start, context)
@@ -176,28 +177,38 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         return result
 
     @staticmethod
-    def failure(rpc: str, e: Exception, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    def failure(rpc: str, e: Exception, context: grpc.aio.ServicerContext) -> Failure:
         """What the client is told of an exception. One of the server's own is logged with its trace
         under an id of its own, with the caller's address and the request's id (``x-request-id``)
-        where it sent one, and the client is told that id and nothing else of it: so the record of a
-        failed call can be found among the server's, from the client's side."""
-        code, message = status_for(e)
-        if code == grpc.StatusCode.INTERNAL:
+        where it sent one, and the client is told that id (in the message, and as ErrorInfo's
+        ``errorId``) and nothing else of it: so the record of a failed call can be found among the
+        server's, from the client's side."""
+        failed = status_for(e)
+        if failed.code == grpc.StatusCode.INTERNAL:
             error = secrets.token_hex(8)
             fields = {"rpc": rpc, "error_id": error, **caller(context)}
             said = "; ".join(f"{k} {v}" for k, v in fields.items() if k != "rpc")
             log.error("%s failed (%s)", rpc, said, exc_info=e, extra=fields)
-            message = f"{message} as error {error}"
-        return code, message
+            return failed._replace(message=f"{failed.message} as error {error}", metadata={"errorId": error})
+        return failed
 
     def _observe(
-        self, rpc: str, code: grpc.StatusCode, start: float, context: grpc.aio.ServicerContext, detail: str = ""
+        self,
+        rpc: str,
+        code: grpc.StatusCode,
+        start: float,
+        context: grpc.aio.ServicerContext,
+        detail: str = "",
+        reason: str = "",
     ) -> None:
-        """Count a call answered with ``code`` (told ``detail``); where the access log is on, log it, and where
-        calls are traced, trace it, its duration's exemplar the ids of its span where sampled."""
+        """Count a call answered with ``code`` (told ``detail``, for ``reason``); where the access log is
+        on, log it, and where calls are traced, trace it, its duration's exemplar the ids of its span
+        where sampled."""
         seconds = time.monotonic() - start
         self.metrics.requests.labels(rpc, code.name).inc()
-        exemplar = tracing.answered(rpc, code.name, seconds, context, detail, self.access_log)
+        if reason:
+            self.metrics.errors.labels(rpc, reason).inc()
+        exemplar = tracing.answered(rpc, code.name, seconds, context, detail, self.access_log, reason)
         self.metrics.request_seconds.labels(rpc).observe(seconds, exemplar)  # (its span's ids, where sampled)
 
     # --- shared validation ---------------------------------------------------------------------
@@ -528,9 +539,9 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             scheduler = self._scheduler()
             token_text = self._engine().token_text
         except Exception as e:
-            code, message = self.failure("GenerateStream", e, context)
-            self._observe("GenerateStream", code, start, context, message)
-            await context.abort(code, message, details(code, message))
+            failed = self.failure("GenerateStream", e, context)
+            self._observe("GenerateStream", failed.code, start, context, failed.message, failed.reason)
+            await context.abort(failed.code, failed.message, failed.trailers())
             raise
         code = grpc.StatusCode.OK
         traced = tracing.active()
@@ -544,9 +555,10 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:
-            code, message = self.failure("GenerateStream", e, context)
-            self._observe("GenerateStream", code, start, context, message)
-            await context.abort(code, message, details(code, message))
+            failed = self.failure("GenerateStream", e, context)
+            code = failed.code
+            self._observe("GenerateStream", code, start, context, failed.message, failed.reason)
+            await context.abort(code, failed.message, failed.trailers())
             raise
         finally:
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):

@@ -3,7 +3,8 @@
 With ``--otlp-endpoint`` (a collector's OTLP/gRPC address: an OpenTelemetry Collector, Jaeger,
 Tempo), each call answered is a SERVER span named ``<service>/<method>``, with OpenTelemetry's RPC
 attributes (``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``), the
-caller's, and what a call not answered OK was told (``attnserve.detail``). Its parent is the caller's span where the
+caller's, and what a call not answered OK was told (``attnserve.detail``) and why (``error.type``, its
+ErrorInfo reason). Its parent is the caller's span where the
 call carried a W3C ``traceparent``, so the server's span sits in the client's trace; otherwise it
 starts a trace. Encode's and AttentionMap's spans have two children, ``queue`` (waiting for a
 batch) and ``compute`` (the batch the call's texts ran in), and a generation's a ``queue`` child
@@ -77,23 +78,26 @@ def active() -> bool:
     return _current is not None
 
 
-def answered(rpc: str, code: str, seconds: float, context: Any, detail: str, access_log: bool) -> dict[str, str] | None:
-    """A call answered ``code`` after ``seconds``: its access record where ``access_log`` is on, and its
-    span where calls are traced, the caller's fields read from its metadata once for both. The
+def answered(
+    rpc: str, code: str, seconds: float, context: Any, detail: str, access_log: bool, reason: str = ""
+) -> dict[str, str] | None:
+    """A call answered ``code`` (for ``reason``, an error's) after ``seconds``: its access record where
+    ``access_log`` is on, and its span where calls are traced, the caller's fields read from its
+    metadata once for both. The
     exemplar for its duration where its span is sampled: the span's ``trace_id`` and ``span_id``
     (the record carries that ``trace_id`` too, where the server started the trace)."""
     tracing = _current
     if tracing is None:
         if access_log:
-            access(rpc, code, seconds, context, detail)
+            access(rpc, code, seconds, context, detail, reason=reason)
         return None
     who = caller(context)
     trace_id, span_id, sampled = tracing.ids.choose(who)
     exemplar = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"} if sampled else None
     if access_log:  # in the trace the server started, where it is sampled, as in the caller's
         started = sampled and "trace_id" not in who
-        access(rpc, code, seconds, context, detail, {**who, "trace_id": f"{trace_id:032x}"} if started else who)
-    call = (time.time(), time.monotonic(), rpc, code, seconds, who, detail, PHASES.get(), trace_id, span_id)
+        access(rpc, code, seconds, context, detail, {**who, "trace_id": f"{trace_id:032x}"} if started else who, reason)
+    call = (time.time(), time.monotonic(), rpc, code, seconds, who, detail, reason, PHASES.get(), trace_id, span_id)
     tracing.note(call)
     return exemplar
 
@@ -198,6 +202,7 @@ class Tracing:
         seconds: float,
         who: dict[str, str],
         detail: str,
+        reason: str,
         phases: tuple[float, float, float | None, dict[str, Any]] | None,
         trace_id: int,
         span_id: int,
@@ -227,6 +232,8 @@ class Tracing:
             attributes["attnserve.request_id"] = who["request_id"]
         if detail:
             attributes["attnserve.detail"] = detail
+        if reason:  # (OpenTelemetry's attribute for the class of error a call ended with)
+            attributes["error.type"] = reason
         if phases is not None:
             attributes.update(phases[3])
         start = ns(mono - seconds)

@@ -26,6 +26,7 @@ from protos.attnserve.v1 import attnserve_pb2 as pb
 from service.guard import PROBE_REQUEST_BYTES
 from tests.reliability.conftest import ALLOWED, SERVING, health
 from tests.service.conftest import ServerThread, config, outcome, wait_for
+from tests.service.test_server import metrics, reason
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AttnServe"]
 METHODS = {m.name: m for m in SERVICE.methods}
@@ -428,6 +429,7 @@ def test_health_and_reflection_requests_are_bounded_in_bytes(guarded: ServerThre
             ask(long_name, timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"grpc.health.v1.HealthCheckRequest is at most {PROBE_REQUEST_BYTES} bytes" in e.value.details()
+        assert reason(e.value) == "REQUEST_TOO_LARGE"
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
     with pytest.raises(grpc.RpcError) as e:
         list(reflect(iter([reflection_pb2.ServerReflectionRequest(file_by_filename="f" * 5000)]), timeout=10))
@@ -453,6 +455,8 @@ def test_a_burst_of_attention_maps_is_bounded_in_bytes(model_dir: Path) -> None:
             )
         codes = [code for code, _ in outcomes]
         assert grpc.StatusCode.OK in codes and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        why = ("attnserve_errors_total", (("reason", "ATTENTION_BYTES_AT_LIMIT"), ("rpc", "AttentionMap")))
+        assert metrics(st)[why] == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)  # each refusal, and why
         budget = st.server.servicer.attention_budget
         deadline = time.monotonic() + 5
         while budget.held and time.monotonic() < deadline:

@@ -7,6 +7,7 @@ Each is answered, with a client error, and none is held outside the server's bou
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import queue
 import socket
@@ -21,6 +22,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import pytest
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
@@ -29,7 +31,7 @@ from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from tests.reliability.conftest import SERVING, health
 from tests.service.conftest import ServerThread, config, wait_for
-from tests.service.test_server import metrics
+from tests.service.test_server import metrics, reason, reason_of
 
 
 class Peer:
@@ -41,6 +43,7 @@ class Peer:
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.h2.initiate_connection()
         self.statuses: dict[int, tuple[int, str]] = {}  # stream: grpc-status, grpc-message
+        self.reasons: dict[int, str] = {}  # stream: the reason of the ErrorInfo in grpc-status-details-bin
         self._flush()
 
     def open(
@@ -72,6 +75,9 @@ class Peer:
                     headers = dict(event.headers)
                     if "grpc-status" in headers:
                         self.statuses[event.stream_id] = (int(headers["grpc-status"]), headers.get("grpc-message", ""))
+                    if said := headers.get("grpc-status-details-bin"):  # base64, its padding left off
+                        status = status_pb2.Status.FromString(base64.b64decode(said + "=" * (-len(said) % 4)))
+                        self.reasons[event.stream_id] = reason_of(status)
                 elif isinstance(event, h2.events.DataReceived):
                     self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             self._flush()
@@ -145,6 +151,7 @@ def test_a_call_that_ends_before_its_request_came_is_answered(
         sid = peer.open(path, body, end=True)
         code, message = peer.answered({sid})[sid]
         assert code == INVALID_ARGUMENT and message.startswith("no request message")
+        assert peer.reasons[sid] == "NO_REQUEST"
     finally:
         peer.close()
     assert wait_for(lambda: served.server.guard.in_flight == 0)  # its place given back as the call ends
@@ -162,9 +169,10 @@ def test_calls_opened_with_nothing_sent_hold_their_places_and_give_them_back(ser
         over = {peer.open(ENCODE), peer.open(ENCODE)}
         answers = peer.answered(over)
         assert {code for code, _ in answers.values()} == {RESOURCE_EXHAUSTED}, answers
+        assert {peer.reasons[s] for s in over} == {"CALLS_AT_LIMIT"}
         with pytest.raises(grpc.RpcError) as e:
             served.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=10)
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(e.value) == "CALLS_AT_LIMIT"
         assert health(served.address) == SERVING
         assert not peer.answered(set(held), timeout=0.2)  # still waiting: nothing was sent on them
     finally:
@@ -192,6 +200,7 @@ def test_health_checks_whose_requests_never_come_are_bounded_and_a_sent_check_is
         answers = peer.answered(set(opened[:2]))
         assert [answers[s][0] for s in opened[:2]] == [RESOURCE_EXHAUSTED] * 2
         assert "waited longest" in answers[opened[0]][1]
+        assert peer.reasons[opened[0]] == peer.reasons[opened[1]] == "REQUEST_NOT_SENT"
         assert metrics(served).get(refused, 0) == before + 2  # counted under the method refused
         assert not peer.answered(set(opened[2:]), timeout=0.2)
         assert guard.probes_waiting == 3
@@ -237,6 +246,7 @@ def test_a_call_whose_request_does_not_come_in_time_is_answered_and_gives_back_i
         sid = peer.open(path, body)
         code, message = peer.answered({sid}, timeout=10)[sid]
         assert code == DEADLINE_EXCEEDED and "no whole request within 0.5 s" in message, message
+        assert peer.reasons[sid] == "REQUEST_READ_TIMEOUT"
         assert wait_for(lambda: guard.in_flight == 0 and guard.streams_open == 0 and not guard.probes_waiting)
         # counted apart too, so that the error ratio's alert leaves it out: the client sent nothing
         assert metrics(impatient).get(timed_out, 0) == before + 1
@@ -274,24 +284,25 @@ def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that
     peer = Peer(impatient.address)
     # a v2 stream is told idle by its handler from its opening (the next test): it gives its place as
     # an idle stream does
-    reason, said = (
-        ("idle", "no request in progress for the longest")
+    why, said, told = (
+        ("idle", "no request in progress for the longest", "IDLE_STREAM")
         if path == STREAM_INFER
-        else ("evicted", "waited longest for its request")
+        else ("evicted", "waited longest for its request", "REQUEST_NOT_SENT")
     )
     try:
-        evicted = ("attnserve_calls_without_request_total", (("reason", reason),))
+        evicted = ("attnserve_calls_without_request_total", (("reason", why),))
         before = metrics(impatient)[evicted]
         held = [peer.open(path) for _ in range(4)]
         assert wait_for(lambda: held_now() == 4)
         with pytest.raises(grpc.RpcError) as e:  # fresh: the newcomer is refused, as at any full server
             newcomer()
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason(e.value) == ("CALLS_AT_LIMIT" if admitted else "STREAMS_AT_LIMIT")
         time.sleep(guard.stalled_seconds + 0.1)
         newcomer()
         answers = peer.answered(set(held), timeout=1)
         assert list(answers) == [held[0]] and answers[held[0]][0] == RESOURCE_EXHAUSTED, answers
-        assert said in answers[held[0]][1]
+        assert said in answers[held[0]][1] and peer.reasons[held[0]] == told
         assert wait_for(lambda: held_now() == 3)  # the three left; the newcomer has gone
         assert metrics(impatient)[evicted] == before + 1
     finally:
@@ -339,6 +350,7 @@ def test_on_shutdown_a_call_still_waiting_for_its_request_is_refused_not_waited_
         stopping.start()
         code, message = peer.answered({sid})[sid]
         assert code == grpc.StatusCode.UNAVAILABLE.value[0] and "shutting down" in message, message
+        assert peer.reasons[sid] == "SHUTTING_DOWN"
         peer.close()  # (h2 takes no frame after a GOAWAY, so it cannot answer the ping gRPC's stop sends with it)
         stopping.join(20)
         assert time.monotonic() - start < 5  # a second's wait and the drain's quiet second, not the grace period

@@ -34,7 +34,7 @@ from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from tests.reliability.conftest import SERVING, health
 from tests.service.conftest import ServerThread, config, mount_secret
-from tests.service.test_server import metrics
+from tests.service.test_server import metrics, reason
 
 
 def code_of(future: Any) -> grpc.StatusCode:
@@ -282,14 +282,14 @@ def test_if_the_generation_loop_dies_health_says_so_and_calls_fail_rather_than_h
         scheduler._iterate = die  # type: ignore[method-assign]
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=5), timeout=10)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and reason(e.value) == "GENERATION_UNAVAILABLE"
         stop_at = time.monotonic() + 5
         while health(st.address) == SERVING:
             assert time.monotonic() < stop_at
             time.sleep(0.02)
         with pytest.raises(grpc.RpcError) as later:
             stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=5), timeout=10)
-        assert later.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert later.value.code() == grpc.StatusCode.UNAVAILABLE and reason(later.value) == "GENERATION_UNAVAILABLE"
     finally:
         st.stop()
 

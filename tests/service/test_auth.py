@@ -29,7 +29,7 @@ from service.cli import build_parser
 from service.config import ServerConfig
 from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config, fail_first_encode, mount_secret, wait_for
-from tests.service.test_server import metrics, rich
+from tests.service.test_server import detail, metrics, reason, rich
 
 KEYS = "# rotated monthly\n\n  old-key-0123456789  \nnew-key-9876543210\n"
 
@@ -70,23 +70,24 @@ def calls(address: str, metadata: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("metadata", "says"),
+    ("metadata", "says", "why"),
     [
-        ([], "this server needs an API key"),
-        ([("authorization", "Bearer not-a-key")], "not one this server accepts"),
-        ([("authorization", "Bearer old-key-012345678")], "not one this server accepts"),  # a prefix of one
-        ([("authorization", "Basic old-key-0123456789")], "scheme is not Bearer"),
-        ([("x-api-key", "old-key-0123456789")], "this server needs an API key"),
+        ([], "this server needs an API key", "API_KEY_MISSING"),
+        ([("authorization", "Bearer not-a-key")], "not one this server accepts", "API_KEY_INVALID"),
+        ([("authorization", "Bearer old-key-012345678")], "not one this server accepts", "API_KEY_INVALID"),  # a prefix
+        ([("authorization", "Basic old-key-0123456789")], "scheme is not Bearer", "API_KEY_MISSING"),
+        ([("x-api-key", "old-key-0123456789")], "this server needs an API key", "API_KEY_MISSING"),
     ],
     ids=["none", "wrong", "a prefix", "another scheme", "another header"],
 )
 def test_a_call_without_a_key_it_accepts_is_unauthenticated(
-    keyed: ServerThread, metadata: list[tuple[str, str]], says: str
+    keyed: ServerThread, metadata: list[tuple[str, str]], says: str, why: str
 ) -> None:
     before = metrics(keyed).get(("attnserve_requests_total", (("code", "UNAUTHENTICATED"), ("rpc", "Encode"))), 0)
     for name, answer in calls(keyed.address, metadata).items():
         assert isinstance(answer, grpc.RpcError), name
         assert answer.code() == grpc.StatusCode.UNAUTHENTICATED and says in (answer.details() or ""), name
+        assert reason(answer) == why, name  # a key sent and refused, or none sent as this server takes one
         assert "old-key" not in (answer.details() or "")  # no key is ever echoed
     after = metrics(keyed)[("attnserve_requests_total", (("code", "UNAUTHENTICATED"), ("rpc", "Encode")))]
     assert after == before + 1
@@ -207,6 +208,7 @@ def test_authorization_bytes_no_client_library_sends_are_unauthenticated(keyed: 
     finally:
         peer.close()
     assert code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert peer.reasons[sid] in ("API_KEY_MISSING", "API_KEY_INVALID")
 
 
 # --- keys read again as the file changes ---------------------------------------------------------
@@ -362,6 +364,7 @@ def test_a_client_at_its_limit_is_refused_while_others_are_served(model_dir: Pat
             st.stub().Encode(pb.EncodeRequest(texts=["hi"]), metadata=list(alice), timeout=30)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "client alice has 2 calls in progress, its limit" in (e.value.details() or "")
+        assert reason(e.value) == "CLIENT_CALLS_IN_PROGRESS"
         assert metrics(st)[limited] == 1
         assert works(st.address, "key-b")  # another client is served
         peer.close()  # alice's held calls end with their connection
@@ -386,10 +389,10 @@ def retrying(address: str, codes: list[str], backoff: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=[("grpc.service_config", json.dumps(config))])
 
 
-def pushed_back(stub: pb_grpc.AttnServeStub, metadata: list[tuple[str, str]], says: str) -> int:
+def pushed_back(stub: pb_grpc.AttnServeStub, metadata: list[tuple[str, str]], says: str, why: str) -> int:
     """An Encode with ``metadata``'s key, refused RESOURCE_EXHAUSTED for a rate of its client's whose
-    message starts ``says``: the milliseconds it was told to wait, in the message and as
-    grpc-retry-pushback-ms alike."""
+    message starts ``says`` (and whose reason is ``why``): the milliseconds it was told to wait, in the
+    message and as grpc-retry-pushback-ms alike."""
     with pytest.raises(grpc.RpcError) as e:
         stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=metadata, timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -397,11 +400,9 @@ def pushed_back(stub: pb_grpc.AttnServeStub, metadata: list[tuple[str, str]], sa
     pushback = int(dict(e.value.trailing_metadata() or ())["grpc-retry-pushback-ms"])
     assert details.startswith(f"{says}; retry in ") and details.endswith(f"retry in {pushback} ms"), details
     # the same as a google.rpc.RetryInfo, for clients that read the status' details
-    status = rich(e.value)
-    assert status is not None
-    (detail,) = status.details
-    retry = error_details_pb2.RetryInfo()
-    assert detail.Unpack(retry) and retry.retry_delay.ToMilliseconds() == pushback
+    retry = detail(rich(e.value), error_details_pb2.RetryInfo)
+    assert retry is not None and retry.retry_delay.ToMilliseconds() == pushback
+    assert reason(e.value) == why
     return pushback
 
 
@@ -417,7 +418,8 @@ def test_a_client_over_its_rate_is_refused_and_told_when_to_come_back(model_dir:
         stub = st.stub()
         for _ in range(2):  # the burst, at once
             stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=30)
-        pushback = pushed_back(stub, alice, "client alice is over its rate of 0.5 calls a second (a burst of 2)")
+        says = "client alice is over its rate of 0.5 calls a second (a burst of 2)"
+        pushback = pushed_back(stub, alice, says, "CLIENT_CALL_RATE")
         assert 0 < pushback <= 2000
         assert works(st.address, "key-b")  # a bucket of its own
         assert st.server.guard.in_flight == 0  # refused before it took a place
@@ -456,7 +458,8 @@ def test_a_client_over_its_token_rate_is_refused_until_its_bucket_fills_again(mo
         read = stub.Encode(pb.EncodeRequest(texts=["the king speaks to the crown"] * 8), metadata=alice, timeout=30)
         used = sum(e.token_count for e in read.embeddings)
         assert used > 60  # taken with a full bucket, and more than it held
-        pushback = pushed_back(stub, alice, "client alice is over its rate of 40 tokens a second (a burst of 60)")
+        says = "client alice is over its rate of 40 tokens a second (a burst of 60)"
+        pushback = pushed_back(stub, alice, says, "CLIENT_TOKEN_RATE")
         refused = time.monotonic()
         assert 0 < pushback <= (used - 60) / 40 * 1000 + 1  # the debt, at 40 a second (less what filled since)
         assert works(st.address, "key-b")  # a bucket of its own

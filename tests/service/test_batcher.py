@@ -221,8 +221,9 @@ def test_a_request_whose_deadline_cannot_be_met_is_refused_before_it_is_queued()
         held = [asyncio.ensure_future(b.submit(ids(10))) for _ in range(20)]
         await until(lambda: b.depth == 19)
         assert b.expected_wait() > 0
-        with pytest.raises(Overloaded, match="before the deadline"):
+        with pytest.raises(Overloaded, match="before the deadline") as refused:
             b.admit(1, time.monotonic() + b.expected_wait() / 2)
+        assert refused.value.reason == "QUEUE_TOO_LONG"  # not a full queue: a later call, or another replica, fits
         b.admit(1, time.monotonic() + b.expected_wait() * 2 + 1)  # time enough: admitted
         model.gate.set()
         await asyncio.gather(*held)

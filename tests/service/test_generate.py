@@ -18,7 +18,7 @@ import torch
 from model.train import load_checkpoint
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from tests.service.conftest import ServerThread, config, outcome
-from tests.service.test_server import metrics
+from tests.service.test_server import metrics, reason
 
 PROMPTS = ["The king", "Good sir waits for", "A fool laughs at the moon,\nThe night", "My"]
 
@@ -216,7 +216,7 @@ def test_a_full_waiting_queue_is_refused_at_once(slow: ServerThread) -> None:
     time.sleep(0.1)
     with pytest.raises(grpc.RpcError) as e:
         gen(stub, "One too many", max_new_tokens=2)
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(e.value) == "QUEUE_FULL"
     running.cancel()
     assert waiting.result(30).usage.generated_tokens == 2
 
@@ -242,7 +242,7 @@ def test_a_call_that_could_not_be_done_before_its_deadline_is_refused_at_once(mo
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(request, timeout=0.1)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
-        assert "deadline" in e.value.details()
+        assert "deadline" in e.value.details() and reason(e.value) == "QUEUE_TOO_LONG"
         assert time.monotonic() - start < 0.09  # at once, not when the deadline passed
         waiting = stub.Generate.future(request, timeout=60)  # time enough: queued behind the stream
         time.sleep(0.1)

@@ -30,7 +30,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import decode_probabilities
 from service.kserve import join_bytes, split_bytes
 from tests.service.conftest import ServerThread, config, fail_first_encode, wait_for
-from tests.service.test_server import metrics, violations
+from tests.service.test_server import metrics, reason, violations
 
 TEXTS = ["To be, or not to be", "the king speaks", "a"]
 
@@ -300,7 +300,7 @@ def test_methods_not_served_say_so(served: ServerThread) -> None:
     call = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
     with pytest.raises(grpc.RpcError) as e:
         call(b"", timeout=5)
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and reason(e.value) == "METHOD_NOT_SERVED"
     assert "RepositoryIndex is not served" in e.value.details() and "ModelInfer" in e.value.details()
     # a long name, within what the server reads of a path, is named cut short, in a trailer the client reads
     with pytest.raises(grpc.RpcError) as e:
@@ -309,7 +309,7 @@ def test_methods_not_served_say_so(served: ServerThread) -> None:
     assert e.value.details().startswith("\u00e9" * 100) and "ModelInfer" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         v2_grpc.GRPCInferenceServiceStub(channel).ModelReady(v2.ModelReadyRequest(name="gpt"))
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and reason(e.value) == "MODEL_NOT_FOUND"
 
 
 def test_counted_under_its_own_rpc_label(served: ServerThread, v2_stub: v2_grpc.GRPCInferenceServiceStub) -> None:
@@ -391,6 +391,7 @@ def test_at_a_full_bound_the_stream_idle_longest_gives_its_place_to_a_call_that_
             next(streams[0])
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "this stream had no request in progress for the longest" in (e.value.details() or "")
+        assert reason(e.value) == "IDLE_STREAM"
         for q, stream in zip(outgoing[1:], streams[1:], strict=True):  # the others go on
             q.put(infer("attnserve-encode", ["the king"]))
             assert not next(stream).error_message

@@ -180,6 +180,9 @@ def test_the_access_log_records_each_call_to_the_model_and_no_probe(
     assert "exceed the limit of 64" in records[1].detail  # type: ignore[attr-defined]
     assert "not a valid attnserve.v1.EncodeRequest" in records[4].detail  # type: ignore[attr-defined]
     assert not hasattr(records[0], "detail")
+    # and why, in the word its client was sent (the servicer's refusal, and the guard's)
+    assert (records[1].reason, records[4].reason) == ("INVALID_INPUT", "MALFORMED_REQUEST")  # type: ignore[attr-defined]
+    assert " reason=MALFORMED_REQUEST: " in records[4].getMessage() and not hasattr(records[0], "reason")
     traced = (records[0].trace_id, records[0].span_id, records[0].trace_flags)  # type: ignore[attr-defined]
     assert traced == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", "01")
     assert not hasattr(records[1], "trace_id")

@@ -9,10 +9,12 @@ import re
 import time
 import urllib.request
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -128,13 +130,36 @@ def rich(e: grpc.RpcError) -> status_pb2.Status | None:
     return status
 
 
+M = TypeVar("M", bound=Message)
+
+
+def detail(status: status_pb2.Status | None, kind: type[M]) -> M | None:
+    """The detail of type ``kind`` (BadRequest, RetryInfo, ErrorInfo) a google.rpc.Status carries, if any."""
+    assert status is not None, "no google.rpc.Status"
+    for packed in status.details:
+        if packed.Is(kind.DESCRIPTOR):
+            found = kind()
+            packed.Unpack(found)
+            return found
+    return None
+
+
+def reason_of(status: status_pb2.Status | None) -> str:
+    """The reason of the ErrorInfo a google.rpc.Status carries, which every error the server answers does."""
+    info = detail(status, error_details_pb2.ErrorInfo)
+    assert info is not None and info.domain == "attnserve", status
+    return info.reason
+
+
+def reason(e: grpc.RpcError) -> str:
+    """The reason a call's error said, in its google.rpc.Status's ErrorInfo."""
+    return reason_of(rich(e))
+
+
 def violations(e: grpc.RpcError) -> list[tuple[str, str]]:
     """The fields and descriptions of the BadRequest a call's error carried."""
-    status = rich(e)
-    assert status is not None, "no google.rpc.Status"
-    (detail,) = status.details
-    bad = error_details_pb2.BadRequest()
-    assert detail.Unpack(bad)
+    bad = detail(rich(e), error_details_pb2.BadRequest)
+    assert bad is not None, "no BadRequest"
     return [(v.field, v.description) for v in bad.field_violations]
 
 
@@ -163,17 +188,19 @@ def test_bad_inputs_get_invalid_argument_naming_the_field(served: ServerThread) 
         # a google.rpc.Status of the same code and message (grpc-status-details-bin)
         field, description = (e.value.details() or "").split(": ", 1)
         assert violations(e.value) == [(field, description)]
+        assert reason(e.value) == "INVALID_INPUT"
     # several problems, each its field (a description may hold "; " of its own)
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(
             pb.GenerateRequest(prompt="hi", max_new_tokens=4, temperature=-1, top_p=2, top_logprobs=30), timeout=30
         )
     assert [field for field, _ in violations(e.value)] == ["temperature", "top_p", "top_logprobs"]
-    # bytes that are no request name no field: no details
+    # bytes that are no request name no field: a reason of their own, and no BadRequest
     with pytest.raises(grpc.RpcError) as e:
         served_raw = grpc.insecure_channel(served.address).unary_unary("/attnserve.v1.AttnServe/Encode")
         served_raw(b"\xff\xff\xff", timeout=30)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and rich(e.value) is None
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(e.value) == "MALFORMED_REQUEST"
+    assert detail(rich(e.value), error_details_pb2.BadRequest) is None
     # and the server still serves
     assert stub.Encode(pb.EncodeRequest(texts=["still here"])).embeddings
 
@@ -203,8 +230,10 @@ def test_metrics_parse_and_move(served: ServerThread) -> None:
     after = metrics(served)
     ok = ("attnserve_requests_total", (("code", "OK"), ("rpc", "Encode")))
     bad = ("attnserve_requests_total", (("code", "INVALID_ARGUMENT"), ("rpc", "Encode")))
+    why = ("attnserve_errors_total", (("reason", "INVALID_INPUT"), ("rpc", "Encode")))
     assert after[ok] == before.get(ok, 0) + 1
     assert after[bad] == before.get(bad, 0) + 1
+    assert after[why] == before.get(why, 0) + 1  # and why, apart
     tokens = ("attnserve_tokens_total", (("graph", "encode"),))
     assert after[tokens] > before.get(tokens, 0)
     assert after[("attnserve_ready", ())] == 1
@@ -248,6 +277,8 @@ def test_queue_full_is_refused_at_once(model_dir: Path) -> None:
         with pytest.raises(grpc.RpcError) as e:
             stub.Encode(pb.EncodeRequest(texts=["one too many"]))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 0.5
+        assert reason(e.value) == "QUEUE_FULL"
+        assert metrics(st)[("attnserve_errors_total", (("reason", "QUEUE_FULL"), ("rpc", "Encode")))] == 1
         assert all(f.result().embeddings for f in held)  # the queued ones are still served
     finally:
         st.stop()
@@ -287,6 +318,9 @@ def test_a_failing_batch_fails_only_its_requests(model_dir: Path, caplog: pytest
         assert "device" not in e.value.details()  # the detail stays in the log
         error = re.fullmatch(re.escape(INTERNAL_MESSAGE) + r" as error ([0-9a-f]{16})", e.value.details())
         assert error is not None
+        # and as the ErrorInfo's errorId, for a client that keeps the reason and its metadata apart
+        info = detail(rich(e.value), error_details_pb2.ErrorInfo)
+        assert info is not None and info.reason == "INTERNAL_ERROR" and info.metadata["errorId"] == error.group(1)
         (record,) = [r for r in caplog.records if getattr(r, "error_id", None) == error.group(1)]
         assert record.exc_info is not None and "device lost its mind" in str(record.exc_info[1])
         assert (record.rpc, record.request_id) == ("Encode", "req-42")  # type: ignore[attr-defined]
@@ -315,7 +349,7 @@ def test_health_waits_for_the_model_and_turns_on_shutdown(model_dir: Path, monke
         assert check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.RpcError) as e:
             st.stub().Encode(pb.EncodeRequest(texts=["early"]))
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and reason(e.value) == "MODEL_LOADING"
         loaded.set_result(None)
         deadline = time.monotonic() + 30
         while check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:

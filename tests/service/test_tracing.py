@@ -113,7 +113,8 @@ def test_each_call_is_a_span_in_its_callers_trace_with_its_queue_and_compute(
     # a client error is the client's: its span is not marked an error
     said = attributes(invalid.attributes)
     assert said["rpc.grpc.status_code"] == 3 and said["attnserve.detail"] == "texts: at least one text is required"
-    assert "attnserve.detail" not in attributes(encode.attributes)
+    assert said["error.type"] == "INVALID_INPUT"  # the reason its client was sent
+    assert "attnserve.detail" not in attributes(encode.attributes) and "error.type" not in attributes(encode.attributes)
     assert invalid.status.code == trace_pb2.Status.STATUS_CODE_UNSET
     # with no traceparent, a call starts a trace of its own
     (generate,) = by_name(spans, "attnserve.v1.AttnServe/Generate")
