@@ -15,6 +15,8 @@ The model's calls are tried again (``--retries``, 2 by default) where the server
 doing any work: UNAVAILABLE (a server draining for shutdown) and RESOURCE_EXHAUSTED (a full server,
 or a client over its own limits), by gRPC's own retry policy (``service_config``), which waits as
 the server says in ``grpc-retry-pushback-ms`` where it says, and backs off exponentially where not.
+An error is written with its code, its reason (the ErrorInfo's) and its message:
+``RESOURCE_EXHAUSTED (QUEUE_FULL): encode queue is full (1024 waiting); retry later``.
 """
 
 from __future__ import annotations
@@ -258,6 +260,22 @@ def main(args: argparse.Namespace) -> int:
             info["configJson"] = json.loads(r.config_json)
             sys.stdout.write(json.dumps(info, indent=2) + "\n")
     except grpc.RpcError as e:
-        sys.stderr.write(f"{e.code().name}: {e.details()}\n")
+        why = error_reason(e)
+        sys.stderr.write(f"{e.code().name}{f' ({why})' if why else ''}: {e.details()}\n")
         return 1
     return 0
+
+
+def error_reason(e: grpc.RpcError) -> str:
+    """The reason an error's google.rpc.ErrorInfo gives (attnserve's README lists them), or "" where
+    it carried none (gRPC's own errors, an error past the size the server sends details at)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    raw = dict(e.trailing_metadata() or ()).get("grpc-status-details-bin")  # type: ignore[attr-defined]
+    if not isinstance(raw, bytes):
+        return ""
+    info = error_details_pb2.ErrorInfo()
+    for detail in status_pb2.Status.FromString(raw).details:
+        if detail.Unpack(info):
+            return info.reason
+    return ""

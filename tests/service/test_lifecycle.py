@@ -131,4 +131,4 @@ def test_command_line_client(process: tuple[subprocess.Popen[str], int], tmp_pat
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["layer1_head0.png", "layer1_head1.png"]
     assert '"name": "tiny"' in run("info")
     bad = subprocess.run([*base, "attention", "hi", "--layers", "9"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+    assert bad.returncode == 1 and "INVALID_ARGUMENT (INVALID_INPUT): layers" in bad.stderr, bad.stderr
