@@ -39,7 +39,8 @@ A gRPC server interceptor, so that one place covers every method of every servic
   client that opened calls and sent nothing kept out every other. Likewise at a full bound of the
   model's calls, a stream whose handler says it has no request in progress (STREAM_IDLE; the v2
   service's, from its opening, since its client may open it long before its first request), idle
-  longest and for STALLED_SECONDS, is ended to make room.
+  longest and for STALLED_SECONDS, is ended to make room. The same at a client's own full bound
+  (``max_per_client``), among that client's calls and streams alone.
 
 Health and reflection (and the v2 service's liveness, readiness and metadata calls) are never
 refused for load or shutdown: a probe must be answered whatever the server is doing. Only their
@@ -290,15 +291,16 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.in_flight = 0
         self.max_streams = max_streams
         self.streams_open = 0  # health's and reflection's, which are not admitted
-        # calls of one request opened and waiting for it, by kind, oldest first: their rpc and since when
-        self._unread: dict[str, dict[grpc.aio.ServicerContext, tuple[str, float]]] = {
+        # calls of one request opened and waiting for it, by kind, oldest first: their rpc, since when,
+        # and their client (None without API keys, and for probes)
+        self._unread: dict[str, dict[grpc.aio.ServicerContext, tuple[str, float, str | None]]] = {
             ADMITTED: {},
             STREAM: {},
             PROBE: {},
         }
         # the model's streams with no request in progress (told by their handlers, STREAM_IDLE), idle
-        # longest first: their rpc, since when idle, and since when open
-        self._idle_streams: dict[grpc.aio.ServicerContext, tuple[str, float, float]] = {}
+        # longest first: their rpc, since when idle, since when open, and their client
+        self._idle_streams: dict[grpc.aio.ServicerContext, tuple[str, float, float, str | None]] = {}
         self.read_timeout = read_timeout  # a request not come whole in this long: DEADLINE_EXCEEDED
         self.stalled_seconds = STALLED_SECONDS
         self._sweep: asyncio.TimerHandle | None = None  # the next look for requests overdue
@@ -377,12 +379,13 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 await self._open(rpc, context, kind)
                 opened = time.monotonic()
                 idle = self._idle_streams
+                client = CLIENT.get()
 
                 def tell(now_idle: bool) -> None:
                     if not now_idle:
                         idle.pop(context, None)
                     elif context not in idle:
-                        idle[context] = (rpc, time.monotonic(), opened)
+                        idle[context] = (rpc, time.monotonic(), opened, client)
 
                 if kind is ADMITTED:
                     STREAM_IDLE.set(tell)  # (in this call's task: its handler's, and the tasks it makes)
@@ -476,7 +479,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         unread = self._unread[kind]
         if kind is PROBE and len(unread) >= self.max_streams:
             self._evict(PROBE, f"{len(unread)} probe calls waiting for their requests, the limit")
-        unread[context] = (rpc, time.monotonic())
+        unread[context] = (rpc, time.monotonic(), CLIENT.get() if kind is ADMITTED else None)
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self.read_timeout, self._overdue)
         try:
@@ -507,8 +510,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 # its own limits, those that take nothing first, so that a call refused takes nothing
                 held = self.by_client.get(client, 0)
                 if self.max_per_client and held >= self.max_per_client:
-                    message = f"client {client} has {held} calls in progress, its limit; retry later"
-                    await self._limit(rpc, context, client, IN_PROGRESS, message)
+                    # its own call stalled for its request, or its own stream idle, gives way first: a
+                    # client that keeps streams open for good (tritonclient) is not kept out by them
+                    full = f"client {client} has {held} calls in progress, its limit"
+                    if not self._evict_stalled(ADMITTED, full, client) and not self._evict_idle(full, client):
+                        await self._limit(rpc, context, client, IN_PROGRESS, f"{full}; retry later")
                 if self.token_rate and (wait := self._owed(client)):
                     await self._over_rate(rpc, context, client, TOKENS, wait)
                 if self.rate and (wait := self._take(client)):
@@ -609,35 +615,37 @@ class CallGuard(grpc.aio.ServerInterceptor):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
         await self._refuse(rpc, context, code, message, LIMIT_REASONS[limit], pushback_ms=pushback_ms)
 
-    def _evict_stalled(self, kind: str, full: str) -> bool:
-        """At a full bound (``full`` says which): refuse the call of ``kind`` waiting longest for its
-        request if it has waited ``stalled_seconds``, and say whether one was. Its place comes back
-        as its read ends, so meanwhile the bound is passed by the calls being refused."""
+    def _evict_stalled(self, kind: str, full: str, client: str | None = None) -> bool:
+        """At a full bound (``full`` says which): refuse the call of ``kind`` (of ``client``'s, given
+        one) waiting longest for its request if it has waited ``stalled_seconds``, and say whether
+        one was. Its place comes back as its read ends, so meanwhile the bound is passed by the calls
+        being refused."""
         unread = self._unread[kind]
-        if not unread or time.monotonic() - next(iter(unread.values()))[1] < self.stalled_seconds:
+        oldest = next((c for c, held in unread.items() if client is None or held[2] == client), None)
+        if oldest is None or time.monotonic() - unread[oldest][1] < self.stalled_seconds:
             return False
-        self._evict(kind, full)
+        rpc, since, _ = unread.pop(oldest)
+        message = f"{full}; this call waited longest for its request"
+        self._give_up(rpc, oldest, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since, "evicted", REQUEST_NOT_SENT)
         return True
 
-    def _evict_idle(self, full: str) -> bool:
-        """At a full bound of the model's calls (``full`` says so): end the stream with no request in
-        progress for the longest, if that has been ``stalled_seconds``, and say whether one was. It is
-        answered RESOURCE_EXHAUSTED, as a call refused at a full server is: a client that keeps a
-        stream open for good opens another when it next has a request."""
-        if not self._idle_streams:
+    def _evict_idle(self, full: str, client: str | None = None) -> bool:
+        """At a full bound of the model's calls (``full`` says so): end the stream (of ``client``'s,
+        given one) with no request in progress for the longest, if that has been ``stalled_seconds``,
+        and say whether one was. It is answered RESOURCE_EXHAUSTED, as a call refused at a full
+        server is: a client that keeps a stream open for good opens another when it next has a request."""
+        idle = self._idle_streams
+        context = next((c for c, held in idle.items() if client is None or held[3] == client), None)
+        if context is None or (idle_for := time.monotonic() - idle[context][1]) < self.stalled_seconds:
             return False
-        context, (rpc, since, opened) = next(iter(self._idle_streams.items()))
-        idle_for = time.monotonic() - since
-        if idle_for < self.stalled_seconds:
-            return False
-        del self._idle_streams[context]
+        rpc, _, opened, _ = idle.pop(context)
         message = f"{full}; this stream had no request in progress for the longest ({idle_for:.1f} s)"
         self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, opened, "idle", IDLE_STREAM)
         return True
 
     def _evict(self, kind: str, why: str) -> None:
         """Refuse the call of ``kind`` waiting longest for its request, to make room for another."""
-        context, (rpc, since) = next(iter(self._unread[kind].items()))
+        context, (rpc, since, _) = next(iter(self._unread[kind].items()))
         del self._unread[kind][context]
         message = f"{why}; this call waited longest for its request"
         self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since, "evicted", REQUEST_NOT_SENT)
@@ -654,7 +662,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
             draining = self.refusing if kind is ADMITTED else None  # the reason, while the server drains
             wait = self.stalled_seconds if draining is not None else self.read_timeout
             while unread:
-                context, (rpc, since) = next(iter(unread.items()))
+                context, (rpc, since, _) = next(iter(unread.items()))
                 if since + wait > now:
                     next_due = min(next_due, since + wait)
                     break

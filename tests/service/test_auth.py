@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import re
 import signal
 import time
@@ -351,6 +352,7 @@ def test_a_client_at_its_limit_is_refused_while_others_are_served(model_dir: Pat
     path = tmp_path / "keys"
     path.write_text("alice key-a\nbob key-b\n")
     st = ServerThread(config(model_dir, api_keys_file=path, max_calls_per_client=2, max_concurrent_calls=8)).start()
+    st.server.guard.stalled_seconds = 60.0  # the held calls are not to give way here (the next test)
     peer = Peer(st.address)
     try:
         alice = (("authorization", "Bearer key-a"),)
@@ -378,6 +380,63 @@ def test_a_client_at_its_limit_is_refused_while_others_are_served(model_dir: Pat
         st.stop()
     with pytest.raises(ValueError, match="max_calls_per_client needs api_keys_file"):
         ServerConfig(max_calls_per_client=4)
+
+
+def test_at_its_limit_a_clients_own_stalled_call_or_idle_stream_gives_way_to_its_new_call(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A client's own calls waiting for their requests, or its own v2 streams with no request in
+    progress (tritonclient keeps one open for good), held its places of max_calls_per_client: a
+    tenant whose workers each kept a stream open could make no other call. At its limit, its call
+    stalled longest for its request, or else its stream idle longest (once a second), is ended
+    RESOURCE_EXHAUSTED to make room for its new one; another client's are never touched."""
+    path = tmp_path / "keys"
+    path.write_text("alice key-a\nbob key-b\n")
+    st = ServerThread(config(model_dir, api_keys_file=path, max_calls_per_client=2, max_concurrent_calls=8)).start()
+    guard = st.server.guard
+    alice, bob = [("authorization", "Bearer key-a")], [("authorization", "Bearer key-b")]
+    text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"the king")
+    infer = v2.ModelInferRequest(model_name="attnserve-encode", inputs=[text])
+    v2_stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(st.address))
+    outgoing: dict[str, Any] = {}
+    peer = Peer(st.address)
+    try:
+        # bob's idle stream first: the oldest on the server, and not alice's to end
+        for name, key in (("bob", bob), ("alice 1", alice), ("alice 2", alice)):
+            outgoing[name] = queue.Queue()
+            stream = v2_stub.ModelStreamInfer(iter(outgoing[name].get, None), metadata=key, timeout=60)
+            outgoing[name].put(infer)
+            assert not next(stream).error_message  # served, then idle
+            outgoing[name + " stream"] = stream
+        assert guard.by_client == {"bob": 1, "alice": 2}
+        time.sleep(guard.stalled_seconds + 0.2)
+        limited = ("attnserve_client_calls_limited_total", (("client", "alice"), ("limit", "in_progress")))
+        assert len(st.stub().Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=10).embeddings) == 1
+        with pytest.raises(grpc.RpcError) as e:  # alice's stream idle longest made room
+            next(outgoing["alice 1 stream"])
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(e.value) == "IDLE_STREAM"
+        assert "client alice has 2 calls in progress, its limit; this stream had no request" in e.value.details()
+        for name in ("bob", "alice 2"):  # the others go on
+            outgoing[name].put(infer)
+            assert not next(outgoing[name + " stream"]).error_message
+        assert metrics(st).get(limited, 0) == 0  # nothing was refused
+        # a call of alice's opened with nothing sent, stalled: it gives way before her idle stream
+        held = peer.open("/attnserve.v1.AttnServe/Encode", metadata=tuple(alice))
+        assert wait_for(lambda: guard.by_client["alice"] == 2)
+        time.sleep(guard.stalled_seconds + 0.2)
+        assert len(st.stub().Encode(pb.EncodeRequest(texts=["hi"]), metadata=alice, timeout=10).embeddings) == 1
+        code, message = peer.answered({held})[held]
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "waited longest for its request" in message
+        assert peer.reasons[held] == "REQUEST_NOT_SENT"
+        outgoing["alice 2"].put(infer)
+        assert not next(outgoing["alice 2 stream"]).error_message
+    finally:
+        peer.close()
+        for name in ("bob", "alice 1", "alice 2"):
+            if name in outgoing:
+                outgoing[name].put(None)
+        st.stop()
 
 
 def retrying(address: str, codes: list[str], backoff: str) -> grpc.Channel:
@@ -522,7 +581,7 @@ def test_the_command_line_client_comes_back_when_the_server_says(
     try:
         assert run() == (0, "")  # the bucket's one call
         code, err = run("--retries", "0")
-        assert code == 1 and err.startswith("RESOURCE_EXHAUSTED: client alice is over its rate")
+        assert code == 1 and err.startswith("RESOURCE_EXHAUSTED (CLIENT_CALL_RATE): client alice is over its rate")
         start = time.monotonic()
         assert run() == (0, "")  # refused, then served after the pushback (up to 2 s)
         assert time.monotonic() - start < 10
