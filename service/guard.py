@@ -542,8 +542,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str, str]:
         """The name of the client whose key the call carries, or why its key is not one of
-        ``api_keys`` (and the reason). Every key is compared, each in constant time, so the time taken says nothing
-        of how near a guess came."""
+        ``api_keys`` (and the reason). Every key is compared, each in constant time, so the time
+        taken says nothing of how near a guess came."""
         assert self.api_keys is not None
         given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
         if not isinstance(given, str):
