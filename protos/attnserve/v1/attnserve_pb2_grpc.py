@@ -28,10 +28,15 @@ if _version_not_supported:
 class AttnServeStub:
     """One service for every model operation. Errors use the standard gRPC codes:
     INVALID_ARGUMENT for a request the model cannot take (the message names the field),
-    RESOURCE_EXHAUSTED when the server's queue is full (retry later), DEADLINE_EXCEEDED
-    when the deadline passed before the model ran, UNAVAILABLE while the model is loading
-    or the server is shutting down, INTERNAL for anything unexpected (details are logged
-    on the server, not sent).
+    RESOURCE_EXHAUSTED when the server cannot take the work now (a full queue, its bound of
+    calls, or the client's own limits; retry later), DEADLINE_EXCEEDED when the deadline
+    passed before the model ran, UNAVAILABLE while the model is loading or the server is
+    shutting down, INTERNAL for anything unexpected (details are logged on the server, not
+    sent). Each error the server answers also carries a google.rpc.Status in the
+    grpc-status-details-bin trailer: an ErrorInfo (domain "attnserve") whose reason says which
+    check or limit it was (QUEUE_FULL, CLIENT_CALL_RATE, INVALID_INPUT, ...; README's table),
+    a BadRequest naming the fields at fault, and a RetryInfo where the server says when to
+    come back.
     """
 
     def __init__(self, channel):
@@ -75,10 +80,15 @@ class AttnServeStub:
 class AttnServeServicer:
     """One service for every model operation. Errors use the standard gRPC codes:
     INVALID_ARGUMENT for a request the model cannot take (the message names the field),
-    RESOURCE_EXHAUSTED when the server's queue is full (retry later), DEADLINE_EXCEEDED
-    when the deadline passed before the model ran, UNAVAILABLE while the model is loading
-    or the server is shutting down, INTERNAL for anything unexpected (details are logged
-    on the server, not sent).
+    RESOURCE_EXHAUSTED when the server cannot take the work now (a full queue, its bound of
+    calls, or the client's own limits; retry later), DEADLINE_EXCEEDED when the deadline
+    passed before the model ran, UNAVAILABLE while the model is loading or the server is
+    shutting down, INTERNAL for anything unexpected (details are logged on the server, not
+    sent). Each error the server answers also carries a google.rpc.Status in the
+    grpc-status-details-bin trailer: an ErrorInfo (domain "attnserve") whose reason says which
+    check or limit it was (QUEUE_FULL, CLIENT_CALL_RATE, INVALID_INPUT, ...; README's table),
+    a BadRequest naming the fields at fault, and a RetryInfo where the server says when to
+    come back.
     """
 
     def Encode(self, request, context):
@@ -167,10 +177,15 @@ def add_AttnServeServicer_to_server(servicer, server):
 class AttnServe:
     """One service for every model operation. Errors use the standard gRPC codes:
     INVALID_ARGUMENT for a request the model cannot take (the message names the field),
-    RESOURCE_EXHAUSTED when the server's queue is full (retry later), DEADLINE_EXCEEDED
-    when the deadline passed before the model ran, UNAVAILABLE while the model is loading
-    or the server is shutting down, INTERNAL for anything unexpected (details are logged
-    on the server, not sent).
+    RESOURCE_EXHAUSTED when the server cannot take the work now (a full queue, its bound of
+    calls, or the client's own limits; retry later), DEADLINE_EXCEEDED when the deadline
+    passed before the model ran, UNAVAILABLE while the model is loading or the server is
+    shutting down, INTERNAL for anything unexpected (details are logged on the server, not
+    sent). Each error the server answers also carries a google.rpc.Status in the
+    grpc-status-details-bin trailer: an ErrorInfo (domain "attnserve") whose reason says which
+    check or limit it was (QUEUE_FULL, CLIENT_CALL_RATE, INVALID_INPUT, ...; README's table),
+    a BadRequest naming the fields at fault, and a RetryInfo where the server says when to
+    come back.
     """
 
     @staticmethod
