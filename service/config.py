@@ -101,7 +101,9 @@ class ServerConfig:
     # without a moment when neither works): given, every call to the model's services must
     # carry "authorization: Bearer <one of them>", or is answered UNAUTHENTICATED; health, reflection
     # and the v2 service's liveness, readiness and metadata stay open to probes. Keys travel in the
-    # clear without TLS
+    # clear without TLS. A named client's line may end with limits of its own, in place of the
+    # server's below for it alone ("batch <key> calls_per_second=0 tokens_per_second=50000";
+    # CLIENT_LIMITS), which change with the file as its keys do
     api_keys_file: Path | None = None
     # the keys file is looked at this often and, where it changed, read again: the keys in it replace
     # those before, and a file that cannot be read or holds no key leaves those before in place and is
@@ -193,6 +195,7 @@ class ServerConfig:
         if self.max_message_bytes < 1024 or self.max_concurrent_calls < 1 or self.max_probe_streams < 1:
             raise ValueError("max_message_bytes must be >= 1024, max_concurrent_calls and max_probe_streams >= 1")
         self.api_keys  # noqa: B018 (read now: the file is there and holds keys)
+        self.client_limits  # noqa: B018 (and the limits it sets are ones)
         self.runtime_options()  # validates device and variant
         self.batch_limits()
         self.generation_limits()
@@ -204,6 +207,11 @@ class ServerConfig:
         where there is none to check: read as the config is built (the server reads the file again as
         it changes, ``read_api_keys``)."""
         return None if self.api_keys_file is None else read_api_keys(self.api_keys_file)
+
+    @functools.cached_property
+    def client_limits(self) -> dict[str, dict[str, float]]:
+        """The limits of each client whose lines in ``api_keys_file`` set its own (``read_keys_file``)."""
+        return {} if self.api_keys_file is None else read_keys_file(self.api_keys_file)[1]
 
     def request_limits(self) -> RequestLimits:
         from service.servicer import RequestLimits
@@ -296,11 +304,31 @@ def api_keys_file_bytes(path: Path) -> bytes:
 CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+# What a line of the keys file may set for its client after the name and key ("alice key-a
+# calls_per_second=50 tokens_per_second=20000"), each in place of the server's own setting for that
+# client alone (0: no such limit for it), and the type of each
+CLIENT_LIMITS: dict[str, type] = {
+    "max_calls": int,  # max_calls_per_client
+    "calls_per_second": float,  # client_calls_per_second
+    "burst": int,  # client_burst (one second of the client's own rate where that is given)
+    "tokens_per_second": float,  # client_tokens_per_second
+    "token_burst": int,  # client_token_burst (likewise)
+}
+
+
 def read_api_keys(path: Path, data: bytes | None = None) -> dict[str, str]:
     """The keys in the file at ``path`` (or in ``data``, its bytes read already), each to the name of
-    its client: a line holds a key, or a name and a key; blank lines and lines starting with # are
-    skipped. A name may stand before several keys (one client's old and new); a key only once.
-    ValueError says why where there is none to take; no message repeats a key."""
+    its client (``read_keys_file``)."""
+    return read_keys_file(path, data)[0]
+
+
+def read_keys_file(path: Path, data: bytes | None = None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """The keys in the file at ``path`` (or in ``data``, its bytes read already), each to the name of
+    its client, and the limits of the clients whose lines set their own (CLIENT_LIMITS): a line holds
+    a key, or a name and a key, then that client's limits as name=value where it has any; blank lines
+    and lines starting with # are skipped. A name may stand before several keys (one client's old and
+    new), its limits on any of them; a key only once. ValueError says why where there is none to
+    take; no message repeats a key, or any word of a line that is not a limit's name."""
     if data is None:
         data = api_keys_file_bytes(path)
     try:
@@ -309,13 +337,20 @@ def read_api_keys(path: Path, data: bytes | None = None) -> dict[str, str]:
         raise ValueError(f"api_keys_file: {path} is not UTF-8 text") from None
     keys: dict[str, str] = {}
     lines_of: dict[str, int] = {}
+    limits: dict[str, dict[str, float]] = {}
+    set_on: dict[tuple[str, str], int] = {}  # (client, limit): the line that set it
     for number, line in enumerate(lines, 1):
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
-        if len(words) > 2:
-            raise ValueError(f"api_keys_file: line {number} is not a key, or a client's name and a key")
-        name, key = words if len(words) == 2 else ("", words[0])
+        if len(words) > 2 and not all("=" in w for w in words[2:]):
+            raise ValueError(
+                f"api_keys_file: line {number} is not a key, or a client's name and a key (and its limits, "
+                f"as {'=, '.join(CLIENT_LIMITS)}=)"
+            )
+        if len(words) == 2 and words[1].partition("=")[0] in CLIENT_LIMITS:  # a key, then a limit: no name
+            raise ValueError(f"api_keys_file: line {number}: limits are a named client's: put its name before the key")
+        name, key = words[:2] if len(words) >= 2 else ("", words[0])
         if name and not CLIENT_NAME.fullmatch(name):
             raise ValueError(f"api_keys_file: line {number}: a client's name is 1-64 of A-Z a-z 0-9 . _ -")
         if not all("!" <= c <= "~" for c in key):  # a header's value: printable ASCII, no spaces
@@ -323,9 +358,29 @@ def read_api_keys(path: Path, data: bytes | None = None) -> dict[str, str]:
         if key in keys:
             raise ValueError(f"api_keys_file: line {number} repeats the key of line {lines_of[key]}")
         keys[key], lines_of[key] = name, number
+        for word in words[2:]:
+            limit, _, raw = word.partition("=")
+            if limit not in CLIENT_LIMITS:
+                raise ValueError(f"api_keys_file: line {number}: a client's limits are {', '.join(CLIENT_LIMITS)}")
+            kind = CLIENT_LIMITS[limit]
+            try:
+                value = kind(raw)
+            except ValueError:
+                value = -1
+            if not 0 <= value < math.inf:
+                whole = "a whole number" if kind is int else "a number"
+                raise ValueError(f"api_keys_file: line {number}: {limit} is {whole} >= 0")
+            if (name, limit) in set_on and limits[name][limit] != value:
+                raise ValueError(f"api_keys_file: line {number}: {name}'s {limit} is not line {set_on[name, limit]}'s")
+            limits.setdefault(name, {})[limit] = value
+            set_on[name, limit] = number
     if not keys:
         raise ValueError(f"api_keys_file: {path} holds no key")
-    return keys
+    for name, own in limits.items():
+        for rate, burst in (("calls_per_second", "burst"), ("tokens_per_second", "token_burst")):
+            if own.get(burst) and not own.get(rate):
+                raise ValueError(f"api_keys_file: {name}'s {burst} needs its {rate}: it is that rate's bucket")
+    return keys, limits
 
 
 def _convert(raw: Any, typ: Any, name: str) -> Any:

@@ -29,7 +29,8 @@ A gRPC server interceptor, so that one place covers every method of every servic
   with ``token_rate``, a client's calls are taken while its bucket of ``token_burst`` tokens, filled at
   ``token_rate`` a second, holds any; the tokens the model reads and generates for it are taken as they
   are counted (``Metrics.tokens_by_client``), so that its calls may take it below empty and its next
-  are refused, with ``grpc-retry-pushback-ms``, until it has filled back.
+  are refused, with ``grpc-retry-pushback-ms``, until it has filled back. Those are the server's; a
+  client whose lines in the keys file set limits of its own (``client_limits``) has those in their place.
 * A call of one request whose request has not come whole within ``read_timeout`` of its opening
   (and a reflection stream whose first has not) is answered DEADLINE_EXCEEDED; at a full bound the
   call that has waited longest for its request, once it has waited STALLED_SECONDS, is refused in
@@ -63,7 +64,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -192,6 +193,37 @@ TOKENS = "tokens"  # token_rate and token_burst
 LIMIT_REASONS = {IN_PROGRESS: CLIENT_CALLS_IN_PROGRESS, RATE: CLIENT_CALL_RATE, TOKENS: CLIENT_TOKEN_RATE}
 
 
+class ClientLimits(NamedTuple):
+    """A client's own limits (0: none of that kind): calls in progress; calls a second and their
+    bucket; tokens a second and theirs."""
+
+    max_calls: int
+    rate: float
+    burst: int
+    token_rate: float
+    token_burst: int
+
+    def given(self, own: Mapping[str, float]) -> ClientLimits:
+        """These limits with those ``own`` sets in their place (by the keys file's names,
+        config.CLIENT_LIMITS); a rate given without its bucket has one second's of its own."""
+        rate = own.get("calls_per_second", self.rate)
+        token_rate = own.get("tokens_per_second", self.token_rate)
+        return ClientLimits(
+            int(own.get("max_calls", self.max_calls)),
+            rate,
+            int(own.get("burst", 0)) or (max(1, math.ceil(rate)) if "calls_per_second" in own else self.burst),
+            token_rate,
+            int(own.get("token_burst", 0))
+            or (max(1, math.ceil(token_rate)) if "tokens_per_second" in own else self.token_burst),
+        )
+
+    def kinds(self) -> tuple[str, ...]:
+        """The limits set, as attnserve_client_calls_limited_total's label names them."""
+        return tuple(
+            kind for kind, on in ((IN_PROGRESS, self.max_calls), (RATE, self.rate), (TOKENS, self.token_rate)) if on
+        )
+
+
 class ClientCalls:
     """The counts by client, for the scrape: ``attnserve_client_calls_total`` (client, rpc),
     ``attnserve_client_calls_in_progress`` (client) and ``attnserve_client_calls_limited_total``
@@ -231,10 +263,10 @@ class ClientCalls:
             "its client left counted to where it stopped); at 0 from a client's first call",
             labels=["client", "kind"],
         )
-        counts, limits = self.guard.limited_by_client, self.guard.client_limits
+        counts = self.guard.limited_by_client
         used = self.guard.metrics.tokens_by_client
         for client in sorted({client for client, _ in list(self.guard.calls_by_client)}):
-            for limit in limits:
+            for limit in self.guard.limits_of(client).kinds():
                 limited.add_metric([client, limit], counts.get((client, limit), 0))
             for kind in ("input", "prompt", "generated"):
                 tokens.add_metric([client, kind], used.get((client, kind), 0))
@@ -257,33 +289,35 @@ class CallGuard(grpc.aio.ServerInterceptor):
         burst: int = 0,
         token_rate: float = 0.0,
         token_burst: int = 0,
+        client_limits: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.access_log = False  # a record a call refused here (service.logs.access), when told so
+        # each client's limits: the server's (below), or those its lines in the keys file set
+        # (``client_limits``, by CLIENT_LIMITS' names), read as each of its calls opens
+        self.limits = ClientLimits(
+            max_per_client,
+            rate,
+            burst or max(1, math.ceil(rate)),
+            token_rate,
+            token_burst or max(1, math.ceil(token_rate)),
+        )
+        self._limits: dict[str, ClientLimits] = {}
         self.api_keys: tuple[tuple[bytes, str], ...] | None = None
-        self.accept_keys(api_keys)
+        self.accept_keys(api_keys, client_limits)
         # full service names (all their methods) or method paths (/service/Method) whose calls are
         # bounded and drained
         self.admitted = admitted
         self.max_concurrent = max_concurrent
-        # with api_keys: the admitted calls in progress of each client (its key's name), and the most
-        # one client may have (0: no limit of its own)
+        # with api_keys: the admitted calls in progress of each client (its key's name)
         self.by_client: dict[str, int] = {}
-        self.max_per_client = max_per_client
         self.calls_by_client: dict[tuple[str, str], int] = {}  # (client, rpc): calls whose key was checked
-        # each client's calls a second (0: no rate of its own), and its bucket: calls it may open now,
-        # as of when (taken from, or filled, as each of its calls opens)
-        self.rate = rate
-        self.burst = burst or max(1, math.ceil(rate))
+        # each client's bucket of calls: calls it may open now, as of when (taken from, or filled, as
+        # each of its calls opens)
         self._buckets: dict[str, tuple[float, float]] = {}
-        # each client's tokens a second (0: none of its own), and its bucket: the tokens it holds (below
-        # 0 where its calls used more than it held), as of when, and the client's tokens counted then
-        self.token_rate = token_rate
-        self.token_burst = token_burst or max(1, math.ceil(token_rate))
+        # each client's bucket of tokens: the tokens it holds (below 0 where its calls used more than it
+        # held), as of when, and the client's tokens counted then
         self._token_buckets: dict[str, tuple[float, float, int]] = {}
-        self.client_limits = tuple(
-            limit for limit, on in ((IN_PROGRESS, max_per_client), (RATE, rate), (TOKENS, token_rate)) if on
-        )
         self.limited_by_client: dict[tuple[str, str], int] = {}  # (client, limit): calls refused for it
         # both read by the scrape, not written to metrics each call: a labelled series' update, three a
         # call, cost more of the event loop than the key's check
@@ -311,11 +345,20 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def accept_keys(self, keys: Mapping[str, str] | None) -> None:
+    def accept_keys(
+        self, keys: Mapping[str, str] | None, client_limits: Mapping[str, Mapping[str, float]] | None = None
+    ) -> None:
         """Take ``keys`` (each to the name of its client, or "") as the ones an admitted call may carry
-        (None: no key needed), in place of those before, from the next call on."""
+        (None: no key needed), and ``client_limits`` as the limits of the clients that have their own
+        (by CLIENT_LIMITS' names; the others have the server's), in place of those before, from the
+        next call on."""
         # as bytes, compared in constant time
         self.api_keys = None if keys is None else tuple((k.encode(), keys[k] or UNNAMED) for k in sorted(keys))
+        self._limits = {name: self.limits.given(own) for name, own in (client_limits or {}).items()}
+
+    def limits_of(self, client: str) -> ClientLimits:
+        """``client``'s limits: its own, or the server's."""
+        return self._limits.get(client, self.limits)
 
     async def intercept_service(
         self,
@@ -508,17 +551,18 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 counted = self.calls_by_client
                 counted[client, rpc] = counted.get((client, rpc), 0) + 1
                 # its own limits, those that take nothing first, so that a call refused takes nothing
+                limits = self._limits.get(client, self.limits)
                 held = self.by_client.get(client, 0)
-                if self.max_per_client and held >= self.max_per_client:
+                if limits.max_calls and held >= limits.max_calls:
                     # its own call stalled for its request, or its own stream idle, gives way first: a
                     # client that keeps streams open for good (tritonclient) is not kept out by them
                     full = f"client {client} has {held} calls in progress, its limit"
                     if not self._evict_stalled(ADMITTED, full, client) and not self._evict_idle(full, client):
                         await self._limit(rpc, context, client, IN_PROGRESS, f"{full}; retry later")
-                if self.token_rate and (wait := self._owed(client)):
-                    await self._over_rate(rpc, context, client, TOKENS, wait)
-                if self.rate and (wait := self._take(client)):
-                    await self._over_rate(rpc, context, client, RATE, wait)
+                if limits.token_rate and (wait := self._owed(client, limits)):
+                    await self._over_rate(rpc, context, client, TOKENS, wait, limits)
+                if limits.rate and (wait := self._take(client, limits)):
+                    await self._over_rate(rpc, context, client, RATE, wait, limits)
             self.last_moved = time.monotonic()
             if self.refusing is not None:
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing, SHUTTING_DOWN)
@@ -559,41 +603,42 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 client = name
         return (client, "", "") if client else ("", "the API key is not one this server accepts", API_KEY_INVALID)
 
-    def _take(self, client: str) -> float:
-        """Take a call from ``client``'s bucket, filled at ``rate`` a second up to ``burst`` (full as it
-        first calls): 0.0, or, where not one whole call is there, the seconds until one will be (a
-        call refused takes nothing, so a client that keeps calling still gets ``rate`` through)."""
+    def _take(self, client: str, limits: ClientLimits) -> float:
+        """Take a call from ``client``'s bucket, filled at its ``rate`` a second up to its ``burst``
+        (full as it first calls): 0.0, or, where not one whole call is there, the seconds until one
+        will be (a call refused takes nothing, so a client that keeps calling still gets ``rate``
+        through)."""
         now = time.monotonic()
-        left, then = self._buckets.get(client, (self.burst, now))
-        left = min(self.burst, left + (now - then) * self.rate)
+        left, then = self._buckets.get(client, (limits.burst, now))
+        left = min(limits.burst, left + (now - then) * limits.rate)
         if left >= 1:
             self._buckets[client] = (left - 1, now)
             return 0.0
         self._buckets[client] = (left, now)
-        return (1 - left) / self.rate
+        return (1 - left) / limits.rate
 
-    def _owed(self, client: str) -> float:
-        """0.0 where ``client``'s token bucket (``token_burst``, filled at ``token_rate`` a second, full
-        as it first calls) holds any token, else the seconds until it will. The tokens its calls used
+    def _owed(self, client: str, limits: ClientLimits) -> float:
+        """0.0 where ``client``'s token bucket (its ``token_burst``, filled at its ``token_rate`` a
+        second, full as it first calls) holds any token, else the seconds until it will. The tokens its calls used
         since the last look (Metrics.tokens_by_client, counted as the model reads and generates them)
         are taken first, so the bucket may be below empty: its calls in progress may use more than it
         held, and they are paid back before its next is taken."""
         used = self.metrics.tokens_by_client
         spent = used.get((client, "input"), 0) + used.get((client, "prompt"), 0) + used.get((client, "generated"), 0)
         now = time.monotonic()
-        left, then, counted = self._token_buckets.get(client, (self.token_burst, now, spent))
-        left = min(self.token_burst, left + (now - then) * self.token_rate) - (spent - counted)
+        left, then, counted = self._token_buckets.get(client, (limits.token_burst, now, spent))
+        left = min(limits.token_burst, left + (now - then) * limits.token_rate) - (spent - counted)
         self._token_buckets[client] = (left, now, spent)
-        return 0.0 if left > 0 else max(-left / self.token_rate, 0.001)
+        return 0.0 if left > 0 else max(-left / limits.token_rate, 0.001)
 
     async def _over_rate(
-        self, rpc: str, context: grpc.aio.ServicerContext, client: str, limit: str, wait: float
+        self, rpc: str, context: grpc.aio.ServicerContext, client: str, limit: str, wait: float, limits: ClientLimits
     ) -> None:
         """Refuse a call of ``client``'s, over its rate of calls (RATE) or tokens (TOKENS) a second, and
         tell it in how long (``wait`` seconds) it may come back, in the message and as
         ``grpc-retry-pushback-ms``."""
         rate, burst, unit = (
-            (self.rate, self.burst, "calls") if limit is RATE else (self.token_rate, self.token_burst, "tokens")
+            (limits.rate, limits.burst, "calls") if limit is RATE else (limits.token_rate, limits.token_burst, "tokens")
         )
         ms = math.ceil(wait * 1000)
         message = f"client {client} is over its rate of {rate:g} {unit} a second (a burst of {burst}); retry in {ms} ms"

@@ -39,7 +39,7 @@ from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service import logs
-from service.config import ServerConfig, api_keys_file_bytes, read_api_keys
+from service.config import ServerConfig, api_keys_file_bytes, read_keys_file
 from service.engine import Engine
 from service.errors import METHOD_NOT_SERVED, bounded, details
 from service.guard import CallGuard
@@ -188,9 +188,11 @@ class Server:
             config.client_burst,
             config.client_tokens_per_second,
             config.client_token_burst,
+            config.client_limits,
         )
         self.servicer.access_log = self.guard.access_log = config.access_log
         self.api_keys = config.api_keys
+        self.client_limits = config.client_limits
         self._keys_file: bytes | str | None = None  # the keys file's bytes as last read, or why they could not be
         self._keys_watch: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
@@ -300,29 +302,33 @@ class Server:
         if data == self._keys_file and not asked:
             return
         self._keys_file = data
-        before = self.api_keys
+        before, limits_before = self.api_keys, self.client_limits
         try:
             if isinstance(data, str):
                 raise ValueError(data)
-            keys = read_api_keys(path, data)
+            keys, limits = read_keys_file(path, data)
         except ValueError as e:
             self.metrics.api_keys_rejected.set(1)
-            log.error("%s; the %d API key(s) read before are still accepted", e, len(before))
+            log.error("%s; the %d API key(s) read before are still accepted, with their limits", e, len(before))
             return
         self.metrics.api_keys_rejected.set(0)
-        if keys == before:
+        if keys == before and limits == limits_before:
             if asked:
                 log.info("API keys read again from %s: unchanged, %d key(s)", path, len(keys))
             return
-        self.api_keys = keys
-        self.guard.accept_keys(keys)
+        self.api_keys, self.client_limits = keys, limits
+        self.guard.accept_keys(keys, limits)
         self.metrics.api_keys.set(len(keys))
+        changed = {name for name in limits.keys() | limits_before.keys() if limits.get(name) != limits_before.get(name)}
         log.info(
-            "API keys read again from %s: %d key(s) now, %d added, %d retired",
+            "API keys read again from %s: %d key(s) now, %d added, %d retired; limits of their own for %d "
+            "client(s), changed for %s",
             path,
             len(keys),
             len(keys.keys() - before.keys()),
             len(before.keys() - keys.keys()),
+            len(limits),
+            ", ".join(sorted(changed)) or "none",
         )
 
     async def _watch_api_keys(self, every: float) -> None:

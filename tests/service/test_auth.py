@@ -28,6 +28,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service import client
 from service.cli import build_parser
 from service.config import ServerConfig
+from service.guard import ClientLimits
 from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config, fail_first_encode, mount_secret, wait_for
 from tests.service.test_server import detail, metrics, reason, rich
@@ -163,9 +164,10 @@ def test_the_keys_file_is_checked_at_start(model_dir: Path, tmp_path: Path, capl
     path.write_bytes(b"k" * (1024 * 1024 + 1))  # a file of keys holds a few: not read whole
     with pytest.raises(ValueError, match="is over 1048576 bytes"):
         ServerConfig(api_keys_file=path)
-    path.write_text("alice key-1\nalice key-2 second\n")  # three words: neither a key nor a name and a key
+    path.write_text("alice key-1\nalice key-2 sekrit\n")  # three words: neither a key nor a name and a key
     with pytest.raises(ValueError, match="line 2 is not a key, or a client's name and a key") as e:
         ServerConfig(api_keys_file=path)
+    assert "sekrit" not in str(e.value)  # (a secret with a space in it, maybe)
     path.write_text("al/ice key-1\n")
     with pytest.raises(ValueError, match=re.escape("line 1: a client's name is 1-64 of A-Z a-z 0-9 . _ -")):
         ServerConfig(api_keys_file=path)
@@ -437,6 +439,79 @@ def test_at_its_limit_a_clients_own_stalled_call_or_idle_stream_gives_way_to_its
             if name in outgoing:
                 outgoing[name].put(None)
         st.stop()
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("alice key-a rate=5\n", "line 1: a client's limits are max_calls, calls_per_second, burst, tokens_per_second"),
+        ("alice key-a max_calls=1.5\n", "line 1: max_calls is a whole number >= 0"),
+        ("alice key-a calls_per_second=-1\n", "line 1: calls_per_second is a number >= 0"),
+        ("alice key-a tokens_per_second=nan\n", "line 1: tokens_per_second is a number >= 0"),
+        ("alice key-a burst=5\n", "alice's burst needs its calls_per_second"),
+        ("alice key-a max_calls=2\nalice key-b max_calls=3\n", "line 2: alice's max_calls is not line 1's"),
+        ("key-a max_calls=2\n", "line 1: limits are a named client's"),
+    ],
+)
+def test_a_clients_own_limits_in_the_keys_file_are_checked(tmp_path: Path, text: str, says: str) -> None:
+    path = tmp_path / "keys"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(says)) as e:
+        ServerConfig(api_keys_file=path)
+    assert "key-a" not in str(e.value)
+
+
+def test_each_client_may_have_limits_of_its_own_and_they_change_with_the_file(model_dir: Path, tmp_path: Path) -> None:
+    """Tiers without a restart: a line of the keys file may set its client's limits in place of the
+    server's (``alice key-a calls_per_second=...``; 0, none), and they change as the file does."""
+    path = tmp_path / "keys"
+    path.write_text("alice key-a\nbatch key-b calls_per_second=0\ncarol key-c calls_per_second=0.5 burst=3\n")
+    st = ServerThread(config(model_dir, api_keys_file=path, client_calls_per_second=0.2, client_burst=1)).start()
+    stub = st.stub()
+
+    def served(key: str, n: int) -> int:
+        """Of n Encodes with ``key`` at once, how many were served (the others refused for their rate)."""
+        got = 0
+        for _ in range(n):
+            try:
+                stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=[("authorization", f"Bearer {key}")], timeout=30)
+                got += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(e) == "CLIENT_CALL_RATE"
+        return got
+
+    try:
+        assert served("key-a", 3) == 1  # the server's: a burst of 1
+        assert served("key-b", 10) == 10  # none of its own
+        assert served("key-c", 5) == 3  # its own burst of 3
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=[("authorization", "Bearer key-a")], timeout=30)
+        assert "client alice is over its rate of 0.2 calls a second (a burst of 1)" in (e.value.details() or "")
+        m = metrics(st)
+        limited = {labels: n for (name, labels), n in m.items() if name == "attnserve_client_calls_limited_total"}
+        assert limited == {  # a series for each limit each client has: batch has none
+            (("client", "alice"), ("limit", "rate")): 3,
+            (("client", "carol"), ("limit", "rate")): 2,
+        }
+        # batch goes on its own bucket of 2; the file changes, and a reload takes it
+        path.write_text(
+            "alice key-a\nbatch key-b calls_per_second=0.2 burst=2\ncarol key-c calls_per_second=0.5 burst=3\n"
+        )
+        st.call(st.server.reload_api_keys(asked=True))
+        assert served("key-b", 4) == 2
+        assert served("key-a", 1) == 0  # alice's bucket is as it was
+    finally:
+        st.stop()
+
+
+def test_a_clients_own_limits_take_the_place_of_the_servers_each_alone() -> None:
+    server = ClientLimits(max_calls=0, rate=0.2, burst=1, token_rate=0.0, token_burst=1)
+    assert server.given({}) == server and server.kinds() == ("rate",)
+    own = server.given({"max_calls": 2, "tokens_per_second": 50.5})
+    assert own == ClientLimits(2, 0.2, 1, 50.5, 51)  # a rate given alone: one second's bucket of its own
+    assert own.kinds() == ("in_progress", "rate", "tokens")
+    assert server.given({"calls_per_second": 0}).kinds() == ()  # 0: none of that kind for this client
+    assert server.given({"calls_per_second": 5, "burst": 20}).burst == 20
 
 
 def retrying(address: str, codes: list[str], backoff: str) -> grpc.Channel:
