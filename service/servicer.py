@@ -29,6 +29,7 @@ from service import tracing
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
 from service.errors import ATTENTION_BYTES_AT_LIMIT, Failure, InvalidInput, ModelNotReady, Overloaded, status_for
+from service.guard import ClientLimits
 from service.logs import CLIENT, caller
 from service.metrics import Metrics
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
@@ -149,6 +150,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self.engine: Engine | None = None  # set once the model is loaded and warmed up
         self.scheduler: Scheduler | None = None
         self.max_concurrent_calls = 0  # told by the server, for GetModelInfo
+        self.limits_of: Callable[[str], ClientLimits] | None = None  # a client's own limits (the guard's), likewise
         self.attention_budget = AttentionBudget(limits.max_attention_bytes)
 
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
@@ -402,6 +404,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     max_waiting_sequences=gen.max_waiting,
                     max_stop_sequences=MAX_STOP_SEQUENCES,
                     max_attention_bytes=self.limits.max_attention_bytes,
+                    client=self._client_limits(),
                 ),
                 build=pb.BuildInfo(
                     attnserve_version=package_version(),
@@ -412,6 +415,21 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             )
 
         return await self._call("GetModelInfo", context, handle)
+
+    def _client_limits(self) -> pb.ClientLimits | None:
+        """The caller's own limits, where the server has API keys (the guard set the call's client)."""
+        client = CLIENT.get()
+        if client is None or self.limits_of is None:
+            return None
+        own = self.limits_of(client)
+        return pb.ClientLimits(
+            client=client,
+            max_calls=own.max_calls,
+            calls_per_second=own.rate,
+            burst=own.burst if own.rate else 0,
+            tokens_per_second=own.token_rate,
+            token_burst=own.token_burst if own.token_rate else 0,
+        )
 
     async def _generation(
         self, request: pb.GenerateRequest, deadline: float | None

@@ -465,7 +465,9 @@ def test_each_client_may_have_limits_of_its_own_and_they_change_with_the_file(mo
     """Tiers without a restart: a line of the keys file may set its client's limits in place of the
     server's (``alice key-a calls_per_second=...``; 0, none), and they change as the file does."""
     path = tmp_path / "keys"
-    path.write_text("alice key-a\nbatch key-b calls_per_second=0\ncarol key-c calls_per_second=0.5 burst=3\n")
+    path.write_text(
+        "alice key-a\nbatch key-b calls_per_second=0\ncarol key-c calls_per_second=0.5 burst=3\ndave key-d\n"
+    )
     st = ServerThread(config(model_dir, api_keys_file=path, client_calls_per_second=0.2, client_burst=1)).start()
     stub = st.stub()
 
@@ -480,10 +482,20 @@ def test_each_client_may_have_limits_of_its_own_and_they_change_with_the_file(mo
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(e) == "CLIENT_CALL_RATE"
         return got
 
+    def own(key: str) -> tuple[object, ...]:
+        """The limits GetModelInfo tells the client whose key it carries."""
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=30)
+        c = info.limits.client
+        return c.client, c.max_calls, round(c.calls_per_second, 6), c.burst, c.tokens_per_second, c.token_burst
+
     try:
+        # each client can ask what it may use (a call like any other, taken from its bucket)
+        assert own("key-d") == ("dave", 0, 0.2, 1, 0.0, 0)  # the server's
+        assert own("key-b") == ("batch", 0, 0.0, 0, 0.0, 0)
+        assert own("key-c") == ("carol", 0, 0.5, 3, 0.0, 0)
         assert served("key-a", 3) == 1  # the server's: a burst of 1
         assert served("key-b", 10) == 10  # none of its own
-        assert served("key-c", 5) == 3  # its own burst of 3
+        assert served("key-c", 5) == 2  # its own burst of 3, one taken by its question
         with pytest.raises(grpc.RpcError) as e:
             stub.Encode(pb.EncodeRequest(texts=["hi"]), metadata=[("authorization", "Bearer key-a")], timeout=30)
         assert "client alice is over its rate of 0.2 calls a second (a burst of 1)" in (e.value.details() or "")
@@ -491,14 +503,16 @@ def test_each_client_may_have_limits_of_its_own_and_they_change_with_the_file(mo
         limited = {labels: n for (name, labels), n in m.items() if name == "attnserve_client_calls_limited_total"}
         assert limited == {  # a series for each limit each client has: batch has none
             (("client", "alice"), ("limit", "rate")): 3,
-            (("client", "carol"), ("limit", "rate")): 2,
+            (("client", "carol"), ("limit", "rate")): 3,
+            (("client", "dave"), ("limit", "rate")): 0,
         }
         # batch goes on its own bucket of 2; the file changes, and a reload takes it
         path.write_text(
             "alice key-a\nbatch key-b calls_per_second=0.2 burst=2\ncarol key-c calls_per_second=0.5 burst=3\n"
         )
         st.call(st.server.reload_api_keys(asked=True))
-        assert served("key-b", 4) == 2
+        assert own("key-b") == ("batch", 0, 0.2, 2, 0.0, 0)
+        assert served("key-b", 4) == 1  # a bucket of 2, one taken by its question
         assert served("key-a", 1) == 0  # alice's bucket is as it was
     finally:
         st.stop()

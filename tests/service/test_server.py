@@ -218,6 +218,7 @@ def test_tokenize_and_model_info(served: ServerThread) -> None:
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.name == "tiny" and info.execution_provider == "CPUExecutionProvider"
     assert info.num_layers == 2 and info.limits.max_seq_len == 64 and info.build.onnxruntime_version
+    assert not info.limits.HasField("client")  # no API keys: no limits of a client's own
     # the default, chosen for the device: a few hundred tokens for each thread the CPU's graphs run on
     assert info.limits.max_batch_tokens == min(CUDA_BATCH_TOKENS, CPU_BATCH_TOKENS * len(os.sched_getaffinity(0)))
 

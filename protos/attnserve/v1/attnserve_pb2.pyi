@@ -258,7 +258,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_seq_len", "max_texts_per_request", "max_batch_size", "max_batch_tokens", "max_new_tokens", "max_queue_size", "max_queue_tokens", "max_text_bytes", "max_request_bytes", "max_concurrent_calls", "max_running_sequences", "max_waiting_sequences", "max_stop_sequences", "max_attention_bytes")
+    __slots__ = ("max_seq_len", "max_texts_per_request", "max_batch_size", "max_batch_tokens", "max_new_tokens", "max_queue_size", "max_queue_tokens", "max_text_bytes", "max_request_bytes", "max_concurrent_calls", "max_running_sequences", "max_waiting_sequences", "max_stop_sequences", "max_attention_bytes", "client")
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +273,7 @@ class Limits(_message.Message):
     MAX_WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTENTION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
     max_seq_len: int
     max_texts_per_request: int
     max_batch_size: int
@@ -287,7 +288,24 @@ class Limits(_message.Message):
     max_waiting_sequences: int
     max_stop_sequences: int
     max_attention_bytes: int
-    def __init__(self, max_seq_len: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., max_running_sequences: _Optional[int] = ..., max_waiting_sequences: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_attention_bytes: _Optional[int] = ...) -> None: ...
+    client: ClientLimits
+    def __init__(self, max_seq_len: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., max_running_sequences: _Optional[int] = ..., max_waiting_sequences: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_attention_bytes: _Optional[int] = ..., client: _Optional[_Union[ClientLimits, _Mapping]] = ...) -> None: ...
+
+class ClientLimits(_message.Message):
+    __slots__ = ("client", "max_calls", "calls_per_second", "burst", "tokens_per_second", "token_burst")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BURST_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    max_calls: int
+    calls_per_second: float
+    burst: int
+    tokens_per_second: float
+    token_burst: int
+    def __init__(self, client: _Optional[str] = ..., max_calls: _Optional[int] = ..., calls_per_second: _Optional[float] = ..., burst: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., token_burst: _Optional[int] = ...) -> None: ...
 
 class BuildInfo(_message.Message):
     __slots__ = ("attnserve_version", "onnxruntime_version", "grpc_version", "python_version")
