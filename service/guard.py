@@ -217,6 +217,10 @@ class ClientLimits(NamedTuple):
             or (max(1, math.ceil(token_rate)) if "tokens_per_second" in own else self.token_burst),
         )
 
+    def of(self, kind: str) -> float:
+        """The limit of ``kind`` (IN_PROGRESS, RATE or TOKENS)."""
+        return {IN_PROGRESS: self.max_calls, RATE: self.rate, TOKENS: self.token_rate}[kind]
+
     def kinds(self) -> tuple[str, ...]:
         """The limits set, as attnserve_client_calls_limited_total's label names them."""
         return tuple(
@@ -228,7 +232,8 @@ class ClientCalls:
     """The counts by client, for the scrape: ``attnserve_client_calls_total`` (client, rpc),
     ``attnserve_client_calls_in_progress`` (client) and ``attnserve_client_calls_limited_total``
     (client, limit), the guard's; ``attnserve_client_tokens_total`` (client, kind), the servicer's and
-    the scheduler's (``Metrics.tokens_by_client``). Their labels are the names in the keys file."""
+    the scheduler's (``Metrics.tokens_by_client``); and ``attnserve_client_limit`` (client, limit), what
+    each client has. Their labels are the names in the keys file."""
 
     def __init__(self, guard: CallGuard) -> None:
         self.guard = guard
@@ -263,14 +268,22 @@ class ClientCalls:
             "its client left counted to where it stopped); at 0 from a client's first call",
             labels=["client", "kind"],
         )
+        limits = GaugeMetricFamily(
+            "attnserve_client_limit",
+            "The limits each client has (the server's, or those its line in the keys file sets), by kind: "
+            "in_progress (calls), rate (calls a second), tokens (tokens a second); a kind it has none of is left out",
+            labels=["client", "limit"],
+        )
         counts = self.guard.limited_by_client
         used = self.guard.metrics.tokens_by_client
         for client in sorted({client for client, _ in list(self.guard.calls_by_client)}):
-            for limit in self.guard.limits_of(client).kinds():
+            own = self.guard.limits_of(client)
+            for limit in own.kinds():
                 limited.add_metric([client, limit], counts.get((client, limit), 0))
+                limits.add_metric([client, limit], own.of(limit))
             for kind in ("input", "prompt", "generated"):
                 tokens.add_metric([client, kind], used.get((client, kind), 0))
-        for family in (calls, in_progress, limited, tokens):
+        for family in (calls, in_progress, limited, tokens, limits):
             if family.samples:  # none without API keys: no family either
                 yield family
 

@@ -506,6 +506,12 @@ def test_each_client_may_have_limits_of_its_own_and_they_change_with_the_file(mo
             (("client", "carol"), ("limit", "rate")): 3,
             (("client", "dave"), ("limit", "rate")): 0,
         }
+        has = {labels: n for (name, labels), n in m.items() if name == "attnserve_client_limit"}
+        assert has == {  # what each has, beside what it used
+            (("client", "alice"), ("limit", "rate")): 0.2,
+            (("client", "carol"), ("limit", "rate")): 0.5,
+            (("client", "dave"), ("limit", "rate")): 0.2,
+        }
         # batch goes on its own bucket of 2; the file changes, and a reload takes it
         path.write_text(
             "alice key-a\nbatch key-b calls_per_second=0.2 burst=2\ncarol key-c calls_per_second=0.5 burst=3\n"
