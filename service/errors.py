@@ -24,7 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 # ErrorInfo's domain: what the reasons below belong to
 DOMAIN = "attnserve"
 
-# The reasons, UPPER_SNAKE_CASE as AIP-193 has them. README's "Errors" table says what each means and
+# The reasons, UPPER_SNAKE_CASE as AIP-193 has them. README's table of them says what each means and
 # what a client does about it; a test holds the two to each other.
 # the request: INVALID_ARGUMENT, NOT_FOUND, UNIMPLEMENTED
 INVALID_INPUT = "INVALID_INPUT"  # a field's value (the BadRequest beside it names the field)

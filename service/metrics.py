@@ -161,8 +161,8 @@ class Metrics:
         self.errors = Counter(
             "attnserve_errors_total",
             "Calls the server answered with an error, by method and reason: the google.rpc.ErrorInfo reason the "
-            "client was told (QUEUE_FULL, CALLS_AT_LIMIT, CLIENT_CALL_RATE, INVALID_INPUT, ...; README's Errors "
-            "table), so that which limit or check refuses calls shows apart; each also in attnserve_requests_total",
+            "client was told (QUEUE_FULL, CALLS_AT_LIMIT, CLIENT_CALL_RATE, INVALID_INPUT, ...; README's table "
+            "of them), so that which limit or check refuses calls shows apart; each also in attnserve_requests_total",
             ["rpc", "reason"],
             registry=r,
         )
