@@ -19,6 +19,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.timing import start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
@@ -27,7 +29,7 @@ from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service import client
 from service.cli import build_parser
-from service.config import ServerConfig
+from service.config import ServerConfig, read_keys_file
 from service.guard import ClientLimits
 from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config, fail_first_encode, mount_secret, wait_for
@@ -522,6 +524,41 @@ def test_each_client_may_have_limits_of_its_own_and_they_change_with_the_file(mo
         assert served("key-a", 1) == 0  # alice's bucket is as it was
     finally:
         st.stop()
+
+
+SECRET = "s3cr3t-Key_0"  # in the place of a key on the fuzzer's lines; no message may repeat it
+WORD = st.text(st.characters(codec="utf-8"), max_size=6)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["", "alice", "bob", "#"]) | st.from_regex(r"\S{1,6}", fullmatch=True),  # a name, or none
+            st.sampled_from([SECRET, SECRET + "=", "max_calls=1"]) | WORD,  # the key
+            st.lists(
+                st.sampled_from(["max_calls=2", "burst=1", "calls_per_second=0.5", "token_burst=9"])
+                | st.from_regex(r"[a-z_]{1,12}=[-0-9.e]{0,6}", fullmatch=True)
+                | WORD,
+                max_size=3,
+            ),
+        ),
+        max_size=6,
+    )
+)
+def test_any_keys_file_is_taken_or_refused_with_a_message_that_repeats_no_key(
+    lines: list[tuple[str, str, list[str]]],
+) -> None:
+    """Whatever a keys file holds, it is read or refused with a ValueError, never another exception,
+    and the message never repeats a key. (A line's first word is its client's name where more follow,
+    so a key stands alone where it has no name.)"""
+    text = "\n".join(" ".join([name, key, *limits] if name else [key]) for name, key, limits in lines)
+    try:
+        keys, limits = read_keys_file(Path("keys"), text.encode())
+    except ValueError as e:
+        assert SECRET not in str(e)
+    else:
+        assert keys and all(v >= 0 for own in limits.values() for v in own.values())
 
 
 def test_a_clients_own_limits_take_the_place_of_the_servers_each_alone() -> None:
