@@ -286,6 +286,8 @@ def test_bad_tensors_are_named(v2_stub: v2_grpc.GRPCInferenceServiceStub, case: 
     assert needle in e.value.details()
     if code == grpc.StatusCode.INVALID_ARGUMENT and needle.endswith(":") and " " not in needle:
         assert violations(e.value)[0][0] == needle[:-1]  # the field, in a BadRequest too
+    # and why, in the same words as the native API's
+    assert reason(e.value) == ("MODEL_NOT_FOUND" if code == grpc.StatusCode.NOT_FOUND else "INVALID_INPUT")
 
 
 def test_truncation_parameter(v2_stub: v2_grpc.GRPCInferenceServiceStub, served: ServerThread) -> None:
