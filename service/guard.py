@@ -41,7 +41,8 @@ A gRPC server interceptor, so that one place covers every method of every servic
   model's calls, a stream whose handler says it has no request in progress (STREAM_IDLE; the v2
   service's, from its opening, since its client may open it long before its first request), idle
   longest and for STALLED_SECONDS, is ended to make room. The same at a client's own full bound
-  (``max_per_client``), among that client's calls and streams alone.
+  (``max_per_client``), among that client's calls and streams alone; and at a full bound of the
+  probes' streams, among reflection's, idle once answered as each waits for its next request.
 
 Health and reflection (and the v2 service's liveness, readiness and metadata calls) are never
 refused for load or shutdown: a probe must be answered whatever the server is doing. Only their
@@ -345,9 +346,13 @@ class CallGuard(grpc.aio.ServerInterceptor):
             STREAM: {},
             PROBE: {},
         }
-        # the model's streams with no request in progress (told by their handlers, STREAM_IDLE), idle
-        # longest first: their rpc, since when idle, since when open, and their client
-        self._idle_streams: dict[grpc.aio.ServicerContext, tuple[str, float, float, str | None]] = {}
+        # streams with no request in progress, by kind, idle longest first: their rpc, since when idle,
+        # since when open, and their client. The model's (ADMITTED) as their handlers tell (STREAM_IDLE);
+        # reflection's (STREAM) once answered, as each waits for its next request
+        self._idle_streams: dict[str, dict[grpc.aio.ServicerContext, tuple[str, float, float, str | None]]] = {
+            ADMITTED: {},
+            STREAM: {},
+        }
         self.read_timeout = read_timeout  # a request not come whole in this long: DEADLINE_EXCEEDED
         self.stalled_seconds = STALLED_SECONDS
         self._sweep: asyncio.TimerHandle | None = None  # the next look for requests overdue
@@ -431,10 +436,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 # (reflection's) waits for its first request as a call of one request waits for its one;
                 # the model's (ModelStreamInfer) is told idle by its handler from its opening instead,
                 # since a client may open it long before its first request (tritonclient's
-                # start_stream): so it gives its place at a full bound, but is not timed out
+                # start_stream): so it gives its place at a full bound, but is not timed out. Either,
+                # once it has no request in progress, gives its place at a full bound of its kind
                 await self._open(rpc, context, kind)
                 opened = time.monotonic()
-                idle = self._idle_streams
+                idle = self._idle_streams[kind]
                 client = CLIENT.get()
 
                 def tell(now_idle: bool) -> None:
@@ -455,7 +461,16 @@ class CallGuard(grpc.aio.ServerInterceptor):
                         if first is not None:
                             await self._check(rpc, first, context)
                             yield first
-                        async for request in pending:
+                        while True:
+                            # reflection answers each request before it asks for the next: waiting
+                            # here, it has none in progress (the model's handler tells for itself)
+                            if kind is STREAM:
+                                tell(True)
+                            request = await anext(pending, EOF)
+                            if kind is STREAM:
+                                tell(False)
+                            if request is EOF:
+                                return
                             await self._check(rpc, request, context)
                             yield request
 
@@ -570,7 +585,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     # its own call stalled for its request, or its own stream idle, gives way first: a
                     # client that keeps streams open for good (tritonclient) is not kept out by them
                     full = f"client {client} has {held} calls in progress, its limit"
-                    if not self._evict_stalled(ADMITTED, full, client) and not self._evict_idle(full, client):
+                    if not self._evict_stalled(ADMITTED, full, client) and not self._evict_idle(ADMITTED, full, client):
                         await self._limit(rpc, context, client, IN_PROGRESS, f"{full}; retry later")
                 if limits.token_rate and (wait := self._owed(client, limits)):
                     await self._over_rate(rpc, context, client, TOKENS, wait, limits)
@@ -581,7 +596,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 await self._refuse(rpc, context, grpc.StatusCode.UNAVAILABLE, self.refusing, SHUTTING_DOWN)
             if self.in_flight >= self.max_concurrent:
                 full = f"{self.in_flight} calls in progress, the limit"
-                if not self._evict_stalled(ADMITTED, full) and not self._evict_idle(full):
+                if not self._evict_stalled(ADMITTED, full) and not self._evict_idle(ADMITTED, full):
                     message = f"{full}; retry later"
                     await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, CALLS_AT_LIMIT)
             if self.api_keys is not None:
@@ -592,7 +607,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         elif kind is STREAM:
             if self.streams_open >= self.max_streams:
                 full = f"{self.streams_open} health and reflection streams open, the limit"
-                if not self._evict_stalled(STREAM, full):
+                if not self._evict_stalled(STREAM, full) and not self._evict_idle(STREAM, full):
                     message = f"{full}; close one, or ask health's Check, which is always answered"
                     await self._refuse(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, STREAMS_AT_LIMIT)
             self.streams_open += 1
@@ -687,12 +702,13 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._give_up(rpc, oldest, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since, "evicted", REQUEST_NOT_SENT)
         return True
 
-    def _evict_idle(self, full: str, client: str | None = None) -> bool:
-        """At a full bound of the model's calls (``full`` says so): end the stream (of ``client``'s,
-        given one) with no request in progress for the longest, if that has been ``stalled_seconds``,
-        and say whether one was. It is answered RESOURCE_EXHAUSTED, as a call refused at a full
-        server is: a client that keeps a stream open for good opens another when it next has a request."""
-        idle = self._idle_streams
+    def _evict_idle(self, kind: str, full: str, client: str | None = None) -> bool:
+        """At a full bound of ``kind`` (``full`` says which): end the stream of that kind (of
+        ``client``'s, given one) with no request in progress for the longest, if that has been
+        ``stalled_seconds``, and say whether one was. It is answered RESOURCE_EXHAUSTED, as a call
+        refused at a full server is: a client that keeps a stream open for good opens another when it
+        next has a request."""
+        idle = self._idle_streams[kind]
         context = next((c for c, held in idle.items() if client is None or held[3] == client), None)
         if context is None or (idle_for := time.monotonic() - idle[context][1]) < self.stalled_seconds:
             return False

@@ -193,8 +193,8 @@ class Metrics:
             "attnserve_calls_without_request_total",
             "Calls answered because their request did not come (also counted in attnserve_requests_total), by "
             "reason: read_timeout (DEADLINE_EXCEEDED), evicted (RESOURCE_EXHAUSTED, at a full bound), draining "
-            "(UNAVAILABLE, the server stopping), idle (RESOURCE_EXHAUSTED, at a full bound: a v2 stream with no "
-            "request in progress)",
+            "(UNAVAILABLE, the server stopping), idle (RESOURCE_EXHAUSTED, at a full bound: a v2 or reflection "
+            "stream with no request in progress)",
             ["reason"],
             registry=r,
         )

@@ -312,6 +312,55 @@ def test_at_the_bound_a_call_stalled_for_its_request_gives_its_place_to_one_that
     assert wait_for(lambda: held_now() == 0)
 
 
+def test_at_the_bound_a_reflection_stream_idle_after_its_answers_gives_its_place(impatient: ServerThread) -> None:
+    """A reflection stream is answered request by request and may be kept open with none in progress,
+    holding a place of max_probe_streams (4 here) that health's Watches need. At that bound the one
+    idle longest, once a second, is ended RESOURCE_EXHAUSTED to make room, as the model's idle
+    streams are at theirs; one whose requests keep coming is not."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    guard = impatient.server.guard
+    channel = grpc.insecure_channel(impatient.address)
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+    watcher = health_pb2_grpc.HealthStub(channel)
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    outgoing: list[queue.Queue[reflection_pb2.ServerReflectionRequest | None]] = [queue.Queue() for _ in range(4)]
+    idle = ("attnserve_calls_without_request_total", (("reason", "idle"),))
+    before = metrics(impatient)[idle]
+    try:
+        streams = []
+        for q in outgoing:  # each asks once, is answered, and stays open
+            q.put(ask)
+            streams.append(reflect(iter(q.get, None), timeout=30))
+            assert next(streams[-1]).list_services_response.service
+        assert wait_for(lambda: guard.streams_open == 4)
+        with pytest.raises(grpc.RpcError) as e:  # fresh: the Watch is refused
+            next(watcher.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(e.value) == "STREAMS_AT_LIMIT"
+        until = time.monotonic() + guard.stalled_seconds + 0.3
+        while time.monotonic() < until:  # the first idles; the others keep asking
+            for q, stream in zip(outgoing[1:], streams[1:], strict=True):
+                q.put(ask)
+                assert next(stream).list_services_response.service
+            time.sleep(0.2)
+        watch = watcher.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == SERVING
+        watch.cancel()
+        with pytest.raises(grpc.RpcError) as e:
+            next(streams[0])
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(e.value) == "IDLE_STREAM"
+        assert "this stream had no request in progress for the longest" in (e.value.details() or "")
+        for q, stream in zip(outgoing[1:], streams[1:], strict=True):  # the others go on
+            q.put(ask)
+            assert next(stream).list_services_response.service
+        assert metrics(impatient)[idle] == before + 1
+    finally:
+        for q in outgoing:
+            q.put(None)
+        channel.close()
+    assert wait_for(lambda: guard.streams_open == 0)
+
+
 def test_a_v2_stream_may_wait_past_the_read_timeout_for_its_first_request(impatient: ServerThread) -> None:
     """tritonclient opens its stream (start_stream) before it has a request to send, and may send the
     first long after: ModelStreamInfer is not answered for a request that has not come, as a call of
