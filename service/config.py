@@ -133,6 +133,9 @@ class ServerConfig:
     # told (health and reflection are not recorded); ~25 us of the server's CPU a call as text, ~40 as JSON
     # (bench observe)
     access_log: bool = False
+    # with access_log: a record only for the calls not answered OK, so that a busy server logs the
+    # ones worth a look (each with its reason) and spends nothing on the others
+    access_log_errors_only: bool = False
     # an OpenTelemetry collector's OTLP/gRPC address (http://host:4317; https:// for TLS): each call to
     # the model's services is traced there, a span with its queue and compute (service.tracing). Off
     # where empty
@@ -179,6 +182,8 @@ class ServerConfig:
                 raise ValueError(f"{rate} needs api_keys_file: clients are told apart by their keys")
             if getattr(self, burst) and not getattr(self, rate):
                 raise ValueError(f"{burst} needs {rate}: it is the rate's bucket")
+        if self.access_log_errors_only and not self.access_log:
+            raise ValueError("access_log_errors_only needs access_log: it says which calls the access log records")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"trace_sample_ratio must be in 0..1, got {self.trace_sample_ratio}")
         if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):

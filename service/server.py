@@ -191,6 +191,7 @@ class Server:
             config.client_limits,
         )
         self.servicer.access_log = self.guard.access_log = config.access_log
+        self.servicer.access_log_errors_only = config.access_log_errors_only
         self.servicer.limits_of = self.guard.limits_of if config.api_keys is not None else None
         self.api_keys = config.api_keys
         self.client_limits = config.client_limits

@@ -146,6 +146,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
     def __init__(self, metrics: Metrics, limits: RequestLimits) -> None:
         self.metrics = metrics
         self.access_log = False  # a record a call answered (service.logs.access), when told so
+        self.access_log_errors_only = False  # ... for a call not answered OK alone
         self.limits = limits
         self.engine: Engine | None = None  # set once the model is loaded and warmed up
         self.scheduler: Scheduler | None = None
@@ -210,7 +211,8 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self.metrics.requests.labels(rpc, code.name).inc()
         if reason:
             self.metrics.errors.labels(rpc, reason).inc()
-        exemplar = tracing.answered(rpc, code.name, seconds, context, detail, self.access_log, reason)
+        logged = self.access_log and not (self.access_log_errors_only and code is grpc.StatusCode.OK)
+        exemplar = tracing.answered(rpc, code.name, seconds, context, detail, logged, reason)
         self.metrics.request_seconds.labels(rpc).observe(seconds, exemplar)  # (its span's ids, where sampled)
 
     # --- shared validation ---------------------------------------------------------------------

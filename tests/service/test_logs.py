@@ -23,6 +23,7 @@ from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service import logs
 from service.cli import build_parser, main
+from service.config import ServerConfig
 from service.logs import configure, flush
 from tests.reliability.conftest import SERVING, health
 from tests.service.conftest import ServerThread, config
@@ -215,6 +216,31 @@ def test_the_access_log_is_off_unless_asked(served: ServerThread, caplog: pytest
     with caplog.at_level(logging.INFO, "attnserve.access"):
         served.stub().Encode(pb.EncodeRequest(texts=["hi"]), timeout=30)
     assert not [r for r in caplog.records if r.name == "attnserve.access"]
+
+
+def test_the_access_log_may_record_only_the_calls_not_answered_ok(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A busy server logs the calls worth a look, each with its reason, and nothing of the others."""
+    st = ServerThread(config(model_dir, access_log=True, access_log_errors_only=True)).start()
+    caplog.set_level(logging.INFO, "attnserve.access")
+    try:
+        stub = st.stub()
+        stub.Encode(pb.EncodeRequest(texts=["hi"]), timeout=30)
+        list(stub.GenerateStream(pb.GenerateRequest(prompt="My lord", max_new_tokens=2), timeout=30))
+        with pytest.raises(grpc.RpcError):
+            stub.Encode(pb.EncodeRequest(), timeout=30)  # the servicer's refusal
+        with pytest.raises(grpc.RpcError):
+            grpc.insecure_channel(st.address).unary_unary("/attnserve.v1.AttnServe/Encode")(b"\xff", timeout=30)
+    finally:
+        st.stop()
+    records = [(r.rpc, r.code, r.reason) for r in caplog.records if r.name == "attnserve.access"]  # type: ignore[attr-defined]
+    assert records == [
+        ("Encode", "INVALID_ARGUMENT", "INVALID_INPUT"),
+        ("Encode", "INVALID_ARGUMENT", "MALFORMED_REQUEST"),
+    ]
+    with pytest.raises(ValueError, match="access_log_errors_only needs access_log"):
+        ServerConfig(access_log_errors_only=True)
 
 
 def test_a_server_whose_stderr_nobody_reads_goes_on_serving(model_dir: Path) -> None:
