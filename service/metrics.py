@@ -110,10 +110,10 @@ class BufferedHistogram:
                 series = self._series.setdefault(key, Tally(self._bounds))
         return series
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, exemplar: dict[str, str] | None = None) -> None:
         if self._unlabelled is None:
             raise ValueError(f"{self.name} has labels {self._labelnames}: observe a series of labels(...)")
-        self._unlabelled.observe(value)
+        self._unlabelled.observe(value, exemplar)
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)

@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from service import tracing
 from service.batcher import DEADLINE_HEADROOM
 from service.errors import (
     GENERATION_UNAVAILABLE,
@@ -144,6 +145,7 @@ class Sequence:
     interval: int = 1  # tokens held before they are handed over; 0: all of them, at the end (a unary call)
     held: list[Token] = field(default_factory=list)
     client: str | None = None  # the name of its call's API key, its tokens counted under it as it ends
+    exemplar: dict[str, str] | None = None  # its call's span's ids, where sampled: its first token's exemplar
 
     @property
     def reserved(self) -> int:
@@ -280,6 +282,7 @@ class Scheduler:
         seq = kind(next(self._ids), prompt, params, rng, deadline)
         seq.interval = self.limits.stream_interval if stream else 0
         seq.client = CLIENT.get()  # (the caller's task's: the call's client, with API keys)
+        seq.exemplar = tracing.exemplar()  # (likewise: its span's ids, where chosen as it started)
         return seq
 
     def _enqueue(self, seq: Sequence) -> None:
@@ -491,7 +494,7 @@ class Scheduler:
         now = time.monotonic()
         if not seq.generated:
             seq.first_token_at = now
-            self.metrics.gen_ttft_seconds.observe(now - seq.enqueued_at)
+            self.metrics.gen_ttft_seconds.observe(now - seq.enqueued_at, seq.exemplar)
         else:
             self.metrics.gen_itl_seconds.observe(now - seq.last_token_at)
         seq.last_token_at = now

@@ -523,6 +523,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         async def handle() -> pb.GenerateResponse:
             start = time.monotonic()
             deadline = self._deadline(context)
+            tracing.choose_early(context)  # (its first token's exemplar names its span)
             ids, params = await self._generation(request, deadline)
             scheduler = self._scheduler()
             token_text = self._engine().token_text
@@ -554,6 +555,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         # validate before the first message, so a bad request fails as a status, not mid-stream
         start = time.monotonic()
         deadline = self._deadline(context)
+        tracing.choose_early(context)  # (its first token's exemplar names its span)
         try:
             ids, params = await self._generation(request, deadline)
             scheduler = self._scheduler()

@@ -70,6 +70,13 @@ PHASES: contextvars.ContextVar[tuple[float, float, float | None, dict[str, Any]]
     "phases", default=None
 )
 
+# A generation's span's caller fields and ids (trace id, span id, whether sampled), chosen as it
+# starts (``choose_early``), so that its first token's exemplar, observed before the call is
+# answered, names the span that ``answered`` then makes with them
+CHOSEN: contextvars.ContextVar[tuple[dict[str, str], int, int, bool] | None] = contextvars.ContextVar(
+    "chosen", default=None
+)
+
 _current: Tracing | None = None
 
 
@@ -91,8 +98,11 @@ def answered(
         if access_log:
             access(rpc, code, seconds, context, detail, reason=reason)
         return None
-    who = caller(context)
-    trace_id, span_id, sampled = tracing.ids.choose(who)
+    if (chosen := CHOSEN.get()) is not None:
+        who, trace_id, span_id, sampled = chosen
+    else:
+        who = caller(context)
+        trace_id, span_id, sampled = tracing.ids.choose(who)
     exemplar = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"} if sampled else None
     if access_log:  # in the trace the server started, where it is sampled, as in the caller's
         started = sampled and "trace_id" not in who
@@ -100,6 +110,21 @@ def answered(
     call = (time.time(), time.monotonic(), rpc, code, seconds, who, detail, reason, PHASES.get(), trace_id, span_id)
     tracing.note(call)
     return exemplar
+
+
+def choose_early(context: Any) -> None:
+    """Where calls are traced: choose the call's span's ids now (``CHOSEN``), for ``exemplar``."""
+    if (tracing := _current) is not None:
+        who = caller(context)
+        CHOSEN.set((who, *tracing.ids.choose(who)))
+
+
+def exemplar() -> dict[str, str] | None:
+    """The exemplar of the call's span, where its ids were chosen early and it is sampled."""
+    chosen = CHOSEN.get()
+    if chosen is None or not chosen[3]:
+        return None
+    return {"trace_id": f"{chosen[1]:032x}", "span_id": f"{chosen[2]:016x}"}
 
 
 LOW_64 = (1 << 64) - 1  # the bits of a trace id that TraceIdRatioBased decides on

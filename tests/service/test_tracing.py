@@ -174,9 +174,12 @@ def test_a_collector_that_is_down_costs_no_call(model_dir: Path) -> None:
         st.stop()
 
 
-def exemplars(st: ServerThread, rpc: str) -> list[dict[str, str]]:
-    """The exemplars of ``rpc``'s attnserve_request_duration_seconds buckets, as an OpenMetrics scrape
-    (what Prometheus asks for with exemplar storage on) gives them."""
+def exemplars(
+    st: ServerThread, rpc: str | None, family_name: str = "attnserve_request_duration_seconds"
+) -> list[dict[str, str]]:
+    """The exemplars of ``rpc``'s attnserve_request_duration_seconds buckets (or of ``family_name``'s,
+    which has no rpc label), as an OpenMetrics scrape (what Prometheus asks for with exemplar storage
+    on) gives them."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{st.server.metrics_port}/metrics", headers={"Accept": "application/openmetrics-text"}
     )
@@ -184,7 +187,7 @@ def exemplars(st: ServerThread, rpc: str) -> list[dict[str, str]]:
     return [
         dict(sample.exemplar.labels)
         for family in text_string_to_metric_families(body)
-        if family.name == "attnserve_request_duration_seconds"
+        if family.name == family_name
         for sample in family.samples
         if sample.labels.get("rpc") == rpc and sample.exemplar is not None
     ]
@@ -216,7 +219,8 @@ def test_the_server_starts_the_traces_it_links_to(
     model_dir: Path, receiver: tuple[Receiver, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A call with no traceparent, sampled by trace_sample_ratio, links to the trace the server
-    starts, from its duration's exemplar and from its access record."""
+    starts, from its duration's exemplar (a generation's time to first token's too) and from its
+    access record."""
     got, port = receiver
     caplog.set_level(logging.INFO, "attnserve.access")
     st = ServerThread(config(model_dir, otlp_endpoint=f"http://127.0.0.1:{port}", access_log=True)).start()
@@ -226,6 +230,9 @@ def test_the_server_starts_the_traces_it_links_to(
         (span,) = by_name(got.spans, "attnserve.v1.AttnServe/Generate")
         assert not span.parent_span_id
         assert exemplars(st, "Generate") == [{"trace_id": span.trace_id.hex(), "span_id": span.span_id.hex()}]
+        # and its time to first token, observed before the call was answered, names the same span
+        ttft = exemplars(st, None, "attnserve_generate_time_to_first_token_seconds")
+        assert ttft == [{"trace_id": span.trace_id.hex(), "span_id": span.span_id.hex()}]
     finally:
         st.stop()
     (record,) = [r for r in caplog.records if r.name == "attnserve.access"]
