@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import math
 import os
 import re
@@ -101,9 +102,10 @@ class ServerConfig:
     # without a moment when neither works): given, every call to the model's services must
     # carry "authorization: Bearer <one of them>", or is answered UNAUTHENTICATED; health, reflection
     # and the v2 service's liveness, readiness and metadata stay open to probes. Keys travel in the
-    # clear without TLS. A named client's line may end with limits of its own, in place of the
-    # server's below for it alone ("batch <key> calls_per_second=0 tokens_per_second=50000";
-    # CLIENT_LIMITS), which change with the file as its keys do
+    # clear without TLS. A key may be given as its SHA-256 ("sha256:<64 hex digits>", HASHED_KEY), so
+    # that the file holds none a client could use. A named client's line may end with limits of its
+    # own, in place of the server's below for it alone ("batch <key> calls_per_second=0
+    # tokens_per_second=50000"; CLIENT_LIMITS), which change with the file as its keys do
     api_keys_file: Path | None = None
     # the keys file is looked at this often and, where it changed, read again: the keys in it replace
     # those before, and a file that cannot be read or holds no key leaves those before in place and is
@@ -307,6 +309,9 @@ def api_keys_file_bytes(path: Path) -> bytes:
 
 
 CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# a key given as its SHA-256 ("sha256:" and 64 hex digits, as `printf %s KEY | sha256sum` prints
+# them): the file, and the server, then hold no key a client could use
+HASHED_KEY = "sha256:"
 
 
 # What a line of the keys file may set for its client after the name and key ("alice key-a
@@ -360,6 +365,12 @@ def read_keys_file(path: Path, data: bytes | None = None) -> tuple[dict[str, str
             raise ValueError(f"api_keys_file: line {number}: a client's name is 1-64 of A-Z a-z 0-9 . _ -")
         if not all("!" <= c <= "~" for c in key):  # a header's value: printable ASCII, no spaces
             raise ValueError(f"api_keys_file: line {number} is not a key (printable ASCII, no spaces)")
+        if key.startswith(HASHED_KEY):
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", key.removeprefix(HASHED_KEY)):
+                raise ValueError(
+                    f"api_keys_file: line {number}: a key given as its SHA-256 is sha256: and 64 hex digits"
+                )
+            key = key.lower()
         if key in keys:
             raise ValueError(f"api_keys_file: line {number} repeats the key of line {lines_of[key]}")
         keys[key], lines_of[key] = name, number
@@ -381,6 +392,12 @@ def read_keys_file(path: Path, data: bytes | None = None) -> tuple[dict[str, str
             set_on[name, limit] = number
     if not keys:
         raise ValueError(f"api_keys_file: {path} holds no key")
+    for key, number in lines_of.items():
+        twin = HASHED_KEY + hashlib.sha256(key.encode()).hexdigest()
+        if twin in lines_of:
+            raise ValueError(
+                f"api_keys_file: lines {number} and {lines_of[twin]} hold one key, as itself and as its SHA-256"
+            )
     for name, own in limits.items():
         for rate, burst in (("calls_per_second", "burst"), ("tokens_per_second", "token_burst")):
             if own.get(burst) and not own.get(rate):

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import inspect
 import logging
@@ -74,6 +75,7 @@ from google.protobuf.message import Message
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service import tracing
+from service.config import HASHED_KEY
 from service.errors import (
     API_KEY_INVALID,
     API_KEY_MISSING,
@@ -370,8 +372,19 @@ class CallGuard(grpc.aio.ServerInterceptor):
         (None: no key needed), and ``client_limits`` as the limits of the clients that have their own
         (by CLIENT_LIMITS' names; the others have the server's), in place of those before, from the
         next call on."""
-        # as bytes, compared in constant time
-        self.api_keys = None if keys is None else tuple((k.encode(), keys[k] or UNNAMED) for k in sorted(keys))
+        # as bytes, compared in constant time; those given as their SHA-256 (HASHED_KEY), as its digest,
+        # compared with the digest of the key a call carries
+        if keys is None:
+            self.api_keys = self.hashed_keys = None
+        else:
+            self.api_keys = tuple(
+                (k.encode(), keys[k] or UNNAMED) for k in sorted(keys) if not k.startswith(HASHED_KEY)
+            )
+            self.hashed_keys = tuple(
+                (bytes.fromhex(k.removeprefix(HASHED_KEY)), keys[k] or UNNAMED)
+                for k in sorted(keys)
+                if k.startswith(HASHED_KEY)
+            )
         self._limits = {name: self.limits.given(own) for name, own in (client_limits or {}).items()}
 
     def limits_of(self, client: str) -> ClientLimits:
@@ -629,6 +642,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
         for known, name in self.api_keys:
             if hmac.compare_digest(token, known):
                 client = name
+        if self.hashed_keys:  # (its digest, once, where the file holds any key given as one)
+            digest = hashlib.sha256(token).digest()
+            for known, name in self.hashed_keys:
+                if hmac.compare_digest(digest, known):
+                    client = name
         return (client, "", "") if client else ("", "the API key is not one this server accepts", API_KEY_INVALID)
 
     def _take(self, client: str, limits: ClientLimits) -> float:

@@ -4,6 +4,7 @@ takes no place in the server."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import queue
@@ -214,6 +215,32 @@ def test_authorization_bytes_no_client_library_sends_are_unauthenticated(keyed: 
         peer.close()
     assert code == grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert peer.reasons[sid] in ("API_KEY_MISSING", "API_KEY_INVALID")
+
+
+def test_a_key_may_be_given_as_its_sha256(model_dir: Path, tmp_path: Path) -> None:
+    """The keys file (a Secret, and every copy of it) need not hold a key a client could use: a line
+    may give the key's SHA-256 instead, which the server compares, in constant time, with the SHA-256
+    of the key a call carries."""
+    digest = hashlib.sha256(b"plain-key-0123").hexdigest()
+    path = tmp_path / "keys"
+    path.write_text(f"alice sha256:{digest.upper()}\nbob other-key-456\n")  # as sha256sum prints it, or not
+    st = ServerThread(config(model_dir, api_keys_file=path)).start()
+    try:
+        assert works(st.address, "plain-key-0123") and works(st.address, "other-key-456")
+        assert not works(st.address, f"sha256:{digest}")  # the digest is not the key
+        assert not works(st.address, "plain-key-012")
+        m = metrics(st)
+        assert m[("attnserve_client_calls_total", (("client", "alice"), ("rpc", "Encode")))] == 1  # under its name
+        assert m[("attnserve_api_keys", ())] == 2
+    finally:
+        st.stop()
+    path.write_text(f"alice sha256:{digest[:-1]}\n")
+    with pytest.raises(ValueError, match="line 1: a key given as its SHA-256 is sha256: and 64 hex digits"):
+        ServerConfig(api_keys_file=path)
+    path.write_text(f"alice plain-key-0123\nbob sha256:{digest}\n")
+    with pytest.raises(ValueError, match="lines 1 and 2 hold one key, as itself and as its SHA-256") as e:
+        ServerConfig(api_keys_file=path)
+    assert "plain-key" not in str(e.value)
 
 
 # --- keys read again as the file changes ---------------------------------------------------------
