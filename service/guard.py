@@ -592,7 +592,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 counted = self.calls_by_client
                 counted[client, rpc] = counted.get((client, rpc), 0) + 1
                 # its own limits, those that take nothing first, so that a call refused takes nothing
-                limits = self._limits.get(client, self.limits)
+                limits = self.limits_of(client)
                 held = self.by_client.get(client, 0)
                 if limits.max_calls and held >= limits.max_calls:
                     # its own call stalled for its request, or its own stream idle, gives way first: a
@@ -715,9 +715,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         oldest = next((c for c, held in unread.items() if client is None or held[2] == client), None)
         if oldest is None or time.monotonic() - unread[oldest][1] < self.stalled_seconds:
             return False
-        rpc, since, _ = unread.pop(oldest)
-        message = f"{full}; this call waited longest for its request"
-        self._give_up(rpc, oldest, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since, "evicted", REQUEST_NOT_SENT)
+        self._evict(kind, full, oldest)
         return True
 
     def _evict_idle(self, kind: str, full: str, client: str | None = None) -> bool:
@@ -735,10 +733,13 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, opened, "idle", IDLE_STREAM)
         return True
 
-    def _evict(self, kind: str, why: str) -> None:
-        """Refuse the call of ``kind`` waiting longest for its request, to make room for another."""
-        context, (rpc, since, _) = next(iter(self._unread[kind].items()))
-        del self._unread[kind][context]
+    def _evict(self, kind: str, why: str, context: grpc.aio.ServicerContext | None = None) -> None:
+        """Refuse the call of ``kind`` waiting longest for its request (or ``context``, one of them),
+        to make room for another."""
+        unread = self._unread[kind]
+        if context is None:
+            context = next(iter(unread))
+        rpc, since, _ = unread.pop(context)
         message = f"{why}; this call waited longest for its request"
         self._give_up(rpc, context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, since, "evicted", REQUEST_NOT_SENT)
 

@@ -192,7 +192,7 @@ class Server:
         )
         self.servicer.access_log = self.guard.access_log = config.access_log
         self.servicer.access_log_errors_only = config.access_log_errors_only
-        self.servicer.limits_of = self.guard.limits_of if config.api_keys is not None else None
+        self.servicer.limits_of = self.guard.limits_of
         self.api_keys = config.api_keys
         self.client_limits = config.client_limits
         self._keys_file: bytes | str | None = None  # the keys file's bytes as last read, or why they could not be

@@ -419,7 +419,8 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         return await self._call("GetModelInfo", context, handle)
 
     def _client_limits(self) -> pb.ClientLimits | None:
-        """The caller's own limits, where the server has API keys (the guard set the call's client)."""
+        """The caller's own limits, where the server has API keys (the guard set the call's client;
+        without keys there is none)."""
         client = CLIENT.get()
         if client is None or self.limits_of is None:
             return None
