@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     from service.config import ServerConfig
 
     s = sub.add_parser("serve", help="serve a model directory over gRPC")
+    s.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help='a TOML file of these settings by name (port = 50051, api_keys_file = "keys"; paths relative to '
+        "the file); flags and ATTNSERVE_* variables take precedence (env ATTNSERVE_CONFIG)",
+    )
     ServerConfig.add_arguments(s)
     s.set_defaults(func=_serve)
 

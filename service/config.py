@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -280,10 +281,12 @@ class ServerConfig:
     def from_sources(
         cls, args: argparse.Namespace | None = None, env: typing.Mapping[str, str] | None = None
     ) -> ServerConfig:
-        """Flags first, then ATTNSERVE_* variables, then defaults."""
+        """Flags first, then ATTNSERVE_* variables, then the config file (``--config``,
+        ATTNSERVE_CONFIG; ``read_config_file``), then defaults."""
         env = os.environ if env is None else env
         hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = {}
+        path = getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG")
+        values: dict[str, Any] = read_config_file(Path(path)) if path else {}
         for f in fields(cls):
             raw = getattr(args, f.name, None) if args is not None else None
             if raw is None:
@@ -291,6 +294,39 @@ class ServerConfig:
             if raw is not None:
                 values[f.name] = _convert(raw, hints[f.name], f.name)
         return cls(**values)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings a TOML file gives, by their names (``port = 50051``, ``api_keys_file = "keys"``):
+    each of the type its setting has, a path relative to the file's own folder, no name that is not
+    a setting. ValueError says what is wrong, naming the setting."""
+    try:
+        with path.open("rb") as f:
+            given = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config: {path} is not TOML: {e}") from None
+    hints = typing.get_type_hints(ServerConfig)
+    unknown = sorted(given.keys() - hints.keys())
+    if unknown:
+        raise ValueError(
+            f"config: {path} names no setting {', '.join(map(repr, unknown[:5]))} (`attnserve serve --help` lists them)"
+        )
+    values: dict[str, Any] = {}
+    for name, raw in given.items():
+        typ = hints[name]
+        if isinstance(typ, types.UnionType):  # X | None
+            typ = next(t for t in typ.__args__ if t is not type(None))
+        if typ is Path and isinstance(raw, str):
+            values[name] = path.parent / raw  # (an absolute one stays as it is)
+        elif typ is float and isinstance(raw, int | float) and not isinstance(raw, bool):
+            values[name] = float(raw)
+        elif type(raw) is typ:  # (a bool is not taken for an int)
+            values[name] = raw
+        else:
+            raise ValueError(f"config: {path}: {name} is {typ.__name__ if typ is not Path else 'a path'}, not {raw!r}")
+    return values
 
 
 API_KEYS_FILE_BYTES = 1024 * 1024  # a keys file holds a few keys: a larger one is not one
