@@ -315,9 +315,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         )
     values: dict[str, Any] = {}
     for name, raw in given.items():
-        typ = hints[name]
-        if isinstance(typ, types.UnionType):  # X | None
-            typ = next(t for t in typ.__args__ if t is not type(None))
+        typ = _base(hints[name])
         if typ is Path and isinstance(raw, str):
             values[name] = path.parent / raw  # (an absolute one stays as it is)
         elif typ is float and isinstance(raw, int | float) and not isinstance(raw, bool):
@@ -441,11 +439,15 @@ def read_keys_file(path: Path, data: bytes | None = None) -> tuple[dict[str, str
     return keys, limits
 
 
+def _base(typ: Any) -> Any:
+    """The type of a setting: X of ``X | None``."""
+    return next(t for t in typ.__args__ if t is not type(None)) if isinstance(typ, types.UnionType) else typ
+
+
 def _convert(raw: Any, typ: Any, name: str) -> Any:
     if not isinstance(raw, str):
         return raw
-    if isinstance(typ, types.UnionType):  # X | None
-        typ = next(t for t in typ.__args__ if t is not type(None))
+    typ = _base(typ)
     try:
         if typ is bool:
             if raw.lower() in ("1", "true", "yes", "on"):

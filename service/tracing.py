@@ -103,7 +103,7 @@ def answered(
     else:
         who = caller(context)
         trace_id, span_id, sampled = tracing.ids.choose(who)
-    exemplar = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"} if sampled else None
+    exemplar = ids_of(trace_id, span_id) if sampled else None
     if access_log:  # in the trace the server started, where it is sampled, as in the caller's
         started = sampled and "trace_id" not in who
         access(rpc, code, seconds, context, detail, {**who, "trace_id": f"{trace_id:032x}"} if started else who, reason)
@@ -124,7 +124,12 @@ def exemplar() -> dict[str, str] | None:
     chosen = CHOSEN.get()
     if chosen is None or not chosen[3]:
         return None
-    return {"trace_id": f"{chosen[1]:032x}", "span_id": f"{chosen[2]:016x}"}
+    return ids_of(chosen[1], chosen[2])
+
+
+def ids_of(trace_id: int, span_id: int) -> dict[str, str]:
+    """A span's ids as an exemplar's labels: W3C's hex, 32 and 16 digits."""
+    return {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
 
 
 LOW_64 = (1 << 64) - 1  # the bits of a trace id that TraceIdRatioBased decides on
