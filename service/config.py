@@ -113,6 +113,13 @@ class ServerConfig:
     # logged (0: only on SIGHUP, which reads it again too). A Kubernetes Secret mounted as a volume is
     # updated in place, so a key is added or retired without a restart
     api_keys_reload_seconds: float = 10.0
+    # the model directory is looked at this often (0: only on SIGHUP, which looks too) and, where it
+    # changed and then stays the same for a second, loaded and warmed up beside the model serving: the
+    # calls that begin from then are served by it, those in progress end on the one before, which is
+    # stopped after the last. One that cannot be loaded leaves the model before serving, and is logged.
+    # Replace a directory whole (a link swapped, as Kubernetes swaps a volume's): one copied over file
+    # by file may be looked at between two of them
+    model_reload_seconds: float = 0.0
     # calls in progress one client (the name before its keys; the keys with none are one client,
     # "unnamed") may have; beyond it, its calls are refused RESOURCE_EXHAUSTED while others' are served,
     # so that one client cannot take every place of max_concurrent_calls (0: no limit of its own)
@@ -191,8 +198,9 @@ class ServerConfig:
             raise ValueError(f"trace_sample_ratio must be in 0..1, got {self.trace_sample_ratio}")
         if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"otlp_endpoint is http://host:port or https://host:port, got {self.otlp_endpoint!r}")
-        if self.api_keys_reload_seconds < 0:
-            raise ValueError(f"api_keys_reload_seconds must be >= 0, got {self.api_keys_reload_seconds}")
+        for reload in ("api_keys_reload_seconds", "model_reload_seconds"):
+            if getattr(self, reload) < 0:
+                raise ValueError(f"{reload} must be >= 0, got {getattr(self, reload)}")
         if self.handshake_timeout_seconds <= 0 or self.request_read_timeout_seconds <= 0:
             raise ValueError(
                 "handshake_timeout_seconds and request_read_timeout_seconds must be > 0, got "

@@ -223,6 +223,17 @@ class Metrics:
             "1 while the TLS certificate's files hold what the server could not take (it serves the one before)",
             registry=r,
         )
+        self.model_rejected = Gauge(
+            "attnserve_model_dir_rejected",
+            "1 while the model directory holds what the server could not load (it serves the model before)",
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "attnserve_model_reloads_total",
+            "Model directories changed while serving, by outcome: loaded (and serving), or rejected",
+            ["outcome"],
+            registry=r,
+        )
         self.api_keys_rejected = Gauge(
             "attnserve_api_keys_file_rejected",
             "1 while the API keys file holds what the server could not take (it accepts the keys read before)",
@@ -281,6 +292,8 @@ class Metrics:
             self.gen_finished.labels(reason)
         for reason in ("read_timeout", "evicted", "draining", "idle"):
             self.without_request.labels(reason)
+        for outcome in ("loaded", "rejected"):
+            self.model_reloads.labels(outcome)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> ScrapeServer:
         """Expose /metrics over HTTP on a thread of its own; returns the server (``.shutdown()`` stops it)."""

@@ -7,6 +7,9 @@ ONNX Runtime.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 FORMAT_VERSION = 1  # config.json's "format"; a server refuses a directory of another
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -29,3 +32,20 @@ def graph_file(graph: str) -> str:
 def variant_key(graph: str, variant: str) -> str:
     """config.json's "graphs" key of a graph's variant ("decoder_int8"); fp32 graphs go by their own name."""
     return graph if variant == "fp32" or graph == KV_WRITE else f"{graph}_{variant}"
+
+
+# where a model directory resolves to, and its files' names, sizes and modification times
+DirState = tuple[str, tuple[tuple[str, int, int], ...]]
+
+
+def state(model_dir: Path) -> DirState:
+    """What the directory holds now, as cheaply as it can be told: the path it resolves to (a link
+    swapped for another names a new one) and each file's name, size and modification time.
+    OSError where it cannot be read."""
+    real = model_dir.resolve(strict=True)
+    files = []
+    for entry in os.scandir(real):
+        if entry.is_file():
+            st = entry.stat()
+            files.append((entry.name, st.st_size, st.st_mtime_ns))
+    return str(real), tuple(sorted(files))

@@ -3,6 +3,10 @@
 Every RPC goes through ``_call``, which counts it, times it, and turns what the layers below
 raise into a gRPC status: domain errors by their code, anything else as INTERNAL with a
 generic message and an id (the details go to the log under that id, never to the client).
+
+A call uses one model from start to end: the first time it asks for the model, the one loaded
+then is pinned to it (``Loaded``), so a model loaded again while it runs (``Server.reload_model``)
+serves the calls that begin after, and the one before is stopped once its own calls have ended.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -32,12 +37,51 @@ from service.errors import ATTENTION_BYTES_AT_LIMIT, Failure, InvalidInput, Mode
 from service.guard import ClientLimits
 from service.logs import CLIENT, caller
 from service.metrics import Metrics
+from service.runtime import ModelInfo
 from service.sampling import MAX_STOP_SEQUENCES, SamplingParams
 from service.scheduler import Done, Event, Finish, Scheduler, Token
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Loaded:
+    """One model directory's engine and generation scheduler, and how many calls use them.
+
+    Retired (another model has taken its place), it says ``idle`` once the last call that
+    pinned it has ended; until then they are served by it as they began."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+        self.users = 0
+        self.retired = False
+        self.idle = asyncio.Event()
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.runtime.info
+
+    def __str__(self) -> str:
+        return f"{self.info.name} {self.info.version}"
+
+    def take(self) -> None:
+        self.users += 1
+
+    def give(self, _: object = None) -> None:
+        self.users -= 1
+        if self.retired and not self.users:
+            self.idle.set()
+
+    def retire(self) -> None:
+        self.retired = True
+        if not self.users:
+            self.idle.set()
+
+
+# the model a call pinned, in its task's context (tasks it starts share it, and take no pin of their own)
+PINNED: ContextVar[Loaded | None] = ContextVar("attnserve_pinned_model", default=None)
 
 
 @dataclass(frozen=True)
@@ -148,20 +192,48 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self.access_log = False  # a record a call answered (service.logs.access), when told so
         self.access_log_errors_only = False  # ... for a call not answered OK alone
         self.limits = limits
-        self.engine: Engine | None = None  # set once the model is loaded and warmed up
-        self.scheduler: Scheduler | None = None
+        self.loaded: Loaded | None = None  # set once the model is loaded and warmed up
         self.max_concurrent_calls = 0  # told by the server, for GetModelInfo
         self.limits_of: Callable[[str], ClientLimits] | None = None  # a client's own limits (the guard's), likewise
         self.attention_budget = AttentionBudget(limits.max_attention_bytes)
 
-    def attach(self, engine: Engine, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
-        self.engine = engine
+    def attach(self, engine: Engine, scheduler: Scheduler) -> Loaded | None:
+        """Serve the calls that begin from now with ``engine`` and ``scheduler``; the model they
+        replace (retired), whose calls in progress go on with it, or None."""
+        before, self.loaded = self.loaded, Loaded(engine, scheduler)
+        if before is not None:
+            before.retire()
+        return before
+
+    @property
+    def engine(self) -> Engine | None:
+        return None if self.loaded is None else self.loaded.engine
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return None if self.loaded is None else self.loaded.scheduler
+
+    def _model(self) -> Loaded:
+        """The model this call uses: the one it pinned, or the one loaded now, pinned to the call's
+        task until it ends."""
+        pinned = PINNED.get()
+        if pinned is not None:
+            return pinned
+        loaded = self.loaded
+        if loaded is None:
+            raise ModelNotReady("model is loading")
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop (a thread of the caller's own): nothing to pin to
+            task = None
+        if task is not None:
+            loaded.take()
+            task.add_done_callback(loaded.give)
+            PINNED.set(loaded)
+        return loaded
 
     def _engine(self) -> Engine:
-        if self.engine is None:
-            raise ModelNotReady("model is loading")
-        return self.engine
+        return self._model().engine
 
     async def _call(self, rpc: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]) -> T:
         start = time.monotonic()
@@ -477,10 +549,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         return params
 
     def _scheduler(self) -> Scheduler:
-        self._engine()
-        if self.scheduler is None:
-            raise ModelNotReady("model is loading")
-        return self.scheduler
+        return self._model().scheduler
 
     @staticmethod
     def _token(t: Token, token_text: list[str], into: Any) -> None:

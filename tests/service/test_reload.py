@@ -1,0 +1,335 @@
+"""A model directory changed while serving: loaded beside the model serving, which finishes the calls
+it began and then stops; one that cannot be loaded leaves the model before serving."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from bench.timing import start_server
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from service.config import ServerConfig
+from service.model_dir import state
+from service.servicer import Loaded
+from tests.service.conftest import ServerThread, config, wait_for
+from tests.service.test_kserve import infer, output
+from tests.service.test_server import metrics
+
+TEXT = "To be, or not to be, that is the question"
+
+
+def copy(model_dir: Path, into: Path, version: str, int8: bool = False) -> Path:
+    """A copy of ``model_dir`` as ``version``; ``int8``: another model, its encoder and decoders the
+    int8 graphs under the fp32 graphs' names, so that its embeddings differ from the first's."""
+    shutil.copytree(model_dir, into)
+    cfg = json.loads((into / "config.json").read_text())
+    cfg["version"] = version
+    for graph in ("encode", "decoder", "decoder_step") if int8 else ():
+        cfg["graphs"][graph] = cfg["graphs"][f"{graph}_int8"]
+    (into / "config.json").write_text(json.dumps(cfg))
+    return into
+
+
+def point(link: Path, target: Path) -> None:
+    """``link`` to ``target``, swapped in one rename, as a model directory is replaced whole."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+@pytest.fixture
+def models(model_dir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(the link the server is given, the first model, the second)."""
+    one = copy(model_dir, tmp_path / "v1", "1")
+    two = copy(model_dir, tmp_path / "v2", "2", int8=True)
+    link = tmp_path / "current"
+    point(link, one)
+    return link, one, two
+
+
+@pytest.fixture
+def st(models: tuple[Path, Path, Path]) -> Iterator[ServerThread]:
+    server = ServerThread(config(models[0])).start()
+    yield server
+    server.stop()
+
+
+def hold_steps(server: ServerThread, after: int = 2) -> threading.Event:
+    """Make the generation loop of the model serving now wait, before each decode step past its
+    next ``after``, until the event returned is set: a generation on it stays in progress, its
+    first tokens sent, until the test lets it go on."""
+    runtime = server.server.scheduler.runtime  # type: ignore[union-attr]
+    step = runtime.decode_step
+    go_on = threading.Event()
+    steps = iter(range(after))
+
+    def held(*args: object) -> object:
+        if next(steps, None) is None:
+            go_on.wait(30)
+        return step(*args)
+
+    runtime.decode_step = held  # type: ignore[method-assign]
+    return go_on
+
+
+def version(stub: pb_grpc.AttnServeStub) -> str:
+    return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).version
+
+
+def embedding(stub: pb_grpc.AttnServeStub) -> np.ndarray:
+    return np.array(stub.Encode(pb.EncodeRequest(texts=[TEXT]), timeout=30).embeddings[0].values)
+
+
+def reloads(server: ServerThread) -> tuple[float, float, float]:
+    """(loaded, rejected, attnserve_model_dir_rejected)."""
+    m = metrics(server)
+    return (
+        m[("attnserve_model_reloads_total", (("outcome", "loaded"),))],
+        m[("attnserve_model_reloads_total", (("outcome", "rejected"),))],
+        m[("attnserve_model_dir_rejected", ())],
+    )
+
+
+def test_a_new_model_serves_the_calls_after_it_and_the_one_before_ends_those_it_began(
+    st: ServerThread, models: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    link, _, two = models
+    stub = st.stub()
+    caplog.set_level(logging.INFO, "service.server")
+    first = embedding(stub)
+    greedy = pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40, temperature=0)
+    expected = stub.Generate(greedy, timeout=60)
+    assert version(stub) == "1" and expected.usage.generated_tokens == 40
+
+    # a generation streaming on the first model when the second comes
+    go_on = hold_steps(st)
+    messages: queue.Queue[pb.GenerateStreamResponse | BaseException] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for message in stub.GenerateStream(greedy, timeout=60):
+                messages.put(message)
+        except grpc.RpcError as e:
+            messages.put(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    head = messages.get(timeout=30)
+    assert isinstance(head, pb.GenerateStreamResponse)
+    old = st.server.servicer.loaded
+    assert isinstance(old, Loaded) and old.users == 1
+
+    point(link, two)
+    st.call(st.server.reload_model(asked=True))
+    new = st.server.servicer.loaded
+    assert new is not old and isinstance(new, Loaded) and old.retired
+    assert version(stub) == "2" and st.server.engine is new.engine
+    second = embedding(stub)
+    assert not np.allclose(first, second, atol=1e-5)  # another model's answer
+    np.testing.assert_allclose(first, second, atol=0.5)  # (the same weights, quantized)
+    assert reloads(st) == (1, 0, 0)
+    info = {k: v for (name, k), v in metrics(st).items() if name == "attnserve_model_info"}
+    assert info == {(("name", "tiny"), ("version", "2")): 1.0}
+
+    # the stream goes on where it began, on the first model, and ends as the unary call did
+    assert not old.idle.is_set() and old.scheduler.running and not new.scheduler.running
+    go_on.set()
+    rest = []
+    while not rest or not rest[-1].finish_reason:
+        message = messages.get(timeout=60)
+        assert isinstance(message, pb.GenerateStreamResponse), message
+        rest.append(message)
+    reader.join(30)
+    streamed = [head, *rest]
+    assert "".join(m.text for m in streamed) == expected.text
+    assert [t.token_id for m in streamed for t in m.tokens] == [t.token_id for t in expected.tokens]
+
+    # then the first model stops: its batchers and its generation loop end
+    assert wait_for(lambda: old.idle.is_set() and not old.scheduler._thread.is_alive())  # type: ignore[union-attr]
+    assert wait_for(lambda: not any(t.is_alive() for t in old.engine.encode_threads._threads))
+    said = [r.getMessage() for r in caplog.records]
+    assert any("serving tiny 2 from" in m and "tiny 1 serves its 1 call(s) in progress" in m for m in said), said
+    assert wait_for(lambda: any("tiny 1 stopped: its last call has ended" in r.getMessage() for r in caplog.records))
+    np.testing.assert_allclose(embedding(stub), second, atol=1e-6)
+    assert stub.Generate(greedy, timeout=60).usage.generated_tokens == 40
+
+
+def test_a_directory_that_cannot_be_loaded_leaves_the_model_before_serving(
+    st: ServerThread, models: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    link, one, two = models
+    stub = st.stub()
+    caplog.set_level(logging.INFO, "service.server")
+    first = embedding(stub)
+    broken = tmp_path / "broken"
+    shutil.copytree(two, broken)
+    (broken / "encode_int8.onnx").write_bytes(b"half a graph")  # as a copy cut off
+
+    point(link, broken)
+    st.call(st.server.reload_model(asked=True))
+    assert version(stub) == "1" and reloads(st) == (0, 1, 1)
+    np.testing.assert_allclose(embedding(stub), first, atol=1e-6)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "model directory not loaded" in errors[0] and "still serving tiny 1" in errors[0]
+    assert "encode_int8.onnx" in errors[0], errors  # what was wrong with it
+
+    st.call(st.server.reload_model())  # looked at again, unchanged: not loaded again, nor said again
+    assert reloads(st) == (0, 1, 1)
+    (tmp_path / "gone").mkdir()
+    point(link, tmp_path / "gone")
+    (tmp_path / "gone").rmdir()  # a link to nothing
+    st.call(st.server.reload_model())
+    assert reloads(st) == (0, 2, 1) and version(stub) == "1"
+    assert "cannot be read" in [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR][-1]
+
+    point(link, two)  # mended
+    st.call(st.server.reload_model(asked=True))
+    assert version(stub) == "2" and reloads(st) == (1, 2, 0)
+    point(link, one)  # and back: the directory it came from, still whole
+    st.call(st.server.reload_model(asked=True))
+    assert version(stub) == "1" and reloads(st) == (2, 2, 0)
+    np.testing.assert_allclose(embedding(stub), first, atol=1e-6)
+    caplog.clear()
+    st.call(st.server.reload_model(asked=True))  # unchanged
+    assert reloads(st) == (2, 2, 0)
+    assert any("model directory unchanged: serving tiny 1" in r.getMessage() for r in caplog.records)
+
+
+def test_the_directory_is_looked_at_every_model_reload_seconds_and_taken_once_settled(
+    models: tuple[Path, Path, Path],
+) -> None:
+    link, one, two = models
+    server = ServerThread(config(link, model_reload_seconds=0.05)).start()
+    try:
+        stub = server.stub()
+        assert version(stub) == "1"
+        point(link, two)
+        assert wait_for(lambda: version(stub) == "2")
+        assert reloads(server) == (1, 0, 0)
+
+        # a directory that changes at every look is not taken until it stops
+        writing = threading.Event()
+
+        def keep_writing() -> None:
+            n = 0
+            while not writing.is_set():
+                (one / "notes.txt").write_text(f"copying {n}")
+                n += 1
+                writing.wait(0.2)
+
+        point(link, one)
+        writer = threading.Thread(target=keep_writing)
+        writer.start()
+        try:
+            writing.wait(2.5)  # more than two settling seconds' looks
+            assert version(stub) == "2" and reloads(server) == (1, 0, 0)
+        finally:
+            writing.set()
+            writer.join()
+        assert wait_for(lambda: version(stub) == "1")
+        assert reloads(server) == (2, 0, 0)
+
+        # replaced as attnserve export replaces its --out: removed, and another renamed in its place
+        work = copy(two, one.parent / "work", "3")
+        shutil.rmtree(one)
+        threading.Event().wait(0.3)  # looked at meanwhile: missing, but not for a second
+        work.rename(one)
+        assert wait_for(lambda: version(stub) == "3")
+        assert reloads(server) == (3, 0, 0)
+    finally:
+        server.stop()
+
+
+def test_a_v2_stream_open_across_a_new_model_serves_each_request_on_the_model_when_it_came(
+    st: ServerThread, models: tuple[Path, Path, Path]
+) -> None:
+    """A tritonclient stream stays open for good: it must not hold the first model for its lifetime."""
+    link, _, two = models
+    stub = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(st.address))
+    requests: queue.Queue[object] = queue.Queue()
+    responses = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
+    requests.put(infer("attnserve-encode", [TEXT]))
+    before = next(responses)
+    assert not before.error_message and before.infer_response.model_version == "1"
+    old = st.server.servicer.loaded
+    point(link, two)
+    st.call(st.server.reload_model(asked=True))
+    assert wait_for(lambda: old is not None and old.idle.is_set())  # the stream holds it no longer
+    requests.put(infer("attnserve-encode", [TEXT]))
+    after = next(responses)
+    assert not after.error_message and after.infer_response.model_version == "2"
+    assert not np.allclose(output(before.infer_response, "EMBEDDING"), output(after.infer_response, "EMBEDDING"))
+    requests.put(None)
+    assert list(responses) == []
+
+
+def test_stopping_while_a_replaced_model_still_serves_ends_both(
+    st: ServerThread, models: tuple[Path, Path, Path]
+) -> None:
+    link, _, two = models
+    stub = st.stub()
+    go_on = hold_steps(st)
+    stream = stub.GenerateStream(pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40, temperature=0), timeout=60)
+    head = next(stream)
+    old = st.server.servicer.loaded
+    point(link, two)
+    st.call(st.server.reload_model(asked=True))
+    assert old is not None and old.retired and not old.idle.is_set()
+    threading.Timer(0.5, go_on.set).start()
+    st.stop(grace=10)  # the stream is let finish, then both models stop
+    rest = list(stream)
+    assert len(head.tokens) + sum(len(m.tokens) for m in rest) == 40
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert old.idle.is_set() and not old.scheduler._thread.is_alive()  # type: ignore[union-attr]
+    assert not st.server.scheduler._thread.is_alive()  # type: ignore[union-attr]
+
+
+def test_sighup_loads_a_changed_model_directory(models: tuple[Path, Path, Path]) -> None:
+    link, _, two = models
+    proc, port = start_server(link, "--model-reload-seconds", "0")
+    stub = pb_grpc.AttnServeStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    try:
+        assert version(stub) == "1"
+        point(link, two)
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: version(stub) == "2", 30)
+        proc.send_signal(signal.SIGHUP)  # unchanged: said so, and still serving
+        assert wait_for(lambda: proc.poll() is None and version(stub) == "2")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "SIGHUP: reading the API keys file and the model directory again" in err
+    assert "serving tiny 2 from" in err and "model directory unchanged: serving tiny 2" in err
+    assert "tiny 1 stopped: its last call has ended" in err
+
+
+def test_the_state_of_a_directory_names_where_it_resolves_and_each_file(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    (tmp_path / "a" / "sub").mkdir()  # not a file: not looked at
+    point(tmp_path / "link", tmp_path / "a")
+    seen = state(tmp_path / "link")
+    assert seen[0] == str((tmp_path / "a").resolve()) and [f[:2] for f in seen[1]] == [("config.json", 2)]
+    (tmp_path / "a" / "config.json").write_text("{ }")
+    assert state(tmp_path / "link") != seen
+    with pytest.raises(OSError):
+        state(tmp_path / "nowhere")
+
+
+def test_model_reload_seconds_must_not_be_negative(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="model_reload_seconds must be >= 0"):
+        ServerConfig(model_dir=model_dir, model_reload_seconds=-1)
