@@ -9,6 +9,13 @@ refusals came, and the latency of accepted calls. The same for Generate (``gener
 prompt of a few words, up to ``max_new_tokens`` tokens, greedy, each call with its own
 ``generate_deadline``.
 
+Reload: the same server under a steady load (closed loops of Encode calls and streamed
+generations) while its model directory, a link, is swapped between two models ``reloads`` times,
+each swap followed by SIGHUP. Reported: every status code seen (none should be other than OK),
+how long each new model took to serve from the signal, the latency of the Encode calls that
+overlapped a load against those that did not, and the server's resident memory and threads after
+each model before it has stopped (growth there would be a model not let go).
+
 Soak: mixed traffic (encode, attention maps, unary and streamed generation, streams cancelled
 part-way, invalid requests) for ``soak_seconds``, sampling the server's resident memory,
 threads and open file descriptors. Growth is measured from the end of the first tenth (once
@@ -21,8 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import random
+import shutil
+import signal
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -265,6 +276,104 @@ def soak(model_dir: Path, seconds: float) -> dict[str, Any]:
         proc.wait(60)
 
 
+def _swap(link: Path, target: Path) -> None:
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+async def _reloading(
+    address: str, proc: Any, link: Path, models: list[tuple[Path, str]], texts: list[str], seconds: float
+) -> dict[str, Any]:
+    codes: collections.Counter[str] = collections.Counter()
+    calls: list[tuple[float, float]] = []  # Encode calls answered OK: (start, end)
+    loads: list[dict[str, Any]] = []
+    windows: list[tuple[float, float]] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.AttnServeStub(channel)
+        stop_at = time.perf_counter() + seconds
+        requests = [pb.EncodeRequest(texts=[t]) for t in texts]
+
+        async def encoder(i: int) -> None:
+            k = i
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                try:
+                    await stub.Encode(requests[k % len(requests)], timeout=10)
+                    codes["Encode OK"] += 1
+                    calls.append((t, time.perf_counter()))
+                except grpc.aio.AioRpcError as e:
+                    codes[f"Encode {e.code().name}"] += 1
+                k += 7
+
+        async def streamer(i: int) -> None:
+            while time.perf_counter() < stop_at:
+                try:
+                    request = pb.GenerateRequest(prompt=PROMPTS[i], max_new_tokens=64)
+                    async for message in stub.GenerateStream(request, timeout=20):
+                        if message.finish_reason:
+                            codes["GenerateStream OK"] += 1
+                except grpc.aio.AioRpcError as e:
+                    codes[f"GenerateStream {e.code().name}"] += 1
+
+        async def reloader() -> None:
+            every = seconds / (len(models) + 1)
+            for target, version in models:
+                await asyncio.sleep(every - 1.0)
+                before = _proc_status(proc.pid)  # the model before has stopped since the last swap
+                _swap(link, target)
+                start = time.perf_counter()
+                proc.send_signal(signal.SIGHUP)
+                while (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)).version != version:
+                    await asyncio.sleep(0.01)
+                windows.append((start, time.perf_counter()))
+                loads.append({"seconds": time.perf_counter() - start, "before": before})
+                await asyncio.sleep(1.0)
+
+        await asyncio.gather(reloader(), *(encoder(i) for i in range(8)), *(streamer(i) for i in range(4)))
+    await asyncio.sleep(1.0)
+    last = _proc_status(proc.pid)
+    during = [end - t for t, end in calls if any(t < b and end > a for a, b in windows)]
+    outside = [end - t for t, end in calls if not any(t < b + 1.0 and end > a for a, b in windows)]
+    return {
+        "seconds": seconds,
+        "codes": dict(codes),
+        "loads": loads,
+        "last": last,
+        "during": {**percentiles(during), "max_ms": max(during) * 1e3, "calls": len(during)} if during else {},
+        "outside": {**percentiles(outside), "max_ms": max(outside) * 1e3, "calls": len(outside)} if outside else {},
+    }
+
+
+def reload(model_dir: Path, seconds: float, reloads: int) -> dict[str, Any]:
+    """The server on its core under load while its model directory changes ``reloads`` times."""
+    rt = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    texts = texts_of(rt, min(64, rt.info.max_seq_len), 64)
+    version = rt.info.version
+    del rt
+    with tempfile.TemporaryDirectory() as tmp:
+        other = Path(tmp) / "other"
+        shutil.copytree(model_dir, other)
+        config = json.loads((other / "config.json").read_text())
+        config["version"] = f"{version}-other"
+        (other / "config.json").write_text(json.dumps(config))
+        link = Path(tmp) / "current"
+        _swap(link, model_dir.resolve())
+        models = [(other, config["version"]), (model_dir.resolve(), version)] * (reloads // 2) + [
+            (other, config["version"])
+        ] * (reloads % 2)
+        proc, port = start_server(link, "--intra-op-threads", "1", cpus={SERVER_CPU})
+        assert proc.stderr is not None
+        _drain(proc.stderr)
+        try:
+            first = _proc_status(proc.pid)
+            r = asyncio.run(_reloading(f"127.0.0.1:{port}", proc, link, models, texts, seconds))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return {"first": first, "reloads": reloads, **r}
+
+
 def run(
     model_dir: Path,
     part: str = "all",
@@ -275,6 +384,8 @@ def run(
     max_new_tokens: int = 64,
     generate_deadline: float = 0.5,
     soak_seconds: float = 600.0,
+    reloads: int = 6,
+    reload_seconds: float = 42.0,
 ) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CPU})  # the load generator's core; the server gets the other
     result: dict[str, Any] = {"model": str(model_dir), "machine": machine()}
@@ -284,6 +395,8 @@ def run(
         result["generate_overload"] = overload(
             model_dir, seconds, overload_factor, 1, generate_deadline, max_new_tokens=max_new_tokens
         )
+    if part in ("all", "reload"):
+        result["reload"] = reload(model_dir, reload_seconds, reloads)
     if part in ("all", "soak"):
         result["soak"] = soak(model_dir, soak_seconds)
     return result
@@ -308,6 +421,23 @@ def table(r: dict[str, Any]) -> str:
             f"refused: p50 {ref.get('p50_ms', float('nan')):.2f} ms, p99 {ref.get('p99_ms', float('nan')):.2f} ms, "
             f"max {ref.get('max_ms', float('nan')):.1f} ms",
             f"  health: {o['health_checks'] - o['health_failures']}/{o['health_checks']} checks SERVING within 1 s",
+        ]
+    if m := r.get("reload"):
+        d, o = m["during"], m["outside"]
+        lines += [
+            f"reload: {m['reloads']} new models in {m['seconds']:.0f} s under 8 Encode loops and 4 streams",
+            f"  codes: {', '.join(f'{k} {v}' for k, v in sorted(m['codes'].items()))}",
+            "  serving the new model after SIGHUP: " + ", ".join(f"{x['seconds']:.2f}" for x in m["loads"]) + " s",
+            f"  Encode while a model loads: p50 {d.get('p50_ms', float('nan')):.1f} ms, "
+            f"p99 {d.get('p99_ms', float('nan')):.1f} ms, max {d.get('max_ms', float('nan')):.1f} ms "
+            f"({d.get('calls', 0)} calls); otherwise p50 {o.get('p50_ms', float('nan')):.1f} ms, "
+            f"p99 {o.get('p99_ms', float('nan')):.1f} ms, max {o.get('max_ms', float('nan')):.1f} ms",
+            "  resident memory before each load: "
+            + " -> ".join(f"{x['before']['rss_kib'] / 1024:.0f}" for x in m["loads"])
+            + f" -> {m['last']['rss_kib'] / 1024:.0f} MiB at the end (at start {m['first']['rss_kib'] / 1024:.0f}); "
+            + "threads "
+            + " -> ".join(str(x["before"]["threads"]) for x in m["loads"])
+            + f" -> {m['last']['threads']}",
         ]
     if s := r.get("soak"):
         g, a, b = s["growth"], s["settled"], s["last"]

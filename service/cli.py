@@ -235,9 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--record-format", choices=["json", "text"], default="json", help="the access log's (default json)")
     bo.add_argument("--json", type=Path, help="also write the figures here")
     bo.set_defaults(func=_bench)
-    bl = bsub.add_parser("reliability", help="overload at a multiple of capacity, and a soak of mixed traffic")
+    bl = bsub.add_parser(
+        "reliability", help="overload at a multiple of capacity, new models under load, and a soak of mixed traffic"
+    )
     bl.add_argument("--model-dir", type=Path, required=True)
-    bl.add_argument("--part", choices=["all", "overload", "generate", "soak"], default="all")
+    bl.add_argument("--part", choices=["all", "overload", "generate", "reload", "soak"], default="all")
     bl.add_argument("--seconds", type=float, default=15.0, help="duration of the overload (default 15)")
     bl.add_argument("--overload-factor", type=float, default=3.0, help="offered load / capacity (default 3)")
     bl.add_argument("--texts-per-request", type=int, default=16, help="texts in each overload call (default 16)")
@@ -249,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--generate-deadline", type=float, default=0.5, help="each Generate overload call's deadline, s (default 0.5)"
     )
     bl.add_argument("--soak-seconds", type=float, default=600.0, help="duration of the soak (default 600)")
+    bl.add_argument("--reloads", type=int, default=6, help="new models loaded under load (default 6)")
+    bl.add_argument(
+        "--reload-seconds", type=float, default=42.0, help="duration of the load they are loaded under (default 42)"
+    )
     bl.add_argument("--json", type=Path, help="also write the figures here")
     bl.set_defaults(func=_bench)
     return p

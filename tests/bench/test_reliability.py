@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.reliability import PROMPTS, encode_calls, generate_calls, table
+from bench.reliability import PROMPTS, encode_calls, generate_calls, reload, table
 from tests.service.conftest import ServerThread, config
 
 
@@ -53,3 +53,13 @@ def test_the_report_names_each_overload() -> None:
     assert "Encode, 16 texts a request (64 tokens each), 2 s deadlines" in text
     assert "Generate, up to 64 tokens, 0.5 s deadlines" in text
     assert text.count("goodput") == 2 and "67% of capacity" in text
+
+
+def test_models_loaded_under_load_lose_no_call(model_dir: Path) -> None:
+    r = reload(model_dir, seconds=6.0, reloads=2)
+    codes = r["codes"]
+    assert set(codes) == {"Encode OK", "GenerateStream OK"}, codes  # nothing refused, nothing cut off
+    assert len(r["loads"]) == 2 and all(0 < x["seconds"] < 3 for x in r["loads"])
+    assert r["during"]["calls"] > 0 and r["outside"]["calls"] > 0
+    text = table({"machine": "2 cores", "reload": r})
+    assert "reload: 2 new models in 6 s" in text and "serving the new model after SIGHUP" in text
