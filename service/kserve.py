@@ -342,6 +342,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 error = v2.ModelInferResponse(model_name=request.model_name, id=request.id)
                 await queue.put(v2.ModelStreamInferResponse(error_message=message, infer_response=error))
             finally:
+                self.native._unpin()
                 self.native._observe("ModelStreamInfer", code, start, context, message, reason)
                 finished = _Finished(held)
                 if ended:

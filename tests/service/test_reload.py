@@ -333,3 +333,38 @@ def test_the_state_of_a_directory_names_where_it_resolves_and_each_file(tmp_path
 def test_model_reload_seconds_must_not_be_negative(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="model_reload_seconds must be >= 0"):
         ServerConfig(model_dir=model_dir, model_reload_seconds=-1)
+
+
+def test_every_way_a_call_ends_gives_its_model_back(st: ServerThread) -> None:
+    """A call gives back the model it pinned however it ends: answered, refused for its input,
+    cancelled by its client mid-stream, on either API. One that did not would hold a replaced model
+    for ever."""
+    stub = st.stub()
+    v2 = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(st.address))
+    stub.Encode(pb.EncodeRequest(texts=[TEXT]), timeout=30)
+    stub.AttentionMap(pb.AttentionMapRequest(text=TEXT), timeout=30)
+    stub.Tokenize(pb.TokenizeRequest(texts=[TEXT]), timeout=30)
+    version(stub)
+    stub.Generate(pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=4), timeout=30)
+    assert len(list(stub.GenerateStream(pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=4), timeout=30))) >= 1
+    for bad in (
+        lambda: stub.Encode(pb.EncodeRequest(texts=[""]), timeout=30),
+        lambda: stub.AttentionMap(pb.AttentionMapRequest(text=TEXT, layers=[99]), timeout=30),
+        lambda: stub.Generate(pb.GenerateRequest(prompt="ROMEO:", top_p=2.0), timeout=30),
+        lambda: list(stub.GenerateStream(pb.GenerateRequest(prompt="ROMEO:", temperature=-1.0), timeout=30)),
+        lambda: v2.ModelInfer(infer("attnserve-encode", [TEXT], pooling="nonsense"), timeout=30),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            bad()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    v2.ModelInfer(infer("attnserve-encode", [TEXT]), timeout=30)
+    responses = list(v2.ModelStreamInfer(iter([infer("attnserve-encode", [TEXT]), infer("nowhere", [TEXT])])))
+    assert sorted(bool(r.error_message) for r in responses) == [False, True]  # (as each is done)
+    go_on = hold_steps(st, after=1)
+    stream = stub.GenerateStream(pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40), timeout=30)
+    next(stream)
+    stream.cancel()  # a client gone mid-stream
+    go_on.set()
+    loaded = st.server.servicer.loaded
+    assert loaded is not None
+    assert wait_for(lambda: st.server.guard.in_flight == 0 and loaded.users == 0), loaded.users
