@@ -327,8 +327,11 @@ async def _reloading(
                 while (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)).version != version:
                     await asyncio.sleep(0.01)
                 windows.append((start, time.perf_counter()))
-                loads.append({"seconds": time.perf_counter() - start, "before": before})
-                await asyncio.sleep(1.0)
+                load = {"seconds": time.perf_counter() - start, "before": before, "peak_rss_kib": 0}
+                loads.append(load)
+                while time.perf_counter() < start + 1.0:  # both models held: the old one ends its calls
+                    load["peak_rss_kib"] = max(load["peak_rss_kib"], _proc_status(proc.pid)["rss_kib"])
+                    await asyncio.sleep(0.02)
 
         await asyncio.gather(reloader(), *(encoder(i) for i in range(8)), *(streamer(i) for i in range(4)))
     await asyncio.sleep(1.0)
@@ -434,7 +437,10 @@ def table(r: dict[str, Any]) -> str:
             f"p99 {o.get('p99_ms', float('nan')):.1f} ms, max {o.get('max_ms', float('nan')):.1f} ms",
             "  resident memory before each load: "
             + " -> ".join(f"{x['before']['rss_kib'] / 1024:.0f}" for x in m["loads"])
-            + f" -> {m['last']['rss_kib'] / 1024:.0f} MiB at the end (at start {m['first']['rss_kib'] / 1024:.0f}); "
+            + f" -> {m['last']['rss_kib'] / 1024:.0f} MiB at the end (at start {m['first']['rss_kib'] / 1024:.0f}; "
+            + "at most "
+            + ", ".join(f"{x['peak_rss_kib'] / 1024:.0f}" for x in m["loads"])
+            + " in the second after each new model served); "
             + "threads "
             + " -> ".join(str(x["before"]["threads"]) for x in m["loads"])
             + f" -> {m['last']['threads']}",
