@@ -70,7 +70,7 @@ class Loaded:
     def take(self) -> None:
         self.users += 1
 
-    def give(self, _: object = None) -> None:
+    def give(self) -> None:
         self.users -= 1
         if self.retired and not self.users:
             self.idle.set()
@@ -645,6 +645,9 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             self._observe("GenerateStream", failed.code, start, context, failed.message, failed.reason)
             await context.abort(failed.code, failed.message, failed.trailers())
             raise
+        # given back from here by name, not through the context: a stream whose client went while gRPC
+        # was writing is closed later, maybe in another task's context
+        pinned = PINNED.get()
         code = grpc.StatusCode.OK
         traced = tracing.active()
         queued = time.monotonic()
@@ -663,7 +666,8 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             await context.abort(code, failed.message, failed.trailers())
             raise
         finally:
-            self._unpin()
+            if pinned is not None:
+                pinned.give()
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 self._observe("GenerateStream", code, start, context)
 
