@@ -656,7 +656,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 if traced and isinstance(end := group[-1], Done):
                     self._trace_generation(queued, end)
                 yield self.stream_message(group, token_text)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went (GeneratorExit: while gRPC wrote)
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:

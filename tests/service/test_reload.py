@@ -381,7 +381,8 @@ class NoDeadline:
 
 def test_a_stream_closed_from_another_task_gives_back_the_model_it_took(st: ServerThread) -> None:
     """A stream whose client went while gRPC was writing is left unfinished, and closed later from a
-    task of its own, in another context than the call's: it gives back the model it took all the same."""
+    task of its own, in another context than the call's: it gives back the model it took all the
+    same, and counts as cancelled."""
     servicer = st.server.servicer
 
     async def scenario() -> tuple[int, int]:
@@ -397,4 +398,9 @@ def test_a_stream_closed_from_another_task_gives_back_the_model_it_took(st: Serv
         await asyncio.create_task(stream.aclose())  # type: ignore[arg-type]
         return during, loaded.users
 
+    def cancelled() -> float:
+        return metrics(st).get(("attnserve_requests_total", (("code", "CANCELLED"), ("rpc", "GenerateStream"))), 0)
+
+    before = cancelled()
     assert st.call(scenario()) == (1, 0)
+    assert cancelled() == before + 1  # counted as a stream its client left, not as one answered OK
