@@ -159,6 +159,20 @@ def test_the_tls_component_serves_a_cert_manager_secret_and_probes_the_plaintext
     assert cfg.health_port == health_port  # a setting the server reads, by that name
 
 
+def test_the_model_volume_component_serves_a_claim_and_looks_at_it_for_new_models(tmp_path: Path) -> None:
+    docs = with_component(tmp_path, "model-volume")
+    env = by_kind(docs, "ConfigMap")["data"]
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models"]
+    (claim,) = [v["persistentVolumeClaim"] for v in pod["volumes"] if v["name"] == "models"]
+    assert claim == {"claimName": "attnserve-models", "readOnly": True} and mount["readOnly"]
+    cfg = ServerConfig.from_sources(None, env)  # settings the server reads, by those names
+    assert cfg.model_dir.parent == Path(mount["mountPath"]) and cfg.model_reload_seconds > 0
+    assert not Path("/models/default").is_relative_to(mount["mountPath"])  # the image's model is not hidden
+    base = by_kind(kustomize("overlays/cpu"), "ConfigMap")["data"]
+    assert "ATTNSERVE_MODEL_RELOAD_SECONDS" not in base and base["ATTNSERVE_MODEL_DIR"] == "/models/default"
+
+
 def _instructions(dockerfile: str) -> list[str]:
     """The Dockerfile's instructions, continuation lines joined, comments dropped."""
     text = (DEPLOY / "docker" / dockerfile).read_text()
