@@ -14,7 +14,7 @@ from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service.batcher import CUDA_BATCH_TOKENS
 from service.client import decode_probabilities
-from tests.service.conftest import ServerThread, config
+from tests.service.conftest import ServerThread, config, wait_for
 from tests.service.test_server import TEXTS, metrics
 
 pytestmark = pytest.mark.gpu
@@ -102,3 +102,28 @@ def test_concurrent_streams_on_cuda_each_get_their_own_tokens(
     else:  # fp16 may take the other of two near-equal logits; a stream given another's tokens would miss most
         agree = [g == w for gs, ws in zip(got, want, strict=True) for g, w in zip(gs[:4], ws[:4], strict=True)]
         assert sum(agree) >= 0.9 * len(agree), (got, want)
+
+
+def test_a_new_model_on_cuda_serves_while_the_one_before_ends_its_streams(on_cpu: ServerThread, tmp_path: Path) -> None:
+    """Two models' sessions and caches on the device at once, then the first's let go."""
+    from tests.service.test_reload import copy, point
+
+    link, two = tmp_path / "current", copy(on_cpu.server.config.model_dir, tmp_path / "v2", "2")
+    point(link, copy(on_cpu.server.config.model_dir, tmp_path / "v1", "1"))
+    st = ServerThread(config(link, device="cuda", require_cuda=True)).start()
+    try:
+        req = pb.GenerateRequest(prompt=PROMPTS[0], max_new_tokens=24, temperature=0.0)
+        want = [t.token_id for t in on_cpu.stub().Generate(req).tokens]
+        stream = st.stub().GenerateStream(req, timeout=60)
+        head = next(stream)
+        old = st.server.servicer.loaded
+        point(link, two)
+        st.call(st.server.reload_model(asked=True))
+        info = st.stub().GetModelInfo(pb.GetModelInfoRequest())
+        assert (info.version, info.execution_provider) == ("2", "CUDAExecutionProvider")
+        assert [t.token_id for m in (head, *stream) for t in m.tokens] == want  # ended on the model it began on
+        assert [t.token_id for t in st.stub().Generate(req).tokens] == want
+        assert old is not None and old.retired
+        assert wait_for(lambda: not old.scheduler._thread.is_alive())  # type: ignore[union-attr]
+    finally:
+        st.stop()
