@@ -404,3 +404,30 @@ def test_a_stream_closed_from_another_task_gives_back_the_model_it_took(st: Serv
     before = cancelled()
     assert st.call(scenario()) == (1, 0)
     assert cancelled() == before + 1  # counted as a stream its client left, not as one answered OK
+
+
+def test_a_stream_whose_client_stops_reading_and_goes_counts_cancelled_and_gives_its_model_back(
+    st: ServerThread,
+) -> None:
+    """The same over the wire: a client whose window is small stops reading, so the server waits in
+    gRPC's write, then the client goes. gRPC closes such a handler later, from a task of its own."""
+    channel = grpc.insecure_channel(
+        st.address, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    )
+    stub = pb_grpc.AttnServeStub(channel)
+
+    def count(code: str) -> float:
+        return metrics(st).get(("attnserve_requests_total", (("code", code), ("rpc", "GenerateStream"))), 0)
+
+    cancelled, ok = count("CANCELLED"), count("OK")
+    request = pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40, temperature=0, logprobs=True, top_logprobs=20)
+    stream = stub.GenerateStream(request, timeout=30)
+    assert len(next(stream).tokens) >= 1
+    loaded = st.server.servicer.loaded
+    assert loaded is not None
+    threading.Event().wait(0.5)  # the rest is generated, and waits on a window the client does not open
+    assert loaded.users == 1
+    stream.cancel()
+    assert wait_for(lambda: count("CANCELLED") == cancelled + 1), (count("CANCELLED"), count("OK"))
+    assert count("OK") == ok and wait_for(lambda: loaded.users == 0)
+    channel.close()
