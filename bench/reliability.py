@@ -327,11 +327,12 @@ async def _reloading(
                 while (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)).version != version:
                     await asyncio.sleep(0.01)
                 windows.append((start, time.perf_counter()))
-                load = {"seconds": time.perf_counter() - start, "before": before, "peak_rss_kib": 0}
-                loads.append(load)
-                while time.perf_counter() < start + 1.0:  # both models held: the old one ends its calls
-                    load["peak_rss_kib"] = max(load["peak_rss_kib"], _proc_status(proc.pid)["rss_kib"])
+                served = time.perf_counter() - start
+                peak, until = 0, time.perf_counter() + 1.0
+                while time.perf_counter() < until:  # both models held while the old one ends its calls
+                    peak = max(peak, _proc_status(proc.pid)["rss_kib"])
                     await asyncio.sleep(0.02)
+                loads.append({"seconds": served, "before": before, "peak_rss_kib": peak})
 
         await asyncio.gather(reloader(), *(encoder(i) for i in range(8)), *(streamer(i) for i in range(4)))
     await asyncio.sleep(1.0)
