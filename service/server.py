@@ -509,7 +509,7 @@ def _let_go(_: object) -> None:
     """Free a stopped model now. Its objects hold one another (a batcher its engine's runner, ...),
     so they go only with the collector's next full pass, which a server may not make for many
     minutes, holding the model's sessions meanwhile: six models loaded under load took the server
-    from 156 to 285 MiB, and with this it stayed within 155-173 MiB. ~20 ms of the event loop, once
+    from 156 to 285 MiB, and with this it stayed within 155-178 MiB. ~20 ms of the event loop, once
     a model."""
     gc.collect()
 
