@@ -49,6 +49,7 @@ REQUEST_NOT_SENT = "REQUEST_NOT_SENT"  # at a full bound, the call that waited l
 IDLE_STREAM = "IDLE_STREAM"  # at a full bound, the v2 stream with no request in progress for the longest
 # time: DEADLINE_EXCEEDED
 REQUEST_READ_TIMEOUT = "REQUEST_READ_TIMEOUT"  # no whole request within request_read_timeout_seconds
+STREAM_NOT_READ = "STREAM_NOT_READ"  # the client took no message of its stream for stream_write_timeout_seconds
 DEADLINE_PASSED = "DEADLINE_PASSED"  # the caller's deadline passed before the model ran the request
 # the server's state: UNAVAILABLE (retry, elsewhere or later)
 MODEL_LOADING = "MODEL_LOADING"
@@ -61,7 +62,7 @@ REASONS = (
     *(INVALID_INPUT, MALFORMED_REQUEST, NO_REQUEST, REQUEST_TOO_LARGE, MODEL_NOT_FOUND, METHOD_NOT_SERVED),
     *(API_KEY_MISSING, API_KEY_INVALID, CLIENT_CALLS_IN_PROGRESS, CLIENT_CALL_RATE, CLIENT_TOKEN_RATE),
     *(CALLS_AT_LIMIT, STREAMS_AT_LIMIT, QUEUE_FULL, QUEUE_TOO_LONG, ATTENTION_BYTES_AT_LIMIT),
-    *(REQUEST_NOT_SENT, IDLE_STREAM, REQUEST_READ_TIMEOUT, DEADLINE_PASSED),
+    *(REQUEST_NOT_SENT, IDLE_STREAM, REQUEST_READ_TIMEOUT, STREAM_NOT_READ, DEADLINE_PASSED),
     *(MODEL_LOADING, SHUTTING_DOWN, GENERATION_UNAVAILABLE, INTERNAL_ERROR),
 )
 

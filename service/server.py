@@ -58,7 +58,7 @@ from service.model_dir import DirState
 from service.model_dir import state as model_dir_state
 from service.runtime import CUDA, Runtime
 from service.scheduler import Scheduler
-from service.servicer import AttnServeServicer, Loaded, package_version
+from service.servicer import AttnServeServicer, Loaded, WriteWatch, package_version
 from service.tls import Certificates, Expiry
 from service.tracing import Tracing
 
@@ -206,6 +206,9 @@ class Server:
         self.servicer.access_log = self.guard.access_log = config.access_log
         self.servicer.access_log_errors_only = config.access_log_errors_only
         self.servicer.limits_of = self.guard.limits_of
+        if config.stream_write_timeout_seconds > 0:
+            self.servicer.write_watch = WriteWatch(config.stream_write_timeout_seconds)
+        self._write_sweep: asyncio.Task[None] | None = None
         self.api_keys = config.api_keys
         self.client_limits = config.client_limits
         self._keys_file: bytes | str | None = None  # the keys file's bytes as last read, or why they could not be
@@ -277,6 +280,12 @@ class Server:
             self.health_port = self._health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
             await self._health_server.start()
             log.info("health alone, in plaintext, on %s:%d (for probes that speak no TLS)", cfg.host, self.health_port)
+        if (watch := self.servicer.write_watch) is not None:
+
+            async def sweep() -> None:
+                watch.sweep()
+
+            self._write_sweep = self._watch(watch.every, sweep, "the streams' writes")
         keys = self.api_keys
         self.metrics.api_keys.set(len(keys or ()))
         if cfg.api_keys_file is not None and cfg.api_keys_reload_seconds > 0:
@@ -448,16 +457,16 @@ class Server:
         )
 
     @staticmethod
-    def _watch(every: float, reload: Callable[[], Awaitable[None]], what: str) -> asyncio.Task[None]:
-        """Call ``reload`` every ``every`` seconds, to take what changed in ``what``."""
+    def _watch(every: float, look: Callable[[], Awaitable[None]], what: str) -> asyncio.Task[None]:
+        """Call ``look`` every ``every`` seconds, to act on what changed in ``what`` or is overdue."""
 
         async def watch() -> None:
             while True:
                 await asyncio.sleep(every)
                 try:
-                    await reload()
+                    await look()
                 except Exception:  # a fault of the server's own: what was read before stays, and the watch goes on
-                    log.exception("looking at %s again failed; what was read before stays in use", what)
+                    log.exception("looking at %s failed; looking again in %gs", what, every)
 
         return asyncio.get_running_loop().create_task(watch())
 
@@ -495,7 +504,7 @@ class Server:
             await self.scheduler.stop()
         if self._retiring:  # models replaced: their calls have ended with the transport
             await asyncio.wait(self._retiring, timeout=grace)
-        for watch in (self._keys_watch, self._model_watch):
+        for watch in (self._keys_watch, self._model_watch, self._write_sweep):
             if watch is not None:
                 watch.cancel()
         if self._metrics_server is not None:

@@ -20,7 +20,7 @@ import platform
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -34,7 +34,15 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service import tracing
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Embedded, Engine
-from service.errors import ATTENTION_BYTES_AT_LIMIT, Failure, InvalidInput, ModelNotReady, Overloaded, status_for
+from service.errors import (
+    ATTENTION_BYTES_AT_LIMIT,
+    STREAM_NOT_READ,
+    Failure,
+    InvalidInput,
+    ModelNotReady,
+    Overloaded,
+    status_for,
+)
 from service.guard import ClientLimits
 from service.logs import CLIENT, caller
 from service.metrics import Metrics
@@ -83,6 +91,43 @@ class Loaded:
 
 # the model a call pinned, in its task's context (tasks it starts share it, and take none of their own)
 PINNED: ContextVar[Loaded | None] = ContextVar("attnserve_pinned_model", default=None)
+
+
+class Writing:
+    """A stream's place in the WriteWatch: ``since`` (monotonic) while gRPC has yet to take the message
+    it was given, 0 between messages; ``stalled`` once the watch has ended it."""
+
+    __slots__ = ("since", "stalled", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.since = 0.0
+        self.stalled = False
+
+
+class WriteWatch:
+    """The generation streams in progress, and an end to those whose client reads nothing.
+
+    gRPC takes a stream's message once the client's window has room for it: a client that stops
+    reading, with its connection alive (keepalive answered), leaves the stream's handler waiting in
+    its write for as long as the call lasts, which without a deadline is for ever, holding a place of
+    ``max_concurrent_calls`` and of its client's, and the model it began on. ``sweep`` (every
+    ``every`` seconds) cancels each stream whose write has waited ``seconds``; the stream then ends
+    with DEADLINE_EXCEEDED (STREAM_NOT_READ), which gRPC sends after the messages the client has not
+    read, and gives all of that back. A client reading slowly is let be: what counts is how long
+    gRPC has waited to take one message, not how long the stream has lasted."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.every = min(1.0, seconds / 4)
+        self.streams: set[Writing] = set()
+
+    def sweep(self) -> None:
+        waited_since = time.monotonic() - self.seconds
+        for stream in self.streams:
+            if 0.0 < stream.since < waited_since and not stream.stalled:
+                stream.stalled = True
+                stream.task.cancel()
 
 
 @dataclass(frozen=True)
@@ -197,6 +242,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self.max_concurrent_calls = 0  # told by the server, for GetModelInfo
         self.limits_of: Callable[[str], ClientLimits] | None = None  # a client's own limits (the guard's), likewise
         self.attention_budget = AttentionBudget(limits.max_attention_bytes)
+        self.write_watch: WriteWatch | None = None  # told by the server where streams not read are ended
 
     def attach(self, engine: Engine, scheduler: Scheduler) -> Loaded | None:
         """Serve the calls that begin from now with ``engine`` and ``scheduler``; the model they
@@ -626,9 +672,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
         return await self._call("Generate", context, handle)
 
-    async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # validate before the first message, so a bad request fails as a status, not mid-stream
         start = time.monotonic()
         deadline = self._deadline(context)
@@ -645,20 +689,40 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             self._observe("GenerateStream", failed.code, start, context, failed.message, failed.reason)
             await context.abort(failed.code, failed.message, failed.trailers())
             raise
-        # given back from here by name, not through the context: a stream whose client went while gRPC
-        # was writing is closed later, maybe in another task's context
         pinned = PINNED.get()
         code = grpc.StatusCode.OK
         traced = tracing.active()
         queued = time.monotonic()
+        write = context.write  # (written here rather than yielded: a write the watch ends can still be answered)
+        watch, writing = self.write_watch, None
+        if watch is not None and (task := asyncio.current_task()) is not None:
+            writing = Writing(task)
+            watch.streams.add(writing)
         try:
             async for group in scheduler.generate(ids, params, deadline):
                 if traced and isinstance(end := group[-1], Done):
                     self._trace_generation(queued, end)
-                yield self.stream_message(group, token_text)
-        except (asyncio.CancelledError, GeneratorExit):  # the client went (GeneratorExit: while gRPC wrote)
-            code = grpc.StatusCode.CANCELLED
-            raise
+                message = self.stream_message(group, token_text)
+                if writing is not None:
+                    writing.since = time.monotonic()
+                try:
+                    await write(message)
+                except Exception:  # gRPC could not send it: the call has ended on the wire, its client gone
+                    code = grpc.StatusCode.CANCELLED
+                    return
+                if writing is not None:
+                    writing.since = 0.0
+        except asyncio.CancelledError:
+            if watch is None or writing is None or not writing.stalled:
+                code = grpc.StatusCode.CANCELLED  # the client went away, or its deadline passed
+                raise
+            # ended by the watch: answered, and gRPC sends the answer after what the client has not read
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            said = f"the client read nothing of this stream for {watch.seconds:g}s; ended"
+            self._observe("GenerateStream", code, start, context, said, STREAM_NOT_READ)
+            context.set_code(code)
+            context.set_details(said)
+            context.set_trailing_metadata(Failure(code, said, STREAM_NOT_READ).trailers())
         except Exception as e:
             failed = self.failure("GenerateStream", e, context)
             code = failed.code
@@ -666,7 +730,9 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             await context.abort(code, failed.message, failed.trailers())
             raise
         finally:
-            if pinned is not None:
+            if writing is not None:
+                watch.streams.discard(writing)  # type: ignore[union-attr]
+            if pinned is not None:  # (by name: a handler ended from elsewhere may end in another context)
                 pinned.give()
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 self._observe("GenerateStream", code, start, context)

@@ -31,6 +31,7 @@ from service.server import CLIENT_PING_SECONDS, NEVER_MS, connection_options
 from tests.reliability.conftest import SERVING, health
 from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config, wait_for
+from tests.service.test_server import metrics
 
 
 class Relay:
@@ -241,8 +242,9 @@ def test_a_client_that_reads_none_of_its_streams_holds_their_places_and_no_one_w
 ) -> None:
     """Streams whose client reads none of their messages: once its window is full their messages wait
     in gRPC's transport and each stream keeps its place in max_concurrent_calls until its connection
-    goes, but their sequences are generated and retired as any others, so the generation loop waits
-    on no client and everyone else's calls are served meanwhile."""
+    goes or stream_write_timeout_seconds (30) pass (below), but their sequences are generated and
+    retired as any others, so the generation loop waits on no client and everyone else's calls are
+    served meanwhile."""
     st = ServerThread(config(model_dir)).start()
     guard, scheduler = st.server.guard, st.server.scheduler
     # each token with its 20 likeliest alternatives and where it attended: ~1 KB a message, so eight
@@ -267,4 +269,66 @@ def test_a_client_that_reads_none_of_its_streams_holds_their_places_and_no_one_w
         assert wait_for(lambda: guard.in_flight == 0)  # the connection gone, the places are back
     finally:
         peer.close()
+        st.stop()
+
+
+def test_streams_whose_client_reads_nothing_are_ended_and_say_why_once_it_reads(model_dir: Path) -> None:
+    """With stream_write_timeout_seconds, a stream whose messages gRPC has waited that long to send is
+    ended: its places are given back while the connection stays, and the client, once it reads,
+    gets what was sent and then DEADLINE_EXCEEDED saying why."""
+    st = ServerThread(config(model_dir, stream_write_timeout_seconds=0.5)).start()
+    guard = st.server.guard
+    heavy = pb.GenerateRequest(
+        prompt="the king", max_new_tokens=48, temperature=1.0, seed=7, logprobs=True, top_logprobs=20,
+        return_attention=True,
+    )  # fmt: skip
+    peer = Peer(st.address)
+    try:
+        streams = {
+            peer.open("/attnserve.v1.AttnServe/GenerateStream", framed(heavy.SerializeToString()), end=True)
+            for _ in range(8)
+        }
+        assert peer.idle(lambda: guard.in_flight == 8)
+        assert peer.idle(lambda: guard.in_flight == 0, 10)  # ended, the connection open and nothing read
+        m = metrics(st)
+        ended = m[("attnserve_errors_total", (("reason", "STREAM_NOT_READ"), ("rpc", "GenerateStream")))]
+        assert ended >= 1 and st.server.servicer.loaded.users == 0  # type: ignore[union-attr]
+        # the client reads at last: what it took meanwhile (unacknowledged) and the rest
+        peer.h2.increment_flow_control_window(2**24)
+        for sid in streams:
+            peer.h2.increment_flow_control_window(2**24, sid)
+        peer._flush()
+        answered = peer.answered(streams)
+        assert len(answered) == 8
+        cut = {sid for sid, (code, _) in answered.items() if code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]}
+        assert len(cut) == ended and all(answered[sid][0] == 0 for sid in streams - cut)  # the rest were sent whole
+        for sid in cut:
+            assert "read nothing of this stream for 0.5s" in answered[sid][1] and peer.reasons[sid] == "STREAM_NOT_READ"
+    finally:
+        peer.close()
+        st.stop()
+
+
+def test_a_stream_longer_than_the_bound_read_as_it_comes_is_not_ended(model_dir: Path) -> None:
+    """What counts is how long one message waits to be sent, not how long the stream lasts: a
+    generation slower than the bound, read by a client that takes each message a while after it came."""
+    st = ServerThread(config(model_dir, stream_write_timeout_seconds=0.5)).start()
+    runtime = st.server.scheduler.runtime  # type: ignore[union-attr]
+    step = runtime.decode_step
+
+    def slow(*args: object) -> object:
+        time.sleep(0.1)
+        return step(*args)
+
+    runtime.decode_step = slow  # type: ignore[method-assign]
+    small_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    request = pb.GenerateRequest(prompt="the king", max_new_tokens=16, logprobs=True, top_logprobs=20)
+    try:
+        with grpc.insecure_channel(st.address, options=small_window) as channel:
+            tokens, start = 0, time.monotonic()
+            for message in pb_grpc.AttnServeStub(channel).GenerateStream(request, timeout=30):
+                tokens += len(message.tokens)
+                time.sleep(0.15)
+            assert tokens == 16 and time.monotonic() - start > 1.0
+    finally:
         st.stop()
