@@ -327,6 +327,10 @@ class CallOnLoop:
         message = await self.stream.recv_message()
         return grpc.aio.EOF if message is None else message
 
+    async def write(self, message: Any) -> None:
+        """One of the call's answers (a generation stream's messages are written, as to grpc.aio's calls)."""
+        await self.stream.send_message(message)
+
     async def abort(self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, Any], ...] = ()) -> None:
         """Answer ``code`` with ``message`` (the trailing metadata given, the error's google.rpc.Status
         among it, is not sent: grpclib sends its own details as messages, not bytes)."""
@@ -364,8 +368,7 @@ class GrpclibFront:
         await stream.send_message(await self.encode_call(None, CallOnLoop(stream)))
 
     async def generate_stream(self, stream: Any) -> None:
-        async for message in self.stream_call(None, CallOnLoop(stream)):
-            await stream.send_message(message)
+        await self.stream_call(None, CallOnLoop(stream))  # (it writes its messages with the call's write)
 
 
 async def serve_grpclib(model_dir: Path, port: int, stream_interval: int) -> None:
