@@ -120,10 +120,11 @@ class ServerConfig:
     # Replace a directory whole (a link swapped, as Kubernetes swaps a volume's): one copied over file
     # by file may be looked at between two of them
     model_reload_seconds: float = 0.0
-    # a generation stream whose client takes none of its messages for this long (gRPC waits to send one
-    # as long as the client's window is full: a client that stopped reading with its connection alive)
-    # is ended DEADLINE_EXCEEDED, which the client reads after the messages it has not read, and gives
-    # back its places of max_concurrent_calls and of its client's (0: never; it lasts as the call does)
+    # a stream (GenerateStream, ModelStreamInfer) whose client takes none of its messages for this long
+    # (gRPC waits to send one as long as the client's window is full: a client that stopped reading with
+    # its connection alive) is ended DEADLINE_EXCEEDED, which the client reads after the messages it has
+    # not read, and gives back its places of max_concurrent_calls and of its client's (0: never; it
+    # lasts as the call does)
     stream_write_timeout_seconds: float = 30.0
     # calls in progress one client (the name before its keys; the keys with none are one client,
     # "unnamed") may have; beyond it, its calls are refused RESOURCE_EXHAUSTED while others' are served,

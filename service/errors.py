@@ -49,7 +49,7 @@ REQUEST_NOT_SENT = "REQUEST_NOT_SENT"  # at a full bound, the call that waited l
 IDLE_STREAM = "IDLE_STREAM"  # at a full bound, the v2 stream with no request in progress for the longest
 # time: DEADLINE_EXCEEDED
 REQUEST_READ_TIMEOUT = "REQUEST_READ_TIMEOUT"  # no whole request within request_read_timeout_seconds
-STREAM_NOT_READ = "STREAM_NOT_READ"  # the client took no message of its stream for stream_write_timeout_seconds
+STREAM_NOT_READ = "STREAM_NOT_READ"  # the client took no message of its stream in stream_write_timeout_seconds
 DEADLINE_PASSED = "DEADLINE_PASSED"  # the caller's deadline passed before the model ran the request
 # the server's state: UNAVAILABLE (retry, elsewhere or later)
 MODEL_LOADING = "MODEL_LOADING"

@@ -445,56 +445,18 @@ class CallGuard(grpc.aio.ServerInterceptor):
             inner_bidi = handler.stream_stream
 
             async def bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                # a stream counts as one call (its requests meet the queues' own bounds). A probe's
-                # (reflection's) waits for its first request as a call of one request waits for its one;
-                # the model's (ModelStreamInfer) is told idle by its handler from its opening instead,
-                # since a client may open it long before its first request (tritonclient's
-                # start_stream): so it gives its place at a full bound, but is not timed out. Either,
-                # once it has no request in progress, gives its place at a full bound of its kind
-                await self._open(rpc, context, kind)
-                opened = time.monotonic()
-                idle = self._idle_streams[kind]
-                client = CLIENT.get()
-
-                def tell(now_idle: bool) -> None:
-                    if not now_idle:
-                        idle.pop(context, None)
-                    elif context not in idle:
-                        idle[context] = (rpc, time.monotonic(), opened, client)
-
-                if kind is ADMITTED:
-                    STREAM_IDLE.set(tell)  # (in this call's task: its handler's, and the tasks it makes)
-                try:
-                    pending = aiter(requests)
-                    first = None if kind is ADMITTED else await self._awaited(rpc, context, kind, anext(pending, EOF))
-
-                    async def checked() -> AsyncIterator[Any]:
-                        if first is EOF:  # half-closed with nothing sent: a stream of no requests
-                            return
-                        if first is not None:
-                            await self._check(rpc, first, context)
-                            yield first
-                        while True:
-                            # reflection answers each request before it asks for the next: waiting
-                            # here, it has none in progress (the model's handler tells for itself)
-                            if kind is STREAM:
-                                tell(True)
-                            request = await anext(pending, EOF)
-                            if kind is STREAM:
-                                tell(False)
-                            if request is EOF:
-                                return
-                            await self._check(rpc, request, context)
-                            yield request
-
-                    async for message in inner_bidi(checked(), context):
+                async with self._stream_call(rpc, context, kind, requests) as checked:
+                    async for message in inner_bidi(checked, context):
                         yield message
-                finally:
-                    idle.pop(context, None)
-                    self._leave(kind)
+
+            async def bidi_writer(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+                async with self._stream_call(rpc, context, kind, requests) as checked:
+                    await inner_bidi(checked, context)  # it writes with context.write (ModelStreamInfer)
 
             return grpc.stream_stream_rpc_method_handler(
-                bidi, request_deserializer=parse, response_serializer=handler.response_serializer
+                bidi if inspect.isasyncgenfunction(inner_bidi) else bidi_writer,
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
             )
         if handler.request_streaming:  # client streaming: no such method here; left as grpc made it
             return handler
@@ -535,6 +497,58 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(
             unary, request_deserializer=parse, response_serializer=handler.response_serializer
         )
+
+    @contextlib.asynccontextmanager
+    async def _stream_call(
+        self, rpc: str, context: grpc.aio.ServicerContext, kind: str, requests: AsyncIterator[Any]
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        """A bidirectional stream counted in (or refused) for the length of the block, which is given
+        its requests, each checked. A stream counts as one call (its requests meet the queues' own
+        bounds). A probe's (reflection's) waits for its first request as a call of one request waits
+        for its one; the model's (ModelStreamInfer) is told idle by its handler from its opening
+        instead, since a client may open it long before its first request (tritonclient's
+        start_stream): so it gives its place at a full bound, but is not timed out. Either, once it
+        has no request in progress, gives its place at a full bound of its kind."""
+        await self._open(rpc, context, kind)
+        opened = time.monotonic()
+        idle = self._idle_streams[kind]
+        client = CLIENT.get()
+
+        def tell(now_idle: bool) -> None:
+            if not now_idle:
+                idle.pop(context, None)
+            elif context not in idle:
+                idle[context] = (rpc, time.monotonic(), opened, client)
+
+        if kind is ADMITTED:
+            STREAM_IDLE.set(tell)  # (in this call's task: its handler's, and the tasks it makes)
+        try:
+            pending = aiter(requests)
+            first = None if kind is ADMITTED else await self._awaited(rpc, context, kind, anext(pending, EOF))
+
+            async def checked() -> AsyncIterator[Any]:
+                if first is EOF:  # half-closed with nothing sent: a stream of no requests
+                    return
+                if first is not None:
+                    await self._check(rpc, first, context)
+                    yield first
+                while True:
+                    # reflection answers each request before it asks for the next: waiting
+                    # here, it has none in progress (the model's handler tells for itself)
+                    if kind is STREAM:
+                        tell(True)
+                    request = await anext(pending, EOF)
+                    if kind is STREAM:
+                        tell(False)
+                    if request is EOF:
+                        return
+                    await self._check(rpc, request, context)
+                    yield request
+
+            yield checked()
+        finally:
+            idle.pop(context, None)
+            self._leave(kind)
 
     async def _request(self, rpc: str, context: grpc.aio.ServicerContext, kind: str) -> Any:
         """Count the call in (or refuse it), then read its one request and check it; a refusal

@@ -34,10 +34,10 @@ import numpy as np
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2 as v2
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from service.errors import SHUTTING_DOWN, InvalidInput, ModelNotReady, NotFound, details
+from service.errors import SHUTTING_DOWN, STREAM_NOT_READ, InvalidInput, ModelNotReady, NotFound, details
 from service.guard import STREAM_IDLE
 from service.scheduler import Done, Token
-from service.servicer import AttnServeServicer, package_version
+from service.servicer import AttnServeServicer, Writing, package_version
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ENCODE, GENERATE, ATTENTION = "attnserve-encode", "attnserve-generate", "attnserve-attention"
@@ -313,12 +313,15 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[v2.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[v2.ModelStreamInferResponse]:
-        """Each request served as it arrives, its responses sent as they come; a request that fails
+    ) -> None:
+        """Each request served as it arrives, its responses written as they come; a request that fails
         gets a response with error_message and the stream goes on. At most
         STREAM_REQUESTS_IN_PROGRESS requests are served at once; the next is read once one is
         answered. When the server stops taking calls, the requests in progress finish and the stream
-        ends with UNAVAILABLE."""
+        ends with UNAVAILABLE. A stream whose client takes none of its responses for the native
+        servicer's WriteWatch bound is ended DEADLINE_EXCEEDED (STREAM_NOT_READ), as a generation
+        stream is."""
+        opened = time.monotonic()
         deadline = self.native._deadline(context)
         queue: asyncio.Queue[v2.ModelStreamInferResponse | _Finished | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
@@ -375,6 +378,11 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         closing = asyncio.create_task(self.closing.wait())
         stopping = half_closed = False
         get: asyncio.Future[Any] | None = None
+        write = context.write  # (written rather than yielded: a write the watch ends can still be answered)
+        watch, writing = self.native.write_watch, None
+        if watch is not None and (task := asyncio.current_task()) is not None:
+            writing = Writing(task)
+            watch.streams.add(writing)
         try:
             while True:
                 if (half_closed or stopping) and counts["finished"] == counts["started"] and queue.empty():
@@ -407,8 +415,27 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                     if counts["finished"] == counts["started"] and not (half_closed or stopping):
                         idle(True)  # its reader waits for the next request
                 else:
-                    yield item
+                    if writing is not None:
+                        writing.since = time.monotonic()
+                    try:
+                        await write(item)
+                    except Exception:  # gRPC could not send it: the call has ended on the wire, its client gone
+                        return
+                    if writing is not None:
+                        writing.since = 0.0
+        except asyncio.CancelledError:
+            if watch is None or writing is None or not writing.stalled:
+                raise  # the client went away, or its deadline passed
+            # ended by the watch: answered, and gRPC sends the answer after what the client has not read
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            said = f"the client read nothing of this stream for {watch.seconds:g}s; ended"
+            self.native._observe("ModelStreamInfer", code, opened, context, said, STREAM_NOT_READ)
+            context.set_code(code)
+            context.set_details(said)
+            context.set_trailing_metadata(details(code, said, STREAM_NOT_READ))
         finally:
+            if writing is not None:
+                watch.streams.discard(writing)  # type: ignore[union-attr]
             ended = True
             reader.cancel()
             closing.cancel()

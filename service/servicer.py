@@ -106,7 +106,8 @@ class Writing:
 
 
 class WriteWatch:
-    """The generation streams in progress, and an end to those whose client reads nothing.
+    """The streams in progress (GenerateStream's, ModelStreamInfer's), and an end to those whose
+    client reads nothing.
 
     gRPC takes a stream's message once the client's window has room for it: a client that stops
     reading, with its connection alive (keepalive answered), leaves the stream's handler waiting in

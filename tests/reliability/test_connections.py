@@ -31,6 +31,7 @@ from service.server import CLIENT_PING_SECONDS, NEVER_MS, connection_options
 from tests.reliability.conftest import SERVING, health
 from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config, wait_for
+from tests.service.test_kserve import infer
 from tests.service.test_server import metrics
 
 
@@ -331,4 +332,33 @@ def test_a_stream_longer_than_the_bound_read_as_it_comes_is_not_ended(model_dir:
                 time.sleep(0.15)
             assert tokens == 16 and time.monotonic() - start > 1.0
     finally:
+        st.stop()
+
+
+def test_a_v2_stream_whose_client_reads_nothing_is_ended_and_says_why_once_it_reads(model_dir: Path) -> None:
+    """The same for ModelStreamInfer, which a client may keep open for good: its requests in
+    progress are ended with it, and nothing of it is held once it has ended."""
+    st = ServerThread(config(model_dir, stream_write_timeout_seconds=0.5)).start()
+    guard = st.server.guard
+    request = infer("attnserve-encode", [f"the king speaks of {i}" for i in range(8)])  # ~1.3 KB an answer
+    peer = Peer(st.address)
+    try:
+        sid = peer.open("/inference.GRPCInferenceService/ModelStreamInfer")
+        for _ in range(4):  # 200 requests, in frames within HTTP/2's 16 KiB
+            peer.h2.send_data(sid, framed(request.SerializeToString()) * 50)
+        peer._flush()
+        assert peer.idle(lambda: guard.in_flight == 1)
+        assert peer.idle(lambda: guard.in_flight == 0, 10)  # ended, the stream still open on the client's side
+        m = metrics(st)
+        assert m[("attnserve_errors_total", (("reason", "STREAM_NOT_READ"), ("rpc", "ModelStreamInfer")))] == 1
+        assert st.server.servicer.loaded.users == 0  # type: ignore[union-attr]
+        assert st.server.servicer.write_watch.streams == set()  # type: ignore[union-attr]
+        peer.h2.increment_flow_control_window(2**24)
+        peer.h2.increment_flow_control_window(2**24, sid)
+        peer._flush()
+        (code, message) = peer.answered({sid})[sid]
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "read nothing of this stream" in message
+        assert peer.reasons[sid] == "STREAM_NOT_READ"
+    finally:
+        peer.close()
         st.stop()
