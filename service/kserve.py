@@ -37,7 +37,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.errors import SHUTTING_DOWN, STREAM_NOT_READ, InvalidInput, ModelNotReady, NotFound, details
 from service.guard import STREAM_IDLE
 from service.scheduler import Done, Token
-from service.servicer import AttnServeServicer, Writing, package_version
+from service.servicer import AttnServeServicer, package_version
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ENCODE, GENERATE, ATTENTION = "attnserve-encode", "attnserve-generate", "attnserve-attention"
@@ -379,10 +379,8 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         stopping = half_closed = False
         get: asyncio.Future[Any] | None = None
         write = context.write  # (written rather than yielded: a write the watch ends can still be answered)
-        watch, writing = self.native.write_watch, None
-        if watch is not None and (task := asyncio.current_task()) is not None:
-            writing = Writing(task)
-            watch.streams.add(writing)
+        watch = self.native.write_watch
+        writing = None if watch is None else watch.join()
         try:
             while True:
                 if (half_closed or stopping) and counts["finished"] == counts["started"] and queue.empty():
@@ -424,15 +422,10 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                     if writing is not None:
                         writing.since = 0.0
         except asyncio.CancelledError:
-            if watch is None or writing is None or not writing.stalled:
+            if watch is None or (said := watch.answer(writing, context)) is None:
                 raise  # the client went away, or its deadline passed
-            # ended by the watch: answered, and gRPC sends the answer after what the client has not read
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
-            said = f"the client read nothing of this stream for {watch.seconds:g}s; ended"
+            code = grpc.StatusCode.DEADLINE_EXCEEDED  # ended by the watch, and answered
             self.native._observe("ModelStreamInfer", code, opened, context, said, STREAM_NOT_READ)
-            context.set_code(code)
-            context.set_details(said)
-            context.set_trailing_metadata(details(code, said, STREAM_NOT_READ))
         finally:
             if writing is not None:
                 watch.streams.discard(writing)  # type: ignore[union-attr]

@@ -41,6 +41,7 @@ from service.errors import (
     InvalidInput,
     ModelNotReady,
     Overloaded,
+    details,
     status_for,
 )
 from service.guard import ClientLimits
@@ -123,12 +124,34 @@ class WriteWatch:
         self.every = min(1.0, seconds / 4)
         self.streams: set[Writing] = set()
 
+    def join(self) -> Writing | None:
+        """The calling stream's place in the watch (None outside a task): its handler times each
+        write with ``since`` and leaves the watch (``streams.discard``) as it ends."""
+        task = asyncio.current_task()
+        if task is None:
+            return None
+        writing = Writing(task)
+        self.streams.add(writing)
+        return writing
+
     def sweep(self) -> None:
         waited_since = time.monotonic() - self.seconds
         for stream in self.streams:
             if 0.0 < stream.since < waited_since and not stream.stalled:
                 stream.stalled = True
                 stream.task.cancel()
+
+    def answer(self, writing: Writing | None, context: grpc.aio.ServicerContext) -> str | None:
+        """For a stream cancelled in a write: where the watch ended it, its status set (gRPC sends it
+        after what the client has not read) and the message said, for the stream to count; None where
+        the client went away or its deadline passed."""
+        if writing is None or not writing.stalled:
+            return None
+        said = f"the client read nothing of this stream for {self.seconds:g}s; ended"
+        context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+        context.set_details(said)
+        context.set_trailing_metadata(details(grpc.StatusCode.DEADLINE_EXCEEDED, said, STREAM_NOT_READ))
+        return said
 
 
 @dataclass(frozen=True)
@@ -690,15 +713,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             self._observe("GenerateStream", failed.code, start, context, failed.message, failed.reason)
             await context.abort(failed.code, failed.message, failed.trailers())
             raise
-        pinned = PINNED.get()
         code = grpc.StatusCode.OK
         traced = tracing.active()
         queued = time.monotonic()
         write = context.write  # (written here rather than yielded: a write the watch ends can still be answered)
-        watch, writing = self.write_watch, None
-        if watch is not None and (task := asyncio.current_task()) is not None:
-            writing = Writing(task)
-            watch.streams.add(writing)
+        watch = self.write_watch
+        writing = None if watch is None else watch.join()
         try:
             async for group in scheduler.generate(ids, params, deadline):
                 if traced and isinstance(end := group[-1], Done):
@@ -714,16 +734,11 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 if writing is not None:
                     writing.since = 0.0
         except asyncio.CancelledError:
-            if watch is None or writing is None or not writing.stalled:
+            if watch is None or (said := watch.answer(writing, context)) is None:
                 code = grpc.StatusCode.CANCELLED  # the client went away, or its deadline passed
                 raise
-            # ended by the watch: answered, and gRPC sends the answer after what the client has not read
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
-            said = f"the client read nothing of this stream for {watch.seconds:g}s; ended"
+            code = grpc.StatusCode.DEADLINE_EXCEEDED  # ended by the watch, and answered
             self._observe("GenerateStream", code, start, context, said, STREAM_NOT_READ)
-            context.set_code(code)
-            context.set_details(said)
-            context.set_trailing_metadata(Failure(code, said, STREAM_NOT_READ).trailers())
         except Exception as e:
             failed = self.failure("GenerateStream", e, context)
             code = failed.code
@@ -733,8 +748,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         finally:
             if writing is not None:
                 watch.streams.discard(writing)  # type: ignore[union-attr]
-            if pinned is not None:  # (by name: a handler ended from elsewhere may end in another context)
-                pinned.give()
+            self._unpin()
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 self._observe("GenerateStream", code, start, context)
 
