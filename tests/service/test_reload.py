@@ -384,14 +384,22 @@ def test_a_stream_whose_client_stops_reading_and_goes_counts_cancelled_and_gives
         return metrics(st).get(("attnserve_requests_total", (("code", code), ("rpc", "GenerateStream"))), 0)
 
     cancelled, ok = count("CANCELLED"), count("OK")
-    request = pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40, temperature=0, logprobs=True, top_logprobs=20)
+    # each token with its 20 likeliest alternatives and where it attended, ~1 KB a message: a few fill
+    # the window; and the generation is held after a few steps, so that it is in progress however
+    # busy the machine (a stream generated whole at once may go out in one message and end)
+    request = pb.GenerateRequest(
+        prompt="the king", max_new_tokens=48, temperature=1.0, seed=7, logprobs=True, top_logprobs=20,
+        return_attention=True,
+    )  # fmt: skip
+    go_on = hold_steps(st, after=4)
     stream = stub.GenerateStream(request, timeout=30)
     assert len(next(stream).tokens) >= 1
     loaded = st.server.servicer.loaded
     assert loaded is not None
-    threading.Event().wait(0.5)  # the rest is generated, and waits on a window the client does not open
+    threading.Event().wait(0.5)  # what was generated waits on a window the client does not open
     assert loaded.users == 1
     stream.cancel()
+    go_on.set()
     assert wait_for(lambda: count("CANCELLED") == cancelled + 1), (count("CANCELLED"), count("OK"))
     assert count("OK") == ok and wait_for(lambda: loaded.users == 0)
     channel.close()
