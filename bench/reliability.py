@@ -276,7 +276,8 @@ def soak(model_dir: Path, seconds: float) -> dict[str, Any]:
         proc.wait(60)
 
 
-def _swap(link: Path, target: Path) -> None:
+def point(link: Path, target: Path) -> None:
+    """``link`` to ``target``, swapped in one rename, as a model directory is replaced whole."""
     tmp = link.with_name(link.name + ".tmp")
     tmp.symlink_to(target)
     os.replace(tmp, link)
@@ -321,7 +322,7 @@ async def _reloading(
             for target, version in models:
                 await asyncio.sleep(every - 1.0)
                 before = _proc_status(proc.pid)  # the model before has stopped since the last swap
-                _swap(link, target)
+                point(link, target)
                 start = time.perf_counter()
                 proc.send_signal(signal.SIGHUP)
                 while (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)).version != version:
@@ -362,7 +363,7 @@ def reload(model_dir: Path, seconds: float, reloads: int) -> dict[str, Any]:
         config["version"] = f"{version}-other"
         (other / "config.json").write_text(json.dumps(config))
         link = Path(tmp) / "current"
-        _swap(link, model_dir.resolve())
+        point(link, model_dir.resolve())
         models = [(other, config["version"]), (model_dir.resolve(), version)] * (reloads // 2) + [
             (other, config["version"])
         ] * (reloads % 2)

@@ -321,9 +321,9 @@ class Server:
         if cfg.model_reload_seconds > 0:
             self._model_watch = self._watch(cfg.model_reload_seconds, self.reload_model, "the model directory")
 
-    def _serve(self, runtime: Runtime) -> Loaded | None:
+    def _serve(self, runtime: Runtime) -> None:
         """Start an engine and a generation scheduler on ``runtime``, for the calls that begin from
-        now; the model they replace, or None."""
+        now (those in progress go on with the model they began on, which the caller retires)."""
         cfg = self.config
         limits = cfg.batch_limits(runtime.provider == CUDA, runtime.cpu_threads)
         engine = Engine(runtime, limits, self.metrics, cfg.batch_nice)
@@ -336,7 +336,6 @@ class Server:
             self.metrics.provider.labels(before.engine.runtime.provider).set(0)
         self.metrics.provider.labels(runtime.provider).set(1)
         self.metrics.model.info({"name": runtime.info.name, "version": runtime.info.version})
-        return before
 
     async def reload_model(self, asked: bool = False) -> None:
         """Look at the model directory and, where it changed since its model was loaded, load it and

@@ -106,7 +106,8 @@ def test_concurrent_streams_on_cuda_each_get_their_own_tokens(
 
 def test_a_new_model_on_cuda_serves_while_the_one_before_ends_its_streams(on_cpu: ServerThread, tmp_path: Path) -> None:
     """Two models' sessions and caches on the device at once, then the first's let go."""
-    from tests.service.test_reload import copy, point
+    from bench.reliability import point
+    from tests.service.test_reload import copy
 
     link, two = tmp_path / "current", copy(on_cpu.server.config.model_dir, tmp_path / "v2", "2")
     point(link, copy(on_cpu.server.config.model_dir, tmp_path / "v1", "1"))

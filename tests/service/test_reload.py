@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import shutil
 import signal
@@ -17,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.reliability import point
 from bench.timing import start_server
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
@@ -41,13 +41,6 @@ def copy(model_dir: Path, into: Path, version: str, int8: bool = False) -> Path:
         cfg["graphs"][graph] = cfg["graphs"][f"{graph}_int8"]
     (into / "config.json").write_text(json.dumps(cfg))
     return into
-
-
-def point(link: Path, target: Path) -> None:
-    """``link`` to ``target``, swapped in one rename, as a model directory is replaced whole."""
-    tmp = link.with_name(link.name + ".tmp")
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
 
 
 @pytest.fixture
