@@ -228,6 +228,11 @@ class Metrics:
             "1 while the model directory holds what the server could not load (it serves the model before)",
             registry=r,
         )
+        self.generation_deaths = Counter(
+            "attnserve_generation_loop_deaths",
+            "Generation loops ended by a fault of the server's own; the model serving is loaded anew after one",
+            registry=r,
+        )
         self.model_reloads = Counter(
             "attnserve_model_reloads_total",
             "Model directories changed while serving, by outcome: loaded (and serving), or rejected",

@@ -29,8 +29,10 @@ Settings: ``service.config.ServerConfig``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
+import math
 import os
 import signal
 import time
@@ -77,6 +79,10 @@ NEVER_MS = 2**31 - 1  # what gRPC reads as "not at all" for its millisecond sett
 # A model directory seen changed by a periodic look is loaded only if it is the same this long after:
 # files still being copied into it are not taken half written
 SETTLE_SECONDS = 1.0
+# A model whose generation loop died is loaded anew at once, but not again within this long of the
+# last time: a fault that comes back as soon as it is loaded is left NOT_SERVING, for SIGHUP or the
+# pod's liveness probe to deal with, rather than loaded over and over.
+REVIVE_SECONDS = 60.0
 
 
 def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -218,7 +224,9 @@ class Server:
         self._model_refused: DirState | str | None = None
         self._model_lock = asyncio.Lock()
         self._model_watch: asyncio.Task[None] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()  # models replaced, until their last call ends
+        # models replaced, until their last call ends, and a model being loaded anew for its dead loop
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._revived_at = -math.inf  # when a model was last loaded anew because its generation loop died
         self._stopping = False
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -329,9 +337,9 @@ class Server:
         engine = Engine(runtime, limits, self.metrics, cfg.batch_nice)
         engine.start()
         scheduler = Scheduler(runtime, cfg.generation_limits(), self.metrics)
-        scheduler.on_death = self._generation_died
-        scheduler.start()
         before = self.servicer.attach(engine, scheduler)
+        scheduler.on_death = functools.partial(self._generation_died, self.servicer.loaded)
+        scheduler.start()
         if before is not None:
             self.metrics.provider.labels(before.engine.runtime.provider).set(0)
         self.metrics.provider.labels(runtime.provider).set(1)
@@ -350,20 +358,26 @@ class Server:
         async with self._model_lock:
             loaded = self.servicer.loaded
             now = await self._look_at_model_dir()
-            if now == self._model_state:
+            # a model whose generation loop died is loaded anew from its directory, changed or not;
+            # on a look of its own, not again within REVIVE_SECONDS of the last time
+            revive = loaded.scheduler.dead and (asked or time.monotonic() - self._revived_at >= REVIVE_SECONDS)
+            if now == self._model_state and not revive:
                 if asked:
                     log.info("model directory unchanged: serving %s", loaded)
                 return
             if now == self._model_refused and not asked:
                 return
-            if not asked:  # (a directory replaced by a rename is missing for a moment, too)
+            if not asked and now != self._model_state:  # (one replaced by a rename is missing for a moment, too)
                 await asyncio.sleep(SETTLE_SECONDS)
                 if await self._look_at_model_dir() != now:
                     return  # still changing: the next look
             if isinstance(now, str):
                 self._model_rejected(now, now, loaded)
                 return
-            log.info("model directory %s changed: loading it beside %s", now[0], loaded)
+            if now == self._model_state:
+                log.info("generation of %s is down: loading it anew from %s", loaded, now[0])
+            else:
+                log.info("model directory %s changed: loading it beside %s", now[0], loaded)
             try:
                 options = self.config.runtime_options()
                 runtime = await asyncio.get_running_loop().run_in_executor(None, Runtime, Path(now[0]), options)
@@ -376,6 +390,14 @@ class Server:
             self._model_state, self._model_refused = now, None
             self.metrics.model_rejected.set(0)
             self.metrics.model_reloads.labels("loaded").inc()
+            if loaded.scheduler.dead:
+                self._revived_at = time.monotonic()
+            if not self.serving:  # (generation was down: stopping, it would have returned above)
+                self.metrics.ready.set(1)
+                self.serving = True
+                for name in HEALTH_SERVICES:
+                    await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+                log.warning("generation is back: serving %s; SERVING again", self.servicer.loaded)
             log.info(
                 "serving %s from %s on %s; %s serves its %d call(s) in progress, then stops",
                 self.servicer.loaded,
@@ -469,13 +491,34 @@ class Server:
 
         return asyncio.get_running_loop().create_task(watch())
 
-    def _generation_died(self) -> None:
-        """The generation loop ended by itself: this replica can no longer serve all of its API."""
+    def _generation_died(self, loaded: Loaded | None) -> None:
+        """The generation loop of ``loaded`` ended by itself. The model serving can no longer serve
+        all of its API: NOT_SERVING, and it is loaded anew, unless it was loaded anew for this less
+        than REVIVE_SECONDS ago. A model replaced had only its streams in progress to end."""
+        self.metrics.generation_deaths.inc()
+        if loaded is not self.servicer.loaded:
+            log.error("the generation loop of %s, replaced, died: its generations in progress were ended", loaded)
+            return
         log.critical("generation is down: reporting NOT_SERVING so that traffic goes to other replicas")
         self.metrics.ready.set(0)
         self.serving = False
-        for name in HEALTH_SERVICES:
-            asyncio.get_running_loop().create_task(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+        revive = not self._stopping and time.monotonic() - self._revived_at >= REVIVE_SECONDS
+        if not revive and not self._stopping:
+            log.critical(
+                "generation died again within %.0fs of its model being loaded anew: left NOT_SERVING "
+                "(SIGHUP loads it anew)",
+                REVIVE_SECONDS,
+            )
+
+        async def down() -> None:
+            for name in HEALTH_SERVICES:
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if revive:
+                await self.reload_model()
+
+        task = asyncio.get_running_loop().create_task(down())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.service.conftest import ServerThread, config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # what a server may answer any input with; never INTERNAL or UNKNOWN
 ALLOWED = {
     grpc.StatusCode.OK,

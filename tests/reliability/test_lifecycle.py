@@ -275,6 +275,9 @@ def test_if_the_generation_loop_dies_health_says_so_and_calls_fail_rather_than_h
         scheduler = st.server.scheduler
         assert scheduler is not None
         stub = st.stub()
+        # as if its model had been loaded anew for this a moment ago, so that it stays down (the
+        # server loads it anew otherwise: tests/service/test_reload.py)
+        st.server._revived_at = time.monotonic()
 
         def die() -> bool:
             raise SystemExit("the loop is gone")  # past every `except Exception`

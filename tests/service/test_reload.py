@@ -3,6 +3,7 @@ it began and then stops; one that cannot be loaded leaves the model before servi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
@@ -23,10 +24,12 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.config import ServerConfig
 from service.model_dir import state
+from service.scheduler import Scheduler
 from service.servicer import Loaded
+from tests.reliability.conftest import NOT_SERVING, SERVING, health
 from tests.service.conftest import ServerThread, config, wait_for
 from tests.service.test_kserve import infer, output
-from tests.service.test_server import metrics
+from tests.service.test_server import metrics, reason
 
 TEXT = "To be, or not to be, that is the question"
 
@@ -396,3 +399,91 @@ def test_a_stream_whose_client_stops_reading_and_goes_counts_cancelled_and_gives
     assert wait_for(lambda: count("CANCELLED") == cancelled + 1), (count("CANCELLED"), count("OK"))
     assert count("OK") == ok and wait_for(lambda: loaded.users == 0)
     channel.close()
+
+
+# --- a generation loop that dies ----------------------------------------------------------------
+
+GREEDY = pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=12, temperature=0)
+
+
+def kill_generation(scheduler: Scheduler | None) -> Scheduler:
+    """End ``scheduler``'s generation loop as a fault past its every ``except Exception`` would."""
+    assert scheduler is not None
+
+    def die() -> bool:
+        raise SystemExit("the loop is gone")
+
+    scheduler._iterate = die  # type: ignore[method-assign]
+    scheduler._wake.set()
+    assert wait_for(lambda: scheduler.dead)
+    return scheduler
+
+
+def deaths(server: ServerThread) -> float:
+    return metrics(server)[("attnserve_generation_loop_deaths_total", ())]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death, on purpose
+def test_a_generation_loop_that_dies_is_loaded_anew_and_health_comes_back(
+    st: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replica mends itself in a second rather than waiting, NOT_SERVING, for its liveness probe
+    to restart it, which would reload the model from its image and drop every other call."""
+    caplog.set_level(logging.INFO, "service.server")
+    stub = st.stub()
+    expected = stub.Generate(GREEDY, timeout=60)
+    dead = kill_generation(st.server.scheduler)
+    old = st.server.servicer.loaded
+    assert wait_for(lambda: st.server.scheduler is not dead and health(st.address) == SERVING)
+    assert stub.Generate(GREEDY, timeout=60).text == expected.text and version(stub) == "1"
+    assert reloads(st) == (1, 0, 0) and deaths(st) == 1 and metrics(st)[("attnserve_ready", ())] == 1
+    assert old is not None and wait_for(lambda: old.idle.is_set())  # and the dead one was stopped
+    said = [r.getMessage() for r in caplog.records]
+    down = next(i for i, m in enumerate(said) if "generation is down" in m)
+    assert any("loading it anew" in m for m in said[down:]), said
+    assert any("generation is back: serving tiny 1" in m for m in said[down:]), said
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_loop_that_dies_again_within_a_minute_is_left_down_until_asked(st: ServerThread) -> None:
+    """A model whose loop dies again soon after it was loaded anew would be loaded over and over:
+    it is left NOT_SERVING (its probe restarts it) unless SIGHUP asks."""
+    stub = st.stub()
+    first = kill_generation(st.server.scheduler)
+    assert wait_for(lambda: st.server.scheduler is not first and health(st.address) == SERVING)
+    second = kill_generation(st.server.scheduler)
+    assert wait_for(lambda: health(st.address) == NOT_SERVING)
+    st.call(st.server.reload_model())  # a periodic look, unchanged directory: left down
+    assert st.server.scheduler is second and health(st.address) == NOT_SERVING
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(GREEDY, timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and reason(e.value) == "GENERATION_UNAVAILABLE"
+    st.call(st.server.reload_model(asked=True))  # SIGHUP
+    assert st.server.scheduler is not second and health(st.address) == SERVING
+    assert stub.Generate(GREEDY, timeout=60).usage.generated_tokens == 12
+    assert reloads(st) == (2, 0, 0) and deaths(st) == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_loop_of_a_replaced_model_dying_leaves_health_and_the_model_serving_alone(
+    st: ServerThread, models: tuple[Path, Path, Path]
+) -> None:
+    link, _, two = models
+    stub = st.stub()
+    go_on = hold_steps(st)
+    stream = stub.GenerateStream(pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40), timeout=60)
+    next(stream)
+    old = st.server.servicer.loaded
+    point(link, two)
+    st.call(st.server.reload_model(asked=True))
+    new = st.server.servicer.loaded
+    assert old is not None and new is not old
+    old.scheduler._iterate = lambda: (_ for _ in ()).throw(SystemExit("the loop is gone"))  # type: ignore[method-assign]
+    go_on.set()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stream)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and reason(e.value) == "GENERATION_UNAVAILABLE"
+    assert old.scheduler.dead and wait_for(lambda: old.idle.is_set() and deaths(st) == 1)
+    st.call(asyncio.sleep(0.2))  # what the death hands to the event loop has run
+    assert health(st.address) == SERVING and st.server.servicer.loaded is new and reloads(st) == (1, 0, 0)
+    assert stub.Generate(GREEDY, timeout=60).usage.generated_tokens == 12 and version(stub) == "2"
