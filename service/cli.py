@@ -170,11 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("texts", nargs="+")
     ce.add_argument("--pooling", choices=["mean", "last"], default="mean")
     ce.add_argument("--normalize", action="store_true", help="unit-length vectors")
+    cut_help = "a text over the model's context: refused (error, the default), or its end or start dropped"
+    ce.add_argument("--truncation", choices=["error", "end", "start"], default="error", help=cut_help)
     ca = csub.add_parser("attention", help="attention map of a text")
     ca.add_argument("text")
     ca.add_argument("--layers", type=int, nargs="*", help="layers to fetch (default all)")
     ca.add_argument("--heads", type=int, nargs="*", help="heads to fetch (default all)")
     ca.add_argument("--png", type=Path, help="write a heatmap per layer and head into this folder")
+    ca.add_argument("--truncation", choices=["error", "end", "start"], default="error", help=cut_help)
     cg = csub.add_parser("generate", help="continue a prompt")
     cg.add_argument("prompt")
     cg.add_argument("--stream", action="store_true", help="print tokens as they arrive")
@@ -184,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--top-p", type=float, default=1.0)
     cg.add_argument("--seed", type=int)
     cg.add_argument("--stop", nargs="*", help="stop sequences")
+    cg.add_argument(
+        "--truncation",
+        choices=["error", "start"],
+        default="error",
+        help="a prompt with no room for --max-new-tokens: generated as far as the context allows, refused if it "
+        "fills it (error, the default), or its first tokens dropped (start)",
+    )
     cg.add_argument("--attention", action="store_true", help="show what each token attended to most (last layer)")
     csub.add_parser("info", help="model and server information")
     ch = csub.add_parser("health", help="exit 0 when the server is SERVING (for container health checks)")

@@ -166,6 +166,13 @@ def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
     return paths
 
 
+TRUNCATION = {"error": pb.TRUNCATION_ERROR, "end": pb.TRUNCATION_END, "start": pb.TRUNCATION_START}
+
+
+def dropped(usage: pb.Usage) -> str:
+    return f", the prompt's first tokens dropped to {usage.prompt_tokens}" if usage.prompt_truncated else ""
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         ch = channel(
@@ -178,16 +185,20 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.client_command == "encode":
             pooling = pb.POOLING_LAST if args.pooling == "last" else pb.POOLING_MEAN
-            r = client.Encode(
-                pb.EncodeRequest(texts=args.texts, pooling=pooling, normalize=args.normalize), timeout=args.timeout
+            request = pb.EncodeRequest(
+                texts=args.texts, pooling=pooling, normalize=args.normalize, truncation=TRUNCATION[args.truncation]
             )
+            r = client.Encode(request, timeout=args.timeout)
             for text, e in zip(args.texts, r.embeddings, strict=True):
                 head = ", ".join(f"{v:.4f}" for v in e.values[:6])
-                sys.stdout.write(f"{text!r}: {e.token_count} tokens, [{head}, ...] ({r.dimensions} dims)\n")
+                cut = f" (truncated at its {args.truncation})" if e.truncated else ""
+                sys.stdout.write(f"{text!r}: {e.token_count} tokens{cut}, [{head}, ...] ({r.dimensions} dims)\n")
             t = r.timings
             sys.stdout.write(f"queue {t.queue_seconds * 1e3:.2f} ms, compute {t.compute_seconds * 1e3:.2f} ms\n")
         elif args.client_command == "attention":
-            req = pb.AttentionMapRequest(text=args.text, layers=args.layers or [], heads=args.heads or [])
+            req = pb.AttentionMapRequest(
+                text=args.text, layers=args.layers or [], heads=args.heads or [], truncation=TRUNCATION[args.truncation]
+            )
             r = client.AttentionMap(req, timeout=args.timeout)
             probs = decode_probabilities(r)
             sys.stdout.write(f"tokens: {list(r.tokens)}\nshape (layers, heads, query, key): {tuple(r.shape)}\n")
@@ -224,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
                 logprobs=False,
                 return_attention=args.attention,
                 attention_top_k=3,
+                truncation=TRUNCATION[args.truncation],
             )
             if args.seed is not None:
                 req.seed = args.seed
@@ -234,11 +246,11 @@ def main(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
                     if msg.finish_reason:
                         reason = pb.FinishReason.Name(msg.finish_reason)
-                        sys.stdout.write(f"\n[{reason}, {msg.usage.generated_tokens} tokens]\n")
+                        sys.stdout.write(f"\n[{reason}, {msg.usage.generated_tokens} tokens{dropped(msg.usage)}]\n")
             elif args.attention:
                 g = client.Generate(req, timeout=args.timeout)
                 prompt_tokens = client.Tokenize(pb.TokenizeRequest(texts=[args.prompt])).tokenizations[0].tokens
-                seen = list(prompt_tokens)
+                seen = list(prompt_tokens)[len(prompt_tokens) - g.usage.prompt_tokens :]  # those the model read
                 sys.stdout.write("token <- what the last layer attended to most (averaged over heads)\n")
                 for t in g.tokens:
                     last = t.attention[-1]
@@ -249,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
                 g = client.Generate(req, timeout=args.timeout)
                 sys.stdout.write(args.prompt + g.text + "\n")
                 sys.stdout.write(
-                    f"[{pb.FinishReason.Name(g.finish_reason)}, {g.usage.generated_tokens} tokens, "
+                    f"[{pb.FinishReason.Name(g.finish_reason)}, {g.usage.generated_tokens} tokens{dropped(g.usage)}, "
                     f"first token after {g.time_to_first_token_seconds * 1e3:.1f} ms]\n"
                 )
         else:

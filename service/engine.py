@@ -32,6 +32,9 @@ from service.tokens import TextTokenizer
 
 log = logging.getLogger(__name__)
 
+# Which end of a text over the model's context is dropped to fit it; None: the text is refused.
+Cut = Literal["end", "start"] | None
+
 # Requests with less text than this are tokenized on the event loop: the hop to a thread would cost
 # more than tokenizing it (2 KiB on one core: ~0.14 ms ASCII, ~0.6 ms other text). Longer ones go to
 # the tokenizer's thread.
@@ -58,6 +61,17 @@ def prefix_for(text: str, chars: int) -> str:
     for i in range(min(chars, len(text) - 1), chars // 2, -1):
         if text[i].isspace() and not text[i - 1].isspace():
             return text[:i]
+    return text
+
+
+def suffix_for(text: str, chars: int) -> str:
+    """A suffix of at most chars and at least chars // 2 characters beginning with whitespace that
+    follows a word, so that every word in it is whole and tokenizes as in the full text, the space
+    before it included (a byte-level BPE joins a word to the space before it); the whole text where
+    there is no such place."""
+    for i in range(max(1, len(text) - chars), len(text) - chars // 2):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return text[i:]
     return text
 
 
@@ -133,30 +147,40 @@ class Engine:
             return self.token_ids(texts)
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.token_ids, list(texts))
 
-    async def fit(self, texts: Sequence[str], truncate: bool, fields: Sequence[str]) -> list[tuple[list[int], bool]]:
-        """Each text's ids within the model's context, and whether they were cut to fit; InvalidInput,
-        naming the field, for a text too long when truncation was not asked for."""
+    async def fit(
+        self,
+        texts: Sequence[str],
+        cut: Cut,
+        fields: Sequence[str],
+        keep: int | None = None,
+        hint: str = "set truncation to TRUNCATION_END or TRUNCATION_START",
+    ) -> list[tuple[list[int], bool]]:
+        """Each text's ids, at most ``keep`` of them (the model's context by default), and whether
+        they were cut to fit: at their end (``cut`` "end") or their start ("start"). InvalidInput,
+        naming the field and what to do (``hint``), for a text over the context with no ``cut``."""
         limit = self.runtime.info.max_seq_len
+        keep = limit if keep is None else keep
         prepared = []
         for text, name in zip(texts, fields, strict=True):
             if len(text) > self.cut_chars:  # certainly longer than the context: tokenize only what can be kept
-                if not truncate:
+                if cut is None:
                     raise InvalidInput(
                         f"{name}: {len(text)} characters are more than the model's context of {limit} tokens can "
-                        "hold; shorten it or set truncation to TRUNCATION_END"
+                        f"hold; shorten it or {hint}"
                     )
-                text = prefix_for(text, self.cut_chars)
+                text = prefix_for(text, self.cut_chars) if cut == "end" else suffix_for(text, self.cut_chars)
             prepared.append(text)
         fitted = []
         for ids, name in zip(await self.tokenize(prepared), fields, strict=True):
-            if len(ids) <= limit:
+            if len(ids) <= keep:
                 fitted.append((ids, False))
-            elif truncate:
-                fitted.append((ids[:limit], True))
+            elif cut == "end":
+                fitted.append((ids[:keep], True))
+            elif cut == "start":
+                fitted.append((ids[len(ids) - keep :], True))
             else:
                 raise InvalidInput(
-                    f"{name}: {len(ids)} tokens exceed the model's context of {limit}; "
-                    "shorten it or set truncation to TRUNCATION_END"
+                    f"{name}: {len(ids)} tokens exceed the model's context of {limit}; shorten it or {hint}"
                 )
         return fitted
 

@@ -3,7 +3,7 @@
 Three models, each a view of the native API:
 
 * ``attnserve-encode``: TEXT BYTES [-1] -> EMBEDDING FP32 [-1, d], TOKEN_COUNT INT32 [-1];
-  parameters pooling ("mean", "last"), normalize (bool), truncation ("error", "end").
+  parameters pooling ("mean", "last"), normalize (bool), truncation ("error", "end", "start").
 * ``attnserve-generate``: TEXT BYTES [1] -> TEXT BYTES [1]; the sampling parameters as request
   parameters. Decoupled on ModelStreamInfer: one response per token group, the last marked by
   ``triton_final_response`` and carrying finish_reason and the token counts.
@@ -57,6 +57,7 @@ PARAMETERS: dict[str, dict[str, str]] = {
         "repetition_penalty": "float",
         "seed": "int",
         "stop": "str",
+        "truncation": "str",
     },
     ATTENTION: {"truncation": "str"},
 }
@@ -69,8 +70,14 @@ KIND_FIELDS = {
 }
 KIND_NAMES = {"bool": "a bool", "str": "a string", "int": "an integer", "float": "a number"}
 
-# "error" (the default, as natively): input over the context is refused; "end": it is cut at the end
-TRUNCATION: dict[str, Any] = {"error": pb.TRUNCATION_ERROR, "none": pb.TRUNCATION_ERROR, "end": pb.TRUNCATION_END}
+# "error" (the default, as natively): input over the context is refused; "end": it is cut at the end;
+# "start": at the start (a prompt's, so that max_new_tokens fit after it)
+TRUNCATION: dict[str, Any] = {
+    "error": pb.TRUNCATION_ERROR,
+    "none": pb.TRUNCATION_ERROR,
+    "end": pb.TRUNCATION_END,
+    "start": pb.TRUNCATION_START,
+}
 
 
 # the InferParameter field that holds a value of each Python type, in responses
@@ -482,7 +489,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             yield outputs.fill(response(truncated=att.truncated), {"ATTENTION": att.output.probs, "TOKENS": tokens})
             return
         (prompt,) = read_texts(request, model, one=True)
-        ids, sampling = await self.native._generation(generate_request(prompt, params), deadline)
+        ids, sampling, truncated = await self.native._generation(generate_request(prompt, params), deadline)
         # as Triton's decoupled models: the last response is marked final, or, when the client asks
         # for it, an empty response after the last one is
         empty_final = stream and request.parameters["triton_enable_empty_final_response"].bool_param
@@ -497,6 +504,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 "finish_reason": end.finish.value,
                 "prompt_tokens": end.prompt_tokens,
                 "generated_tokens": end.generated_tokens,
+                "prompt_truncated": truncated,
             }
             whole = end.text if not stream else piece
             yield outputs.fill(response(**usage, **final), {"TEXT": [whole]})
@@ -517,6 +525,8 @@ def generate_request(prompt: str, params: dict[str, Any]) -> pb.GenerateRequest:
         request.top_k = int(params["top_k"])
     if "seed" in params:
         request.seed = int(params["seed"])
+    if "truncation" in params:
+        request.truncation = choice(params, "truncation", TRUNCATION, pb.TRUNCATION_ERROR)
     if "stop" in params:
         stop = params["stop"]
         try:

@@ -33,7 +33,7 @@ from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service import tracing
 from service.engine import AttentionMap as AttentionOutput
-from service.engine import Embedded, Engine
+from service.engine import Cut, Embedded, Engine
 from service.errors import (
     ATTENTION_BYTES_AT_LIMIT,
     STREAM_NOT_READ,
@@ -405,7 +405,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             raise InvalidInput("texts: at least one text is required")
         fields = self._check_texts(request.texts, "texts")
         engine.encoder.admit(len(fields), deadline)  # refused now, untokenized, if it cannot be served
-        fitted = await engine.fit(request.texts, request.truncation == pb.TRUNCATION_END, fields)
+        fitted = await engine.fit(request.texts, CUTS.get(request.truncation), fields)
         pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
         queued = time.monotonic()
         out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline)
@@ -441,7 +441,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             raise InvalidInput("input: give text or token_ids")
         layers = self._select(request.layers, info.n_layer, "layers")
         heads = self._select(request.heads, info.n_head, "heads")
-        truncate = request.truncation == pb.TRUNCATION_END
+        truncate = CUTS.get(request.truncation)
         if which == "text":
             self._check_texts([request.text], "text", repeated=False)
             engine.attender.admit(1, deadline)
@@ -454,12 +454,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             if bad:
                 raise InvalidInput(f"token_ids.ids: {some(bad)} not below vocab_size {info.vocab_size}")
             cut = len(ids) > info.max_seq_len
-            if cut and not truncate:
+            if cut and truncate is None:
                 raise InvalidInput(
                     f"token_ids.ids: {len(ids)} tokens exceed the model's context of {info.max_seq_len}; "
-                    "shorten it or set truncation to TRUNCATION_END"
+                    "shorten it or set truncation to TRUNCATION_END or TRUNCATION_START"
                 )
-            ids = ids[: info.max_seq_len]
+            ids = ids[len(ids) - info.max_seq_len :] if cut and truncate == "start" else ids[: info.max_seq_len]
             engine.attender.admit(1, deadline)
         itemsize = 2 if request.precision == pb.PRECISION_FP16 else 4
         release = self.attention_budget.take(len(layers) * len(heads) * len(ids) ** 2 * itemsize)
@@ -585,17 +585,29 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
 
     async def _generation(
         self, request: pb.GenerateRequest, deadline: float | None
-    ) -> tuple[list[int], SamplingParams]:
+    ) -> tuple[list[int], SamplingParams, bool]:
+        """The prompt's ids, the sampling parameters, and whether the prompt's start was dropped."""
         scheduler = self._scheduler()
         self.admit_generation(request, scheduler, deadline)
-        ((ids, _),) = await self._engine().fit([request.prompt], False, ["prompt"])
-        return ids, self.sampling(request, scheduler, ids)
+        keep: int | None = None
+        cut: Cut = None
+        if request.truncation == pb.TRUNCATION_START:  # room for max_new_tokens, and for one prompt token
+            context = scheduler.runtime.info.max_seq_len
+            keep, cut = context - min(max(request.max_new_tokens, 1), context - 1), "start"
+        hint = "set truncation to TRUNCATION_START"
+        ((ids, truncated),) = await self._engine().fit([request.prompt], cut, ["prompt"], keep, hint)
+        return ids, self.sampling(request, scheduler, ids), truncated
 
     def admit_generation(self, request: pb.GenerateRequest, scheduler: Scheduler, deadline: float | None) -> None:
         """The checks before a prompt is tokenized: its size, its stop sequences', room in the queue
         and time before its deadline."""
         self._check_texts([request.prompt], "prompt", repeated=False)
         self._check_texts(request.stop, "stop")
+        if request.truncation == pb.TRUNCATION_END:
+            raise InvalidInput(
+                "truncation: TRUNCATION_END would generate after the prompt's first tokens, not its end; "
+                "TRUNCATION_START drops its first tokens instead"
+            )
         # refused now, untokenized, when the queue is full or would outlast the deadline
         scheduler.admit(deadline, max(1, min(request.max_new_tokens, scheduler.limits.max_new_tokens)))
 
@@ -604,7 +616,10 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         """The request's sampling parameters for the prompt ``ids``; InvalidInput naming what is wrong."""
         info = scheduler.runtime.info
         if len(ids) >= info.max_seq_len:
-            raise InvalidInput(f"prompt: {len(ids)} tokens leave no room in the model's context of {info.max_seq_len}")
+            raise InvalidInput(
+                f"prompt: {len(ids)} tokens leave no room in the model's context of {info.max_seq_len}; "
+                "shorten it or set truncation to TRUNCATION_START"
+            )
         params = SamplingParams(
             max_new_tokens=request.max_new_tokens,
             temperature=request.temperature,
@@ -671,10 +686,11 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             start = time.monotonic()
             deadline = self._deadline(context)
             tracing.choose_early(context)  # (its first token's exemplar names its span)
-            ids, params = await self._generation(request, deadline)
+            ids, params, truncated = await self._generation(request, deadline)
             scheduler = self._scheduler()
             token_text = self._engine().token_text
             reply = pb.GenerateResponse()
+            reply.usage.prompt_truncated = truncated
             queued = time.monotonic()
             async for group in scheduler.generate(ids, params, deadline, stream=False):
                 for event in group:
@@ -702,7 +718,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         deadline = self._deadline(context)
         tracing.choose_early(context)  # (its first token's exemplar names its span)
         try:
-            ids, params = await self._generation(request, deadline)
+            ids, params, truncated = await self._generation(request, deadline)
             scheduler = self._scheduler()
             token_text = self._engine().token_text
         except BaseException as e:
@@ -724,6 +740,8 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 if traced and isinstance(end := group[-1], Done):
                     self._trace_generation(queued, end)
                 message = self.stream_message(group, token_text)
+                if truncated and message.HasField("usage"):
+                    message.usage.prompt_truncated = True
                 if writing is not None:
                     writing.since = time.monotonic()
                 try:
@@ -752,6 +770,9 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 self._observe("GenerateStream", code, start, context)
 
+
+# the end of a text over the context each Truncation drops (none: the text is refused)
+CUTS: dict[int, Cut] = {pb.TRUNCATION_END: "end", pb.TRUNCATION_START: "start"}
 
 FINISH = {
     Finish.LENGTH: pb.FINISH_REASON_LENGTH,

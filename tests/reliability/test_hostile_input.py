@@ -100,8 +100,9 @@ def test_random_bytes_never_get_an_internal_error(guarded: ServerThread, data: b
 
 ENUM_CASES: list[tuple[str, Message, str]] = [
     ("Encode", pb.EncodeRequest(texts=["hi"], pooling=7), "pooling"),
-    ("Encode", pb.EncodeRequest(texts=["hi"], truncation=3), "truncation"),
-    ("AttentionMap", pb.AttentionMapRequest(text="hi", truncation=3), "truncation"),
+    ("Encode", pb.EncodeRequest(texts=["hi"], truncation=4), "truncation"),
+    ("AttentionMap", pb.AttentionMapRequest(text="hi", truncation=4), "truncation"),
+    ("Generate", pb.GenerateRequest(prompt="hi", max_new_tokens=1, truncation=4), "truncation"),
     ("AttentionMap", pb.AttentionMapRequest(text="hi", precision=-1), "precision"),
 ]
 
@@ -345,6 +346,20 @@ def test_truncated_prefixes_tokenize_as_the_whole_text_does(guarded: ServerThrea
         assert len(text) > engine.cut_chars
         whole = stub.Tokenize(pb.TokenizeRequest(texts=[text]), timeout=30).tokenizations[0].ids[:64]
         amap = stub.AttentionMap(pb.AttentionMapRequest(text=text, truncation=pb.TRUNCATION_END), timeout=30)
+        assert list(amap.token_ids) == list(whole) and amap.truncated
+
+
+def test_truncated_suffixes_tokenize_as_the_whole_text_does(guarded: ServerThread) -> None:
+    """Only a suffix of a long text is tokenized for TRUNCATION_START; its last max_seq_len tokens
+    are those of the whole text."""
+    stub = guarded.stub()
+    engine = guarded.server.engine
+    assert engine is not None
+    texts = ["the king speaks " * 2000, " b" * 3000 + "a" * 5000, "é, " * 4000, "x\n\n y " * 3000, "a  b   c\t" * 2000]
+    for text in texts:
+        assert len(text) > engine.cut_chars
+        whole = stub.Tokenize(pb.TokenizeRequest(texts=[text]), timeout=30).tokenizations[0].ids[-64:]
+        amap = stub.AttentionMap(pb.AttentionMapRequest(text=text, truncation=pb.TRUNCATION_START), timeout=30)
         assert list(amap.token_ids) == list(whole) and amap.truncated
 
 

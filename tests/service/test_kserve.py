@@ -297,6 +297,29 @@ def test_truncation_parameter(v2_stub: v2_grpc.GRPCInferenceServiceStub, served:
     assert output(response, "ATTENTION").shape[-1] == n  # type: ignore[union-attr]
 
 
+def test_truncation_start_keeps_the_end_of_a_text_and_a_prompt_with_room_to_generate(
+    v2_stub: v2_grpc.GRPCInferenceServiceStub, served: ServerThread
+) -> None:
+    n = served.stub().GetModelInfo(pb.GetModelInfoRequest()).limits.max_seq_len
+    text = "the king speaks " * 30 + "and the queen weeps"
+    response = v2_stub.ModelInfer(infer("attnserve-attention", [text], truncation="start"))
+    assert response.parameters["truncated"].bool_param
+    assert b"".join(output(response, "TOKENS")).endswith(b" queen weeps")  # type: ignore[arg-type]
+    generated = v2_stub.ModelInfer(
+        infer("attnserve-generate", [text], max_new_tokens=5, temperature=0.0, truncation="start")
+    )
+    usage = generated.parameters
+    assert usage["prompt_truncated"].bool_param and usage["prompt_tokens"].int64_param == n - 5
+    assert (
+        not v2_stub.ModelInfer(infer("attnserve-generate", ["hi"], max_new_tokens=5))
+        .parameters["prompt_truncated"]
+        .bool_param
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        v2_stub.ModelInfer(infer("attnserve-generate", [text], truncation="end"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "TRUNCATION_START" in e.value.details()
+
+
 def test_methods_not_served_say_so(served: ServerThread) -> None:
     channel = grpc.insecure_channel(served.address)
     call = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")

@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from service.batcher import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS
+from service import client
+from service.cli import build_parser
 from service.client import decode_probabilities
 from service.errors import INTERNAL_MESSAGE
 from service.runtime import Runtime, RuntimeOptions
@@ -209,6 +211,86 @@ def test_truncation_when_asked(served: ServerThread) -> None:
     long_text = "the king speaks of the crown " * 40
     r = served.stub().Encode(pb.EncodeRequest(texts=[long_text], truncation=pb.TRUNCATION_END))
     assert r.embeddings[0].truncated and r.embeddings[0].token_count == 64
+
+
+def test_truncation_start_keeps_the_last_tokens(served: ServerThread) -> None:
+    stub = served.stub()
+    text = "the king speaks of the crown " * 40 + "and the queen weeps"
+    ids = list(stub.Tokenize(pb.TokenizeRequest(texts=[text])).tokenizations[0].ids)
+    assert len(ids) > 64
+    r = stub.Encode(pb.EncodeRequest(texts=[text], truncation=pb.TRUNCATION_START))
+    assert r.embeddings[0].truncated and r.embeddings[0].token_count == 64
+    end = stub.Encode(pb.EncodeRequest(texts=[text], truncation=pb.TRUNCATION_END))
+    assert r.embeddings[0].values != end.embeddings[0].values  # the other end of the text
+    amap = stub.AttentionMap(pb.AttentionMapRequest(text=text, truncation=pb.TRUNCATION_START))
+    assert list(amap.token_ids) == ids[-64:] and amap.truncated and amap.shape[-1] == 64
+    by_ids = pb.AttentionMapRequest(token_ids=pb.TokenIds(ids=ids), truncation=pb.TRUNCATION_START)
+    same = stub.AttentionMap(by_ids)
+    assert list(same.token_ids) == ids[-64:] and same.truncated and same.probabilities == amap.probabilities
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AttentionMap(pb.AttentionMapRequest(token_ids=pb.TokenIds(ids=ids)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "TRUNCATION_START" in e.value.details()
+
+
+def test_a_prompt_truncated_at_its_start_leaves_room_for_its_generation(served: ServerThread) -> None:
+    """TRUNCATION_START drops a prompt's first tokens so that max_new_tokens fit in the context, and
+    generates as from the tokens kept; without it, a prompt over the context is refused, saying how."""
+    stub = served.stub()
+    text = "the king speaks of the crown " * 40 + "and the queen weeps"
+    ids = list(stub.Tokenize(pb.TokenizeRequest(texts=[text])).tokenizations[0].ids)
+    greedy = {"max_new_tokens": 10, "temperature": 0.0}
+    cut = stub.Generate(pb.GenerateRequest(prompt=text, truncation=pb.TRUNCATION_START, **greedy))
+    assert cut.usage.prompt_truncated and cut.usage.prompt_tokens == 54
+    # as if the prompt had been the text of its last 54 tokens
+    kept = "".join(stub.Tokenize(pb.TokenizeRequest(texts=[text])).tokenizations[0].tokens[-54:])
+    assert list(stub.Tokenize(pb.TokenizeRequest(texts=[kept])).tokenizations[0].ids) == ids[-54:]
+    alone = stub.Generate(pb.GenerateRequest(prompt=kept, **greedy))
+    assert not alone.usage.prompt_truncated and [t.token_id for t in cut.tokens] == [t.token_id for t in alone.tokens]
+    streamed = list(stub.GenerateStream(pb.GenerateRequest(prompt=text, truncation=pb.TRUNCATION_START, **greedy)))
+    assert streamed[-1].usage.prompt_truncated and streamed[-1].usage.prompt_tokens == 54
+    assert not any(m.usage.prompt_truncated for m in streamed[:-1])
+    assert "".join(m.text for m in streamed) == cut.text
+    # a prompt within the context, but without room for all of max_new_tokens, is cut too
+    near = stub.Generate(
+        pb.GenerateRequest(prompt=kept, truncation=pb.TRUNCATION_START, max_new_tokens=20, temperature=0.0)
+    )
+    assert near.usage.prompt_truncated and near.usage.prompt_tokens == 44
+    short = stub.Generate(pb.GenerateRequest(prompt="ROMEO:", truncation=pb.TRUNCATION_START, **greedy))
+    assert not short.usage.prompt_truncated
+    # more new tokens than the context holds: one token of the prompt is kept
+    most = stub.Generate(
+        pb.GenerateRequest(prompt=text, truncation=pb.TRUNCATION_START, max_new_tokens=100, temperature=0.0)
+    )
+    assert most.usage.prompt_tokens == 1 and most.usage.prompt_truncated
+    for request, needle in (
+        (pb.GenerateRequest(prompt=text, **greedy), "set truncation to TRUNCATION_START"),
+        (pb.GenerateRequest(prompt=text, truncation=pb.TRUNCATION_END, **greedy), "truncation: TRUNCATION_END"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(request)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
+
+
+def test_the_command_line_client_asks_for_truncation(served: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "the king speaks of the crown " * 40 + "and the queen weeps"
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = client.main(build_parser().parse_args(["client", "--address", served.address, *argv]))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, _, err = run("encode", text)
+    assert code == 1 and "INVALID_ARGUMENT (INVALID_INPUT)" in err and "TRUNCATION_START" in err
+    code, out, _ = run("encode", "--truncation", "start", text)
+    assert code == 0 and "64 tokens (truncated at its start)" in out
+    code, out, _ = run("attention", "--truncation", "start", text)
+    assert code == 0 and out.split("\n")[0].endswith(" weeps']")  # tokens: [..., ' queen', ' weeps']
+    code, out, _ = run("generate", "--truncation", "start", "--max-new-tokens", "4", "--temperature", "0", text)
+    assert code == 0 and "the prompt's first tokens dropped to 60" in out
+    code, out, _ = run("generate", "--stream", "--truncation", "start", "--max-new-tokens", "4", text)
+    assert code == 0 and "the prompt's first tokens dropped to 60" in out
+    code, out, _ = run("generate", "--attention", "--truncation", "start", "--max-new-tokens", "4", text)
+    assert code == 0 and len(out.splitlines()) == 1 + 4  # a line for each token, what it attended to in the kept prompt
 
 
 def test_tokenize_and_model_info(served: ServerThread) -> None:

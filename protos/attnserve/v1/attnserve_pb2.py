@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/attnserve/v1/attnserve.proto\x12\x0c\x61ttnserve.v1\"P\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x87\x01\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12&\n\x07pooling\x18\x02 \x01(\x0e\x32\x15.attnserve.v1.Pooling\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12,\n\ntruncation\x18\x04 \x01(\x0e\x32\x18.attnserve.v1.Truncation\"C\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"y\n\x0e\x45ncodeResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.attnserve.v1.Embedding\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.attnserve.v1.Timings\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd4\x01\n\x13\x41ttentionMapRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.attnserve.v1.TokenIdsH\x00\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12\r\n\x05heads\x18\x04 \x03(\r\x12*\n\tprecision\x18\x05 \x01(\x0e\x32\x17.attnserve.v1.Precision\x12,\n\ntruncation\x18\x06 \x01(\x0e\x32\x18.attnserve.v1.TruncationB\x07\n\x05input\"\xe5\x01\n\x14\x41ttentionMapResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05shape\x18\x03 \x03(\r\x12*\n\tprecision\x18\x04 \x01(\x0e\x32\x17.attnserve.v1.Precision\x12\x15\n\rprobabilities\x18\x05 \x01(\x0c\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\r\n\x05heads\x18\x07 \x03(\r\x12\x11\n\ttruncated\x18\x08 \x01(\x08\x12&\n\x07timings\x18\t \x01(\x0b\x32\x15.attnserve.v1.Timings\"\x8d\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x18\n\x10return_attention\x18\x0b \x01(\x08\x12\x17\n\x0f\x61ttention_top_k\x18\x0c \x01(\rB\x07\n\x05_seed\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"C\n\x0eLayerAttention\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x11\n\tpositions\x18\x02 \x03(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\xa4\x01\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.attnserve.v1.TokenLogprob\x12/\n\tattention\x18\x05 \x03(\x0b\x32\x1c.attnserve.v1.LayerAttention\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\xf2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x06tokens\x18\x02 \x03(\x0b\x32\x1c.attnserve.v1.GeneratedToken\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.attnserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.attnserve.v1.Timings\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\"\xab\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x06tokens\x18\x02 \x03(\x0b\x32\x1c.attnserve.v1.GeneratedToken\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.attnserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.attnserve.v1.Usage\" \n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"+\n\x0cTokenization\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"E\n\x10TokenizeResponse\x12\x31\n\rtokenizations\x18\x01 \x03(\x0b\x32\x1a.attnserve.v1.Tokenization\"\x15\n\x13GetModelInfoRequest\"\xac\x03\n\x06Limits\x12\x13\n\x0bmax_seq_len\x18\x01 \x01(\r\x12\x1d\n\x15max_texts_per_request\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x07 \x01(\r\x12\x16\n\x0emax_text_bytes\x18\x08 \x01(\r\x12\x19\n\x11max_request_bytes\x18\t \x01(\r\x12\x1c\n\x14max_concurrent_calls\x18\n \x01(\r\x12\x1d\n\x15max_running_sequences\x18\x0b \x01(\r\x12\x1d\n\x15max_waiting_sequences\x18\x0c \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\r \x01(\r\x12\x1b\n\x13max_attention_bytes\x18\x0e \x01(\x04\x12*\n\x06\x63lient\x18\x0f \x01(\x0b\x32\x1a.attnserve.v1.ClientLimits\"\x8a\x01\n\x0c\x43lientLimits\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x11\n\tmax_calls\x18\x02 \x01(\r\x12\x18\n\x10\x63\x61lls_per_second\x18\x03 \x01(\x01\x12\r\n\x05\x62urst\x18\x04 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x13\n\x0btoken_burst\x18\x06 \x01(\r\"q\n\tBuildInfo\x12\x19\n\x11\x61ttnserve_version\x18\x01 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_version\x18\x03 \x01(\t\x12\x16\n\x0epython_version\x18\x04 \x01(\t\"\x84\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x11\n\tnum_heads\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12$\n\x06limits\x18\t \x01(\x0b\x32\x14.attnserve.v1.Limits\x12&\n\x05\x62uild\x18\n \x01(\x0b\x32\x17.attnserve.v1.BuildInfo*F\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x10\n\x0cPOOLING_LAST\x10\x02*R\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x14\n\x10TRUNCATION_ERROR\x10\x01\x12\x12\n\x0eTRUNCATION_END\x10\x02*N\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02*\xbb\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1d\n\x19\x46INISH_REASON_END_OF_TEXT\x10\x03\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x32\xed\x03\n\tAttnServe\x12\x43\n\x06\x45ncode\x12\x1b.attnserve.v1.EncodeRequest\x1a\x1c.attnserve.v1.EncodeResponse\x12U\n\x0c\x41ttentionMap\x12!.attnserve.v1.AttentionMapRequest\x1a\".attnserve.v1.AttentionMapResponse\x12I\n\x08Generate\x12\x1d.attnserve.v1.GenerateRequest\x1a\x1e.attnserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.attnserve.v1.GenerateRequest\x1a$.attnserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.attnserve.v1.TokenizeRequest\x1a\x1e.attnserve.v1.TokenizeResponse\x12U\n\x0cGetModelInfo\x12!.attnserve.v1.GetModelInfoRequest\x1a\".attnserve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/attnserve/v1/attnserve.proto\x12\x0c\x61ttnserve.v1\"P\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x87\x01\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12&\n\x07pooling\x18\x02 \x01(\x0e\x32\x15.attnserve.v1.Pooling\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12,\n\ntruncation\x18\x04 \x01(\x0e\x32\x18.attnserve.v1.Truncation\"C\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"y\n\x0e\x45ncodeResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.attnserve.v1.Embedding\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.attnserve.v1.Timings\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd4\x01\n\x13\x41ttentionMapRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.attnserve.v1.TokenIdsH\x00\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12\r\n\x05heads\x18\x04 \x03(\r\x12*\n\tprecision\x18\x05 \x01(\x0e\x32\x17.attnserve.v1.Precision\x12,\n\ntruncation\x18\x06 \x01(\x0e\x32\x18.attnserve.v1.TruncationB\x07\n\x05input\"\xe5\x01\n\x14\x41ttentionMapResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05shape\x18\x03 \x03(\r\x12*\n\tprecision\x18\x04 \x01(\x0e\x32\x17.attnserve.v1.Precision\x12\x15\n\rprobabilities\x18\x05 \x01(\x0c\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\r\n\x05heads\x18\x07 \x03(\r\x12\x11\n\ttruncated\x18\x08 \x01(\x08\x12&\n\x07timings\x18\t \x01(\x0b\x32\x15.attnserve.v1.Timings\"\xbb\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x18\n\x10return_attention\x18\x0b \x01(\x08\x12\x17\n\x0f\x61ttention_top_k\x18\x0c \x01(\r\x12,\n\ntruncation\x18\r \x01(\x0e\x32\x18.attnserve.v1.TruncationB\x07\n\x05_seed\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"C\n\x0eLayerAttention\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x11\n\tpositions\x18\x02 \x03(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\xa4\x01\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.attnserve.v1.TokenLogprob\x12/\n\tattention\x18\x05 \x03(\x0b\x32\x1c.attnserve.v1.LayerAttention\"R\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x18\n\x10prompt_truncated\x18\x03 \x01(\x08\"\xf2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x06tokens\x18\x02 \x03(\x0b\x32\x1c.attnserve.v1.GeneratedToken\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.attnserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.attnserve.v1.Timings\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\"\xab\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x06tokens\x18\x02 \x03(\x0b\x32\x1c.attnserve.v1.GeneratedToken\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.attnserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.attnserve.v1.Usage\" \n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"+\n\x0cTokenization\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"E\n\x10TokenizeResponse\x12\x31\n\rtokenizations\x18\x01 \x03(\x0b\x32\x1a.attnserve.v1.Tokenization\"\x15\n\x13GetModelInfoRequest\"\xac\x03\n\x06Limits\x12\x13\n\x0bmax_seq_len\x18\x01 \x01(\r\x12\x1d\n\x15max_texts_per_request\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x07 \x01(\r\x12\x16\n\x0emax_text_bytes\x18\x08 \x01(\r\x12\x19\n\x11max_request_bytes\x18\t \x01(\r\x12\x1c\n\x14max_concurrent_calls\x18\n \x01(\r\x12\x1d\n\x15max_running_sequences\x18\x0b \x01(\r\x12\x1d\n\x15max_waiting_sequences\x18\x0c \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\r \x01(\r\x12\x1b\n\x13max_attention_bytes\x18\x0e \x01(\x04\x12*\n\x06\x63lient\x18\x0f \x01(\x0b\x32\x1a.attnserve.v1.ClientLimits\"\x8a\x01\n\x0c\x43lientLimits\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x11\n\tmax_calls\x18\x02 \x01(\r\x12\x18\n\x10\x63\x61lls_per_second\x18\x03 \x01(\x01\x12\r\n\x05\x62urst\x18\x04 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x13\n\x0btoken_burst\x18\x06 \x01(\r\"q\n\tBuildInfo\x12\x19\n\x11\x61ttnserve_version\x18\x01 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_version\x18\x03 \x01(\t\x12\x16\n\x0epython_version\x18\x04 \x01(\t\"\x84\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x11\n\tnum_heads\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12$\n\x06limits\x18\t \x01(\x0b\x32\x14.attnserve.v1.Limits\x12&\n\x05\x62uild\x18\n \x01(\x0b\x32\x17.attnserve.v1.BuildInfo*F\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x10\n\x0cPOOLING_LAST\x10\x02*h\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x14\n\x10TRUNCATION_ERROR\x10\x01\x12\x12\n\x0eTRUNCATION_END\x10\x02\x12\x14\n\x10TRUNCATION_START\x10\x03*N\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02*\xbb\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1d\n\x19\x46INISH_REASON_END_OF_TEXT\x10\x03\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x32\xed\x03\n\tAttnServe\x12\x43\n\x06\x45ncode\x12\x1b.attnserve.v1.EncodeRequest\x1a\x1c.attnserve.v1.EncodeResponse\x12U\n\x0c\x41ttentionMap\x12!.attnserve.v1.AttentionMapRequest\x1a\".attnserve.v1.AttentionMapResponse\x12I\n\x08Generate\x12\x1d.attnserve.v1.GenerateRequest\x1a\x1e.attnserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.attnserve.v1.GenerateRequest\x1a$.attnserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.attnserve.v1.TokenizeRequest\x1a\x1e.attnserve.v1.TokenizeResponse\x12U\n\x0cGetModelInfo\x12!.attnserve.v1.GetModelInfoRequest\x1a\".attnserve.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.attnserve.v1.attnserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOLING']._serialized_start=3110
-  _globals['_POOLING']._serialized_end=3180
-  _globals['_TRUNCATION']._serialized_start=3182
-  _globals['_TRUNCATION']._serialized_end=3264
-  _globals['_PRECISION']._serialized_start=3266
-  _globals['_PRECISION']._serialized_end=3344
-  _globals['_FINISHREASON']._serialized_start=3347
-  _globals['_FINISHREASON']._serialized_end=3534
+  _globals['_POOLING']._serialized_start=3182
+  _globals['_POOLING']._serialized_end=3252
+  _globals['_TRUNCATION']._serialized_start=3254
+  _globals['_TRUNCATION']._serialized_end=3358
+  _globals['_PRECISION']._serialized_start=3360
+  _globals['_PRECISION']._serialized_end=3438
+  _globals['_FINISHREASON']._serialized_start=3441
+  _globals['_FINISHREASON']._serialized_end=3628
   _globals['_TIMINGS']._serialized_start=53
   _globals['_TIMINGS']._serialized_end=133
   _globals['_ENCODEREQUEST']._serialized_start=136
@@ -54,35 +54,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTENTIONMAPRESPONSE']._serialized_start=706
   _globals['_ATTENTIONMAPRESPONSE']._serialized_end=935
   _globals['_GENERATEREQUEST']._serialized_start=938
-  _globals['_GENERATEREQUEST']._serialized_end=1207
-  _globals['_TOKENLOGPROB']._serialized_start=1209
-  _globals['_TOKENLOGPROB']._serialized_end=1272
-  _globals['_LAYERATTENTION']._serialized_start=1274
-  _globals['_LAYERATTENTION']._serialized_end=1341
-  _globals['_GENERATEDTOKEN']._serialized_start=1344
-  _globals['_GENERATEDTOKEN']._serialized_end=1508
-  _globals['_USAGE']._serialized_start=1510
-  _globals['_USAGE']._serialized_end=1566
-  _globals['_GENERATERESPONSE']._serialized_start=1569
-  _globals['_GENERATERESPONSE']._serialized_end=1811
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1814
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1985
-  _globals['_TOKENIZEREQUEST']._serialized_start=1987
-  _globals['_TOKENIZEREQUEST']._serialized_end=2019
-  _globals['_TOKENIZATION']._serialized_start=2021
-  _globals['_TOKENIZATION']._serialized_end=2064
-  _globals['_TOKENIZERESPONSE']._serialized_start=2066
-  _globals['_TOKENIZERESPONSE']._serialized_end=2135
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2137
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2158
-  _globals['_LIMITS']._serialized_start=2161
-  _globals['_LIMITS']._serialized_end=2589
-  _globals['_CLIENTLIMITS']._serialized_start=2592
-  _globals['_CLIENTLIMITS']._serialized_end=2730
-  _globals['_BUILDINFO']._serialized_start=2732
-  _globals['_BUILDINFO']._serialized_end=2845
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2848
-  _globals['_GETMODELINFORESPONSE']._serialized_end=3108
-  _globals['_ATTNSERVE']._serialized_start=3537
-  _globals['_ATTNSERVE']._serialized_end=4030
+  _globals['_GENERATEREQUEST']._serialized_end=1253
+  _globals['_TOKENLOGPROB']._serialized_start=1255
+  _globals['_TOKENLOGPROB']._serialized_end=1318
+  _globals['_LAYERATTENTION']._serialized_start=1320
+  _globals['_LAYERATTENTION']._serialized_end=1387
+  _globals['_GENERATEDTOKEN']._serialized_start=1390
+  _globals['_GENERATEDTOKEN']._serialized_end=1554
+  _globals['_USAGE']._serialized_start=1556
+  _globals['_USAGE']._serialized_end=1638
+  _globals['_GENERATERESPONSE']._serialized_start=1641
+  _globals['_GENERATERESPONSE']._serialized_end=1883
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1886
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2057
+  _globals['_TOKENIZEREQUEST']._serialized_start=2059
+  _globals['_TOKENIZEREQUEST']._serialized_end=2091
+  _globals['_TOKENIZATION']._serialized_start=2093
+  _globals['_TOKENIZATION']._serialized_end=2136
+  _globals['_TOKENIZERESPONSE']._serialized_start=2138
+  _globals['_TOKENIZERESPONSE']._serialized_end=2207
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2209
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2230
+  _globals['_LIMITS']._serialized_start=2233
+  _globals['_LIMITS']._serialized_end=2661
+  _globals['_CLIENTLIMITS']._serialized_start=2664
+  _globals['_CLIENTLIMITS']._serialized_end=2802
+  _globals['_BUILDINFO']._serialized_start=2804
+  _globals['_BUILDINFO']._serialized_end=2917
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2920
+  _globals['_GETMODELINFORESPONSE']._serialized_end=3180
+  _globals['_ATTNSERVE']._serialized_start=3631
+  _globals['_ATTNSERVE']._serialized_end=4124
 # @@protoc_insertion_point(module_scope)
