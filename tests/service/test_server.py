@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
-from service.batcher import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS
 from service import client
+from service.batcher import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS
 from service.cli import build_parser
 from service.client import decode_probabilities
 from service.errors import INTERNAL_MESSAGE
