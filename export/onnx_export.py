@@ -38,6 +38,7 @@ from model.transformer import Transformer
 from service.model_dir import (
     CONFIG,
     EXPORTED,
+    FILES,
     FORMAT_VERSION,
     FP16_GRAPHS,
     INT8_GRAPHS,
@@ -45,6 +46,7 @@ from service.model_dir import (
     STEP_GRAPH,
     TOKENIZER,
     graph_file,
+    manifest,
     variant_key,
 )
 from service.runtime import CUDA, Runtime, RuntimeOptions, cuda_usable
@@ -180,6 +182,7 @@ def export_model(
             report["fp16"] = _fp16_variant(work, config, model)
             if report["fp16"].get("ok") is False:
                 failures.append("fp16")
+        config[FILES] = manifest(work)  # what a server checks each file against before it loads it
         (work / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
         (work / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

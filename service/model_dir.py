@@ -7,14 +7,17 @@ ONNX Runtime.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 FORMAT_VERSION = 1  # config.json's "format"; a server refuses a directory of another
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 REPORT = "export_report.json"
 
+FILES = "files"  # config.json's record of every other file export wrote: {name: {"bytes": n, "sha256": hex}}
 GRAPHS = ("encode", "decoder", "attention")  # every directory has these
 OPTIONAL_GRAPHS = ("decoder_attn",)  # generation with attention; a directory without it serves the rest
 STEP_GRAPH = "decoder_step"  # CPU one-token steps with the cache appended in place; the decoder does without it
@@ -49,3 +52,18 @@ def state(model_dir: Path) -> DirState:
             st = entry.stat()
             files.append((entry.name, st.st_size, st.st_mtime_ns))
     return str(real), tuple(sorted(files))
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Each file's size and SHA-256, for config.json's "files": every file but config.json itself
+    and the export report, which the server does not read."""
+    return {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name not in (CONFIG, REPORT)
+    }

@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 
 from service.model_dir import (
     CONFIG,
+    FILES,
     FORMAT_VERSION,
     GRAPHS,
     KV_WRITE,
@@ -41,6 +42,7 @@ from service.model_dir import (
     STEP_GRAPH,
     TOKENIZER,
     VARIANTS,
+    sha256,
     variant_key,
 )
 
@@ -103,6 +105,7 @@ class ModelInfo:
     positional: str
     eot_token_id: int
     graphs: dict[str, str]
+    files: dict[str, tuple[int, str]] | None  # each file's size and SHA-256 as export wrote it (None: not recorded)
     raw: dict[str, Any] = field(repr=False)
 
 
@@ -144,10 +147,26 @@ def read_model_info(model_dir: Path) -> ModelInfo:
             positional=str(m["positional"]),
             eot_token_id=int(raw["eot_token_id"]),
             graphs={str(k): str(v) for k, v in raw["graphs"].items()},
+            files=_files(raw.get(FILES)),
             raw=raw,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirError(f"{path}: missing or malformed field ({e!r})") from e
+
+
+def _files(recorded: Any) -> dict[str, tuple[int, str]] | None:
+    """config.json's "files", as {name: (bytes, sha256)}; None for a directory exported before they were recorded."""
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict):
+        raise TypeError(f"{FILES!r} is not an object")
+    files = {}
+    for name, entry in recorded.items():
+        size, digest = entry["bytes"], entry["sha256"]
+        if not isinstance(size, int) or not isinstance(digest, str) or len(digest) != 64:
+            raise ValueError(f"{FILES}.{name}: expected bytes (an integer) and sha256 (64 hex digits)")
+        files[str(name)] = (size, digest.lower())
+    return files
 
 
 @functools.cache
@@ -314,9 +333,13 @@ class Runtime:
         self.model_dir = Path(model_dir)
         self.options = options or RuntimeOptions()
         self.info = read_model_info(self.model_dir)
+        self._verified: set[str] = set()
+        if self.info.files is None:
+            log.info("%s records no file digests (exported before they were): files not checked", CONFIG)
         tok_path = self.model_dir / TOKENIZER
         if not tok_path.is_file():
             raise ModelDirError(f"{tok_path}: missing")
+        self._verify(tok_path)
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:
@@ -378,10 +401,27 @@ class Runtime:
             log.info("no %s variant of the %s graph; using fp32", variant, graph)
         return self.model_dir / name
 
+    def _verify(self, path: Path) -> None:
+        """Check a file against the size and SHA-256 export recorded for it, where it recorded them:
+        a copy cut short, a file changed since, bytes damaged on a disk or on their way, are refused
+        by name before ONNX Runtime reads them (one that happens to parse would serve another model)."""
+        files = self.info.files
+        if files is None or path.name in self._verified:
+            return
+        if path.name not in files:
+            raise ModelDirError(f"{path}: not among the files {CONFIG} records (export the directory again)")
+        size, digest = files[path.name]
+        if (actual := path.stat().st_size) != size:
+            raise ModelDirError(f"{path}: {actual} bytes, where export wrote {size} (cut short or changed since)")
+        if sha256(path) != digest:
+            raise ModelDirError(f"{path}: not the bytes export wrote (its SHA-256 differs): damaged or changed since")
+        self._verified.add(path.name)
+
     def _session(self, graph: str, want_cuda: bool) -> ort.InferenceSession:
         path = self._graph_file(graph)
         if not path.is_file():
             raise ModelDirError(f"{path}: missing")
+        self._verify(path)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = self.options.intra_op_threads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -33,6 +34,14 @@ def test_model_directory_is_self_contained(model_dir: Path) -> None:
     config = json.loads((model_dir / "config.json").read_text())
     assert config["limits"]["max_seq_len"] == config["model"]["max_seq_len"] == 64
     assert config["graphs"]["decoder"] == "decoder.onnx"
+
+
+def test_config_records_each_files_size_and_digest(model_dir: Path) -> None:
+    files = json.loads((model_dir / "config.json").read_text())["files"]
+    assert set(files) == {p.name for p in model_dir.iterdir()} - {"config.json", "export_report.json"}
+    for name, entry in files.items():
+        data = (model_dir / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,7 @@ def _break_config(d: Path) -> str:
 def _truncate_graph(d: Path) -> str:
     data = (d / "encode.onnx").read_bytes()
     (d / "encode.onnx").write_bytes(data[: len(data) // 3])
-    return "encode.onnx: ONNX Runtime cannot load it"
+    return f"encode.onnx: {len(data) // 3} bytes, where export wrote {len(data)} (cut short or changed since)"
 
 
 def _remove_tokenizer(d: Path) -> str:
@@ -137,8 +137,9 @@ def _remove_tokenizer(d: Path) -> str:
 
 
 def _garble_tokenizer(d: Path) -> str:
+    size = (d / "tokenizer.json").stat().st_size
     (d / "tokenizer.json").write_text("not a tokenizer")
-    return "tokenizer.json: not a tokenizer file"
+    return f"tokenizer.json: 15 bytes, where export wrote {size}"
 
 
 def _remove_graph(d: Path) -> str:

@@ -204,6 +204,24 @@ def test_a_directory_that_cannot_be_loaded_leaves_the_model_before_serving(
     assert any("model directory unchanged: serving tiny 1" in r.getMessage() for r in caplog.records)
 
 
+def test_a_directory_whose_graph_was_damaged_in_place_is_refused_by_its_digest(
+    st: ServerThread, models: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A byte changed in a graph, its size the same: ONNX Runtime would load it and serve weights
+    export never checked; the digest export recorded refuses it."""
+    link, one, _ = models
+    damaged = copy(one, tmp_path / "damaged", "3")
+    graph = damaged / "encode.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-100] ^= 0x40  # in the weights, near the end
+    graph.write_bytes(bytes(data))
+    point(link, damaged)
+    st.call(st.server.reload_model(asked=True))
+    assert version(st.stub()) == "1" and reloads(st) == (0, 1, 1)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("encode.onnx: not the bytes export wrote" in m and "still serving tiny 1" in m for m in errors), errors
+
+
 def test_the_directory_is_looked_at_every_model_reload_seconds_and_taken_once_settled(
     models: tuple[Path, Path, Path],
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,49 @@ def test_corrupt_file_is_named(broken_dir: Path, name: str) -> None:
     path = broken_dir / name
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])  # truncated mid-write
     with pytest.raises(ModelDirError, match=name.replace(".", r"\.")):
+        Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False))
+
+
+@pytest.mark.parametrize("name", ["encode.onnx", "decoder_step_int8.onnx", "tokenizer.json", "decoder_attn.onnx"])
+def test_a_file_whose_bytes_changed_is_refused_by_name_before_it_is_read(broken_dir: Path, name: str) -> None:
+    """A byte flipped in a graph may still parse, and serve other weights: the digest export recorded
+    finds it, and a file cut short is told by its size."""
+    path = broken_dir / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    options = RuntimeOptions(device="cpu", variant="int8", warmup=False)
+    with pytest.raises(ModelDirError, match=re.escape(f"{name}: not the bytes export wrote (its SHA-256 differs)")):
+        Runtime(broken_dir, options)
+    path.write_bytes(bytes(data[:100]))
+    with pytest.raises(ModelDirError, match=re.escape(f"{name}: 100 bytes, where export wrote {len(data)}")):
+        Runtime(broken_dir, options)
+
+
+def test_a_directory_exported_before_digests_were_recorded_loads(
+    broken_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = json.loads((broken_dir / "config.json").read_text())
+    del cfg["files"]
+    (broken_dir / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.INFO, "service.runtime"):
+        assert Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False)).info.files is None
+    assert any("records no file digests" in r.getMessage() for r in caplog.records)
+    graph = broken_dir / "encode.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])  # then ONNX Runtime is what finds a file cut short
+    with pytest.raises(ModelDirError, match=r"encode\.onnx: ONNX Runtime cannot load it"):
+        Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False))
+
+
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [("all of them", "'files' is not an object"), ({"encode.onnx": {"bytes": "9", "sha256": "ab"}}, "sha256 (64 hex")],
+)
+def test_a_malformed_record_of_files_is_refused(broken_dir: Path, files: object, says: str) -> None:
+    cfg = json.loads((broken_dir / "config.json").read_text())
+    cfg["files"] = files
+    (broken_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelDirError, match=re.escape(says)):
         Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False))
 
 
