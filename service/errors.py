@@ -33,6 +33,7 @@ NO_REQUEST = "NO_REQUEST"  # the call ended before one whole request message cam
 REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"  # a probe's request (health, reflection, v2 metadata) past its bound
 MODEL_NOT_FOUND = "MODEL_NOT_FOUND"  # a model name or version this server does not have
 METHOD_NOT_SERVED = "METHOD_NOT_SERVED"  # a v2 method attnserve does not implement
+SERVICE_NOT_FOUND = "SERVICE_NOT_FOUND"  # a health check for a service name this server does not answer for
 # the caller: UNAUTHENTICATED, and RESOURCE_EXHAUSTED for a client's own limits
 API_KEY_MISSING = "API_KEY_MISSING"  # no 'authorization: Bearer <key>'
 API_KEY_INVALID = "API_KEY_INVALID"  # a key the server does not accept
@@ -60,6 +61,7 @@ INTERNAL_ERROR = "INTERNAL_ERROR"
 
 REASONS = (
     *(INVALID_INPUT, MALFORMED_REQUEST, NO_REQUEST, REQUEST_TOO_LARGE, MODEL_NOT_FOUND, METHOD_NOT_SERVED),
+    SERVICE_NOT_FOUND,
     *(API_KEY_MISSING, API_KEY_INVALID, CLIENT_CALLS_IN_PROGRESS, CLIENT_CALL_RATE, CLIENT_TOKEN_RATE),
     *(CALLS_AT_LIMIT, STREAMS_AT_LIMIT, QUEUE_FULL, QUEUE_TOO_LONG, ATTENTION_BYTES_AT_LIMIT),
     *(REQUEST_NOT_SENT, IDLE_STREAM, REQUEST_READ_TIMEOUT, STREAM_NOT_READ, DEADLINE_PASSED),

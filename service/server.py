@@ -51,7 +51,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service import logs
 from service.config import ServerConfig, api_keys_file_bytes, read_keys_file
 from service.engine import Engine
-from service.errors import METHOD_NOT_SERVED, bounded, details
+from service.errors import METHOD_NOT_SERVED, SERVICE_NOT_FOUND, bounded, details
 from service.guard import CallGuard
 from service.kserve import SERVICE_NAME as INFERENCE_NAME
 from service.kserve import InferenceServicer
@@ -111,6 +111,25 @@ def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.server_handshake_timeout_ms", ms(cfg.handshake_timeout_seconds)),
         ("grpc.max_connection_age_grace_ms", ms(cfg.grace_seconds)),
     ]
+
+
+class Health(health.aio.HealthServicer):
+    """grpcio's health service, with a Check for a service it does not answer for refused NOT_FOUND
+    as the server's own errors are: a message naming the services it does answer for, and an
+    ErrorInfo (grpcio's says nothing, which leaves a probe given a wrong name guessing)."""
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in self._server_status:  # (grpcio's statuses by service name)
+            code = grpc.StatusCode.NOT_FOUND
+            named = sorted(name for name in self._server_status if name)
+            listed = " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
+            message = bounded(
+                f"health: no service {request.service!r} here; it answers for '' (the server as a whole), {listed}"
+            )
+            await context.abort(code, message, details(code, message, SERVICE_NOT_FOUND))
+        return await super().Check(request, context)
 
 
 class NotServed(grpc.GenericRpcHandler):
@@ -228,7 +247,7 @@ class Server:
         self._retiring: set[asyncio.Task[None]] = set()
         self._revived_at = -math.inf  # when a model was last loaded anew because its generation loop died
         self._stopping = False
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0

@@ -347,6 +347,21 @@ def test_health_is_serving_and_reflection_lists_the_service(served: ServerThread
     assert "attnserve.v1.AttnServe" in {s.name for s in reply.list_services_response.service}
 
 
+def test_health_names_a_service_it_does_not_know_and_those_it_does(served: ServerThread) -> None:
+    """A probe configured with a wrong service name is told what is wrong, as every other error is."""
+    check = health_pb2_grpc.HealthStub(grpc.insecure_channel(served.address)).Check
+    with pytest.raises(grpc.RpcError) as e:
+        check(health_pb2.HealthCheckRequest(service="attnserve.v1.AttnServ"), timeout=5)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and reason(e.value) == "SERVICE_NOT_FOUND"
+    assert e.value.details() == (
+        "health: no service 'attnserve.v1.AttnServ' here; it answers for '' (the server as a whole), "
+        "attnserve.v1.AttnServe and inference.GRPCInferenceService"
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        check(health_pb2.HealthCheckRequest(service="\u00e9" * 1500), timeout=5)  # said cut short
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details().encode()) < 1024
+
+
 # --- servers of their own: limits, failures and lifecycle ------------------------------------
 
 
