@@ -290,18 +290,27 @@ def test_a_v2_stream_open_across_a_new_model_serves_each_request_on_the_model_wh
     assert list(responses) == []
 
 
-def test_stopping_while_a_replaced_model_still_serves_ends_both(
+def swapped_under_a_stream(
     st: ServerThread, models: tuple[Path, Path, Path]
-) -> None:
+) -> tuple[Iterator[pb.GenerateStreamResponse], pb.GenerateStreamResponse, Loaded, threading.Event]:
+    """A generation of 40 tokens streaming on the first model, held after its first, and the second
+    model loaded meanwhile: the stream, its first message, the first model, and what lets it go on."""
     link, _, two = models
-    stub = st.stub()
     go_on = hold_steps(st)
-    stream = stub.GenerateStream(pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40, temperature=0), timeout=60)
+    request = pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40, temperature=0)
+    stream = st.stub().GenerateStream(request, timeout=60)
     head = next(stream)
     old = st.server.servicer.loaded
     point(link, two)
     st.call(st.server.reload_model(asked=True))
     assert old is not None and old.retired and not old.idle.is_set()
+    return stream, head, old, go_on
+
+
+def test_stopping_while_a_replaced_model_still_serves_ends_both(
+    st: ServerThread, models: tuple[Path, Path, Path]
+) -> None:
+    stream, head, old, go_on = swapped_under_a_stream(st, models)
     threading.Timer(0.5, go_on.set).start()
     st.stop(grace=10)  # the stream is let finish, then both models stop
     rest = list(stream)
@@ -486,16 +495,9 @@ def test_a_loop_that_dies_again_within_a_minute_is_left_down_until_asked(st: Ser
 def test_the_loop_of_a_replaced_model_dying_leaves_health_and_the_model_serving_alone(
     st: ServerThread, models: tuple[Path, Path, Path]
 ) -> None:
-    link, _, two = models
-    stub = st.stub()
-    go_on = hold_steps(st)
-    stream = stub.GenerateStream(pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=40), timeout=60)
-    next(stream)
-    old = st.server.servicer.loaded
-    point(link, two)
-    st.call(st.server.reload_model(asked=True))
+    stream, _, old, go_on = swapped_under_a_stream(st, models)
     new = st.server.servicer.loaded
-    assert old is not None and new is not old
+    stub = st.stub()
     old.scheduler._iterate = lambda: (_ for _ in ()).throw(SystemExit("the loop is gone"))  # type: ignore[method-assign]
     go_on.set()
     with pytest.raises(grpc.RpcError) as e:
