@@ -233,6 +233,13 @@ class Metrics:
             "Generation loops ended by a fault of the server's own; the model serving is loaded anew after one",
             registry=r,
         )
+        self.truncated = Counter(
+            "attnserve_inputs_truncated",
+            "Inputs cut to fit the model's context, as their clients asked, by what they were (text: Encode's "
+            "and AttentionMap's; prompt: a generation's) and the end dropped (start, end)",
+            ["input", "end"],
+            registry=r,
+        )
         self.model_reloads = Counter(
             "attnserve_model_reloads_total",
             "Model directories changed while serving, by outcome: loaded (and serving), or rejected",
@@ -299,6 +306,8 @@ class Metrics:
             self.without_request.labels(reason)
         for outcome in ("loaded", "rejected"):
             self.model_reloads.labels(outcome)
+        for kind, end in (("text", "start"), ("text", "end"), ("prompt", "start")):  # (a prompt's end is never cut)
+            self.truncated.labels(kind, end)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> ScrapeServer:
         """Expose /metrics over HTTP on a thread of its own; returns the server (``.shutdown()`` stops it)."""

@@ -405,14 +405,21 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             raise InvalidInput("texts: at least one text is required")
         fields = self._check_texts(request.texts, "texts")
         engine.encoder.admit(len(fields), deadline)  # refused now, untokenized, if it cannot be served
-        fitted = await engine.fit(request.texts, CUTS.get(request.truncation), fields)
+        cut = CUTS.get(request.truncation)
+        fitted = await engine.fit(request.texts, cut, fields)
         pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
         queued = time.monotonic()
         out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline)
         self._count_input(sum(out.token_counts))
+        self._count_truncated("text", cut, sum(truncated for _, truncated in fitted))
         if tracing.active():
             tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, {"attnserve.texts": len(fitted)}))
         return Encoded(out, [cut for _, cut in fitted])
+
+    def _count_truncated(self, kind: str, cut: Cut, n: int) -> None:
+        """Count ``n`` inputs of ``kind`` the model read cut at ``cut``."""
+        if n and cut is not None:
+            self.metrics.truncated.labels(kind, cut).inc(n)
 
     def _count_input(self, tokens: int) -> None:
         """Count ``tokens`` the model read for the call's client (with API keys)."""
@@ -470,6 +477,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             release()
             raise
         self._count_input(len(ids))
+        self._count_truncated("text", truncate, cut)
         if tracing.active():
             tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, {"attnserve.tokens": len(ids)}))
         return Attended(out, ids, layers, heads, cut, release)
@@ -596,7 +604,9 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             keep, cut = context - min(max(request.max_new_tokens, 1), context - 1), "start"
         hint = "set truncation to TRUNCATION_START"
         ((ids, truncated),) = await self._engine().fit([request.prompt], cut, ["prompt"], keep, hint)
-        return ids, self.sampling(request, scheduler, ids), truncated
+        params = self.sampling(request, scheduler, ids)
+        self._count_truncated("prompt", cut, truncated)  # (before it is queued)
+        return ids, params, truncated
 
     def admit_generation(self, request: pb.GenerateRequest, scheduler: Scheduler, deadline: float | None) -> None:
         """The checks before a prompt is tokenized: its size, its stop sequences', room in the queue

@@ -213,8 +213,15 @@ def test_truncation_when_asked(served: ServerThread) -> None:
     assert r.embeddings[0].truncated and r.embeddings[0].token_count == 64
 
 
+def truncated(st: ServerThread) -> dict[tuple[str, str], float]:
+    """attnserve_inputs_truncated_total by (input, end)."""
+    found = metrics(st).items()
+    return {(labels[1][1], labels[0][1]): v for (name, labels), v in found if name == "attnserve_inputs_truncated_total"}
+
+
 def test_truncation_start_keeps_the_last_tokens(served: ServerThread) -> None:
     stub = served.stub()
+    before = truncated(served)
     text = "the king speaks of the crown " * 40 + "and the queen weeps"
     ids = list(stub.Tokenize(pb.TokenizeRequest(texts=[text])).tokenizations[0].ids)
     assert len(ids) > 64
@@ -230,6 +237,10 @@ def test_truncation_start_keeps_the_last_tokens(served: ServerThread) -> None:
     with pytest.raises(grpc.RpcError) as e:
         stub.AttentionMap(pb.AttentionMapRequest(token_ids=pb.TokenIds(ids=ids)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "TRUNCATION_START" in e.value.details()
+    after = truncated(served)  # each text cut, counted by the end it lost
+    assert after[("text", "start")] - before[("text", "start")] == 3
+    assert after[("text", "end")] - before[("text", "end")] == 1
+    assert after[("prompt", "start")] == before[("prompt", "start")]
 
 
 def test_a_prompt_truncated_at_its_start_leaves_room_for_its_generation(served: ServerThread) -> None:
@@ -239,6 +250,7 @@ def test_a_prompt_truncated_at_its_start_leaves_room_for_its_generation(served: 
     text = "the king speaks of the crown " * 40 + "and the queen weeps"
     ids = list(stub.Tokenize(pb.TokenizeRequest(texts=[text])).tokenizations[0].ids)
     greedy = {"max_new_tokens": 10, "temperature": 0.0}
+    before = truncated(served)[("prompt", "start")]
     cut = stub.Generate(pb.GenerateRequest(prompt=text, truncation=pb.TRUNCATION_START, **greedy))
     assert cut.usage.prompt_truncated and cut.usage.prompt_tokens == 54
     # as if the prompt had been the text of its last 54 tokens
@@ -257,6 +269,7 @@ def test_a_prompt_truncated_at_its_start_leaves_room_for_its_generation(served: 
     assert near.usage.prompt_truncated and near.usage.prompt_tokens == 44
     short = stub.Generate(pb.GenerateRequest(prompt="ROMEO:", truncation=pb.TRUNCATION_START, **greedy))
     assert not short.usage.prompt_truncated
+    assert truncated(served)[("prompt", "start")] - before == 3  # the three cut, not the one that fitted
     # more new tokens than the context holds: one token of the prompt is kept
     most = stub.Generate(
         pb.GenerateRequest(prompt=text, truncation=pb.TRUNCATION_START, max_new_tokens=100, temperature=0.0)
