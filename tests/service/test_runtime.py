@@ -139,7 +139,11 @@ def test_a_directory_exported_before_digests_were_recorded_loads(
 
 @pytest.mark.parametrize(
     ("files", "says"),
-    [("all of them", "'files' is not an object"), ({"encode.onnx": {"bytes": "9", "sha256": "ab"}}, "sha256 (64 hex")],
+    [
+        ("all of them", "'files' is not an object"),
+        ({"encode.onnx": {"bytes": "9", "sha256": "ab"}}, "sha256 (64 hex"),
+        ({}, "tokenizer.json: not among the files config.json records"),  # a file added after the export
+    ],
 )
 def test_a_malformed_record_of_files_is_refused(broken_dir: Path, files: object, says: str) -> None:
     cfg = json.loads((broken_dir / "config.json").read_text())
