@@ -216,7 +216,8 @@ def test_truncation_when_asked(served: ServerThread) -> None:
 def truncated(st: ServerThread) -> dict[tuple[str, str], float]:
     """attnserve_inputs_truncated_total by (input, end)."""
     found = metrics(st).items()
-    return {(labels[1][1], labels[0][1]): v for (name, labels), v in found if name == "attnserve_inputs_truncated_total"}
+    name = "attnserve_inputs_truncated_total"
+    return {(labels[1][1], labels[0][1]): v for (series, labels), v in found if series == name}
 
 
 def test_truncation_start_keeps_the_last_tokens(served: ServerThread) -> None:
