@@ -43,7 +43,9 @@ SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ENCODE, GENERATE, ATTENTION = "attnserve-encode", "attnserve-generate", "attnserve-attention"
 MODELS = (ENCODE, GENERATE, ATTENTION)
 
-# Parameters clients set for the server or the transport, not for the model: accepted and ignored.
+# Parameters clients set for the server or the transport, not for the model: accepted and ignored,
+# but for "timeout" (microseconds, as tritonclient's infer(timeout=...) sends it), which bounds the
+# request's time as a deadline does (request_deadline).
 RESERVED_PARAMETERS = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers")
 
 # parameter name -> the kind of value it takes, per model
@@ -164,6 +166,22 @@ def read_texts(request: v2.ModelInferRequest, model: str, one: bool) -> list[str
         except UnicodeDecodeError:
             raise InvalidInput(f"inputs[0] element {j}: not valid UTF-8") from None
     return texts
+
+
+def request_deadline(request: v2.ModelInferRequest, deadline: float | None, start: float) -> float | None:
+    """The request's deadline: the call's, or sooner where the request carries Triton's ``timeout``
+    parameter, microseconds from ``start`` (0: none, as Triton has it)."""
+    if "timeout" not in request.parameters:
+        return deadline
+    param = request.parameters["timeout"]
+    which = param.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param") or param.int64_param < 0:
+        raise InvalidInput("parameters.timeout: microseconds, an integer >= 0, is expected")
+    micros = getattr(param, which)
+    if micros == 0:
+        return deadline
+    ends = start + micros / 1e6
+    return ends if deadline is None else min(deadline, ends)
 
 
 def read_parameters(request: v2.ModelInferRequest, model: str) -> dict[str, Any]:
@@ -312,7 +330,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             context.add_done_callback(lambda _: release())
 
         async def handle() -> v2.ModelInferResponse:
-            deadline = self.native._deadline(context)
+            deadline = request_deadline(request, self.native._deadline(context), time.monotonic())
             responses = [r async for r in self._infer(request, deadline, stream=False, hold=hold)]
             return responses[-1]
 
@@ -342,7 +360,8 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             try:
                 if self.closing.is_set():
                     raise ModelNotReady("server is shutting down; retry on another replica", SHUTTING_DOWN)
-                async for response in self._infer(request, deadline, stream=True, hold=held.append):
+                own = request_deadline(request, deadline, start)
+                async for response in self._infer(request, own, stream=True, hold=held.append):
                     await queue.put(v2.ModelStreamInferResponse(infer_response=response))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED

@@ -320,6 +320,40 @@ def test_truncation_start_keeps_the_end_of_a_text_and_a_prompt_with_room_to_gene
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "TRUNCATION_START" in e.value.details()
 
 
+def timed(model: str, micros: int | str, texts: list[str] | None = None) -> v2.ModelInferRequest:
+    """A request carrying Triton's timeout parameter, as tritonclient's infer(timeout=...) sends it."""
+    request = (
+        infer(model, texts or ["the king speaks"], max_new_tokens=4)
+        if model == "attnserve-generate"
+        else (infer(model, texts or ["the king speaks"]))
+    )
+    if isinstance(micros, str):
+        request.parameters["timeout"].string_param = micros
+    else:
+        request.parameters["timeout"].int64_param = micros
+    return request
+
+
+def test_tritons_timeout_parameter_bounds_each_request(
+    v2_stub: v2_grpc.GRPCInferenceServiceStub, served: ServerThread
+) -> None:
+    """Microseconds from the request's arrival, as a deadline of its own beside the call's; 0 is none."""
+    for model in ("attnserve-encode", "attnserve-attention", "attnserve-generate"):
+        with pytest.raises(grpc.RpcError) as e:
+            v2_stub.ModelInfer(timed(model, 1), timeout=30)  # over before the model could be asked
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason(e.value) == "DEADLINE_PASSED", model
+        assert v2_stub.ModelInfer(timed(model, 30_000_000), timeout=30).outputs
+        assert v2_stub.ModelInfer(timed(model, 0), timeout=30).outputs
+    for bad in (-5, "soon"):
+        with pytest.raises(grpc.RpcError) as e:
+            v2_stub.ModelInfer(timed("attnserve-encode", bad), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "parameters.timeout" in e.value.details()
+    # on a stream, each request's own: the one over its time is answered so, the next served
+    stream = v2_stub.ModelStreamInfer(iter([timed("attnserve-encode", 1), timed("attnserve-encode", 0)]), timeout=30)
+    answers = sorted(list(stream), key=lambda r: not r.error_message)
+    assert "deadline" in answers[0].error_message and not answers[1].error_message
+
+
 def test_methods_not_served_say_so(served: ServerThread) -> None:
     channel = grpc.insecure_channel(served.address)
     call = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")

@@ -76,6 +76,7 @@ def test_tritonclient_gets_the_native_numbers(served: ServerThread, triton_pytho
     generated = stub.Generate(pb.GenerateRequest(prompt="ROMEO:", seed=11, **SAMPLING))
     assert sync["generated"] == generated.text
     assert sync["finish_reason"] == "length"
+    assert sync["timed_out"] == "StatusCode.DEADLINE_EXCEEDED" and sync["in_time"] == sync["token_count"][:1]
     assert sync["streamed"]["text"] == generated.text and sync["streamed"]["id"] == "s1"
     assert sync["streamed"]["messages"] >= 2  # token groups, then the empty final response asked for
     assert aio["streamed"] == generated.text

@@ -84,6 +84,15 @@ def sync_calls(address: str, prompt: str, seed: int, texts: list[str]) -> dict[s
         out["unknown_model"] = "no error"
     except Exception as e:  # InferenceServerException
         out["unknown_model"] = [str(getattr(e, "status", lambda: "")()), str(getattr(e, "message", lambda: "")())]
+    # Triton's request timeout, in microseconds: one over before the model is asked, one with time to spare
+    try:
+        client.infer("attnserve-encode", [text_input(texts[:1])], timeout=1)
+        out["timed_out"] = "no error"
+    except Exception as e:  # InferenceServerException
+        out["timed_out"] = str(getattr(e, "status", lambda: "")())
+    out["in_time"] = (
+        client.infer("attnserve-encode", [text_input(texts[:1])], timeout=30_000_000).as_numpy("TOKEN_COUNT").tolist()
+    )
     client.close()
     return out
 
