@@ -36,6 +36,7 @@ from service.engine import AttentionMap as AttentionOutput
 from service.engine import Cut, Embedded, Engine
 from service.errors import (
     ATTENTION_BYTES_AT_LIMIT,
+    CLIENT_ATTENTION_BYTES,
     STREAM_NOT_READ,
     Failure,
     InvalidInput,
@@ -170,6 +171,11 @@ class RequestLimits:
             raise ValueError(f"request limits must be positive: {self}")
 
 
+# The share of max_attention_bytes one client (named by its API key) may hold: a client whose answers
+# wait unread cannot take the others' share.
+CLIENT_SHARE = 0.5
+
+
 class AttentionBudget:
     """The bytes of attention maps taken for calls in progress, up to a limit: taken before a map is
     computed, given back when its call has ended (its answer sent, or the call gone).
@@ -179,21 +185,35 @@ class AttentionBudget:
     2 GiB its Kubernetes manifest allows, and to 0.55 GB with the default limit. A client that reads
     nothing holds its maps here for as long as its call lasts: the answer waits in gRPC's transport
     for a window that does not open, and the call ends with its deadline or its connection (keepalive
-    finds out a client that stops answering pings; max_connection_age_seconds, one that answers them)."""
+    finds out a client that stops answering pings; max_connection_age_seconds, one that answers them).
+    So that one such client cannot refuse everyone's maps meanwhile, a client named by its API key
+    may hold at most CLIENT_SHARE of the limit (its first map always passes); without API keys
+    there is no client to tell apart."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
+        self.by_client: dict[str, int] = {}  # (API keys' clients holding any)
 
-    def take(self, n: int) -> Callable[[], None]:
-        """Hold n bytes (Overloaded where they do not fit); returns what gives them back, once."""
+    def take(self, n: int, client: str | None = None) -> Callable[[], None]:
+        """Hold n bytes for ``client`` (Overloaded where they do not fit); returns what gives them back, once."""
         if self.held and self.held + n > self.limit:
             raise Overloaded(
                 f"{self.held / 2**20:.0f} MiB of attention maps are being computed or sent, and "
                 f"{n / 2**20:.1f} MiB more would pass the limit of {self.limit / 2**20:.0f} MiB; retry later",
                 ATTENTION_BYTES_AT_LIMIT,
             )
+        mine = self.by_client.get(client, 0) if client is not None else 0
+        if mine and mine + n > self.limit * CLIENT_SHARE:
+            raise Overloaded(
+                f"this client holds {mine / 2**20:.1f} MiB of attention maps being computed or not yet read, and "
+                f"{n / 2**20:.1f} MiB more would pass its share, half of the server's {self.limit / 2**20:.0f} MiB; "
+                "read the answers of its calls in progress, or retry later",
+                CLIENT_ATTENTION_BYTES,
+            )
         self.held += n
+        if client is not None:
+            self.by_client[client] = mine + n
         given = False
 
         def give_back() -> None:
@@ -201,6 +221,10 @@ class AttentionBudget:
             if not given:
                 given = True
                 self.held -= n
+                if client is not None:
+                    left = self.by_client.pop(client) - n
+                    if left:
+                        self.by_client[client] = left
 
         return give_back
 
@@ -469,7 +493,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             ids = ids[len(ids) - info.max_seq_len :] if cut and truncate == "start" else ids[: info.max_seq_len]
             engine.attender.admit(1, deadline)
         itemsize = 2 if request.precision == pb.PRECISION_FP16 else 4
-        release = self.attention_budget.take(len(layers) * len(heads) * len(ids) ** 2 * itemsize)
+        release = self.attention_budget.take(len(layers) * len(heads) * len(ids) ** 2 * itemsize, CLIENT.get())
         try:
             queued = time.monotonic()
             out = await engine.attention(ids, layers, heads, deadline)

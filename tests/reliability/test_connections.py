@@ -32,7 +32,7 @@ from tests.reliability.conftest import SERVING, health
 from tests.reliability.test_http2 import Peer, framed
 from tests.service.conftest import ServerThread, config, wait_for
 from tests.service.test_kserve import infer
-from tests.service.test_server import metrics
+from tests.service.test_server import metrics, reason
 
 
 class Relay:
@@ -236,6 +236,43 @@ def test_a_client_that_reads_nothing_holds_its_answers_until_its_connection_ages
     finally:
         peer.close()
         st.stop()
+
+
+def test_with_api_keys_a_client_that_reads_nothing_holds_at_most_half_of_the_attention_budget(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Its maps wait in gRPC's transport as above, but past half of max_attention_bytes its next call
+    is refused for it alone (CLIENT_ATTENTION_BYTES), and the other clients' maps are still served."""
+    keys = tmp_path / "keys"
+    keys.write_text("reads-nothing key-a\nreads-all key-b\n")
+    map_bytes = 2 * 2 * 64 * 64 * 4  # the tiny model's 2 layers, 2 heads, 64 tokens: 64 KiB
+    st = ServerThread(config(model_dir, api_keys_file=keys, max_attention_bytes=int(2.5 * map_bytes))).start()
+    budget = st.server.servicer.attention_budget
+    text = "the king speaks to the court " * 30  # cut to the context: a full map, past a shut window
+    request = pb.AttentionMapRequest(text=text, truncation=pb.TRUNCATION_END)
+    peer = Peer(st.address)
+    try:
+        peer.open(
+            "/attnserve.v1.AttnServe/AttentionMap",
+            framed(request.SerializeToString()),
+            end=True,
+            metadata=(("authorization", "Bearer key-a"),),
+        )
+        assert peer.idle(lambda: budget.held == map_bytes)
+        stub = st.stub()
+        with pytest.raises(grpc.RpcError) as e:  # its own second map: past its half
+            stub.AttentionMap(request, timeout=10, metadata=[("authorization", "Bearer key-a")])
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(e.value) == "CLIENT_ATTENTION_BYTES"
+        assert "this client holds 0.1 MiB" in e.value.details()
+        for _ in range(3):  # another client's, one after another: within the budget beside the held one
+            answer = stub.AttentionMap(request, timeout=10, metadata=[("authorization", "Bearer key-b")])
+            assert len(answer.probabilities) == map_bytes
+        assert wait_for(lambda: budget.held == map_bytes)  # (each answer's bytes given back as its call ends)
+        assert budget.by_client == {"reads-nothing": map_bytes}
+    finally:
+        peer.close()
+        st.stop()
+    assert budget.held == 0 and budget.by_client == {}
 
 
 def test_a_client_that_reads_none_of_its_streams_holds_their_places_and_no_one_waits_on_it(
