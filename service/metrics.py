@@ -242,7 +242,8 @@ class Metrics:
         )
         self.model_reloads = Counter(
             "attnserve_model_reloads_total",
-            "Model directories changed while serving, by outcome: loaded (and serving), or rejected",
+            "Model directories loaded while serving (changed, or loaded anew for a generation loop that died), by "
+            "outcome: loaded (and serving), or rejected",
             ["outcome"],
             registry=r,
         )
