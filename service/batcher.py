@@ -16,6 +16,11 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
   the model is free, as text-embeddings-inference does: an idle server adds no wait, and
   under load the next batch gathers while the current one runs. The oldest request always
   goes first; the rest are picked by closeness of length to it, so a batch pads little.
+* Each priority (``service.config.PRIORITIES``) has its queue, and a batch is formed from the
+  highest that holds any: work of a higher priority goes ahead of all that waits below it, as
+  Triton's priority levels do. A batch holds one priority only: on a CPU a batch takes time in
+  proportion to its texts, so lower work filling its room would delay the higher work it came
+  with. Lower work waits while higher keeps the model busy; its deadline bounds that wait.
 * Requests whose caller has gone (cancelled future) or whose deadline has passed are dropped
   before the model sees them.
 * The batch runs on a batch thread (``BatchThreads``) so the event loop never blocks; its results
@@ -43,6 +48,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from service.config import NORMAL, PRIORITIES
 from service.errors import QUEUE_TOO_LONG, SHUTTING_DOWN, DeadlineExceeded, ModelNotReady, Overloaded
 from service.handoff import Handoff
 from service.metrics import Metrics
@@ -97,6 +103,7 @@ class Call:
     deadline: float | None  # time.monotonic() value, or None for no deadline
     results: list[Any]  # each sequence's result, in the request's order
     left: int  # sequences not yet computed
+    priority: int = NORMAL  # the queue it waits in (an index of PRIORITIES)
     started_at: float = 0.0  # when the last batch holding one of its sequences started
     compute_seconds: float = 0.0  # the longest of those batches
 
@@ -176,13 +183,17 @@ class Batcher:
     threads: BatchThreads  # where its batches run
     metrics: Metrics
     max_len: int  # the longest sequence a batch may hold
-    _queue: list[Pending] = field(default_factory=list)
+    # the queued sequences of each priority, highest first, each in order of arrival
+    _queues: tuple[list[Pending], ...] = field(default_factory=lambda: tuple([] for _ in PRIORITIES))
+    _queued: int = 0  # sequences in all of them
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _closed: bool = False
     _in_flight: int = 0  # batches running now
     _drained: asyncio.Future[None] | None = None  # what stop() awaits while batches still run
     _tokens: int = 0  # tokens of the queued sequences
+    # and of those of each priority
+    _tokens_at: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))
     # seconds of model time per token, from recent batches (shared among the batches that ran together):
     # what the queue ahead of a new request will cost. 0 until a batch has run: nothing is shed before.
     _seconds_per_token: float = 0.0
@@ -194,7 +205,7 @@ class Batcher:
     def __post_init__(self) -> None:
         # this graph's series, looked up once rather than on every request
         self._depth = self.metrics.queue_depth.labels(self.name)
-        self._queue_seconds = self.metrics.queue_seconds.labels(self.name)
+        self._queue_seconds = [self.metrics.queue_seconds.labels(self.name, p) for p in PRIORITIES]
         self._batch_size = self.metrics.batch_size.labels(self.name)
         self._batch_tokens = self.metrics.batch_tokens.labels(self.name)
         self._compute_seconds = self.metrics.compute_seconds.labels(self.name)
@@ -219,22 +230,25 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return self._queued
 
-    def expected_wait(self) -> float:
-        """Seconds until the model is through with the work queued now (an estimate)."""
-        return self._tokens * self._seconds_per_token
+    def expected_wait(self, priority: int = len(PRIORITIES) - 1) -> float:
+        """Seconds until the model is through with the work queued now at ``priority`` and above (an
+        estimate; by default, all of it): what a request of that priority would wait for."""
+        ahead = self._tokens if priority == len(PRIORITIES) - 1 else sum(self._tokens_at[: priority + 1])
+        return ahead * self._seconds_per_token
 
-    def admit(self, n: int, deadline: float | None) -> None:
+    def admit(self, n: int, deadline: float | None, priority: int = NORMAL) -> None:
         """Refuse at once, before anything is queued or tokenized, a request of n sequences that would
-        not fit the queue, or whose deadline passes before the work queued ahead of it is done."""
+        not fit the queue, or whose deadline passes before the work queued ahead of it (that of its
+        priority and above) is done."""
         if self._closed:
             raise ModelNotReady("server is shutting down", SHUTTING_DOWN)
-        if len(self._queue) + n > self.limits.max_queue_size:
+        if self._queued + n > self.limits.max_queue_size:
             self.metrics.dropped.labels(self.name, "queue_full").inc(n)
-            raise Overloaded(f"{self.name} queue is full ({len(self._queue)} waiting); retry later")
+            raise Overloaded(f"{self.name} queue is full ({self._queued} waiting); retry later")
         if deadline is not None:
-            wait, left = self.expected_wait(), deadline - time.monotonic()
+            wait, left = self.expected_wait(priority), deadline - time.monotonic()
             if left <= 0:
                 self.metrics.dropped.labels(self.name, "deadline").inc(n)
                 raise DeadlineExceeded("the deadline had passed when the request arrived")
@@ -246,9 +260,9 @@ class Batcher:
                     QUEUE_TOO_LONG,
                 )
 
-    def enqueue(self, seqs: Sequence[np.ndarray], deadline: float | None) -> list[Pending]:
-        """Queue all of seqs, or none (Overloaded): one synchronous step, so no other request's
-        sequences come between them."""
+    def enqueue(self, seqs: Sequence[np.ndarray], deadline: float | None, priority: int = NORMAL) -> list[Pending]:
+        """Queue all of seqs, or none (Overloaded), at ``priority``: one synchronous step, so no other
+        request's sequences come between them."""
         self.admit(len(seqs), None)
         tokens = sum(len(x) for x in seqs)
         if self._tokens + tokens > self.limits.max_queue_tokens:
@@ -258,14 +272,16 @@ class Batcher:
             if not 0 < len(ids) <= self.max_len:  # the servicer bounds inputs; this is a defect, not a client error
                 raise ValueError(f"{len(ids)} tokens; the servicer must bound inputs to 1..{self.max_len}")
         n = len(seqs)
-        call = Call(asyncio.get_running_loop().create_future(), time.monotonic(), deadline, [None] * n, n)
+        call = Call(asyncio.get_running_loop().create_future(), time.monotonic(), deadline, [None] * n, n, priority)
         items = [Pending(ids, call, i) for i, ids in enumerate(seqs)]
         call.future.add_done_callback(functools.partial(self._forget, items))
-        self._queue.extend(items)
+        self._queues[priority].extend(items)
+        self._queued += n
         self._tokens += tokens
+        self._tokens_at[priority] += tokens
         if deadline is not None and deadline < self._earliest_deadline:
             self._earliest_deadline = deadline
-        self._depth.set(len(self._queue))
+        self._depth.set(self._queued)
         if self._ready():  # the collector has something to do now (each wake-up costs it a turn of the loop)
             self._wake.set()
         return items
@@ -280,9 +296,9 @@ class Batcher:
         queued = call.started_at - call.enqueued_at
         return [Result(v, queued, call.compute_seconds) for v in call.results]
 
-    async def submit(self, ids: np.ndarray, deadline: float | None = None) -> Result[Any]:
-        self.admit(1, deadline)
-        return (await self.wait(self.enqueue([ids], deadline)))[0]
+    async def submit(self, ids: np.ndarray, deadline: float | None = None, priority: int = NORMAL) -> Result[Any]:
+        self.admit(1, deadline, priority)
+        return (await self.wait(self.enqueue([ids], deadline, priority)))[0]
 
     def _forget(self, items: list[Pending], fut: asyncio.Future[None]) -> None:
         """A request answered before all of its sequences ran (its caller went away, or one of its batches
@@ -294,16 +310,29 @@ class Batcher:
                 self.metrics.dropped.labels(self.name, "cancelled").inc(len(left))
 
     def _unqueue(self, items: Sequence[Pending]) -> None:
-        n = len(items)
-        if n <= len(self._queue) and all(a is b for a, b in zip(self._queue[:n], items, strict=True)):
-            del self._queue[:n]  # the head of the queue, as a batch of equal lengths mostly is
+        """Take items, all of one priority (one request's, or a batch's), out of their queue."""
+        n, priority = len(items), items[0].call.priority
+        waiting = self._queues[priority]
+        if n <= len(waiting) and all(a is b for a, b in zip(waiting[:n], items, strict=True)):
+            del waiting[:n]  # the head of the queue, as a batch of equal lengths mostly is
         else:
             gone = {id(p) for p in items}
-            self._queue = [p for p in self._queue if id(p) not in gone]
+            waiting[:] = [p for p in waiting if id(p) not in gone]
+        tokens = 0
         for p in items:
             p.queued = False
-            self._tokens -= len(p.ids)
-        self._depth.set(len(self._queue))
+            tokens += len(p.ids)
+        self._queued -= n
+        self._tokens -= tokens
+        self._tokens_at[priority] -= tokens
+        self._depth.set(self._queued)
+
+    def _first(self) -> list[Pending]:
+        """The queue a batch is formed from: that of the highest priority with any queued (empty: none is)."""
+        for waiting in self._queues:
+            if waiting:
+                return waiting
+        return self._queues[-1]
 
     @staticmethod
     def _fail(items: Sequence[Pending], error: BaseException) -> None:
@@ -317,11 +346,11 @@ class Batcher:
     async def _collect(self) -> None:
         while True:
             while not self._ready():
-                if self._closed and not self._queue:
+                if self._closed and not self._queued:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-            first = self._queue[0]
+            first = self._first()[0]
             # fill until full, or until the oldest request has waited max_queue_delay
             while not self._closed and not self._full():
                 remaining = first.call.enqueued_at + self.limits.max_queue_delay_s - time.monotonic()
@@ -339,14 +368,14 @@ class Batcher:
     def _ready(self) -> bool:
         """Whether to form a batch now: work is queued and a slot is free; beside a running batch,
         only a full one (a part-filled batch waits: the running one may be done before it would be)."""
-        if not self._queue or self._in_flight >= self.limits.max_in_flight:
+        if not self._queued or self._in_flight >= self.limits.max_in_flight:
             return False
         return not self._in_flight or self._full()
 
     def _full(self) -> bool:
-        return (
-            len(self._queue) >= self.limits.max_batch_size or self._padded(self._queue) >= self.limits.max_batch_tokens
-        )
+        """Whether a full batch is queued (of one priority, as a batch is)."""
+        first = self._first()
+        return len(first) >= self.limits.max_batch_size or self._padded(first) >= self.limits.max_batch_tokens
 
     def _padded(self, items: Sequence[Pending]) -> int:
         return len(items) * max((len(p.ids) for p in items), default=0)
@@ -362,14 +391,16 @@ class Batcher:
         those leave room; the scan ends once nothing more could fit."""
         now = time.monotonic()
         if now >= self._earliest_deadline:
-            expired = [p for p in self._queue if p.call.deadline is not None and now >= p.call.deadline]
-            if expired:
-                self._unqueue(expired)
-                self.metrics.dropped.labels(self.name, "deadline").inc(len(expired))
-                self._fail(expired, DeadlineExceeded("deadline passed while the request was queued"))
-            deadlines = [p.call.deadline for p in self._queue if p.call.deadline is not None]
+            deadlines = []
+            for waiting in self._queues:
+                expired = [p for p in waiting if p.call.deadline is not None and now >= p.call.deadline]
+                if expired:
+                    self._unqueue(expired)
+                    self.metrics.dropped.labels(self.name, "deadline").inc(len(expired))
+                    self._fail(expired, DeadlineExceeded("deadline passed while the request was queued"))
+                deadlines += [p.call.deadline for p in waiting if p.call.deadline is not None]
             self._earliest_deadline = min(deadlines, default=math.inf)
-        live = self._queue
+        live = self._first()
         if not live:
             return []
         size, budget = self.limits.max_batch_size, self.limits.max_batch_tokens
@@ -405,9 +436,10 @@ class Batcher:
         start = time.monotonic()
         self._in_flight += 1
         sharing = self._in_flight  # batches running beside this one, itself included
+        queued = self._queue_seconds[batch[0].call.priority]  # (a batch is of one priority)
         for p in batch:
             p.call.started_at = start
-            self._queue_seconds.observe(start - p.call.enqueued_at)
+            queued.observe(start - p.call.enqueued_at)
         self._batch_size.observe(len(batch))
         self._batch_tokens.observe(self._padded(batch))
         run_batch, seqs, finish = self.run_batch, [p.ids for p in batch], self._finish
@@ -460,7 +492,7 @@ class Batcher:
                 if not call.left:
                     call.future.set_result(None)
         finally:
-            if self._queue or self._closed:  # a slot is free for what waits (or for the collector to end)
+            if self._queued or self._closed:  # a slot is free for what waits (or for the collector to end)
                 self._wake.set()
             if not self._in_flight and self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)

@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "ATTNSERVE_"
 
+# The priorities a call's work may have, highest first, by the index the queues use: a batch is formed
+# from the highest with work queued, and a generation's free slot goes to it, first come first served
+# within each. A call asks for one (attnserve.v1's Priority, Triton's "priority" parameter, 1 the
+# highest); NORMAL where it asks none and its client's line in the keys file sets none.
+PRIORITIES = ("high", "normal", "low")
+HIGH, NORMAL, LOW = range(len(PRIORITIES))
+
 
 @dataclass(frozen=True)
 class ServerConfig:

@@ -171,7 +171,11 @@ class Metrics:
             "attnserve_request_duration_seconds", "Time from arrival to answer", LATENCY_BUCKETS, r, ["rpc"]
         )
         self.queue_seconds = BufferedHistogram(
-            "attnserve_queue_duration_seconds", "Time a request waited for its batch", LATENCY_BUCKETS, r, ["graph"]
+            "attnserve_queue_duration_seconds",
+            "Time a request waited for its batch, by its priority",
+            LATENCY_BUCKETS,
+            r,
+            ["graph", "priority"],
         )
         self.compute_seconds = BufferedHistogram(
             "attnserve_compute_duration_seconds", "Time one batch took to run", LATENCY_BUCKETS, r, ["graph"]
@@ -268,9 +272,10 @@ class Metrics:
         )
         self.gen_queue_seconds = BufferedHistogram(
             "attnserve_generate_queue_duration_seconds",
-            "Arrival to admission into the running batch",
+            "Arrival to admission into the running batch, by the sequence's priority",
             LATENCY_BUCKETS,
             r,
+            ["priority"],
         )
         self.gen_running = Gauge("attnserve_generate_running_sequences", "Sequences in the running batch", registry=r)
         self.gen_waiting = Gauge("attnserve_generate_waiting_sequences", "Requests waiting for a slot", registry=r)

@@ -51,6 +51,7 @@ import numpy as np
 
 from service import tracing
 from service.batcher import DEADLINE_HEADROOM
+from service.config import LOW, NORMAL, PRIORITIES
 from service.errors import (
     GENERATION_UNAVAILABLE,
     QUEUE_TOO_LONG,
@@ -145,6 +146,7 @@ class Sequence:
     interval: int = 1  # tokens held before they are handed over; 0: all of them, at the end (a unary call)
     held: list[Token] = field(default_factory=list)
     client: str | None = None  # the name of its call's API key, its tokens counted under it as it ends
+    priority: int = NORMAL  # (an index of PRIORITIES) a free slot goes to the highest waiting, the first of it
     exemplar: dict[str, str] | None = None  # its call's span's ids, where sampled: its first token's exemplar
 
     @property
@@ -169,7 +171,8 @@ class Scheduler:
         self.limits = limits
         self.metrics = metrics
         self.cache = runtime.new_cache(limits.max_running)
-        self.waiting: deque[Sequence] = deque()  # shared with callers: under _lock
+        # shared with callers: under _lock. By priority, highest first, then in order of arrival
+        self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence; the loop thread's own
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -188,6 +191,7 @@ class Scheduler:
         # tokens a sequence generates before it ends (running averages)
         self._seconds_per_token = 0.0
         self._tokens_per_sequence = 0.0
+        self._queue_seconds = [metrics.gen_queue_seconds.labels(p) for p in PRIORITIES]
 
     def start(self) -> None:
         self._handoff = Handoff(asyncio.get_running_loop())
@@ -205,9 +209,10 @@ class Scheduler:
 
     # --- callers (event loop thread) -------------------------------------------------------------
 
-    def admit(self, deadline: float | None = None, max_new_tokens: int = 1) -> None:
+    def admit(self, deadline: float | None = None, max_new_tokens: int = 1, priority: int = NORMAL) -> None:
         """Refuse at once, before the prompt is tokenized, what could not be queued now, or what
-        would wait so long for a slot that it could not be done before its deadline."""
+        would wait so long for a slot (behind those waiting at its ``priority`` and above) that it
+        could not be done before its deadline."""
         if self.dead:
             raise ModelNotReady(
                 "generation is unavailable on this server; retry on another replica", GENERATION_UNAVAILABLE
@@ -221,7 +226,7 @@ class Scheduler:
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("the deadline had passed when the request arrived")
-        done_in = self.expected_seconds(max_new_tokens)
+        done_in = self.expected_seconds(max_new_tokens, priority)
         if done_in is not None and done_in > DEADLINE_HEADROOM * left:
             raise Overloaded(
                 f"generation: a sequence arriving now would be done in about {done_in:.3f}s, too near the "
@@ -229,12 +234,18 @@ class Scheduler:
                 QUEUE_TOO_LONG,
             )
 
-    def expected_seconds(self, max_new_tokens: int) -> float | None:
-        """Seconds until a sequence of up to ``max_new_tokens`` tokens, arriving now, would be done: its
-        wait for a slot, then its own run (an estimate). None when a slot would be free for it (those
-        waiting take the free ones first): a call is then let try whatever its deadline, as on an idle
-        server, and a burst that the loop has not yet let in is not taken for a queue."""
-        waiting, running = len(self.waiting), len(self.running)
+    def expected_seconds(self, max_new_tokens: int, priority: int = LOW) -> float | None:
+        """Seconds until a sequence of up to ``max_new_tokens`` tokens, arriving now at ``priority``,
+        would be done: its wait for a slot, behind those waiting at its priority and above, then its
+        own run (an estimate). None when a slot would be free for it (those waiting take the free ones
+        first): a call is then let try whatever its deadline, as on an idle server, and a burst that
+        the loop has not yet let in is not taken for a queue."""
+        if priority == LOW or not self.waiting:
+            waiting = len(self.waiting)
+        else:
+            with self._lock:
+                waiting = sum(1 for s in self.waiting if s.priority <= priority)
+        running = len(self.running)
         free = self.limits.max_running - running
         if waiting < free:
             return None
@@ -246,14 +257,21 @@ class Scheduler:
         return wait + per_token * min(max_new_tokens, tokens)
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, deadline: float | None, stream: bool = True
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float | None,
+        stream: bool = True,
+        priority: int = NORMAL,
     ) -> AsyncIterator[list[Event]]:
         """Events as they come, in groups: whatever is ready when the caller asks (``stream_interval``
         tokens at a time, more when it lags), the last group ending with one ``Done``. Without ``stream``
         the tokens are held and handed over with the ``Done``, which costs the event loop one wake-up
-        rather than one a token. Leaving early cancels the sequence."""
+        rather than one a token. Leaving early cancels the sequence. It waits for a slot behind those
+        of its ``priority`` and above that came before it, ahead of any below."""
         self.admit()
         seq = self._sequence(Sequence, prompt, params, deadline, stream)
+        seq.priority = priority
         self._enqueue(seq)
         loop = asyncio.get_running_loop()
         try:
@@ -289,8 +307,11 @@ class Scheduler:
         with self._lock:
             if len(self.waiting) >= self.limits.max_waiting:
                 raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
-            self.waiting.append(seq)
-            self.metrics.gen_waiting.set(len(self.waiting))
+            waiting, at = self.waiting, len(self.waiting)
+            while at and waiting[at - 1].priority > seq.priority:  # behind its own priority and those above
+                at -= 1
+            waiting.insert(at, seq)
+            self.metrics.gen_waiting.set(len(waiting))
         self._wake.set()
 
     @staticmethod
@@ -409,7 +430,7 @@ class Scheduler:
             self.running[seq.slot] = seq
             reserved += seq.reserved
             admitted.append(seq)
-            self.metrics.gen_queue_seconds.observe(seq.admitted_at - seq.enqueued_at)
+            self._queue_seconds[seq.priority].observe(seq.admitted_at - seq.enqueued_at)
             self.metrics.gen_prompt_tokens.inc(len(seq.prompt))
         self.metrics.gen_waiting.set(len(self.waiting))
         self.metrics.gen_running.set(len(self.running))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher, BatchLimits, BatchThreads, Call, Pending
+from service.config import HIGH, LOW, NORMAL
 from service.engine import Engine
 from service.errors import DeadlineExceeded, Overloaded
 from service.metrics import Metrics
@@ -256,7 +257,7 @@ def test_a_request_of_several_texts_is_queued_whole_or_not_at_all() -> None:
             b.enqueue([ids(4)] * 3, None)  # twelve tokens, ten allowed
         assert b.depth == 0 and b.expected_wait() == 0
         items = b.enqueue([ids(2, v) for v in range(3)], None)  # fits: in one step, in order
-        assert [int(p.ids[0]) for p in b._queue] == [0, 1, 2] and b.depth == 3
+        assert [int(p.ids[0]) for p in b._queues[NORMAL]] == [0, 1, 2] and b.depth == 3
         b.start()
         assert [int(r.value[0]) for r in await b.wait(items)] == [0, 2, 4]
         await b.stop()
@@ -419,14 +420,16 @@ def test_a_batch_is_the_oldest_then_the_closest_in_length_within_both_budgets_fo
                 n = rng.randint(1, 4)
                 t += rng.choice([0.0, 0.001])
                 call = Call(loop.create_future(), t, None, [None] * n, n)
-                b._queue.extend(Pending(ids(rng.choice([3, 8, 8, 8, 9, 16, 33, 64])), call, i) for i in range(n))
-            while b._queue:
-                before = list(b._queue)
+                b._queues[NORMAL].extend(
+                    Pending(ids(rng.choice([3, 8, 8, 8, 9, 16, 33, 64])), call, i) for i in range(n)
+                )
+            while b._queues[NORMAL]:
+                before = list(b._queues[NORMAL])
                 want = reference_take(before, size, budget)
                 got = b._take()
                 assert [id(p) for p in got] == [id(p) for p in want]
                 taken = {id(p) for p in got}
-                assert [id(p) for p in b._queue] == [id(p) for p in before if id(p) not in taken]  # order kept
+                assert [id(p) for p in b._queues[NORMAL]] == [id(p) for p in before if id(p) not in taken]  # order
     finally:
         threads.shutdown()
         loop.close()
@@ -452,6 +455,78 @@ def test_an_expired_request_is_failed_wherever_it_waits_in_the_queue() -> None:
         with pytest.raises(DeadlineExceeded, match="queued"):
             await f[0].call.future
         assert b.depth == 0
+        b.threads.shutdown()
+
+    asyncio.run(main())
+
+
+def test_higher_priority_work_goes_first_and_a_batch_holds_one_priority() -> None:
+    """Queued behind a running batch: low, normal, then high work. The high goes next, then the
+    normal, then the low, each in order of arrival within its priority and none in another's batch."""
+
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()
+        b = make(model, max_in_flight=1)
+        b.start()
+        running = b.enqueue([ids(2)], None)
+        await until(lambda: model.entered == [1])  # the model is busy with it
+        # lengths tell the priorities apart in what the model saw: low 7, normal 3, high 5
+        low = [b.enqueue([ids(7, v)], None, LOW) for v in range(2)]
+        normal = b.enqueue([ids(3)], None, NORMAL)
+        high = [b.enqueue([ids(5, v)], None, HIGH) for v in range(2)]
+        assert b.depth == 5
+        model.gate.set()
+        for items in (running, *low, normal, *high):
+            await b.wait(items)
+        assert model.batches == [[2], [5, 5], [3], [7, 7]]
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_is_admitted_for_the_work_queued_at_its_priority_and_above_only() -> None:
+    """A deadline is weighed against the work ahead of a request, which lower work is not: high work
+    is let in past a long low queue that would refuse normal and low work for the same deadline."""
+
+    async def main() -> None:
+        b = make(FakeModel())  # not started: what is queued stays queued
+        b._seconds_per_token = 0.01
+        b.enqueue([ids(50), ids(50)], None, LOW)  # ~1 s of work
+        b.enqueue([ids(10)], None, NORMAL)  # ~0.1 s
+        assert b.expected_wait(HIGH) == 0
+        assert b.expected_wait(NORMAL) == pytest.approx(0.1)
+        assert b.expected_wait(LOW) == b.expected_wait() == pytest.approx(1.1)
+        soon = time.monotonic() + 0.5
+        b.admit(1, soon, HIGH)
+        b.admit(1, soon, NORMAL)
+        with pytest.raises(Overloaded, match="queued ahead"):
+            b.admit(1, soon, LOW)
+        with pytest.raises(Overloaded, match="queued ahead"):
+            b.admit(1, time.monotonic() + 0.1, NORMAL)
+        b.threads.shutdown()
+
+    asyncio.run(main())
+
+
+def test_expired_and_cancelled_requests_leave_whichever_priority_they_wait_at() -> None:
+    async def main() -> None:
+        b = make(FakeModel(), max_batch_size=1)
+        now = time.monotonic()
+        high = b.enqueue([ids(4)], None, HIGH)
+        expired = b.enqueue([ids(6)], now + 0.01, LOW)
+        gone = b.enqueue([ids(8), ids(8)], None, NORMAL)
+        normal = b.enqueue([ids(5)], None, NORMAL)
+        gone[0].call.future.cancel()
+        await asyncio.sleep(0)  # its done callback takes it out of the queue
+        assert b.depth == 3 and b.expected_wait(NORMAL) == 0  # (no batch has run: no cost a token yet)
+        assert b._tokens == 4 + 6 + 5 and b._tokens_at == [4, 5, 6]
+        await asyncio.sleep(0.02)
+        assert b._take() == high
+        with pytest.raises(DeadlineExceeded, match="queued"):
+            await expired[0].call.future
+        assert b._take() == normal
+        assert b._take() == [] and b.depth == 0 and b._tokens == 0 and b._tokens_at == [0, 0, 0]
         b.threads.shutdown()
 
     asyncio.run(main())

@@ -269,12 +269,12 @@ def test_generation_metrics_move(served: ServerThread) -> None:
     before = metrics(served)
     gen(served.stub(), "The king", max_new_tokens=5, temperature=0)
     after = metrics(served)
-    for name in (
-        "attnserve_generate_time_to_first_token_seconds_count",
-        "attnserve_generate_duration_seconds_count",
-        "attnserve_generate_queue_duration_seconds_count",
+    for name, labels in (
+        ("attnserve_generate_time_to_first_token_seconds_count", ()),
+        ("attnserve_generate_duration_seconds_count", ()),
+        ("attnserve_generate_queue_duration_seconds_count", (("priority", "normal"),)),
     ):
-        assert after[(name, ())] == before.get((name, ()), 0) + 1, name
+        assert after[(name, labels)] == before.get((name, labels), 0) + 1, name
     assert (
         after[("attnserve_generate_generated_tokens_total", ())]
         >= before.get(("attnserve_generate_generated_tokens_total", ()), 0) + 5

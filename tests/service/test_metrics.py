@@ -70,11 +70,16 @@ def test_labelled_series_expose_what_a_labelled_histogram_exposes() -> None:
 def test_the_services_histograms_count_in_bulk_under_their_names() -> None:
     m = Metrics()
     m.request_seconds.labels("Encode").observe(0.003)
-    m.queue_seconds.labels("encode").observe(0.001)
+    m.queue_seconds.labels("encode", "low").observe(0.001)
     m.gen_e2e_seconds.observe(45.0)
     r = m.registry
     assert r.get_sample_value("attnserve_request_duration_seconds_count", {"rpc": "Encode"}) == 1
-    assert r.get_sample_value("attnserve_queue_duration_seconds_bucket", {"graph": "encode", "le": "0.001"}) == 1
+    assert (
+        r.get_sample_value(
+            "attnserve_queue_duration_seconds_bucket", {"graph": "encode", "priority": "low", "le": "0.001"}
+        )
+        == 1
+    )
     assert r.get_sample_value("attnserve_generate_duration_seconds_bucket", {"le": "60.0"}) == 1
     assert r.get_sample_value("attnserve_generate_duration_seconds_bucket", {"le": "30.0"}) == 0
 
