@@ -112,8 +112,9 @@ class ServerConfig:
     # and the v2 service's liveness, readiness and metadata stay open to probes. Keys travel in the
     # clear without TLS. A key may be given as its SHA-256 ("sha256:<64 hex digits>", HASHED_KEY), so
     # that the file holds none a client could use. A named client's line may end with limits of its
-    # own, in place of the server's below for it alone ("batch <key> calls_per_second=0
-    # tokens_per_second=50000"; CLIENT_LIMITS), which change with the file as its keys do
+    # own, in place of the server's below for it alone, and the priority of its calls ("batch <key>
+    # calls_per_second=0 tokens_per_second=50000 priority=low"; CLIENT_LIMITS), which change with
+    # the file as its keys do
     api_keys_file: Path | None = None
     # the keys file is looked at this often and, where it changed, read again: the keys in it replace
     # those before, and a file that cannot be read or holds no key leaves those before in place and is
@@ -372,12 +373,22 @@ HASHED_KEY = "sha256:"
 # What a line of the keys file may set for its client after the name and key ("alice key-a
 # calls_per_second=50 tokens_per_second=20000"), each in place of the server's own setting for that
 # client alone (0: no such limit for it), and the type of each
-CLIENT_LIMITS: dict[str, type] = {
+def priority_number(name: str) -> int:
+    """A priority's name (PRIORITIES) as attnserve.v1's Priority numbers it: 1 the highest."""
+    if name not in PRIORITIES:
+        raise ValueError(name)
+    return PRIORITIES.index(name) + 1
+
+
+CLIENT_LIMITS: dict[str, typing.Callable[[str], float]] = {
     "max_calls": int,  # max_calls_per_client
     "calls_per_second": float,  # client_calls_per_second
     "burst": int,  # client_burst (one second of the client's own rate where that is given)
     "tokens_per_second": float,  # client_tokens_per_second
     "token_burst": int,  # client_token_burst (likewise)
+    # the priority of the client's calls (high, normal, low) and the highest they get: a call that
+    # asks none, or a higher one, is served at it
+    "priority": priority_number,
 }
 
 
@@ -439,6 +450,8 @@ def read_keys_file(path: Path, data: bytes | None = None) -> tuple[dict[str, str
             except ValueError:
                 value = -1
             if not 0 <= value < math.inf:
+                if kind is priority_number:
+                    raise ValueError(f"api_keys_file: line {number}: {limit} is {', '.join(PRIORITIES)}")
                 whole = "a whole number" if kind is int else "a number"
                 raise ValueError(f"api_keys_file: line {number}: {limit} is {whole} >= 0")
             if (name, limit) in set_on and limits[name][limit] != value:

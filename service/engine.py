@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 
 from service.batcher import Batcher, BatchLimits, BatchThreads
+from service.config import NORMAL
 from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.runtime import Runtime, pad_right, usable_cores
@@ -189,9 +190,14 @@ class Engine:
         return [table[i] for i in ids]
 
     async def encode(
-        self, ids: Sequence[Sequence[int]], pooling: Literal["mean", "last"], normalize: bool, deadline: float | None
+        self,
+        ids: Sequence[Sequence[int]],
+        pooling: Literal["mean", "last"],
+        normalize: bool,
+        deadline: float | None,
+        priority: int = NORMAL,
     ) -> Embedded:
-        items = self.encoder.enqueue([np.asarray(x, np.int64) for x in ids], deadline)  # all of them, or none
+        items = self.encoder.enqueue([np.asarray(x, np.int64) for x in ids], deadline, priority)  # all, or none
         results = await self.encoder.wait(items)
         which = 0 if pooling == "mean" else 1
         vectors = np.stack([r.value[which] for r in results]).astype(np.float32)
@@ -205,8 +211,13 @@ class Engine:
         )
 
     async def attention(
-        self, ids: Sequence[int], layers: Sequence[int], heads: Sequence[int], deadline: float | None
+        self,
+        ids: Sequence[int],
+        layers: Sequence[int],
+        heads: Sequence[int],
+        deadline: float | None,
+        priority: int = NORMAL,
     ) -> AttentionMap:
-        r = await self.attender.submit(np.asarray(ids, np.int64), deadline)
+        r = await self.attender.submit(np.asarray(ids, np.int64), deadline, priority)
         probs = r.value[np.ix_(list(layers), list(heads))]  # (len(layers), len(heads), T, T)
         return AttentionMap(probs, r.queue_seconds, r.compute_seconds)

@@ -198,13 +198,15 @@ LIMIT_REASONS = {IN_PROGRESS: CLIENT_CALLS_IN_PROGRESS, RATE: CLIENT_CALL_RATE, 
 
 class ClientLimits(NamedTuple):
     """A client's own limits (0: none of that kind): calls in progress; calls a second and their
-    bucket; tokens a second and theirs."""
+    bucket; tokens a second and theirs; the priority of its calls' work and the highest they get
+    (as attnserve.v1's Priority numbers them: 1 high, 2 normal, 3 low)."""
 
     max_calls: int
     rate: float
     burst: int
     token_rate: float
     token_burst: int
+    priority: int = 0
 
     def given(self, own: Mapping[str, float]) -> ClientLimits:
         """These limits with those ``own`` sets in their place (by the keys file's names,
@@ -218,6 +220,7 @@ class ClientLimits(NamedTuple):
             token_rate,
             int(own.get("token_burst", 0))
             or (max(1, math.ceil(token_rate)) if "tokens_per_second" in own else self.token_burst),
+            int(own.get("priority", self.priority)),
         )
 
     def of(self, kind: str) -> float:

@@ -45,7 +45,8 @@ MODELS = (ENCODE, GENERATE, ATTENTION)
 
 # Parameters clients set for the server or the transport, not for the model: accepted and ignored,
 # but for "timeout" (microseconds, as tritonclient's infer(timeout=...) sends it), which bounds the
-# request's time as a deadline does (request_deadline).
+# request's time as a deadline does (request_deadline), and "priority" (tritonclient's
+# infer(priority=...): 1 high, 2 normal, 3 low, 0 the default), which is the native calls' Priority.
 RESERVED_PARAMETERS = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers")
 
 # parameter name -> the kind of value it takes, per model
@@ -182,6 +183,20 @@ def request_deadline(request: v2.ModelInferRequest, deadline: float | None, star
         return deadline
     ends = start + micros / 1e6
     return ends if deadline is None else min(deadline, ends)
+
+
+def request_priority(request: v2.ModelInferRequest) -> int:
+    """The request's Triton ``priority`` parameter, as attnserve.v1's Priority (the same numbers: 1
+    the highest; 0, or none, the default)."""
+    if "priority" not in request.parameters:
+        return pb.PRIORITY_UNSPECIFIED
+    param = request.parameters["priority"]
+    which = param.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param") or not 0 <= getattr(param, which) <= pb.PRIORITY_LOW:
+        raise InvalidInput(
+            "parameters.priority: an integer, 1 (high), 2 (normal) or 3 (low), or 0 for the default, is expected"
+        )
+    return int(getattr(param, which))
 
 
 def read_parameters(request: v2.ModelInferRequest, model: str) -> dict[str, Any]:
@@ -481,6 +496,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         _, available = self._signature(model)
         outputs = Outputs(request, model, available)
         params = read_parameters(request, model)
+        priority = request_priority(request)
 
         def response(**parameters: Any) -> v2.ModelInferResponse:
             r = v2.ModelInferResponse(model_name=model, model_version=version, id=request.id)
@@ -494,6 +510,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                 pooling=choice(params, "pooling", {"mean": pb.POOLING_MEAN, "last": pb.POOLING_LAST}, pb.POOLING_MEAN),
                 normalize=bool(params.get("normalize", False)),
                 truncation=choice(params, "truncation", TRUNCATION, pb.TRUNCATION_ERROR),
+                priority=priority,  # type: ignore[arg-type]
             )
             done = await self.native.encode(native, deadline)
             values = {"EMBEDDING": done.output.vectors, "TOKEN_COUNT": done.output.token_counts}
@@ -502,18 +519,21 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         if model == ATTENTION:
             (text,) = read_texts(request, model, one=True)
             truncation = choice(params, "truncation", TRUNCATION, pb.TRUNCATION_ERROR)
-            att = await self.native.attention_map(pb.AttentionMapRequest(text=text, truncation=truncation), deadline)
+            native_att = pb.AttentionMapRequest(text=text, truncation=truncation, priority=priority)  # type: ignore[arg-type]
+            att = await self.native.attention_map(native_att, deadline)
             hold(att.release)
             tokens = self.native._engine().token_strings(att.ids)
             yield outputs.fill(response(truncated=att.truncated), {"ATTENTION": att.output.probs, "TOKENS": tokens})
             return
         (prompt,) = read_texts(request, model, one=True)
-        ids, sampling, truncated = await self.native._generation(generate_request(prompt, params), deadline)
+        native_gen = generate_request(prompt, params)
+        native_gen.priority = priority  # type: ignore[assignment]
+        ids, sampling, truncated, level = await self.native._generation(native_gen, deadline)
         # as Triton's decoupled models: the last response is marked final, or, when the client asks
         # for it, an empty response after the last one is
         empty_final = stream and request.parameters["triton_enable_empty_final_response"].bool_param
         final = {"triton_final_response": not empty_final} if stream else {}
-        async for group in self.native._scheduler().generate(ids, sampling, deadline, stream=stream):
+        async for group in self.native._scheduler().generate(ids, sampling, deadline, stream=stream, priority=level):
             end = next((e for e in group if isinstance(e, Done)), None)
             piece = "".join(e.text for e in group if isinstance(e, Token))
             if end is None:

@@ -32,6 +32,7 @@ import onnxruntime
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service import tracing
+from service.config import NORMAL
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Cut, Embedded, Engine
 from service.errors import (
@@ -428,17 +429,28 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         if not request.texts:
             raise InvalidInput("texts: at least one text is required")
         fields = self._check_texts(request.texts, "texts")
-        engine.encoder.admit(len(fields), deadline)  # refused now, untokenized, if it cannot be served
+        priority = self.priority(request.priority)
+        engine.encoder.admit(len(fields), deadline, priority)  # refused now, untokenized, if it cannot be served
         cut = CUTS.get(request.truncation)
         fitted = await engine.fit(request.texts, cut, fields)
         pooling: Literal["mean", "last"] = "last" if request.pooling == pb.POOLING_LAST else "mean"
         queued = time.monotonic()
-        out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline)
+        out = await engine.encode([f[0] for f in fitted], pooling, request.normalize, deadline, priority)
         self._count_input(sum(out.token_counts))
         self._count_truncated("text", cut, sum(truncated for _, truncated in fitted))
         if tracing.active():
             tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, {"attnserve.texts": len(fitted)}))
         return Encoded(out, [cut for _, cut in fitted])
+
+    def priority(self, asked: int) -> int:
+        """The priority (an index of config.PRIORITIES) of the work of a call that asked ``asked`` (a
+        pb.Priority): the one it asked, normal where it asked none; with API keys, its client's where
+        its line in the keys file sets one and the call asks none or a higher one."""
+        level = asked - 1 if asked else NORMAL
+        client = CLIENT.get()
+        if client is not None and self.limits_of is not None and (own := self.limits_of(client).priority):
+            return max(level, own - 1) if asked else own - 1
+        return level
 
     def _count_truncated(self, kind: str, cut: Cut, n: int) -> None:
         """Count ``n`` inputs of ``kind`` the model read cut at ``cut``."""
@@ -473,9 +485,10 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         layers = self._select(request.layers, info.n_layer, "layers")
         heads = self._select(request.heads, info.n_head, "heads")
         truncate = CUTS.get(request.truncation)
+        priority = self.priority(request.priority)
         if which == "text":
             self._check_texts([request.text], "text", repeated=False)
-            engine.attender.admit(1, deadline)
+            engine.attender.admit(1, deadline, priority)
             ((ids, cut),) = await engine.fit([request.text], truncate, ["text"])
         else:
             ids = list(request.token_ids.ids)
@@ -491,12 +504,12 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     "shorten it or set truncation to TRUNCATION_END or TRUNCATION_START"
                 )
             ids = ids[len(ids) - info.max_seq_len :] if cut and truncate == "start" else ids[: info.max_seq_len]
-            engine.attender.admit(1, deadline)
+            engine.attender.admit(1, deadline, priority)
         itemsize = 2 if request.precision == pb.PRECISION_FP16 else 4
         release = self.attention_budget.take(len(layers) * len(heads) * len(ids) ** 2 * itemsize, CLIENT.get())
         try:
             queued = time.monotonic()
-            out = await engine.attention(ids, layers, heads, deadline)
+            out = await engine.attention(ids, layers, heads, deadline, priority)
         except BaseException:
             release()
             raise
@@ -613,14 +626,17 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             burst=own.burst if own.rate else 0,
             tokens_per_second=own.token_rate,
             token_burst=own.token_burst if own.token_rate else 0,
+            priority=own.priority,  # type: ignore[arg-type]
         )
 
     async def _generation(
         self, request: pb.GenerateRequest, deadline: float | None
-    ) -> tuple[list[int], SamplingParams, bool]:
-        """The prompt's ids, the sampling parameters, and whether the prompt's start was dropped."""
+    ) -> tuple[list[int], SamplingParams, bool, int]:
+        """The prompt's ids, the sampling parameters, whether the prompt's start was dropped, and the
+        generation's priority."""
         scheduler = self._scheduler()
-        self.admit_generation(request, scheduler, deadline)
+        priority = self.priority(request.priority)
+        self.admit_generation(request, scheduler, deadline, priority)
         keep: int | None = None
         cut: Cut = None
         if request.truncation == pb.TRUNCATION_START:  # room for max_new_tokens, and for one prompt token
@@ -630,9 +646,11 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         ((ids, truncated),) = await self._engine().fit([request.prompt], cut, ["prompt"], keep, hint)
         params = self.sampling(request, scheduler, ids)
         self._count_truncated("prompt", cut, truncated)  # (before it is queued)
-        return ids, params, truncated
+        return ids, params, truncated, priority
 
-    def admit_generation(self, request: pb.GenerateRequest, scheduler: Scheduler, deadline: float | None) -> None:
+    def admit_generation(
+        self, request: pb.GenerateRequest, scheduler: Scheduler, deadline: float | None, priority: int = NORMAL
+    ) -> None:
         """The checks before a prompt is tokenized: its size, its stop sequences', room in the queue
         and time before its deadline."""
         self._check_texts([request.prompt], "prompt", repeated=False)
@@ -643,7 +661,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                 "TRUNCATION_START drops its first tokens instead"
             )
         # refused now, untokenized, when the queue is full or would outlast the deadline
-        scheduler.admit(deadline, max(1, min(request.max_new_tokens, scheduler.limits.max_new_tokens)))
+        scheduler.admit(deadline, max(1, min(request.max_new_tokens, scheduler.limits.max_new_tokens)), priority)
 
     @staticmethod
     def sampling(request: pb.GenerateRequest, scheduler: Scheduler, ids: list[int]) -> SamplingParams:
@@ -720,13 +738,13 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
             start = time.monotonic()
             deadline = self._deadline(context)
             tracing.choose_early(context)  # (its first token's exemplar names its span)
-            ids, params, truncated = await self._generation(request, deadline)
+            ids, params, truncated, priority = await self._generation(request, deadline)
             scheduler = self._scheduler()
             token_text = self._engine().token_text
             reply = pb.GenerateResponse()
             reply.usage.prompt_truncated = truncated
             queued = time.monotonic()
-            async for group in scheduler.generate(ids, params, deadline, stream=False):
+            async for group in scheduler.generate(ids, params, deadline, stream=False, priority=priority):
                 for event in group:
                     if isinstance(event, Token):
                         if event.id >= 0:
@@ -752,7 +770,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         deadline = self._deadline(context)
         tracing.choose_early(context)  # (its first token's exemplar names its span)
         try:
-            ids, params, truncated = await self._generation(request, deadline)
+            ids, params, truncated, priority = await self._generation(request, deadline)
             scheduler = self._scheduler()
             token_text = self._engine().token_text
         except BaseException as e:
@@ -770,7 +788,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         watch = self.write_watch
         writing = None if watch is None else watch.join()
         try:
-            async for group in scheduler.generate(ids, params, deadline):
+            async for group in scheduler.generate(ids, params, deadline, priority=priority):
                 if traced and isinstance(end := group[-1], Done):
                     self._trace_generation(queued, end)
                 message = self.stream_message(group, token_text)

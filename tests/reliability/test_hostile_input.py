@@ -104,6 +104,9 @@ ENUM_CASES: list[tuple[str, Message, str]] = [
     ("AttentionMap", pb.AttentionMapRequest(text="hi", truncation=4), "truncation"),
     ("Generate", pb.GenerateRequest(prompt="hi", max_new_tokens=1, truncation=4), "truncation"),
     ("AttentionMap", pb.AttentionMapRequest(text="hi", precision=-1), "precision"),
+    ("Encode", pb.EncodeRequest(texts=["hi"], priority=4), "priority"),
+    ("AttentionMap", pb.AttentionMapRequest(text="hi", priority=-2), "priority"),
+    ("Generate", pb.GenerateRequest(prompt="hi", max_new_tokens=1, priority=99), "priority"),
 ]
 
 

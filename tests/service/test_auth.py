@@ -11,7 +11,7 @@ import queue
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -480,6 +480,9 @@ def test_at_its_limit_a_clients_own_stalled_call_or_idle_stream_gives_way_to_its
         ("alice key-a burst=5\n", "alice's burst needs its calls_per_second"),
         ("alice key-a max_calls=2\nalice key-b max_calls=3\n", "line 2: alice's max_calls is not line 1's"),
         ("key-a max_calls=2\n", "line 1: limits are a named client's"),
+        ("alice key-a priority=urgent\n", "line 1: priority is high, normal, low"),
+        ("alice key-a priority=1\n", "line 1: priority is high, normal, low"),
+        ("alice key-a priority=low\nalice key-b priority=high\n", "line 2: alice's priority is not line 1's"),
     ],
 )
 def test_a_clients_own_limits_in_the_keys_file_are_checked(tmp_path: Path, text: str, says: str) -> None:
@@ -553,6 +556,61 @@ def test_each_client_may_have_limits_of_its_own_and_they_change_with_the_file(mo
         st.stop()
 
 
+def test_a_clients_priority_in_the_keys_file_is_its_calls_default_and_the_highest_they_get(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A tier of work: ``batch key-b priority=low`` puts all of batch's work behind everyone else's,
+    whatever priority its calls ask for; a client whose line sets none gets the one it asks for."""
+    path = tmp_path / "keys"
+    path.write_text("batch key-b priority=low\nweb key-w priority=high\nalice key-a\n")
+    st = ServerThread(config(model_dir, api_keys_file=path)).start()
+    stub = st.stub()
+
+    def key(k: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {k}")]
+
+    def served_at(call: Callable[[], object], graph: str = "encode") -> str:
+        """The priority whose queue the call's work waited in, as the metrics count it."""
+        generation = graph == "generate"
+        name = f"attnserve_{'generate_' if generation else ''}queue_duration_seconds_count"
+        before = metrics(st)
+        call()
+        grew = [
+            dict(labels)["priority"]
+            for (n, labels), v in metrics(st).items()
+            if n == name and dict(labels).get("graph", graph) == graph and v > before.get((n, labels), 0)
+        ]
+        assert len(grew) == 1, grew
+        return grew[0]
+
+    def encode(k: str, priority: int) -> Callable[[], object]:
+        return lambda: stub.Encode(pb.EncodeRequest(texts=["hi"], priority=priority), metadata=key(k), timeout=30)
+
+    try:
+        for k, want in (("key-b", pb.PRIORITY_LOW), ("key-w", pb.PRIORITY_HIGH), ("key-a", pb.PRIORITY_UNSPECIFIED)):
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=key(k), timeout=30)
+            assert info.limits.client.priority == want
+        assert served_at(encode("key-b", pb.PRIORITY_HIGH)) == "low"  # asked higher: served at its own
+        assert served_at(encode("key-b", pb.PRIORITY_UNSPECIFIED)) == "low"
+        assert served_at(encode("key-w", pb.PRIORITY_UNSPECIFIED)) == "high"
+        assert served_at(encode("key-w", pb.PRIORITY_LOW)) == "low"  # asked lower: served lower
+        assert served_at(encode("key-a", pb.PRIORITY_HIGH)) == "high"
+        assert served_at(encode("key-a", pb.PRIORITY_UNSPECIFIED)) == "normal"
+        attention = pb.AttentionMapRequest(text="hi", priority=pb.PRIORITY_HIGH)
+        assert served_at(lambda: stub.AttentionMap(attention, metadata=key("key-b"), timeout=30), "attention") == "low"
+        generate = pb.GenerateRequest(prompt="The king", max_new_tokens=2, priority=pb.PRIORITY_HIGH)
+        assert served_at(lambda: stub.Generate(generate, metadata=key("key-b"), timeout=30), "generate") == "low"
+        # a v2 request's priority parameter, likewise
+        request = v2.ModelInferRequest(model_name="attnserve-encode")
+        request.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"hi")
+        request.parameters["priority"].uint64_param = 1
+        infer = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(st.address)).ModelInfer
+        assert served_at(lambda: infer(request, metadata=key("key-b"), timeout=30)) == "low"
+        assert served_at(lambda: infer(request, metadata=key("key-a"), timeout=30)) == "high"
+    finally:
+        st.stop()
+
+
 SECRET = "s3cr3t-Key_0"  # in the place of a key on the fuzzer's lines; no message may repeat it
 WORD = st.text(st.characters(codec="utf-8"), max_size=6)
 
@@ -564,7 +622,7 @@ WORD = st.text(st.characters(codec="utf-8"), max_size=6)
             st.sampled_from(["", "alice", "bob", "#"]) | st.from_regex(r"\S{1,6}", fullmatch=True),  # a name, or none
             st.sampled_from([SECRET, SECRET + "=", "max_calls=1"]) | WORD,  # the key
             st.lists(
-                st.sampled_from(["max_calls=2", "burst=1", "calls_per_second=0.5", "token_burst=9"])
+                st.sampled_from(["max_calls=2", "burst=1", "calls_per_second=0.5", "token_burst=9", "priority=low"])
                 | st.from_regex(r"[a-z_]{1,12}=[-0-9.e]{0,6}", fullmatch=True)
                 | WORD,
                 max_size=3,

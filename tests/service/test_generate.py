@@ -17,7 +17,7 @@ import torch
 
 from model.train import load_checkpoint
 from protos.attnserve.v1 import attnserve_pb2 as pb
-from tests.service.conftest import ServerThread, config, outcome
+from tests.service.conftest import ServerThread, config, outcome, wait_for
 from tests.service.test_server import metrics, reason
 
 PROMPTS = ["The king", "Good sir waits for", "A fool laughs at the moon,\nThe night", "My"]
@@ -248,6 +248,36 @@ def test_a_call_that_could_not_be_done_before_its_deadline_is_refused_at_once(mo
         time.sleep(0.1)
         running.cancel()
         assert waiting.result(60).usage.generated_tokens >= 1
+
+
+def test_a_free_slot_goes_to_the_highest_priority_waiting_first_come_first_served_within_it(model_dir: Path) -> None:
+    with slowed(model_dir, max_running_sequences=1, max_waiting_sequences=8) as st:
+        stub = st.stub()
+        running = stub.GenerateStream(pb.GenerateRequest(prompt="The king", max_new_tokens=200, temperature=0))
+        next(running)  # holds the only slot
+        finished: list[str] = []
+        calls = []
+        order = [
+            ("low", pb.PRIORITY_LOW),
+            ("normal", pb.PRIORITY_UNSPECIFIED),
+            ("high 1", pb.PRIORITY_HIGH),
+            ("normal 2", pb.PRIORITY_NORMAL),
+            ("high 2", pb.PRIORITY_HIGH),
+        ]
+        for name, priority in order:
+            request = pb.GenerateRequest(prompt="Good sir", max_new_tokens=2, temperature=0, priority=priority)
+            call = stub.Generate.future(request, timeout=60)
+            call.add_done_callback(lambda _, name=name: finished.append(name))  # type: ignore[misc]
+            calls.append(call)
+            wait_for(lambda: metrics(st)[("attnserve_generate_waiting_sequences", ())] == len(calls))
+        before = metrics(st)
+        running.cancel()
+        assert [c.result(60).usage.generated_tokens for c in calls] == [2] * 5
+        assert finished == ["high 1", "high 2", "normal", "normal 2", "low"]
+        after = metrics(st)
+        for level, n in (("high", 2), ("normal", 2), ("low", 1)):
+            key = ("attnserve_generate_queue_duration_seconds_count", (("priority", level),))
+            assert after[key] == before.get(key, 0) + n, level
 
 
 def test_a_burst_at_an_idle_server_is_not_taken_for_a_queue(model_dir: Path) -> None:

@@ -354,6 +354,43 @@ def test_tritons_timeout_parameter_bounds_each_request(
     assert "deadline" in answers[0].error_message and not answers[1].error_message
 
 
+def test_tritons_priority_parameter_is_the_priority_of_the_requests_work(
+    v2_stub: v2_grpc.GRPCInferenceServiceStub, served: ServerThread
+) -> None:
+    """1 high, 2 normal, 3 low, 0 the default, as tritonclient's infer(priority=...) sends it (a
+    uint64), for each model; anything else is refused, naming the parameter."""
+
+    def counts() -> dict[tuple[str, str], float]:
+        m = metrics(served)
+        queued = {(dict(k)["graph"], dict(k)["priority"]): v for (n, k), v in m.items()
+                  if n == "attnserve_queue_duration_seconds_count"}  # fmt: skip
+        queued |= {("generate", dict(k)["priority"]): v for (n, k), v in m.items()
+                   if n == "attnserve_generate_queue_duration_seconds_count"}  # fmt: skip
+        return queued
+
+    for model, graph in (("attnserve-encode", "encode"), ("attnserve-attention", "attention"),
+                         ("attnserve-generate", "generate")):  # fmt: skip
+        for value, level in ((1, "high"), (2, "normal"), (3, "low"), (0, "normal")):
+            request = timed(model, 0)
+            request.parameters["priority"].uint64_param = value
+            before = counts()
+            assert v2_stub.ModelInfer(request, timeout=30).outputs
+            grew = {key for key, n in counts().items() if n > before.get(key, 0)}
+            assert grew == {(graph, level)}, (model, value)
+    for bad in (4, "high", 1.0):
+        request = timed("attnserve-encode", 0)
+        param = request.parameters["priority"]
+        if isinstance(bad, str):
+            param.string_param = bad
+        elif isinstance(bad, float):
+            param.double_param = bad
+        else:
+            param.int64_param = bad
+        with pytest.raises(grpc.RpcError) as e:
+            v2_stub.ModelInfer(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "parameters.priority" in e.value.details()
+
+
 def test_methods_not_served_say_so(served: ServerThread) -> None:
     channel = grpc.insecure_channel(served.address)
     call = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")

@@ -20,6 +20,13 @@ class Truncation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_END: _ClassVar[Truncation]
     TRUNCATION_START: _ClassVar[Truncation]
 
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_HIGH: _ClassVar[Priority]
+    PRIORITY_NORMAL: _ClassVar[Priority]
+    PRIORITY_LOW: _ClassVar[Priority]
+
 class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRECISION_UNSPECIFIED: _ClassVar[Precision]
@@ -41,6 +48,10 @@ TRUNCATION_UNSPECIFIED: Truncation
 TRUNCATION_ERROR: Truncation
 TRUNCATION_END: Truncation
 TRUNCATION_START: Truncation
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_HIGH: Priority
+PRIORITY_NORMAL: Priority
+PRIORITY_LOW: Priority
 PRECISION_UNSPECIFIED: Precision
 PRECISION_FP32: Precision
 PRECISION_FP16: Precision
@@ -62,16 +73,18 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("texts", "pooling", "normalize", "truncation")
+    __slots__ = ("texts", "pooling", "normalize", "truncation", "priority")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     pooling: Pooling
     normalize: bool
     truncation: Truncation
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values", "token_count", "truncated")
@@ -100,20 +113,22 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AttentionMapRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "layers", "heads", "precision", "truncation")
+    __slots__ = ("text", "token_ids", "layers", "heads", "precision", "truncation", "priority")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     layers: _containers.RepeatedScalarFieldContainer[int]
     heads: _containers.RepeatedScalarFieldContainer[int]
     precision: Precision
     truncation: Truncation
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ..., precision: _Optional[_Union[Precision, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ..., precision: _Optional[_Union[Precision, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class AttentionMapResponse(_message.Message):
     __slots__ = ("tokens", "token_ids", "shape", "precision", "probabilities", "layers", "heads", "truncated", "timings")
@@ -138,7 +153,7 @@ class AttentionMapResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., precision: _Optional[_Union[Precision, str]] = ..., probabilities: _Optional[bytes] = ..., layers: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ..., truncated: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "logprobs", "top_logprobs", "return_attention", "attention_top_k", "truncation")
+    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "logprobs", "top_logprobs", "return_attention", "attention_top_k", "truncation", "priority")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +167,7 @@ class GenerateRequest(_message.Message):
     RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_TOP_K_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     temperature: float
@@ -165,7 +181,8 @@ class GenerateRequest(_message.Message):
     return_attention: bool
     attention_top_k: int
     truncation: Truncation
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., return_attention: _Optional[bool] = ..., attention_top_k: _Optional[int] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., return_attention: _Optional[bool] = ..., attention_top_k: _Optional[int] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "text", "logprob")
@@ -298,20 +315,22 @@ class Limits(_message.Message):
     def __init__(self, max_seq_len: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., max_running_sequences: _Optional[int] = ..., max_waiting_sequences: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_attention_bytes: _Optional[int] = ..., client: _Optional[_Union[ClientLimits, _Mapping]] = ...) -> None: ...
 
 class ClientLimits(_message.Message):
-    __slots__ = ("client", "max_calls", "calls_per_second", "burst", "tokens_per_second", "token_burst")
+    __slots__ = ("client", "max_calls", "calls_per_second", "burst", "tokens_per_second", "token_burst", "priority")
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
     CALLS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     BURST_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BURST_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     client: str
     max_calls: int
     calls_per_second: float
     burst: int
     tokens_per_second: float
     token_burst: int
-    def __init__(self, client: _Optional[str] = ..., max_calls: _Optional[int] = ..., calls_per_second: _Optional[float] = ..., burst: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., token_burst: _Optional[int] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, client: _Optional[str] = ..., max_calls: _Optional[int] = ..., calls_per_second: _Optional[float] = ..., burst: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., token_burst: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class BuildInfo(_message.Message):
     __slots__ = ("attnserve_version", "onnxruntime_version", "grpc_version", "python_version")
