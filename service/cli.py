@@ -172,12 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--normalize", action="store_true", help="unit-length vectors")
     cut_help = "a text over the model's context: refused (error, the default), or its end or start dropped"
     ce.add_argument("--truncation", choices=["error", "end", "start"], default="error", help=cut_help)
+    priority_help = "which work the model does first: high, normal or low (default: the client's, else normal)"
+    ce.add_argument("--priority", choices=["high", "normal", "low"], help=priority_help)
     ca = csub.add_parser("attention", help="attention map of a text")
     ca.add_argument("text")
     ca.add_argument("--layers", type=int, nargs="*", help="layers to fetch (default all)")
     ca.add_argument("--heads", type=int, nargs="*", help="heads to fetch (default all)")
     ca.add_argument("--png", type=Path, help="write a heatmap per layer and head into this folder")
     ca.add_argument("--truncation", choices=["error", "end", "start"], default="error", help=cut_help)
+    ca.add_argument("--priority", choices=["high", "normal", "low"], help=priority_help)
     cg = csub.add_parser("generate", help="continue a prompt")
     cg.add_argument("prompt")
     cg.add_argument("--stream", action="store_true", help="print tokens as they arrive")
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fills it (error, the default), or its first tokens dropped (start)",
     )
     cg.add_argument("--attention", action="store_true", help="show what each token attended to most (last layer)")
+    cg.add_argument("--priority", choices=["high", "normal", "low"], help=priority_help)
     csub.add_parser("info", help="model and server information")
     ch = csub.add_parser("health", help="exit 0 when the server is SERVING (for container health checks)")
     ch.add_argument("--service", default="", help="service name to ask about (default: the server as a whole)")

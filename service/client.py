@@ -167,6 +167,12 @@ def heatmaps(response: pb.AttentionMapResponse, out_dir: Path) -> list[Path]:
 
 
 TRUNCATION = {"error": pb.TRUNCATION_ERROR, "end": pb.TRUNCATION_END, "start": pb.TRUNCATION_START}
+PRIORITY = {
+    None: pb.PRIORITY_UNSPECIFIED,
+    "high": pb.PRIORITY_HIGH,
+    "normal": pb.PRIORITY_NORMAL,
+    "low": pb.PRIORITY_LOW,
+}
 
 
 def dropped(usage: pb.Usage) -> str:
@@ -186,7 +192,11 @@ def main(args: argparse.Namespace) -> int:
         if args.client_command == "encode":
             pooling = pb.POOLING_LAST if args.pooling == "last" else pb.POOLING_MEAN
             request = pb.EncodeRequest(
-                texts=args.texts, pooling=pooling, normalize=args.normalize, truncation=TRUNCATION[args.truncation]
+                texts=args.texts,
+                pooling=pooling,
+                normalize=args.normalize,
+                truncation=TRUNCATION[args.truncation],
+                priority=PRIORITY[args.priority],
             )
             r = client.Encode(request, timeout=args.timeout)
             for text, e in zip(args.texts, r.embeddings, strict=True):
@@ -197,7 +207,11 @@ def main(args: argparse.Namespace) -> int:
             sys.stdout.write(f"queue {t.queue_seconds * 1e3:.2f} ms, compute {t.compute_seconds * 1e3:.2f} ms\n")
         elif args.client_command == "attention":
             req = pb.AttentionMapRequest(
-                text=args.text, layers=args.layers or [], heads=args.heads or [], truncation=TRUNCATION[args.truncation]
+                text=args.text,
+                layers=args.layers or [],
+                heads=args.heads or [],
+                truncation=TRUNCATION[args.truncation],
+                priority=PRIORITY[args.priority],
             )
             r = client.AttentionMap(req, timeout=args.timeout)
             probs = decode_probabilities(r)
@@ -236,6 +250,7 @@ def main(args: argparse.Namespace) -> int:
                 return_attention=args.attention,
                 attention_top_k=3,
                 truncation=TRUNCATION[args.truncation],
+                priority=PRIORITY[args.priority],
             )
             if args.seed is not None:
                 req.seed = args.seed

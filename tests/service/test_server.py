@@ -307,6 +307,27 @@ def test_the_command_line_client_asks_for_truncation(served: ServerThread, capsy
     assert code == 0 and len(out.splitlines()) == 1 + 4  # a line for each token, what it attended to in the kept prompt
 
 
+def test_the_command_line_client_asks_for_a_priority(served: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    def queued() -> dict[tuple[str, str], float]:
+        return {
+            (dict(labels).get("graph", "generate"), dict(labels)["priority"]): n
+            for (name, labels), n in metrics(served).items()
+            if name in ("attnserve_queue_duration_seconds_count", "attnserve_generate_queue_duration_seconds_count")
+        }
+
+    for argv, want in (
+        (["encode", "--priority", "low", "hi"], ("encode", "low")),
+        (["attention", "--priority", "high", "hi"], ("attention", "high")),
+        (["generate", "--priority", "low", "--max-new-tokens", "2", "hi"], ("generate", "low")),
+        (["generate", "--stream", "--priority", "high", "--max-new-tokens", "2", "hi"], ("generate", "high")),
+        (["encode", "hi"], ("encode", "normal")),
+    ):
+        before = queued()
+        assert client.main(build_parser().parse_args(["client", "--address", served.address, *argv])) == 0
+        assert {key for key, n in queued().items() if n > before.get(key, 0)} == {want}, argv
+    capsys.readouterr()
+
+
 def test_tokenize_and_model_info(served: ServerThread) -> None:
     stub = served.stub()
     t = stub.Tokenize(pb.TokenizeRequest(texts=["Good sir", "a"]))
