@@ -16,6 +16,15 @@ how long each new model took to serve from the signal, the latency of the Encode
 overlapped a load against those that did not, and the server's resident memory and threads after
 each model before it has stopped (growth there would be a model not let go).
 
+Priorities: the server kept busy by bulk work (a closed loop of ``BULK_CALLS`` Encode calls of
+``BULK_TEXTS`` texts each) while interactive calls of one text arrive at ``INTERACTIVE_RATE`` a
+second (Poisson, each with a 2 s deadline), in rounds alternated between the two marked alike
+(no priority: all normal) and marked apart (bulk PRIORITY_LOW, interactive PRIORITY_HIGH).
+Reported: the interactive calls' latency and codes, and the bulk texts a second, in each way.
+The same for generation: ``BULK_GENERATIONS`` closed loops of ``BULK_NEW_TOKENS``-token
+generations, twice the slots, while interactive ones of ``INTERACTIVE_NEW_TOKENS`` arrive at
+``INTERACTIVE_GENERATION_RATE`` a second.
+
 Soak: mixed traffic (encode, attention maps, unary and streamed generation, streams cancelled
 part-way, invalid requests) for ``soak_seconds``, sampling the server's resident memory,
 threads and open file descriptors. Growth is measured from the end of the first tenth (once
@@ -164,6 +173,113 @@ async def _overload(address: str, call: Call, rate: float, seconds: float, deadl
         "refused": {**percentiles(refused_latency), "max_ms": max(refused_latency) * 1e3} if refused_latency else {},
         "health_checks": health_checks,
         "health_failures": health_failures,
+    }
+
+
+BULK_CALLS, BULK_TEXTS = 16, 16  # the bulk load's calls in progress, and texts a call
+INTERACTIVE_RATE, INTERACTIVE_DEADLINE = 20.0, 2.0  # the interactive calls' arrivals a second, and deadline (s)
+BULK_GENERATIONS, BULK_NEW_TOKENS = 32, 64  # generation: twice the default slots, so that 16 wait
+INTERACTIVE_GENERATION_RATE, INTERACTIVE_NEW_TOKENS = 5.0, 8
+
+
+async def _priority_round(
+    address: str, texts: list[str], seconds: float, marked: bool, generate: bool = False
+) -> dict[str, Any]:
+    """One round of bulk and interactive work, with their priorities ``marked`` apart or not: Encode
+    calls, or with ``generate`` generations."""
+    low, high = (pb.PRIORITY_LOW, pb.PRIORITY_HIGH) if marked else (pb.PRIORITY_UNSPECIFIED,) * 2
+    bulk: list[Any]
+    if generate:
+        workers_n, rate, units = BULK_GENERATIONS, INTERACTIVE_GENERATION_RATE, BULK_NEW_TOKENS
+        bulk = [pb.GenerateRequest(prompt=p, max_new_tokens=units, temperature=0, priority=low) for p in PROMPTS]
+        shorts = [
+            pb.GenerateRequest(prompt=p, max_new_tokens=INTERACTIVE_NEW_TOKENS, temperature=0, priority=high)
+            for p in PROMPTS
+        ]
+    else:
+        workers_n, rate, units = BULK_CALLS, INTERACTIVE_RATE, BULK_TEXTS
+        bulk = [
+            pb.EncodeRequest(texts=[texts[(k + j) % len(texts)] for j in range(units)], priority=low)
+            for k in range(len(texts))
+        ]
+        shorts = [pb.EncodeRequest(texts=[t], priority=high) for t in texts]
+    rng = random.Random(1)
+    latency: list[float] = []
+    codes: collections.Counter[str] = collections.Counter()
+    bulk_units = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.AttnServeStub(channel)
+        method = stub.Generate if generate else stub.Encode
+        stop_at = time.perf_counter() + seconds
+
+        async def bulk_worker(i: int) -> None:
+            nonlocal bulk_units
+            k = i
+            while time.perf_counter() < stop_at:
+                reply = await method(bulk[k % len(bulk)], timeout=60)
+                bulk_units += reply.usage.generated_tokens if generate else units
+                k += workers_n
+
+        async def interactive(k: int) -> None:
+            t = time.perf_counter()
+            try:
+                await method(shorts[k % len(shorts)], timeout=INTERACTIVE_DEADLINE)
+                codes["OK"] += 1
+                latency.append(time.perf_counter() - t)
+            except grpc.aio.AioRpcError as e:
+                codes[e.code().name] += 1
+
+        start = time.perf_counter()
+        workers = [asyncio.ensure_future(bulk_worker(i)) for i in range(workers_n)]
+        await asyncio.sleep(0.5)  # the bulk queue fills before the first interactive call
+        calls, k = [], 0
+        next_at = time.perf_counter()
+        while next_at < stop_at:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            calls.append(asyncio.ensure_future(interactive(k)))
+            k += 1
+            next_at += rng.expovariate(rate)
+        await asyncio.gather(*calls, *workers)
+        elapsed = time.perf_counter() - start
+    return {
+        "marked": marked,
+        "interactive": percentiles(latency) if latency else {},
+        "interactive_codes": dict(codes),
+        f"bulk_{'tokens' if generate else 'texts'}_per_second": bulk_units / elapsed,
+    }
+
+
+def priorities(model_dir: Path, seconds: float, rounds: int = 2, tokens: int = 64) -> dict[str, Any]:
+    """Rounds of bulk and interactive work, alternated between no priorities and priorities: Encode
+    calls, then generations."""
+    rt = Runtime(model_dir, RuntimeOptions(device="cpu", warmup=False))
+    texts = texts_of(rt, min(tokens, rt.info.max_seq_len), 64)
+    del rt
+    proc, port = start_server(model_dir, "--intra-op-threads", "1", cpus={SERVER_CPU})
+    assert proc.stderr is not None
+    _drain(proc.stderr)
+    address = f"127.0.0.1:{port}"
+    results: dict[str, list[dict[str, Any]]] = {"encode": [], "generate": []}
+    try:
+        for kind, rounds_of in results.items():
+            for i in range(rounds):
+                for marked in (False, True) if i % 2 == 0 else (True, False):
+                    rounds_of.append(asyncio.run(_priority_round(address, texts, seconds, marked, kind == "generate")))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {
+        "seconds": seconds,
+        "bulk_calls": BULK_CALLS,
+        "bulk_texts": BULK_TEXTS,
+        "interactive_rate": INTERACTIVE_RATE,
+        "tokens_per_text": tokens,
+        "bulk_generations": BULK_GENERATIONS,
+        "bulk_new_tokens": BULK_NEW_TOKENS,
+        "interactive_generation_rate": INTERACTIVE_GENERATION_RATE,
+        "interactive_new_tokens": INTERACTIVE_NEW_TOKENS,
+        "rounds": results["encode"],
+        "generate_rounds": results["generate"],
     }
 
 
@@ -391,6 +507,7 @@ def run(
     soak_seconds: float = 600.0,
     reloads: int = 6,
     reload_seconds: float = 42.0,
+    priority_rounds: int = 2,
 ) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CPU})  # the load generator's core; the server gets the other
     result: dict[str, Any] = {"model": str(model_dir), "machine": machine()}
@@ -400,11 +517,27 @@ def run(
         result["generate_overload"] = overload(
             model_dir, seconds, overload_factor, 1, generate_deadline, max_new_tokens=max_new_tokens
         )
+    if part in ("all", "priority"):
+        result["priority"] = priorities(model_dir, seconds, priority_rounds)
     if part in ("all", "reload"):
         result["reload"] = reload(model_dir, reload_seconds, reloads)
     if part in ("all", "soak"):
         result["soak"] = soak(model_dir, soak_seconds)
     return result
+
+
+def _priority_lines(rounds: list[dict[str, Any]], units: str) -> list[str]:
+    lines = []
+    for one in rounds:
+        i = one["interactive"]
+        way = "bulk low, interactive high" if one["marked"] else "no priorities"
+        lines.append(
+            f"  {way:27}: interactive p50 {i.get('p50_ms', float('nan')):.1f} ms, "
+            f"p99 {i.get('p99_ms', float('nan')):.1f} ms "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(one['interactive_codes'].items()))}); "
+            f"bulk {one[f'bulk_{units}_per_second']:.0f} {units}/s"
+        )
+    return lines
 
 
 def table(r: dict[str, Any]) -> str:
@@ -427,6 +560,19 @@ def table(r: dict[str, Any]) -> str:
             f"max {ref.get('max_ms', float('nan')):.1f} ms",
             f"  health: {o['health_checks'] - o['health_failures']}/{o['health_checks']} checks SERVING within 1 s",
         ]
+    if p := r.get("priority"):
+        lines.append(
+            f"priorities: {p['bulk_calls']} bulk Encode calls of {p['bulk_texts']} texts in progress, interactive "
+            f"calls of one text at {p['interactive_rate']:g}/s ({p['tokens_per_text']} tokens a text), "
+            f"{p['seconds']:g} s a round"
+        )
+        lines += _priority_lines(p["rounds"], "texts")
+        lines.append(
+            f"  generation: {p['bulk_generations']} bulk generations of {p['bulk_new_tokens']} tokens in progress "
+            f"(16 slots), interactive ones of {p['interactive_new_tokens']} tokens at "
+            f"{p['interactive_generation_rate']:g}/s"
+        )
+        lines += _priority_lines(p["generate_rounds"], "tokens")
     if m := r.get("reload"):
         d, o = m["during"], m["outside"]
         lines += [

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reliability", help="overload at a multiple of capacity, new models under load, and a soak of mixed traffic"
     )
     bl.add_argument("--model-dir", type=Path, required=True)
-    bl.add_argument("--part", choices=["all", "overload", "generate", "reload", "soak"], default="all")
+    bl.add_argument("--part", choices=["all", "overload", "generate", "priority", "reload", "soak"], default="all")
     bl.add_argument("--seconds", type=float, default=15.0, help="duration of the overload (default 15)")
     bl.add_argument("--overload-factor", type=float, default=3.0, help="offered load / capacity (default 3)")
     bl.add_argument("--texts-per-request", type=int, default=16, help="texts in each overload call (default 16)")
@@ -268,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--reloads", type=int, default=6, help="new models loaded under load (default 6)")
     bl.add_argument(
         "--reload-seconds", type=float, default=42.0, help="duration of the load they are loaded under (default 42)"
+    )
+    bl.add_argument(
+        "--priority-rounds",
+        type=int,
+        default=2,
+        help="rounds of bulk and interactive work, each without and with priorities, --seconds each (default 2)",
     )
     bl.add_argument("--json", type=Path, help="also write the figures here")
     bl.set_defaults(func=_bench)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.reliability import PROMPTS, encode_calls, generate_calls, reload, table
+from bench.reliability import PROMPTS, encode_calls, generate_calls, priorities, reload, table
 from tests.service.conftest import ServerThread, config
 
 
@@ -63,3 +63,14 @@ def test_models_loaded_under_load_lose_no_call(model_dir: Path) -> None:
     assert r["during"]["calls"] > 0 and r["outside"]["calls"] > 0
     text = table({"machine": "2 cores", "reload": r})
     assert "reload: 2 new models in 6 s" in text and "serving the new model after SIGHUP" in text
+
+
+def test_the_priority_rounds_alternate_the_two_ways_and_are_reported(model_dir: Path) -> None:
+    r = priorities(model_dir, seconds=1.5, rounds=2)
+    for rounds, units in ((r["rounds"], "texts"), (r["generate_rounds"], "tokens")):
+        assert [one["marked"] for one in rounds] == [False, True, True, False]
+        for one in rounds:
+            assert one[f"bulk_{units}_per_second"] > 0 and one["interactive_codes"].get("OK", 0) > 0, one
+    text = table({"machine": "2 cores", "priority": r})
+    assert text.count("no priorities") == 4 and text.count("bulk low, interactive high") == 4
+    assert "interactive p50" in text and "texts/s" in text and "tokens/s" in text
