@@ -32,7 +32,7 @@ import onnxruntime
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from service import tracing
-from service.config import NORMAL
+from service.config import NORMAL, PRIORITIES
 from service.engine import AttentionMap as AttentionOutput
 from service.engine import Cut, Embedded, Engine
 from service.errors import (
@@ -439,7 +439,8 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self._count_input(sum(out.token_counts))
         self._count_truncated("text", cut, sum(truncated for _, truncated in fitted))
         if tracing.active():
-            tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, {"attnserve.texts": len(fitted)}))
+            said = {"attnserve.texts": len(fitted), "attnserve.priority": PRIORITIES[priority]}
+            tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, said))
         return Encoded(out, [cut for _, cut in fitted])
 
     def priority(self, asked: int) -> int:
@@ -516,7 +517,8 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         self._count_input(len(ids))
         self._count_truncated("text", truncate, cut)
         if tracing.active():
-            tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, {"attnserve.tokens": len(ids)}))
+            said = {"attnserve.tokens": len(ids), "attnserve.priority": PRIORITIES[priority]}
+            tracing.PHASES.set((queued, out.queue_seconds, out.compute_seconds, said))
         return Attended(out, ids, layers, heads, cut, release)
 
     async def AttentionMap(
@@ -723,9 +725,10 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         return msg
 
     @staticmethod
-    def _trace_generation(queued: float, done: Done) -> None:
-        """The call's span's phases: waiting for a slot, and the generation's usage."""
+    def _trace_generation(queued: float, done: Done, priority: int) -> None:
+        """The call's span's phases: waiting for a slot, and the generation's usage and priority."""
         attributes = {
+            "attnserve.priority": PRIORITIES[priority],
             "attnserve.prompt_tokens": done.prompt_tokens,
             "attnserve.generated_tokens": done.generated_tokens,
             "attnserve.finish_reason": done.finish.value,
@@ -758,7 +761,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     reply.timings.total_seconds = time.monotonic() - start
                     reply.time_to_first_token_seconds = event.time_to_first_token
                     if tracing.active():
-                        self._trace_generation(queued, event)
+                        self._trace_generation(queued, event, priority)
                     return reply
             raise RuntimeError("generation ended without a result")
 
@@ -790,7 +793,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         try:
             async for group in scheduler.generate(ids, params, deadline, priority=priority):
                 if traced and isinstance(end := group[-1], Done):
-                    self._trace_generation(queued, end)
+                    self._trace_generation(queued, end, priority)
                 message = self.stream_message(group, token_text)
                 if truncated and message.HasField("usage"):
                     message.usage.prompt_truncated = True

@@ -83,7 +83,9 @@ def test_each_call_is_a_span_in_its_callers_trace_with_its_queue_and_compute(
         stub = st.stub()
         traceparent = [("traceparent", f"00-{TRACE_ID}-{PARENT}-01"), ("x-request-id", "req-7")]
         encoded = stub.Encode(pb.EncodeRequest(texts=["the king speaks", "my lord"]), metadata=traceparent, timeout=30)
-        made = stub.Generate(pb.GenerateRequest(prompt="The king", max_new_tokens=4), timeout=30)
+        made = stub.Generate(
+            pb.GenerateRequest(prompt="The king", max_new_tokens=4, priority=pb.PRIORITY_LOW), timeout=30
+        )
         streamed = list(stub.GenerateStream(pb.GenerateRequest(prompt="Good sir", max_new_tokens=3), timeout=30))
         with pytest.raises(grpc.RpcError):
             stub.Encode(pb.EncodeRequest(), timeout=30)  # INVALID_ARGUMENT: a span, not an error's
@@ -98,6 +100,7 @@ def test_each_call_is_a_span_in_its_callers_trace_with_its_queue_and_compute(
     assert said["rpc.system"] == "grpc" and said["rpc.service"] == "attnserve.v1.AttnServe"
     assert (said["rpc.method"], said["rpc.grpc.status_code"]) == ("Encode", 0)
     assert said["attnserve.request_id"] == "req-7" and said["attnserve.texts"] == 2
+    assert said["attnserve.priority"] == "normal"
     assert said["client.address"].startswith("ipv4:127.0.0.1:")
     children = {s.name: s for s in spans if s.parent_span_id == encode.span_id}
     assert set(children) == {"queue", "compute"}
@@ -122,6 +125,7 @@ def test_each_call_is_a_span_in_its_callers_trace_with_its_queue_and_compute(
     said = attributes(generate.attributes)
     assert said["attnserve.generated_tokens"] == made.usage.generated_tokens
     assert said["attnserve.prompt_tokens"] == made.usage.prompt_tokens and said["attnserve.finish_reason"] == "length"
+    assert said["attnserve.priority"] == "low"
     assert [s.name for s in spans if s.parent_span_id == generate.span_id] == ["queue"]
     (stream,) = by_name(spans, "attnserve.v1.AttnServe/GenerateStream")
     assert attributes(stream.attributes)["attnserve.generated_tokens"] == streamed[-1].usage.generated_tokens
