@@ -51,6 +51,9 @@ class ServerConfig:
     variant: str = "fp32"  # fp32 | int8 | fp16
     ort_spin: bool = False  # ONNX Runtime threads spinning between runs starve the event loop
     step_threads: int = 1  # generation's CPU decode steps: one thread, woken for nothing (0 = intra_op_threads)
+    # refuse a model directory whose config.json records no file digests (exported before they were,
+    # or with the record taken out), at start and on a reload, rather than load its files unchecked
+    require_model_digests: bool = False
     max_batch_size: int = 32
     # padded tokens a batch holds; 0: chosen for the device the model runs on (see batch_limits)
     max_batch_tokens: int = 0
@@ -262,6 +265,7 @@ class ServerConfig:
             variant=self.variant,  # type: ignore[arg-type]
             spin=self.ort_spin,
             step_threads=self.step_threads,
+            require_digests=self.require_model_digests,
         )
 
     def batch_limits(self, cuda: bool = False, threads: int = 1) -> BatchLimits:

@@ -78,6 +78,8 @@ class RuntimeOptions:
     # intra-op threads of that graph; 0 = intra_op_threads. A step is dozens of tiny kernels: a second
     # thread helps a little when it spins, and costs more than it gives when it must be woken each time
     step_threads: int = 0
+    # refuse a directory whose config.json records no file digests, rather than load it unchecked
+    require_digests: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -335,6 +337,11 @@ class Runtime:
         self.info = read_model_info(self.model_dir)
         self._verified: set[str] = set()
         if self.info.files is None:
+            if self.options.require_digests:
+                raise ModelDirError(
+                    f"{self.model_dir / CONFIG}: records no file digests, and they are required "
+                    "(require_model_digests): export the directory again"
+                )
             log.info("%s records no file digests (exported before they were): files not checked", CONFIG)
         tok_path = self.model_dir / TOKENIZER
         if not tok_path.is_file():

@@ -254,6 +254,12 @@ def test_gpu_overlay_asks_for_a_gpu_and_requires_cuda() -> None:
     assert env.device == "cuda" and env.require_cuda
 
 
+def test_the_deployed_server_loads_only_model_directories_that_record_their_digests() -> None:
+    for overlay in ("overlays/cpu", "overlays/gpu"):
+        env = ServerConfig.from_sources(None, by_kind(kustomize(overlay), "ConfigMap")["data"])
+        assert env.require_model_digests, overlay
+
+
 # --- monitoring ---------------------------------------------------------------------------------
 
 

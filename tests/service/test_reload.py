@@ -24,6 +24,7 @@ from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.config import ServerConfig
 from service.model_dir import state
+from service.runtime import ModelDirError
 from service.scheduler import Scheduler
 from service.servicer import Loaded
 from tests.reliability.conftest import NOT_SERVING, SERVING, health
@@ -220,6 +221,29 @@ def test_a_directory_whose_graph_was_damaged_in_place_is_refused_by_its_digest(
     assert version(st.stub()) == "1" and reloads(st) == (0, 1, 1)
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("encode.onnx: not the bytes export wrote" in m and "still serving tiny 1" in m for m in errors), errors
+
+
+def test_with_digests_required_a_directory_whose_record_was_taken_out_is_refused(
+    models: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever can change a graph can also take its digest out of config.json, which an older export
+    lacks too: with require_model_digests such a directory is refused, at start and on a reload."""
+    link, one, _ = models
+    bare = copy(one, tmp_path / "bare", "3")
+    cfg = json.loads((bare / "config.json").read_text())
+    del cfg["files"]
+    (bare / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelDirError, match="records no file digests, and they are required"):
+        ServerThread(config(bare, require_model_digests=True)).start()
+    st = ServerThread(config(link, require_model_digests=True)).start()
+    try:
+        point(link, bare)
+        st.call(st.server.reload_model(asked=True))
+        assert version(st.stub()) == "1" and reloads(st) == (0, 1, 1)
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("records no file digests" in m and "still serving tiny 1" in m for m in errors), errors
+    finally:
+        st.stop()
 
 
 def test_the_directory_is_looked_at_every_model_reload_seconds_and_taken_once_settled(

@@ -131,6 +131,9 @@ def test_a_directory_exported_before_digests_were_recorded_loads(
     with caplog.at_level(logging.INFO, "service.runtime"):
         assert Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False)).info.files is None
     assert any("records no file digests" in r.getMessage() for r in caplog.records)
+    # unless digests are required: then it is refused, saying why
+    with pytest.raises(ModelDirError, match=re.escape("config.json: records no file digests, and they are required")):
+        Runtime(broken_dir, RuntimeOptions(device="cpu", warmup=False, require_digests=True))
     graph = broken_dir / "encode.onnx"
     graph.write_bytes(graph.read_bytes()[:1000])  # then ONNX Runtime is what finds a file cut short
     with pytest.raises(ModelDirError, match=r"encode\.onnx: ONNX Runtime cannot load it"):
