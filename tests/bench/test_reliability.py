@@ -66,11 +66,11 @@ def test_models_loaded_under_load_lose_no_call(model_dir: Path) -> None:
 
 
 def test_the_priority_rounds_alternate_the_two_ways_and_are_reported(model_dir: Path) -> None:
-    r = priorities(model_dir, seconds=1.5, rounds=2)
+    r = priorities(model_dir, seconds=1.0, rounds=1)
     for rounds, units in ((r["rounds"], "texts"), (r["generate_rounds"], "tokens")):
-        assert [one["marked"] for one in rounds] == [False, True, True, False]
+        assert [one["marked"] for one in rounds] == [False, True]
         for one in rounds:
             assert one[f"bulk_{units}_per_second"] > 0 and one["interactive_codes"].get("OK", 0) > 0, one
     text = table({"machine": "2 cores", "priority": r})
-    assert text.count("no priorities") == 4 and text.count("bulk low, interactive high") == 4
+    assert text.count("no priorities") == 2 and text.count("bulk low, interactive high") == 2
     assert "interactive p50" in text and "texts/s" in text and "tokens/s" in text
