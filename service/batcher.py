@@ -21,6 +21,9 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
   Triton's priority levels do. A batch holds one priority only: on a CPU a batch takes time in
   proportion to its texts, so lower work filling its room would delay the higher work it came
   with. Lower work waits while higher keeps the model busy; its deadline bounds that wait.
+  Where the queue is full, higher work takes the places of the lower work queued last (whole
+  requests none of whose sequences has started), which is refused as a full queue refuses:
+  so that a flood of low work cannot keep out what is to go ahead of it.
 * Requests whose caller has gone (cancelled future) or whose deadline has passed are dropped
   before the model sees them.
 * The batch runs on a batch thread (``BatchThreads``) so the event loop never blocks; its results
@@ -244,7 +247,8 @@ class Batcher:
         priority and above) is done."""
         if self._closed:
             raise ModelNotReady("server is shutting down", SHUTTING_DOWN)
-        if self._queued + n > self.limits.max_queue_size:
+        limit = self.limits.max_queue_size
+        if self._queued + n > limit and self._queued - sum(map(len, self._queues[priority + 1 :])) + n > limit:
             self.metrics.dropped.labels(self.name, "queue_full").inc(n)
             raise Overloaded(f"{self.name} queue is full ({self._queued} waiting); retry later")
         if deadline is not None:
@@ -263,15 +267,30 @@ class Batcher:
     def enqueue(self, seqs: Sequence[np.ndarray], deadline: float | None, priority: int = NORMAL) -> list[Pending]:
         """Queue all of seqs, or none (Overloaded), at ``priority``: one synchronous step, so no other
         request's sequences come between them."""
-        self.admit(len(seqs), None)
+        n = len(seqs)
+        self.admit(n, None, priority)
         tokens = sum(len(x) for x in seqs)
-        if self._tokens + tokens > self.limits.max_queue_tokens:
-            self.metrics.dropped.labels(self.name, "queue_full").inc(len(seqs))
-            raise Overloaded(f"{self.name} queue is full ({self._tokens} tokens waiting); retry later")
+        over, over_tokens = (
+            self._queued + n - self.limits.max_queue_size,
+            self._tokens + tokens - self.limits.max_queue_tokens,
+        )
+        displaced: list[list[Pending]] = []
+        if over > 0 or over_tokens > 0:
+            found = self._displaceable(priority, over, over_tokens)
+            if found is None:
+                self.metrics.dropped.labels(self.name, "queue_full").inc(n)
+                waiting = f"{self._tokens} tokens" if over_tokens > 0 else str(self._queued)
+                raise Overloaded(f"{self.name} queue is full ({waiting} waiting); retry later")
+            displaced = found
         for ids in seqs:
             if not 0 < len(ids) <= self.max_len:  # the servicer bounds inputs; this is a defect, not a client error
                 raise ValueError(f"{len(ids)} tokens; the servicer must bound inputs to 1..{self.max_len}")
-        n = len(seqs)
+        for victim in displaced:
+            self._unqueue(victim)
+            self.metrics.dropped.labels(self.name, "displaced").inc(len(victim))
+            victim[0].call.future.set_exception(
+                Overloaded(f"{self.name} queue is full: displaced by work of a higher priority; retry later")
+            )
         call = Call(asyncio.get_running_loop().create_future(), time.monotonic(), deadline, [None] * n, n, priority)
         items = [Pending(ids, call, i) for i, ids in enumerate(seqs)]
         call.future.add_done_callback(functools.partial(self._forget, items))
@@ -285,6 +304,26 @@ class Batcher:
         if self._ready():  # the collector has something to do now (each wake-up costs it a turn of the loop)
             self._wake.set()
         return items
+
+    def _displaceable(self, priority: int, sequences: int, tokens: int) -> list[list[Pending]] | None:
+        """The requests queued below ``priority`` whose places free ``sequences`` sequences and
+        ``tokens`` tokens, the lowest priority's first and the latest first within one (a request
+        whole, and none of which has started); None where those there are would not."""
+        found: list[list[Pending]] = []
+        for waiting in reversed(self._queues[priority + 1 :]):
+            by_call: dict[int, list[Pending]] = {}
+            for p in reversed(waiting):
+                by_call.setdefault(id(p.call), []).append(p)
+            for items in by_call.values():
+                call = items[0].call
+                if call.started_at or len(items) != call.left or call.future.done():
+                    continue  # part of it under way: it finishes
+                found.append(items)
+                sequences -= len(items)
+                tokens -= sum(len(p.ids) for p in items)
+                if sequences <= 0 and tokens <= 0:
+                    return found
+        return None
 
     async def wait(self, items: Sequence[Pending]) -> list[Result[Any]]:
         """The results of enqueued items (one request's). Cancelled here when the caller goes away: its

@@ -189,7 +189,8 @@ class Metrics:
         self.dropped = Counter(
             "attnserve_dropped_texts_total",
             "Texts refused or dropped before the model ran them, by reason: queue_full (refused, no room), "
-            "deadline (refused or dropped, its deadline could not be met), cancelled (its caller went away)",
+            "deadline (refused or dropped, its deadline could not be met), cancelled (its caller went away), "
+            "displaced (queued, then refused to make room for work of a higher priority)",
             ["graph", "reason"],
             registry=r,
         )

@@ -219,7 +219,7 @@ class Scheduler:
             )
         if self._closed:
             raise ModelNotReady("server is shutting down", SHUTTING_DOWN)
-        if len(self.waiting) >= self.limits.max_waiting:
+        if len(self.waiting) >= self.limits.max_waiting and not self._below(priority):
             raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
         if deadline is None:
             return
@@ -269,7 +269,7 @@ class Scheduler:
         the tokens are held and handed over with the ``Done``, which costs the event loop one wake-up
         rather than one a token. Leaving early cancels the sequence. It waits for a slot behind those
         of its ``priority`` and above that came before it, ahead of any below."""
-        self.admit()
+        self.admit(priority=priority)
         seq = self._sequence(Sequence, prompt, params, deadline, stream)
         seq.priority = priority
         self._enqueue(seq)
@@ -303,15 +303,30 @@ class Scheduler:
         seq.exemplar = tracing.exemplar()  # (likewise: its span's ids, where chosen as it started)
         return seq
 
-    def _enqueue(self, seq: Sequence) -> None:
+    def _below(self, priority: int) -> bool:
+        """Whether a sequence of a lower priority than ``priority`` waits (one whose place it may take)."""
         with self._lock:
-            if len(self.waiting) >= self.limits.max_waiting:
-                raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
-            waiting, at = self.waiting, len(self.waiting)
+            return bool(self.waiting) and self.waiting[-1].priority > priority
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Queue ``seq`` behind those of its priority and above; where the queue is full, in the place
+        of the sequence of a lower priority that came last (refused as a full queue refuses, so that a
+        flood of low work cannot keep out higher), else refused."""
+        displaced = None
+        with self._lock:
+            waiting = self.waiting
+            if len(waiting) >= self.limits.max_waiting:
+                if not waiting or waiting[-1].priority <= seq.priority:
+                    raise Overloaded(f"generation queue is full ({self.limits.max_waiting} waiting); retry later")
+                displaced = waiting.pop()  # the lowest priority's latest
+            at = len(waiting)
             while at and waiting[at - 1].priority > seq.priority:  # behind its own priority and those above
                 at -= 1
             waiting.insert(at, seq)
             self.metrics.gen_waiting.set(len(waiting))
+        if displaced is not None:  # (it never reached the loop's hands: told here, on the event loop)
+            error = Overloaded("generation queue is full: displaced by work of a higher priority; retry later")
+            self._deliver([(displaced, error)])
         self._wake.set()
 
     @staticmethod

@@ -530,3 +530,42 @@ def test_expired_and_cancelled_requests_leave_whichever_priority_they_wait_at() 
         b.threads.shutdown()
 
     asyncio.run(main())
+
+
+def test_at_a_full_queue_higher_work_takes_the_places_of_the_lower_work_queued_last() -> None:
+    """A flood of low work cannot keep out high: at a full queue, whole requests of a lower priority
+    that have not started are refused (QUEUE_FULL) for it, the lowest and latest first; work at or
+    above its priority never is."""
+
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()
+        b = make(model, max_queue_size=6, max_queue_tokens=40, max_in_flight=1, max_batch_size=2)
+        b.start()
+        started = b.enqueue([ids(2), ids(2), ids(2)], None, LOW)  # its first two run, the third waits
+        await until(lambda: model.entered == [2])
+        low = [b.enqueue([ids(3)], None, LOW) for _ in range(2)]
+        normal = b.enqueue([ids(4), ids(4)], None, NORMAL)
+        assert b.depth == 5
+        high = b.enqueue([ids(5), ids(5)], None, HIGH)  # one place free: the latest low call gives its own
+        with pytest.raises(Overloaded, match="displaced by work of a higher priority"):
+            await low[1][0].call.future
+        assert not low[0][0].call.future.done() and b.depth == 6
+        more = b.enqueue([ids(5)], None, HIGH)  # the other low call's place; the started one keeps its own
+        with pytest.raises(Overloaded, match="displaced"):
+            await low[0][0].call.future
+        with pytest.raises(Overloaded, match="queue is full"):  # nothing below NORMAL left to give way
+            b.enqueue([ids(1)], None, NORMAL)
+        with pytest.raises(Overloaded, match="queue is full"):
+            b.admit(1, None, LOW)
+        high_tokens = b.enqueue([ids(20)], None, HIGH)  # by tokens too: normal gives its 8 (and its place)
+        with pytest.raises(Overloaded, match="displaced"):
+            await normal[0].call.future
+        assert b._tokens == 2 + 10 + 5 + 20 and b.depth == 5
+        assert b.metrics.dropped.labels("encode", "displaced")._value.get() == 4
+        model.gate.set()
+        for items in (started, high, more, high_tokens):
+            await b.wait(items)
+        await b.stop()
+
+    asyncio.run(main())

@@ -280,6 +280,33 @@ def test_a_free_slot_goes_to_the_highest_priority_waiting_first_come_first_serve
             assert after[key] == before.get(key, 0) + n, level
 
 
+def test_at_a_full_queue_a_generation_takes_the_place_of_the_lower_one_that_came_last(model_dir: Path) -> None:
+    with slowed(model_dir, max_running_sequences=1, max_waiting_sequences=2) as st:
+        stub = st.stub()
+        running = stub.GenerateStream(pb.GenerateRequest(prompt="The king", max_new_tokens=200, temperature=0))
+        next(running)  # holds the only slot
+
+        def waiting(priority: int) -> grpc.Future:
+            request = pb.GenerateRequest(prompt="Good sir", max_new_tokens=2, temperature=0, priority=priority)
+            return stub.Generate.future(request, timeout=60)
+
+        low = waiting(pb.PRIORITY_LOW)
+        wait_for(lambda: metrics(st)[("attnserve_generate_waiting_sequences", ())] == 1)
+        later_low = waiting(pb.PRIORITY_LOW)
+        wait_for(lambda: metrics(st)[("attnserve_generate_waiting_sequences", ())] == 2)
+        high = waiting(pb.PRIORITY_HIGH)  # full: the later low gives its place
+        code, details = outcome(later_low)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "displaced by work of a higher priority" in details
+        assert reason(later_low.exception()) == "QUEUE_FULL"  # type: ignore[arg-type]
+        normal = waiting(pb.PRIORITY_NORMAL)  # and the other low, for normal work
+        assert "displaced" in outcome(low)[1]
+        with pytest.raises(grpc.RpcError) as e:  # nothing lower than normal waits: refused, as before
+            gen(stub, "One too many", max_new_tokens=2, priority=pb.PRIORITY_NORMAL)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "displaced" not in (e.value.details() or "")
+        running.cancel()
+        assert high.result(60).usage.generated_tokens == normal.result(60).usage.generated_tokens == 2
+
+
 def test_a_burst_at_an_idle_server_is_not_taken_for_a_queue(model_dir: Path) -> None:
     """Calls that arrive together wait, for a moment, for the loop to let them into the free slots:
     none is refused for its deadline while there are slots for all of them."""
