@@ -51,7 +51,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from service.config import NORMAL, PRIORITIES
+from service.config import LOW, NORMAL, PRIORITIES
 from service.errors import QUEUE_TOO_LONG, SHUTTING_DOWN, DeadlineExceeded, ModelNotReady, Overloaded
 from service.handoff import Handoff
 from service.metrics import Metrics
@@ -235,10 +235,10 @@ class Batcher:
     def depth(self) -> int:
         return self._queued
 
-    def expected_wait(self, priority: int = len(PRIORITIES) - 1) -> float:
+    def expected_wait(self, priority: int = LOW) -> float:
         """Seconds until the model is through with the work queued now at ``priority`` and above (an
         estimate; by default, all of it): what a request of that priority would wait for."""
-        ahead = self._tokens if priority == len(PRIORITIES) - 1 else sum(self._tokens_at[: priority + 1])
+        ahead = self._tokens if priority == LOW else sum(self._tokens_at[: priority + 1])
         return ahead * self._seconds_per_token
 
     def admit(self, n: int, deadline: float | None, priority: int = NORMAL) -> None:

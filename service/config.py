@@ -374,9 +374,6 @@ CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HASHED_KEY = "sha256:"
 
 
-# What a line of the keys file may set for its client after the name and key ("alice key-a
-# calls_per_second=50 tokens_per_second=20000"), each in place of the server's own setting for that
-# client alone (0: no such limit for it), and the type of each
 def priority_number(name: str) -> int:
     """A priority's name (PRIORITIES) as attnserve.v1's Priority numbers it: 1 the highest."""
     if name not in PRIORITIES:
@@ -384,6 +381,9 @@ def priority_number(name: str) -> int:
     return PRIORITIES.index(name) + 1
 
 
+# What a line of the keys file may set for its client after the name and key ("alice key-a
+# calls_per_second=50 tokens_per_second=20000"), each in place of the server's own setting for that
+# client alone (0: no such limit for it), and how each is read
 CLIENT_LIMITS: dict[str, typing.Callable[[str], float]] = {
     "max_calls": int,  # max_calls_per_client
     "calls_per_second": float,  # client_calls_per_second
