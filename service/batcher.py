@@ -32,7 +32,8 @@ manner of Ray Serve's ``@serve.batch`` and text-embeddings-inference's queue:
 * Up to ``max_in_flight`` batches run at once (2 by default). A second batch starts beside a
   running one only when a full batch is queued: then the model has work while the first one's
   results go back to their callers. A part-filled batch waits for the running one to finish and
-  gathers meanwhile, so light load still forms batches as large as one batch in flight would.
+  gathers meanwhile, so light load still forms batches as large as one batch in flight would;
+  but not for running batches of a lower priority only: higher work starts beside them at once.
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ class Batcher:
     _task: asyncio.Task[None] | None = None
     _closed: bool = False
     _in_flight: int = 0  # batches running now
+    _running_at: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))  # ... of each priority
     _drained: asyncio.Future[None] | None = None  # what stop() awaits while batches still run
     _tokens: int = 0  # tokens of the queued sequences
     # and of those of each priority
@@ -366,12 +368,16 @@ class Batcher:
         self._tokens_at[priority] -= tokens
         self._depth.set(self._queued)
 
-    def _first(self) -> list[Pending]:
-        """The queue a batch is formed from: that of the highest priority with any queued (empty: none is)."""
-        for waiting in self._queues:
+    def _top(self) -> int:
+        """The highest priority with any queued (the lowest where none is): the one a batch is formed from."""
+        for priority, waiting in enumerate(self._queues):
             if waiting:
-                return waiting
-        return self._queues[-1]
+                return priority
+        return LOW
+
+    def _first(self) -> list[Pending]:
+        """The queue a batch is formed from (empty: none is queued)."""
+        return self._queues[self._top()]
 
     @staticmethod
     def _fail(items: Sequence[Pending], error: BaseException) -> None:
@@ -406,10 +412,11 @@ class Batcher:
 
     def _ready(self) -> bool:
         """Whether to form a batch now: work is queued and a slot is free; beside a running batch,
-        only a full one (a part-filled batch waits: the running one may be done before it would be)."""
+        only a full one (a part-filled batch waits: the running one may be done before it would be),
+        or one of a higher priority than every batch running (it does not wait for lower work)."""
         if not self._queued or self._in_flight >= self.limits.max_in_flight:
             return False
-        return not self._in_flight or self._full()
+        return not self._in_flight or self._full() or not any(self._running_at[: self._top() + 1])
 
     def _full(self) -> bool:
         """Whether a full batch is queued (of one priority, as a batch is)."""
@@ -475,7 +482,9 @@ class Batcher:
         start = time.monotonic()
         self._in_flight += 1
         sharing = self._in_flight  # batches running beside this one, itself included
-        queued = self._queue_seconds[batch[0].call.priority]  # (a batch is of one priority)
+        priority = batch[0].call.priority  # (a batch is of one priority)
+        self._running_at[priority] += 1
+        queued = self._queue_seconds[priority]
         for p in batch:
             p.call.started_at = start
             queued.observe(start - p.call.enqueued_at)
@@ -503,6 +512,7 @@ class Batcher:
     ) -> None:
         """A batch's outcome, on the event loop: its callers' results, or its error for each of them."""
         self._in_flight -= 1
+        self._running_at[batch[0].call.priority] -= 1
         try:
             if error is None and (results is None or len(results) != len(batch)):
                 error = RuntimeError(

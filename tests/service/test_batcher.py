@@ -569,3 +569,31 @@ def test_at_a_full_queue_higher_work_takes_the_places_of_the_lower_work_queued_l
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_higher_work_starts_beside_running_batches_of_lower_work_only() -> None:
+    """With two batches in flight, a part-filled batch waits for the running one, unless every batch
+    running is of a lower priority than it: then it starts at once beside them."""
+
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()
+        b = make(model, max_in_flight=2)
+        b.start()
+        low = b.enqueue([ids(7)], None, LOW)
+        await until(lambda: model.entered == [1])
+        later_low = b.enqueue([ids(7, 2)], None, LOW)  # part-filled, beside a batch of its own priority: waits
+        await asyncio.sleep(0.05)
+        assert model.entered == [1]
+        high = b.enqueue([ids(5)], None, HIGH)  # beside low work only: at once
+        await until(lambda: model.entered == [1, 1])
+        normal = b.enqueue([ids(3)], None, NORMAL)  # beside a high batch (and no slot free): waits
+        await asyncio.sleep(0.05)
+        assert model.entered == [1, 1] and b.depth == 2
+        model.gate.set()
+        for items in (low, later_low, high, normal):
+            await b.wait(items)
+        assert model.batches[2:] == [[3], [7]]  # then normal, then low
+        await b.stop()
+
+    asyncio.run(main())
