@@ -189,15 +189,13 @@ class Batcher:
     max_len: int  # the longest sequence a batch may hold
     # the queued sequences of each priority, highest first, each in order of arrival
     _queues: tuple[list[Pending], ...] = field(default_factory=lambda: tuple([] for _ in PRIORITIES))
-    _queued: int = 0  # sequences in all of them
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _closed: bool = False
     _in_flight: int = 0  # batches running now
     _running_at: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))  # ... of each priority
     _drained: asyncio.Future[None] | None = None  # what stop() awaits while batches still run
-    _tokens: int = 0  # tokens of the queued sequences
-    # and of those of each priority
+    # tokens of the queued sequences of each priority
     _tokens_at: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))
     # seconds of model time per token, from recent batches (shared among the batches that ran together):
     # what the queue ahead of a new request will cost. 0 until a batch has run: nothing is shed before.
@@ -235,13 +233,13 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queued
+        """Sequences queued, of every priority."""
+        return sum(map(len, self._queues))
 
     def expected_wait(self, priority: int = LOW) -> float:
         """Seconds until the model is through with the work queued now at ``priority`` and above (an
         estimate; by default, all of it): what a request of that priority would wait for."""
-        ahead = self._tokens if priority == LOW else sum(self._tokens_at[: priority + 1])
-        return ahead * self._seconds_per_token
+        return sum(self._tokens_at[: priority + 1]) * self._seconds_per_token
 
     def admit(self, n: int, deadline: float | None, priority: int = NORMAL) -> None:
         """Refuse at once, before anything is queued or tokenized, a request of n sequences that would
@@ -249,10 +247,10 @@ class Batcher:
         priority and above) is done."""
         if self._closed:
             raise ModelNotReady("server is shutting down", SHUTTING_DOWN)
-        limit = self.limits.max_queue_size
-        if self._queued + n > limit and self._queued - sum(map(len, self._queues[priority + 1 :])) + n > limit:
+        limit, queued = self.limits.max_queue_size, self.depth
+        if queued + n > limit and queued - sum(map(len, self._queues[priority + 1 :])) + n > limit:
             self.metrics.dropped.labels(self.name, "queue_full").inc(n)
-            raise Overloaded(f"{self.name} queue is full ({self._queued} waiting); retry later")
+            raise Overloaded(f"{self.name} queue is full ({queued} waiting); retry later")
         if deadline is not None:
             wait, left = self.expected_wait(priority), deadline - time.monotonic()
             if left <= 0:
@@ -272,16 +270,17 @@ class Batcher:
         n = len(seqs)
         self.admit(n, None, priority)
         tokens = sum(len(x) for x in seqs)
+        queued, queued_tokens = self.depth, sum(self._tokens_at)
         over, over_tokens = (
-            self._queued + n - self.limits.max_queue_size,
-            self._tokens + tokens - self.limits.max_queue_tokens,
+            queued + n - self.limits.max_queue_size,
+            queued_tokens + tokens - self.limits.max_queue_tokens,
         )
         displaced: list[list[Pending]] = []
         if over > 0 or over_tokens > 0:
             found = self._displaceable(priority, over, over_tokens)
             if found is None:
                 self.metrics.dropped.labels(self.name, "queue_full").inc(n)
-                waiting = f"{self._tokens} tokens" if over_tokens > 0 else str(self._queued)
+                waiting = f"{queued_tokens} tokens" if over_tokens > 0 else str(queued)
                 raise Overloaded(f"{self.name} queue is full ({waiting} waiting); retry later")
             displaced = found
         for ids in seqs:
@@ -297,12 +296,10 @@ class Batcher:
         items = [Pending(ids, call, i) for i, ids in enumerate(seqs)]
         call.future.add_done_callback(functools.partial(self._forget, items))
         self._queues[priority].extend(items)
-        self._queued += n
-        self._tokens += tokens
         self._tokens_at[priority] += tokens
         if deadline is not None and deadline < self._earliest_deadline:
             self._earliest_deadline = deadline
-        self._depth.set(self._queued)
+        self._depth.set(self.depth)
         if self._ready():  # the collector has something to do now (each wake-up costs it a turn of the loop)
             self._wake.set()
         return items
@@ -363,10 +360,8 @@ class Batcher:
         for p in items:
             p.queued = False
             tokens += len(p.ids)
-        self._queued -= n
-        self._tokens -= tokens
         self._tokens_at[priority] -= tokens
-        self._depth.set(self._queued)
+        self._depth.set(self.depth)
 
     def _top(self) -> int:
         """The highest priority with any queued (the lowest where none is): the one a batch is formed from."""
@@ -391,7 +386,7 @@ class Batcher:
     async def _collect(self) -> None:
         while True:
             while not self._ready():
-                if self._closed and not self._queued:
+                if self._closed and not self.depth:
                     return
                 self._wake.clear()
                 await self._wake.wait()
@@ -414,7 +409,7 @@ class Batcher:
         """Whether to form a batch now: work is queued and a slot is free; beside a running batch,
         only a full one (a part-filled batch waits: the running one may be done before it would be),
         or one of a higher priority than every batch running (it does not wait for lower work)."""
-        if not self._queued or self._in_flight >= self.limits.max_in_flight:
+        if not self.depth or self._in_flight >= self.limits.max_in_flight:
             return False
         return not self._in_flight or self._full() or not any(self._running_at[: self._top() + 1])
 
@@ -541,7 +536,7 @@ class Batcher:
                 if not call.left:
                     call.future.set_result(None)
         finally:
-            if self._queued or self._closed:  # a slot is free for what waits (or for the collector to end)
+            if self.depth or self._closed:  # a slot is free for what waits (or for the collector to end)
                 self._wake.set()
             if not self._in_flight and self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)

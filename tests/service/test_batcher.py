@@ -520,13 +520,13 @@ def test_expired_and_cancelled_requests_leave_whichever_priority_they_wait_at() 
         gone[0].call.future.cancel()
         await asyncio.sleep(0)  # its done callback takes it out of the queue
         assert b.depth == 3 and b.expected_wait(NORMAL) == 0  # (no batch has run: no cost a token yet)
-        assert b._tokens == 4 + 6 + 5 and b._tokens_at == [4, 5, 6]
+        assert sum(b._tokens_at) == 4 + 6 + 5 and b._tokens_at == [4, 5, 6]
         await asyncio.sleep(0.02)
         assert b._take() == high
         with pytest.raises(DeadlineExceeded, match="queued"):
             await expired[0].call.future
         assert b._take() == normal
-        assert b._take() == [] and b.depth == 0 and b._tokens == 0 and b._tokens_at == [0, 0, 0]
+        assert b._take() == [] and b.depth == 0 and sum(b._tokens_at) == 0 and b._tokens_at == [0, 0, 0]
         b.threads.shutdown()
 
     asyncio.run(main())
@@ -561,7 +561,7 @@ def test_at_a_full_queue_higher_work_takes_the_places_of_the_lower_work_queued_l
         high_tokens = b.enqueue([ids(20)], None, HIGH)  # by tokens too: normal gives its 8 (and its place)
         with pytest.raises(Overloaded, match="displaced"):
             await normal[0].call.future
-        assert b._tokens == 2 + 10 + 5 + 20 and b.depth == 5
+        assert sum(b._tokens_at) == 2 + 10 + 5 + 20 and b.depth == 5
         assert b.metrics.dropped.labels("encode", "displaced")._value.get() == 4
         model.gate.set()
         for items in (started, high, more, high_tokens):
